@@ -1,0 +1,21 @@
+# stmdit: STMDiT reproduction pipeline. Table of contents only; see workflow/rules/.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/spots.smk"
+include: "workflow/rules/expression.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/split.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,3 @@
+from stmdit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""Per-cohort expression (paper Appendix A.2).
+
+Kept spots of all slides of a cohort are concatenated; genes seen in fewer than
+`min_spots_per_gene` spots are dropped; `n_hvg` highly variable genes are selected with scanpy's
+`seurat_v3` on raw counts with `batch_key="sample"`; counts are normalised to `target_sum`,
+log1p-transformed and scaled.
+
+Layout of `results/expression/{cohort}.h5ad`:
+- obs index: spot key; obs columns sample, donor, cohort, barcode, label
+- var index: gene symbol; var gene_ids, n_cells, highly_variable, highly_variable_rank, mean, std
+- layers["counts"]: raw counts (CSR, int32), all kept genes
+- X: log1p of counts normalised to `target_sum` (CSR float32), all kept genes; what DeepSpot and
+  the Midnight regressor use
+- obsm["hvg_scaled"]: the scaled (zero mean, unit variance, optional clip) log1p values of the HVGs
+  only, dense float32, columns in `uns["hvg_genes"]` order (a dense scaled copy of every gene would
+  not fit in memory at paper scale)
+- obsm["spatial"]: (x, y) = (pxl_col, pxl_row) full-resolution pixels, scanpy's convention
+- uns["stmdit"]: provenance
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from stmdit.errors import InputError
+from stmdit.provenance import atomic_path, provenance
+
+log = logging.getLogger(__name__)
+
+
+def read_kept_spots(spots_path: str | Path) -> pd.DataFrame:
+    spots_path = Path(spots_path)
+    try:
+        spots = pd.read_parquet(spots_path)
+    except (OSError, ValueError) as exc:
+        raise InputError(spots_path, f"cannot read spots table: {exc}") from None
+    required = {"key", "sample", "donor", "barcode", "pxl_row", "pxl_col", "label", "keep"}
+    missing = required - set(spots.columns)
+    if missing:
+        raise InputError(spots_path, f"spots table lacks column(s) {sorted(missing)}")
+    return spots[spots["keep"]].reset_index(drop=True)
+
+
+def read_slide_counts(matrix_path: str | Path, spots: pd.DataFrame) -> ad.AnnData:
+    """Raw counts of the kept spots of one slide, rows in the order of `spots`."""
+    import scanpy as sc
+
+    matrix_path = Path(matrix_path)
+    if not matrix_path.exists():
+        raise InputError(matrix_path, "count matrix not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            counts = sc.read_10x_h5(matrix_path)
+    except Exception as exc:  # h5py/scanpy raise many types for a damaged file
+        raise InputError(matrix_path, f"cannot read 10x HDF5 matrix: {exc}") from None
+    counts.var_names_make_unique()
+    missing = ~spots["barcode"].isin(counts.obs_names)
+    if missing.any():
+        raise InputError(
+            matrix_path,
+            f"{int(missing.sum())} kept spot barcode(s) are not in the matrix, e.g. {spots['barcode'][missing].iloc[0]}",
+        )
+    counts = counts[spots["barcode"].to_numpy()].copy()
+    counts.obs_names = spots["key"].to_numpy()
+    for column in ("sample", "donor", "cohort", "barcode", "label"):
+        if column in spots:
+            counts.obs[column] = spots[column].astype(str).to_numpy()
+    counts.obsm["spatial"] = spots[["pxl_col", "pxl_row"]].to_numpy(dtype=np.float64)
+    counts.X = sp.csr_matrix(counts.X, dtype=np.float32)
+    return counts
+
+
+def build_expression(
+    cohort: str,
+    spots_paths: list[str | Path],
+    matrix_paths: list[str | Path],
+    min_spots_per_gene: int = 10,
+    n_hvg: int = 3000,
+    target_sum: float = 1e4,
+    scale_max: float | None = None,
+) -> ad.AnnData:
+    import scanpy as sc
+
+    if len(spots_paths) != len(matrix_paths):
+        raise ValueError("one count matrix per spots table is needed")
+    slides = []
+    for spots_path, matrix_path in zip(spots_paths, matrix_paths):
+        spots = read_kept_spots(spots_path)
+        if spots.empty:
+            log.warning("%s: no kept spots, slide contributes nothing", spots_path)
+            continue
+        slides.append(read_slide_counts(matrix_path, spots))
+        log.info("read %s: %d kept spots x %d genes", matrix_path, slides[-1].n_obs, slides[-1].n_vars)
+    if not slides:
+        raise InputError(spots_paths[0], f"cohort {cohort!r} has no kept spots")
+    gene_sets = {tuple(s.var_names) for s in slides}
+    if len(gene_sets) > 1:
+        log.warning("slides have different gene lists: taking their union, absent genes count 0")
+    adata = ad.concat(slides, join="outer", merge="first", fill_value=0)
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.obs["cohort"] = cohort
+
+    n_before = adata.n_vars
+    sc.pp.filter_genes(adata, min_cells=min_spots_per_gene)
+    log.info("kept %d of %d genes seen in >= %d spots", adata.n_vars, n_before, min_spots_per_gene)
+    if adata.n_vars == 0:
+        raise InputError(matrix_paths[0], f"no gene is detected in >= {min_spots_per_gene} spots of cohort {cohort!r}")
+    adata.layers["counts"] = sp.csr_matrix(adata.X, dtype=np.int32)
+
+    n_top = min(n_hvg, adata.n_vars)
+    if n_top < n_hvg:
+        log.warning("only %d genes left: selecting all of them as HVGs instead of %d", n_top, n_hvg)
+    sc.pp.highly_variable_genes(
+        adata, flavor="seurat_v3", n_top_genes=n_top, batch_key="sample", layer="counts", subset=False
+    )
+    sc.pp.normalize_total(adata, target_sum=target_sum)
+    sc.pp.log1p(adata)
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+
+    hvg_genes = adata.var_names[adata.var["highly_variable"]]
+    order = adata.var.loc[hvg_genes, "highly_variable_rank"].sort_values(kind="stable").index
+    hvg = adata[:, order].copy()
+    hvg.X = hvg.X.toarray()
+    sc.pp.scale(hvg, max_value=scale_max)
+    adata.obsm["hvg_scaled"] = np.asarray(hvg.X, dtype=np.float32)
+    adata.uns["hvg_genes"] = np.asarray(order, dtype=str)
+    adata.var["mean"] = np.nan
+    adata.var["std"] = np.nan
+    adata.var.loc[order, "mean"] = hvg.var["mean"].to_numpy()
+    adata.var.loc[order, "std"] = hvg.var["std"].to_numpy()
+    adata.uns.pop("log1p", None)
+    adata.uns.pop("hvg", None)
+    log.info("cohort %s: %d spots x %d genes, %d HVGs", cohort, adata.n_obs, adata.n_vars, len(order))
+    return adata
+
+
+def run(args: argparse.Namespace) -> None:
+    params = {
+        "cohort": args.cohort,
+        "min_spots_per_gene": args.min_spots_per_gene,
+        "n_hvg": args.n_hvg,
+        "target_sum": args.target_sum,
+        "scale_max": args.scale_max,
+    }
+    adata = build_expression(
+        args.cohort, args.spots, args.matrices, args.min_spots_per_gene, args.n_hvg, args.target_sum, args.scale_max
+    )
+    # h5ad cannot store None: record an unset clip as the string "none"
+    recorded = {k: ("none" if v is None else v) for k, v in params.items()}
+    adata.uns["stmdit"] = provenance("expression", recorded, [*args.spots, *args.matrices])
+    with atomic_path(args.out) as tmp:
+        adata.write_h5ad(tmp.with_suffix(".h5ad"))
+        tmp.with_suffix(".h5ad").rename(tmp)
+    log.info("wrote %s", args.out)
+
+
+def _optional_float(value: str) -> float | None:
+    return None if value.lower() in ("none", "null", "") else float(value)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("expression", help="per-cohort expression: gene filter, seurat_v3 HVGs, normalise, scale")
+    p.add_argument("--cohort", required=True)
+    p.add_argument("--spots", nargs="+", required=True, type=Path, help="results/spots/{sample}.parquet, sheet order")
+    p.add_argument("--matrices", nargs="+", required=True, type=Path, help="filtered_feature_bc_matrix.h5, same order")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--min-spots-per-gene", type=int, default=10)
+    p.add_argument("--n-hvg", type=int, default=3000)
+    p.add_argument("--target-sum", type=float, default=1e4)
+    p.add_argument("--scale-max", type=_optional_float, default=None)
+    p.set_defaults(func=run)

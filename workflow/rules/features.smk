@@ -1,0 +1,56 @@
+# Frozen-encoder feature stores, one Zarr store per cohort and encoder, rows in cohort spot order.
+
+
+rule features_image:
+    input:
+        spots=cohort_spots,
+        patches=cohort_patches,
+    output:
+        directory("results/features/{cohort}/{encoder}.zarr"),
+    params:
+        encoder_args=lambda wildcards: encoder_args(wildcards.encoder),
+        batch_size=config["features"]["batch_size"],
+        device=config["features"]["device"],
+    log:
+        "results/features/{cohort}/{encoder}.log",
+    benchmark:
+        "results/benchmarks/features/{cohort}/{encoder}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wildcards, attempt: 32000 * attempt,
+        runtime=lambda wildcards, attempt: 120 * attempt,
+    conda:
+        CONDA_GPU
+    shell:
+        "stmdit features --encoder {wildcards.encoder} {params.encoder_args}"
+        " --spots {input.spots} --patches {input.patches} --out {output}"
+        " --batch-size {params.batch_size} --device {params.device} > {log} 2>&1"
+
+
+rule features_cancerfoundation:
+    input:
+        expression="results/expression/{cohort}.h5ad",
+    output:
+        directory("results/features/{cohort}/cancerfoundation.zarr"),
+    params:
+        encoder_args=encoder_args("cancerfoundation"),
+        max_genes=config["features"]["encoders"].get("cancerfoundation", {}).get("max_genes", 1199),
+        seed=config["features"]["encoders"].get("cancerfoundation", {}).get("seed", 0),
+        batch_size=config["features"]["batch_size"],
+        device=config["features"]["device"],
+    log:
+        "results/features/{cohort}/cancerfoundation.log",
+    benchmark:
+        "results/benchmarks/features/{cohort}/cancerfoundation.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wildcards, attempt: 32000 * attempt,
+        runtime=lambda wildcards, attempt: 120 * attempt,
+    conda:
+        CONDA_GPU
+    shell:
+        "stmdit features --encoder cancerfoundation {params.encoder_args}"
+        " --expression {input.expression} --out {output} --max-genes {params.max_genes}"
+        " --seed {params.seed} --batch-size {params.batch_size} --device {params.device} > {log} 2>&1"
