@@ -19,16 +19,16 @@ $(DEMO_IMAGE): | $(STAMP)
 	$(PY) -m stmdit fetch-demo-image --out $(DEMO_IMAGE)
 
 demo: $(STAMP) $(DEMO_IMAGE)
-	$(VENV)/bin/snakemake --cores $(CORES) all
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake --cores $(CORES) all
 
 test: $(STAMP) $(DEMO_IMAGE)
 	$(VENV)/bin/python -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/snakemake --lint
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake --lint
 
 dryrun: $(STAMP)
-	$(VENV)/bin/snakemake -n all
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake -n all
 
 clean:
 	rm -rf results .snakemake

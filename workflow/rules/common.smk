@@ -1,5 +1,6 @@
 # Config and sample-sheet validation (at parse time, before any job runs) and target lists.
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -12,6 +13,11 @@ from stmdit.config import (
     validate_config,
 )
 from stmdit.errors import InputError
+
+# Rules run the checkout's own code (python -m stmdit) in whichever environment runs the job:
+# the project's .venv, or a per-rule conda env from envs/ (--sdm conda).
+# (braces doubled twice: once for this f-string, once for Snakemake's own formatting)
+shell.prefix(f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}/src'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 CONDA_CPU = "../../envs/cpu.yaml"
 CONDA_GPU = "../../envs/gpu.yaml"
@@ -27,12 +33,9 @@ except InputError as err:
 COHORTS = cohorts(SAMPLES)
 EXPRESSION_COHORTS = expression_cohorts(SAMPLES)
 IMAGE_ENCODERS = config["features"]["image_encoders"]
-
-
-wildcard_constraints:
-    sample="|".join(SAMPLES["sample"]),
-    cohort="|".join(COHORTS),
-    encoder="|".join(IMAGE_ENCODERS),
+SAMPLE_PATTERN = "|".join(map(re.escape, SAMPLES["sample"]))
+COHORT_PATTERN = "|".join(map(re.escape, COHORTS))
+IMAGE_ENCODER_PATTERN = "|".join(IMAGE_ENCODERS)
 
 
 def sample_row(sample):
@@ -40,7 +43,7 @@ def sample_row(sample):
 
 
 def spots_inputs(wildcards):
-    """The raw files of one slide; demo slides are outputs of rule demo_data."""
+    """The raw files of one slide (the demo slides are made by demo_data)."""
     row = sample_row(wildcards.sample)
     if row["kind"] == "he":
         files = {"slide": row["path"]}
@@ -102,6 +105,23 @@ def encoder_args(name):
     if config["features"]["bf16"]:
         args.append("--bf16")
     return " ".join(args)
+
+
+def demo_outputs():
+    """What the demo_data job writes: every sample-sheet file that lies under DEMO_ROOT."""
+    files = []
+    for _, row in SAMPLES.iterrows():
+        if not row["path"].startswith(f"{DEMO_ROOT}/"):
+            continue
+        if row["kind"] == "he":
+            files.append(row["path"])
+            continue
+        files += [
+            f"{row['path']}/filtered_feature_bc_matrix.h5",
+            f"{row['path']}/spatial/scalefactors_json.json",
+        ]
+        files += [row[c] for c in ("image", "labels") if row[c]]
+    return files
 
 
 def all_targets():

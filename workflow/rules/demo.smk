@@ -1,23 +1,6 @@
 # The embedded demo cohort: Space Ranger-like folders + one H&E-only slide, from a real H&E.
 
 
-def demo_outputs():
-    """Files rule demo_data writes: every sample-sheet file that lies under DEMO_ROOT."""
-    files = []
-    for _, row in SAMPLES.iterrows():
-        if not row["path"].startswith(DEMO_ROOT + "/"):
-            continue
-        if row["kind"] == "he":
-            files.append(row["path"])
-            continue
-        files += [
-            f"{row['path']}/filtered_feature_bc_matrix.h5",
-            f"{row['path']}/spatial/scalefactors_json.json",
-        ]
-        files += [row[c] for c in ("image", "labels") if row[c]]
-    return files
-
-
 if demo_outputs():
 
     rule demo_data:
@@ -36,5 +19,5 @@ if demo_outputs():
         conda:
             CONDA_CPU
         shell:
-            "stmdit demo-data --samples {input.sheet} --source-image {input.source_image}"
+            "python -m stmdit demo-data --samples {input.sheet} --source-image {input.source_image}"
             " --seed {params.seed} --n-genes {params.n_genes} > {log} 2>&1"

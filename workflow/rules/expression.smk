@@ -23,6 +23,6 @@ rule expression:
     conda:
         CONDA_CPU
     shell:
-        "stmdit expression --cohort {wildcards.cohort} --spots {input.spots} --matrices {input.matrices}"
+        "python -m stmdit expression --cohort {wildcards.cohort} --spots {input.spots} --matrices {input.matrices}"
         " --out {output} --min-spots-per-gene {params.min_spots_per_gene} --n-hvg {params.n_hvg}"
         " --target-sum {params.target_sum} --scale-max {params.scale_max} > {log} 2>&1"

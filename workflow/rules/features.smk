@@ -23,7 +23,7 @@ rule features_image:
     conda:
         CONDA_GPU
     shell:
-        "stmdit features --encoder {wildcards.encoder} {params.encoder_args}"
+        "python -m stmdit features --encoder {wildcards.encoder} {params.encoder_args}"
         " --spots {input.spots} --patches {input.patches} --out {output}"
         " --batch-size {params.batch_size} --device {params.device} > {log} 2>&1"
 
@@ -51,6 +51,6 @@ rule features_cancerfoundation:
     conda:
         CONDA_GPU
     shell:
-        "stmdit features --encoder cancerfoundation {params.encoder_args}"
+        "python -m stmdit features --encoder cancerfoundation {params.encoder_args}"
         " --expression {input.expression} --out {output} --max-genes {params.max_genes}"
         " --seed {params.seed} --batch-size {params.batch_size} --device {params.device} > {log} 2>&1"

@@ -23,6 +23,6 @@ rule split:
     conda:
         CONDA_CPU
     shell:
-        "stmdit split --cohort {wildcards.cohort} --spots {input.spots} --out {output}"
+        "python -m stmdit split --cohort {wildcards.cohort} --spots {input.spots} --out {output}"
         " --test-donors {params.test_donors} --val-fraction {params.val_fraction} --seed {params.seed}"
         " --max-spots-per-slide {params.max_spots_per_slide} {params.all_test} > {log} 2>&1"

@@ -32,7 +32,7 @@ rule spots:
     conda:
         CONDA_CPU
     shell:
-        "stmdit spots {params.sample_args}"
+        "python -m stmdit spots {params.sample_args}"
         " --out-spots {output.spots} --out-patches {output.patches}"
         " --patch-factor {params.patch_factor} --patch-size {params.patch_size}"
         " --grey-threshold {params.grey_threshold} --min-foreground {params.min_foreground}"
