@@ -8,6 +8,14 @@ configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"
+
+# Wildcards match only names from the sample sheet and config (lists built in common.smk).
+wildcard_constraints:
+    sample=SAMPLE_PATTERN,
+    cohort=COHORT_PATTERN,
+    encoder=IMAGE_ENCODER_PATTERN,
+
+
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/spots.smk"
 include: "workflow/rules/expression.smk"
