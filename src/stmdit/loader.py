@@ -1,0 +1,137 @@
+"""Training data: SD3 latents, UNI2-h embeddings and GE conditions of one split, read from the
+feature stores.
+
+Small per-spot arrays (latents, UNI, the GE CLS) are read into memory once. GE token sequences
+(up to 1200 x 256 per spot: tens of GB at paper scale) stay in their Zarr store and are read per
+batch, rows sorted to touch each chunk once, on background threads that keep `prefetch` batches
+ahead of the training step. `stmdit bench loader` compares this loader with an in-memory gather.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+
+from stmdit.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def open_store(path: str | Path) -> zarr.Group:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "feature store not found")
+    try:
+        return zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for a damaged store
+        raise InputError(path, f"cannot open feature store: {exc}") from None
+
+
+def store_rows(store: zarr.Group, keys: Iterable[str], path: str | Path) -> np.ndarray:
+    """Row index in `store` of each spot key (InputError naming the store if one is missing)."""
+    index = {k: i for i, k in enumerate(np.asarray(store["spot_key"][:]).astype(str))}
+    keys = list(keys)
+    missing = [k for k in keys if k not in index]
+    if missing:
+        raise InputError(path, f"{len(missing)} spot(s) of the split are not in the store, e.g. {missing[0]}")
+    return np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
+
+
+def read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """array[rows] for arbitrary rows: sorted unique read, then put back in the requested order."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return np.asarray(array.get_orthogonal_selection((unique,)))[inverse]
+
+
+def split_keys(split_path: str | Path, split: str) -> list[str]:
+    split_path = Path(split_path)
+    try:
+        table = pd.read_parquet(split_path)
+    except (OSError, ValueError) as exc:
+        raise InputError(split_path, f"cannot read split table: {exc}") from None
+    keys = table.loc[table["split"] == split, "key"].tolist()
+    if not keys:
+        raise InputError(split_path, f"split {split!r} is empty")
+    return keys
+
+
+@dataclass
+class GeBatch:
+    """GE condition of a batch: CancerFoundation CLS and, for cross-attention models, the tokens."""
+
+    cls: torch.Tensor
+    tokens: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+
+    def to(self, device) -> "GeBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return GeBatch(move(self.cls), move(self.tokens), move(self.token_mask))
+
+
+class SpotFeatures:
+    """Latents, UNI and GE of the spots of one split, addressable by position 0..n-1."""
+
+    def __init__(
+        self,
+        keys: list[str],
+        latent_store: str | Path,
+        uni_store: str | Path,
+        ge_store: str | Path | None,
+        ge_tokens: bool,
+    ):
+        self.keys = list(keys)
+        latent_group = open_store(latent_store)
+        self.latents = read_rows(latent_group["latent"], store_rows(latent_group, self.keys, latent_store))
+        uni_group = open_store(uni_store)
+        self.uni = read_rows(uni_group["embedding"], store_rows(uni_group, self.keys, uni_store))
+        self.ge_cls = None
+        self.ge_tokens = None
+        if ge_store is not None:
+            ge_group = open_store(ge_store)
+            self.ge_rows = store_rows(ge_group, self.keys, ge_store)
+            self.ge_cls = read_rows(ge_group["embedding"], self.ge_rows)
+            if ge_tokens:
+                self.ge_tokens = ge_group["tokens"]
+                self.ge_mask = ge_group["token_mask"]
+        log.info(
+            "loaded %d spots: latents %s, UNI %s, GE %s", len(self.keys), self.latents.shape, self.uni.shape,
+            "none" if ge_store is None else ("CLS + tokens" if ge_tokens else "CLS"),
+        )
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def batch(self, positions: np.ndarray) -> dict:
+        positions = np.asarray(positions)
+        out = {
+            "latent": torch.from_numpy(self.latents[positions].astype(np.float32)),
+            "uni": torch.from_numpy(self.uni[positions].astype(np.float32)),
+            "ge": None,
+        }
+        if self.ge_cls is not None:
+            ge = GeBatch(torch.from_numpy(self.ge_cls[positions].astype(np.float32)))
+            if self.ge_tokens is not None:
+                rows = self.ge_rows[positions]
+                ge.tokens = torch.from_numpy(read_rows(self.ge_tokens, rows).astype(np.float32))
+                ge.token_mask = torch.from_numpy(read_rows(self.ge_mask, rows).astype(bool))
+            out["ge"] = ge
+        return out
+
+    def iterate(self, batches: list[np.ndarray], prefetch: int = 4, workers: int = 2) -> Iterator[dict]:
+        """Yield `batch(b)` for each b in order, reading up to `prefetch` batches ahead on threads."""
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            pending = [pool.submit(self.batch, b) for b in batches[:prefetch]]
+            for i in range(len(batches)):
+                result = pending[i].result()
+                if i + prefetch < len(batches):
+                    pending.append(pool.submit(self.batch, batches[i + prefetch]))
+                pending[i] = None
+                yield result
