@@ -1,0 +1,424 @@
+"""CancerFoundation (BoevaLab): a scGPT-style transformer over gene tokens, re-implemented here
+because the model ships no installable package.
+
+Checkpoint layout (the public release, unpacked into one directory):
+  model.pth   state dict
+  args.json   {"nlayers": 6, "nheads": 8, "embsize": 256, "d_hid": 512, "n_bins": 51,
+               "max_seq_len": 1200, "dropout": 0.2, ...}
+  vocab.json  gene symbol -> token id, including "<pad>", "<cls>", "<eoc>"
+
+Architecture (BoevaLab/CancerFoundation model/cancergpt.py, whose names the released weights use):
+  gene_encoder   nn.Embedding(len(vocab), d, padding_idx=<pad>) + LayerNorm       (embedding, enc_norm)
+  value_encoder  the bin index as a number: Linear(1, d) -> ReLU -> Linear(d, d) -> LayerNorm
+                 (linear1, linear2, norm), input clamped at 512; "category" style (scGPT's
+                 CategoryValueEncoder: embedding over n_bins + 2, enc_norm) when args say so
+  encoder        nn.TransformerEncoder of post-norm layers (d, nheads, d_hid, ReLU, batch_first)
+  input          gene tokens + value embeddings, summed; <cls> first with value pad_value (-2)
+Key names of other releases are mapped onto these (see `canonical_state_dict`): the training
+model's attention wrapper (`self_attn.self_attn.*`), scGPT's names (`encoder.*` for the gene
+encoder, `transformer_encoder.*`, flash-attention `Wqkv`), a DDP/Lightning prefix. Heads that
+encoding does not use are dropped by name (IGNORED_HEADS); any other unmatched key is an error.
+
+Input per spot: raw counts of one fixed gene list (the top HVGs by `highly_variable_rank` that
+are in the vocab, at most max_seq_len - 1), binned per spot by rank of the non-zero counts into
+bins 1..n_bins-1 (bin 0 = zero count). For tie-free counts this is exactly scGPT's quantile
+binning (`digitize(x, quantile(nonzero, linspace(0, 1, n_bins - 1)))`); tied counts are ordered
+by a random permutation seeded by (seed, spot key), so a spot's bins depend only on its counts,
+the seed and its key (never on the batch). An all-zero spot is all bin 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from stmdit.encoders.base import (
+    LoadOptions,
+    autocast,
+    load_state_dict_strict,
+    read_json,
+    read_state_dict,
+    resolve_device,
+    stable_seed,
+)
+from stmdit.errors import InputError
+
+log = logging.getLogger(__name__)
+
+MODEL = "CancerFoundation (scGPT-style transformer, BoevaLab)"
+SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
+CHECKPOINT_FILES = ("model.pth", "args.json", "vocab.json")
+
+# Heads of the pre-training model that encoding never runs; their weights are dropped by name.
+IGNORED_HEADS = (
+    "decoder.",                       # expression (MLM) decoder
+    "mvc_decoder.",                   # masked value prediction from the cell embedding
+    "cls_decoder.",                   # classification head of fine-tuned models
+    "flag_encoder.",                  # generative-training flag embedding (gen tokens only)
+    "grad_reverse_discriminator.",    # scGPT domain-adversarial head
+    "grad_reverse_discriminators.",   # CancerFoundation domain-adversarial heads
+    "condition_encoders.",            # condition embeddings fed to the decoders
+    "batch_encoder.",                 # scGPT batch embedding fed to the decoders
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Binning and gene selection
+
+
+def spot_rng(seed: int, key: str) -> np.random.Generator:
+    """The random stream of one spot: a function of the seed and the spot key only."""
+    return np.random.default_rng([int(seed), stable_seed("cancerfoundation-bins", key)])
+
+
+def bin_spot(counts: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.ndarray:
+    """Bins 0..n_bins-1 of one spot's counts: 0 for zero, else by rank among the non-zero counts.
+
+    The non-zero counts are ranked 0..n-1 (ties ordered by a permutation from `rng`) and rank r
+    goes to bin 1 + floor(r (n_bins - 2) / (n - 1)): the minimum to bin 1, the maximum to
+    n_bins - 1. A single non-zero count is that spot's maximum: bin n_bins - 1.
+    """
+    counts = np.asarray(counts)
+    bins = np.zeros(counts.shape[0], dtype=np.int64)
+    nonzero = np.flatnonzero(counts > 0)
+    n = nonzero.size
+    if n == 0:
+        return bins
+    if n == 1:
+        bins[nonzero] = n_bins - 1
+        return bins
+    order = np.lexsort((rng.permutation(n), counts[nonzero]))
+    ranks = np.empty(n, dtype=np.int64)
+    ranks[order] = np.arange(n)
+    bins[nonzero] = 1 + (ranks * (n_bins - 2)) // (n - 1)
+    return bins
+
+
+def bin_counts(counts: np.ndarray, keys: Sequence[str], n_bins: int, seed: int) -> np.ndarray:
+    """Per-spot rank binning of a (B, G) count matrix; row i uses the stream of keys[i]."""
+    counts = np.asarray(counts)
+    if counts.ndim != 2 or counts.shape[0] != len(keys):
+        raise ValueError(f"counts {counts.shape} do not match {len(keys)} spot keys")
+    bins = np.zeros(counts.shape, dtype=np.int64)
+    for i, key in enumerate(keys):
+        bins[i] = bin_spot(counts[i], n_bins, spot_rng(seed, key))
+    return bins
+
+
+def select_genes(
+    var_names: Sequence[str],
+    hvg_rank: Sequence[float],
+    max_genes: int,
+    highly_variable: Sequence[bool] | None = None,
+    usable: Iterable[str] | None = None,
+) -> np.ndarray:
+    """Column indices of the gene list: HVGs (finite rank, and flagged when flags are given) that
+    are `usable` (in the vocab), most variable (lowest rank) first, at most `max_genes`."""
+    names = np.asarray(var_names, dtype=object)
+    rank = np.asarray(hvg_rank, dtype=np.float64)
+    keep = np.isfinite(rank)
+    if highly_variable is not None:
+        keep &= np.asarray(highly_variable, dtype=bool)
+    if usable is not None:
+        usable = set(usable)
+        keep &= np.fromiter((n in usable for n in names), dtype=bool, count=names.size)
+    candidates = np.flatnonzero(keep)
+    ordered = candidates[np.argsort(rank[candidates], kind="stable")]
+    return ordered[:max_genes]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass(frozen=True)
+class CancerFoundationArgs:
+    """The architecture fields of args.json (other fields of the file are ignored)."""
+
+    embsize: int = 256
+    nheads: int = 8
+    d_hid: int = 512
+    nlayers: int = 6
+    n_bins: int = 51
+    max_seq_len: int = 1200
+    dropout: float = 0.2
+    input_emb_style: str = "continuous"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str | Path) -> "CancerFoundationArgs":
+        known = {f.name for f in fields(cls)}
+        args = cls(**{k: v for k, v in values.items() if k in known})
+        if args.input_emb_style not in ("continuous", "category"):
+            raise InputError(source, f"input_emb_style {args.input_emb_style!r} is not supported (continuous, category)")
+        return args
+
+    @property
+    def pad_value(self) -> float:
+        """Value-channel input of <cls> and of padding (scGPT: -2 continuous, n_bins category)."""
+        return float(self.n_bins) if self.input_emb_style == "category" else -2.0
+
+
+class GeneTokenEncoder(nn.Module):
+    def __init__(self, n_tokens: int, d_model: int, padding_idx: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n_tokens, d_model, padding_idx=padding_idx)
+        self.enc_norm = nn.LayerNorm(d_model)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.enc_norm(self.embedding(tokens))
+
+
+class ContinuousValueEncoder(nn.Module):
+    """The bin index as a number through a small MLP (CancerFoundation's value encoder)."""
+
+    def __init__(self, d_model: int, dropout: float, max_value: float = 512.0):
+        super().__init__()
+        self.dropout = nn.Dropout(p=dropout)
+        self.linear1 = nn.Linear(1, d_model)
+        self.activation = nn.ReLU()
+        self.linear2 = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.max_value = max_value
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        x = torch.clamp(values.unsqueeze(-1), max=self.max_value)
+        return self.dropout(self.norm(self.linear2(self.activation(self.linear1(x)))))
+
+
+class CategoryValueEncoder(nn.Module):
+    """The bin index as a category (scGPT's "category" input style)."""
+
+    def __init__(self, n_values: int, d_model: int, padding_idx: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n_values, d_model, padding_idx=padding_idx)
+        self.enc_norm = nn.LayerNorm(d_model)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return self.enc_norm(self.embedding(values.long()))
+
+
+class CancerFoundationModel(nn.Module):
+    """Gene-token + value embeddings through a post-norm transformer encoder; output (B, L, d)."""
+
+    def __init__(self, n_tokens: int, pad_id: int, args: CancerFoundationArgs):
+        super().__init__()
+        self.args = args
+        d = args.embsize
+        self.gene_encoder = GeneTokenEncoder(n_tokens, d, padding_idx=pad_id)
+        if args.input_emb_style == "category":
+            self.value_encoder = CategoryValueEncoder(args.n_bins + 2, d, padding_idx=args.n_bins)
+        else:
+            self.value_encoder = ContinuousValueEncoder(d, args.dropout)
+        layer = nn.TransformerEncoderLayer(d, args.nheads, args.d_hid, args.dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, args.nlayers, enable_nested_tensor=False)
+
+    def forward(self, genes: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """`padding_mask` is True at padded positions (torch's convention)."""
+        embeddings = self.gene_encoder(genes) + self.value_encoder(values)
+        return self.encoder(embeddings, src_key_padding_mask=padding_mask)
+
+
+def _strip_common_prefix(keys: list[str]) -> dict[str, str]:
+    for prefix in ("module.", "model."):
+        if keys and all(k.startswith(prefix) for k in keys):
+            return {k: k[len(prefix):] for k in keys}
+    return {k: k for k in keys}
+
+
+def canonical_key(key: str, scgpt_names: bool) -> str:
+    """One checkpoint key in the names of `CancerFoundationModel`."""
+    if scgpt_names:
+        if key.startswith("transformer_encoder."):
+            key = "encoder." + key[len("transformer_encoder."):]
+        elif key.startswith("encoder."):
+            key = "gene_encoder." + key[len("encoder."):]
+    key = re.sub(r"(\.layers\.\d+\.self_attn\.)self_attn\.", r"\1", key)
+    key = re.sub(r"\.self_attn\.Wqkv\.(weight|bias)$", r".self_attn.in_proj_\1", key)
+    return key
+
+
+def canonical_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Checkpoint -> (state dict in this module's names, keys of ignored heads)."""
+    renamed = _strip_common_prefix(list(state))
+    scgpt_names = any(k.startswith("transformer_encoder.") for k in renamed.values())
+    mapped: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    for original, key in renamed.items():
+        if key.startswith(IGNORED_HEADS):
+            ignored.append(original)
+            continue
+        mapped[canonical_key(key, scgpt_names)] = state[original]
+    return mapped, ignored
+
+
+def load_vocab(path: Path) -> dict[str, int]:
+    vocab = read_json(path)
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        raise InputError(path, "vocab.json must map gene symbols to integer token ids")
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise InputError(path, f"vocab lacks special token(s) {missing}")
+    return vocab
+
+
+def load_model_dir(directory: Path, arch: Mapping[str, Any]) -> tuple[CancerFoundationModel, dict[str, int]]:
+    """Model with the checkpoint's weights, and the vocab, from a CancerFoundation directory."""
+    missing = [name for name in CHECKPOINT_FILES if not (directory / name).is_file()]
+    if missing:
+        raise InputError(directory, f"not a CancerFoundation checkpoint directory: missing {missing}")
+    known = {f.name for f in fields(CancerFoundationArgs)}
+    unknown = sorted(set(arch) - known)
+    if unknown:
+        raise InputError(None, f"arch keys {unknown} are not CancerFoundation args (known: {sorted(known)})")
+    args = CancerFoundationArgs.from_dict({**read_json(directory / "args.json"), **dict(arch)}, directory / "args.json")
+    vocab = load_vocab(directory / "vocab.json")
+    n_tokens = max(vocab.values()) + 1
+    model = CancerFoundationModel(n_tokens, vocab["<pad>"], args)
+
+    checkpoint = directory / "model.pth"
+    state, ignored = canonical_state_dict(read_state_dict(checkpoint))
+    embedding = state.get("gene_encoder.embedding.weight")
+    if embedding is not None and embedding.shape[0] != n_tokens:
+        raise InputError(checkpoint, f"the model embeds {embedding.shape[0]} tokens but vocab.json has {n_tokens}")
+    load_state_dict_strict(model, state, checkpoint)
+    if ignored:
+        log.info("CancerFoundation: ignored %d weights of heads not used for encoding (%s)", len(ignored),
+                 sorted({k.split(".")[0] for k in ignored}))
+    return model, vocab
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders (real here; the smoke stand-in in smoke.py shares ExpressionEncoder)
+
+
+class ExpressionEncoder:
+    """Counts of a fixed gene list -> CLS `embedding` (B, d), `tokens` (B, L, d) and `token_mask`
+    (B, L) (True = real token; L = 1 + number of genes, <cls> first).
+
+    Use: `genes = encoder.choose_genes(...)`, then `encoder.encode(counts, keys)` with the counts of
+    those genes in that order.
+    """
+
+    name = "cancerfoundation"
+    modality = "expression"
+    impl = "?"
+    model = MODEL
+    weights: str | None = None
+
+    def __init__(self, dim: int, n_bins: int, max_seq_len: int, seed: int):
+        self.dim = int(dim)
+        self.n_bins = int(n_bins)
+        self.max_seq_len = int(max_seq_len)
+        self.seed = int(seed)
+        self.genes: list[str] = []
+
+    def usable_genes(self) -> set[str] | None:
+        """Genes the encoder knows (its vocab), or None when any gene will do."""
+        return None
+
+    def choose_genes(self, var_names: Sequence[str], hvg_rank: Sequence[float], max_genes: int,
+                     highly_variable: Sequence[bool] | None = None) -> np.ndarray:
+        """Fix the gene list (column indices into var_names): top HVGs the encoder can use."""
+        limit = min(int(max_genes), self.max_seq_len - 1)
+        columns = select_genes(var_names, hvg_rank, limit, highly_variable, self.usable_genes())
+        self.genes = [str(var_names[i]) for i in columns]
+        return columns
+
+    @property
+    def sequence_length(self) -> int:
+        return 1 + len(self.genes)
+
+    @property
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"embedding": (self.dim,), "tokens": (self.sequence_length, self.dim),
+                "token_mask": (self.sequence_length,)}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "impl": self.impl,
+            "model": self.model,
+            "weights": self.weights,
+            "preprocessing": {
+                "genes": len(self.genes),
+                "gene_selection": "highly variable genes by highly_variable_rank (lowest first)"
+                                  + (" that are in the vocab" if self.usable_genes() is not None else ""),
+                "counts": 'raw counts (layers["counts"])',
+                "binning": f"per spot, rank of the non-zero counts into bins 1..{self.n_bins - 1}, 0 = zero; "
+                           "ties ordered by a permutation seeded by (seed, spot key)",
+                "n_bins": self.n_bins,
+                "seed": self.seed,
+                "sequence": "<cls> then the genes in list order; no padding (every spot has the same genes)",
+                "embedding": "encoder output at <cls> (not L2-normalised)",
+            },
+            "shapes": {k: list(v) for k, v in self.output_shapes.items()},
+        }
+
+    def bins(self, counts: np.ndarray, keys: Sequence[str]) -> np.ndarray:
+        counts = np.asarray(counts)
+        if counts.shape[1] != len(self.genes):
+            raise ValueError(f"counts have {counts.shape[1]} genes, the encoder's list has {len(self.genes)}")
+        return bin_counts(counts, keys, self.n_bins, self.seed)
+
+    def encode(self, counts: np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class CancerFoundationEncoder(ExpressionEncoder):
+    impl = "real"
+
+    def __init__(self, model: CancerFoundationModel, vocab: dict[str, int], device: torch.device, seed: int,
+                 bf16: bool = False, weights: str | None = None):
+        args = model.args
+        super().__init__(args.embsize, args.n_bins, args.max_seq_len, seed)
+        self.network = model.eval().to(device)
+        self.vocab = vocab
+        self.device = device
+        self.bf16 = bf16
+        self.weights = weights
+
+    def usable_genes(self) -> set[str]:
+        return {g for g in self.vocab if g not in SPECIAL_TOKENS}
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out["preprocessing"]["cls_and_pad_value"] = self.network.args.pad_value
+        out["preprocessing"]["value_input"] = self.network.args.input_emb_style
+        out["device"] = str(self.device)
+        out["bf16"] = bool(self.bf16 and self.device.type == "cuda")
+        return out
+
+    @torch.inference_mode()
+    def encode(self, counts: np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        bins = self.bins(counts, keys)
+        batch = bins.shape[0]
+        gene_ids = np.array([self.vocab["<cls>"]] + [self.vocab[g] for g in self.genes], dtype=np.int64)
+        genes = torch.from_numpy(np.broadcast_to(gene_ids, (batch, gene_ids.size)).copy()).to(self.device)
+        values = torch.full((batch, gene_ids.size), self.network.args.pad_value, dtype=torch.float32)
+        values[:, 1:] = torch.from_numpy(bins).float()
+        padding = torch.zeros((batch, gene_ids.size), dtype=torch.bool, device=self.device)
+        with autocast(self.device, self.bf16):
+            tokens = self.network(genes, values.to(self.device), padding).float()
+        tokens = tokens.cpu().numpy()
+        return {"embedding": tokens[:, 0].copy(), "tokens": tokens, "token_mask": ~padding.cpu().numpy()}
+
+
+def load_cancerfoundation(options: LoadOptions) -> CancerFoundationEncoder:
+    if not options.weights:
+        raise InputError(None, "encoder cancerfoundation with impl real needs weights: the directory holding "
+                               "model.pth, args.json and vocab.json (features.encoders.cancerfoundation.weights)")
+    directory = Path(options.weights).expanduser()
+    if not directory.is_dir():
+        raise InputError(directory, "CancerFoundation weights directory not found (it has no hub id)")
+    device = resolve_device(options.device)
+    model, vocab = load_model_dir(directory, options.arch)
+    log.info("encoder cancerfoundation: %s (%s)", directory, json.dumps(model.args.__dict__))
+    return CancerFoundationEncoder(model, vocab, device, options.seed, bf16=options.bf16, weights=str(directory))

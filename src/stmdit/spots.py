@@ -1,0 +1,484 @@
+"""Ingest one slide: in-tissue spots, spot-centred patches and the spot filters (paper A.3).
+
+    stmdit spots --sample S --donor D --cohort C --kind visium|he --path P [--image IMG]
+        [--labels CSV] [--mpp 0.499] --out-spots results/spots/S.parquet
+        --out-patches results/patches/S.zarr [thresholds, see --help]
+
+Spots. `visium`: the barcodes of the Space Ranger matrix (all in tissue), with their positions.
+`he` (H&E only): a Visium-like hexagonal grid of pseudo-spots (diameter `--he-spot-diameter-um`,
+centre-to-centre `--he-spot-spacing-um`, at the slide's um/px; barcodes "r{array_row}_c{array_col}"
+with Visium's doubled column index), keeping those whose disc has at least `--he-min-tissue` of
+non-white pixels (grey < `--grey-threshold`).
+
+Patches. The image is decoded once per slide: the full-resolution image when given, else the hires
+image, else the lowres one, with its scale factor (logged as a warning). A patch is the square of side
+round(spot diameter in image px x `--patch-factor`) centred on the spot, white (255) outside the
+image, resized to `--patch-size` with cv2.INTER_AREA when shrinking (averages, no aliasing) and
+cv2.INTER_CUBIC when enlarging (smoother than bilinear on the 3-5 px lowres fallback spots).
+
+Filters, computed on the patch at its native side, before resizing, so they see the slide's pixels
+and not interpolated ones: foreground = fraction of pixels with grey (cv2 RGB2GRAY) < grey-threshold;
+blur = variance of cv2.Laplacian (CV_64F, 3x3 aperture, reflect-101 border) of the grey patch;
+tissue = fraction of pixels with OpenCV HSV S > saturation-threshold and V < value-threshold (S, V
+in 0..255). `reason` is the first failing of: label (in `--exclude-labels`), foreground, blur, tissue.
+
+Outputs (written atomically, nothing left behind on error): `--out-spots` parquet with one row per
+in-tissue spot (key, sample, donor, cohort, barcode, array_row, array_col, pxl_row, pxl_col,
+diameter_px, foreground, laplacian_var, tissue_fraction, label, keep, reason), pixel positions and
+diameter in full-resolution pixels; `--out-patches` zarr v3 group with `images` (N, P, P, 3) uint8
+RGB and `spot_key` (N,), rows aligned with the parquet, and attrs["stmdit"] provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+from tqdm import tqdm
+
+from stmdit.errors import InputError
+from stmdit.provenance import atomic_path, provenance, write_parquet
+from stmdit.visium import patch_image_source, read_he_slide, read_rgb_image, read_spot_positions
+
+log = logging.getLogger(__name__)
+
+REASONS = ("label", "foreground", "blur", "tissue")
+SPOT_COLUMNS = [
+    "key", "sample", "donor", "cohort", "barcode", "array_row", "array_col", "pxl_row", "pxl_col",
+    "diameter_px", "foreground", "laplacian_var", "tissue_fraction", "label", "keep", "reason",
+]
+CHUNK_SPOTS = 16  # patches per zarr chunk (16 x 256 x 256 x 3 = 3 MiB): random access by spot stays cheap
+BLOCK_SPOTS = 64  # spots cut, measured, resized and written per step (bounds memory on full-res slides)
+WORKERS = 2  # threads cutting blocks while the main thread writes
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    """Thresholds of the spot filters (paper A.3); defaults are config.yaml's."""
+
+    grey_threshold: int = 210
+    min_foreground: float = 0.55
+    min_laplacian_var: float = 20.0
+    saturation_threshold: int = 15
+    value_threshold: int = 240
+    min_tissue: float = 0.30
+    exclude_labels: tuple[str, ...] = ("Whitespace", "Mixed")
+
+
+@dataclass(frozen=True)
+class PatchParams:
+    patch_factor: float = 1.0
+    patch_size: int = 256
+
+
+@dataclass(frozen=True)
+class GridParams:
+    """Pseudo-spots of H&E-only slides."""
+
+    spot_diameter_um: float = 55.0
+    spot_spacing_um: float = 100.0
+    min_tissue: float = 0.5
+
+
+@dataclass
+class Slide:
+    """One slide's in-tissue spots and the decoded image their patches come from."""
+
+    spots: pd.DataFrame  # barcode, array_row, array_col, pxl_row, pxl_col (full-res px), slide order
+    diameter_px: float  # spot diameter in full-resolution px
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    image_path: Path
+    scale: float  # image px per full-resolution px
+    known_barcodes: pd.Index  # every barcode of the slide, in tissue or not (labels must name these)
+    inputs: list[Path] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Slides
+# --------------------------------------------------------------------------------------------
+
+
+def load_visium_slide(outs_dir: str | Path, image: str | Path | None = None) -> Slide:
+    """The matrix barcodes of a Space Ranger folder, their positions and the decoded patch image."""
+    outs_dir = Path(outs_dir)
+    folder = read_spot_positions(outs_dir)
+    positions, factors, files = folder.in_matrix, folder.scalefactors, folder.files
+    if positions.empty:
+        raise InputError(files["matrix"], "the matrix has no spots")
+    source = patch_image_source(outs_dir, image, factors)
+    pixels = read_rgb_image(source.path)
+    spots = pd.DataFrame({
+        "barcode": positions.index.to_numpy(dtype=object),
+        "array_row": positions["array_row"].to_numpy(),
+        "array_col": positions["array_col"].to_numpy(),
+        "pxl_row": positions["pxl_row_in_fullres"].to_numpy(),
+        "pxl_col": positions["pxl_col_in_fullres"].to_numpy(),
+    })
+    check_spots_inside(spots, pixels.shape, source.scale, source.path)
+    log.info(
+        "%s: %d in-tissue spots, spot diameter %.1f full-res px; patch image %s (%d x %d px, scale %g)",
+        outs_dir, len(spots), factors["spot_diameter_fullres"], source.path, pixels.shape[1], pixels.shape[0],
+        source.scale,
+    )
+    inputs = [files["matrix"], files["positions"], files["scalefactors"], source.path]
+    return Slide(spots, float(factors["spot_diameter_fullres"]), pixels, source.path, source.scale,
+                 pd.Index(folder.positions.index), inputs)
+
+
+def check_spots_inside(spots: pd.DataFrame, shape: tuple[int, ...], scale: float, image_path: Path) -> None:
+    """Every spot centre must lie inside the image (InputError naming the image)."""
+    rows = spots["pxl_row"].to_numpy() * scale
+    cols = spots["pxl_col"].to_numpy() * scale
+    outside = (rows < 0) | (rows >= shape[0]) | (cols < 0) | (cols >= shape[1])
+    if outside.any():
+        first = int(np.flatnonzero(outside)[0])
+        raise InputError(
+            image_path,
+            f"{int(outside.sum())} spot centre(s) lie outside the image ({shape[1]} x {shape[0]} px"
+            f" at scale {scale:g}), e.g. {spots['barcode'].iloc[first]} at row {rows[first]:.1f},"
+            f" col {cols[first]:.1f}",
+        )
+
+
+def hex_grid(height: int, width: int, diameter_px: float, spacing_px: float) -> pd.DataFrame:
+    """Visium-like hexagonal grid of spot centres whose discs lie inside a height x width image.
+
+    Rows are spacing x sqrt(3)/2 apart, odd rows shifted by half a spacing; array_col is Visium's
+    doubled index (even in even rows, odd in odd rows), so neighbours are 1 row or 2 columns apart.
+    """
+    radius = diameter_px / 2
+    row_pitch = spacing_px * math.sqrt(3) / 2
+    n_rows = int(math.floor((height - diameter_px) / row_pitch)) + 1 if height >= diameter_px else 0
+    n_cols = int(math.floor((width - diameter_px) / (spacing_px / 2))) + 1 if width >= diameter_px else 0
+    array_row, array_col = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    on_lattice = (array_row % 2) == (array_col % 2)
+    array_row, array_col = array_row[on_lattice], array_col[on_lattice]
+    return pd.DataFrame({
+        "barcode": [f"r{r}_c{c}" for r, c in zip(array_row.tolist(), array_col.tolist())],
+        "array_row": array_row.astype(np.int64),
+        "array_col": array_col.astype(np.int64),
+        "pxl_row": radius + array_row * row_pitch,
+        "pxl_col": radius + array_col * spacing_px / 2,
+    })
+
+
+def disc_mask(side: int) -> np.ndarray:
+    """Boolean disc inscribed in a side x side square."""
+    centre = (side - 1) / 2
+    yy, xx = np.mgrid[:side, :side]
+    return (yy - centre) ** 2 + (xx - centre) ** 2 <= (side / 2) ** 2
+
+
+def disc_foreground(image: np.ndarray, spots: pd.DataFrame, diameter_px: float, grey_threshold: int) -> np.ndarray:
+    """Fraction of non-white pixels (grey < grey_threshold) in each spot's disc."""
+    side = max(1, int(round(diameter_px)))
+    mask = disc_mask(side)
+    rows, cols = spots["pxl_row"].to_numpy(), spots["pxl_col"].to_numpy()
+    fractions = []
+    block = 16 * BLOCK_SPOTS  # bounds memory on whole-slide images with many candidates
+    for start in range(0, len(spots), block):
+        grey = grey_stack(crop_patches(image, rows[start:start + block], cols[start:start + block], side))
+        fractions.append(np.count_nonzero((grey < grey_threshold) & mask, axis=(1, 2)) / np.count_nonzero(mask))
+    return np.concatenate(fractions) if fractions else np.zeros(0)
+
+
+def load_he_slide(path: str | Path, mpp: float | None, grid: GridParams, grey_threshold: int) -> Slide:
+    """An H&E-only slide: decode it once, lay the pseudo-spot grid, keep the spots on tissue."""
+    path = Path(path)
+    pixels, um_per_px = read_he_slide(path, mpp)
+    diameter_px = grid.spot_diameter_um / um_per_px
+    candidates = hex_grid(pixels.shape[0], pixels.shape[1], diameter_px, grid.spot_spacing_um / um_per_px)
+    fraction = disc_foreground(pixels, candidates, diameter_px, grey_threshold)
+    spots = candidates[fraction >= grid.min_tissue].reset_index(drop=True)
+    log.info(
+        "%s: %d x %d px at %g um/px; %d of %d pseudo-spots on tissue (diameter %.1f px)",
+        path, pixels.shape[1], pixels.shape[0], um_per_px, len(spots), len(candidates), diameter_px,
+    )
+    if spots.empty:
+        raise InputError(path, f"no pseudo-spot lies on tissue ({len(candidates)} grid spots, none with "
+                               f">= {grid.min_tissue:g} non-white pixels)")
+    return Slide(spots, diameter_px, pixels, path, 1.0, pd.Index(candidates["barcode"]), [path])
+
+
+# --------------------------------------------------------------------------------------------
+# Patches and filters
+# --------------------------------------------------------------------------------------------
+
+
+def patch_side(diameter_px: float, scale: float, patch_factor: float) -> int:
+    """Patch side in image px: the spot diameter in image px times the factor, at least 1."""
+    return max(1, int(round(diameter_px * scale * patch_factor)))
+
+
+def crop_patches(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, side: int) -> np.ndarray:
+    """(n, side, side, 3) squares centred on (rows, cols) in image px, white (255) outside the image."""
+    height, width = image.shape[:2]
+    tops = np.floor(np.asarray(rows, dtype=np.float64) - side / 2 + 0.5).astype(np.int64)
+    lefts = np.floor(np.asarray(cols, dtype=np.float64) - side / 2 + 0.5).astype(np.int64)
+    out = np.empty((len(tops), side, side, 3), dtype=np.uint8)
+    for i, (top, left) in enumerate(zip(tops.tolist(), lefts.tolist())):
+        if top >= 0 and left >= 0 and top + side <= height and left + side <= width:
+            out[i] = image[top:top + side, left:left + side]
+            continue
+        out[i] = 255
+        r0, c0, r1, c1 = max(top, 0), max(left, 0), min(top + side, height), min(left + side, width)
+        if r1 > r0 and c1 > c0:
+            out[i, r0 - top:r1 - top, c0 - left:c1 - left] = image[r0:r1, c0:c1]
+    return out
+
+
+def grey_stack(patches: np.ndarray) -> np.ndarray:
+    """cv2 RGB2GRAY of (n, s, s, 3) patches (converted as one tall image: the conversion is per pixel)."""
+    n, side = patches.shape[:2]
+    return cv2.cvtColor(patches.reshape(n * side, side, 3), cv2.COLOR_RGB2GRAY).reshape(n, side, side)
+
+
+def patch_metrics(patches: np.ndarray, params: FilterParams) -> dict[str, np.ndarray]:
+    """foreground, laplacian_var and tissue_fraction of (n, s, s, 3) uint8 RGB patches.
+
+    Meant for patches at their native pixel side (before any resizing)."""
+    n, side = patches.shape[:2]
+    grey = grey_stack(patches)
+    hsv = cv2.cvtColor(patches.reshape(n * side, side, 3), cv2.COLOR_RGB2HSV).reshape(n, side, side, 3)
+    tissue = (hsv[..., 1] > params.saturation_threshold) & (hsv[..., 2] < params.value_threshold)
+    pixels = side * side
+    return {
+        "foreground": np.count_nonzero(grey < params.grey_threshold, axis=(1, 2)) / pixels,
+        "laplacian_var": np.array([cv2.Laplacian(g, cv2.CV_64F).var() for g in grey], dtype=np.float64),
+        "tissue_fraction": np.count_nonzero(tissue, axis=(1, 2)) / pixels,
+    }
+
+
+def filter_reasons(labels: np.ndarray, metrics: dict[str, np.ndarray], params: FilterParams) -> np.ndarray:
+    """The first failing filter of each spot ("" when it passes all): label, foreground, blur, tissue."""
+    failing = [
+        np.isin(np.asarray(labels, dtype=object), list(params.exclude_labels)),
+        metrics["foreground"] < params.min_foreground,
+        metrics["laplacian_var"] < params.min_laplacian_var,
+        metrics["tissue_fraction"] < params.min_tissue,
+    ]
+    return np.select(failing, list(REASONS), default="").astype(object)
+
+
+def resize_patches(patches: np.ndarray, size: int) -> np.ndarray:
+    """Resize (n, s, s, 3) patches to (n, size, size, 3): INTER_AREA when shrinking, INTER_CUBIC when enlarging."""
+    side = patches.shape[1]
+    if side == size:
+        return patches
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
+    out = np.empty((len(patches), size, size, 3), dtype=np.uint8)
+    for i, patch in enumerate(patches):
+        cv2.resize(patch, (size, size), dst=out[i], interpolation=interpolation)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------
+
+
+def read_labels(path: str | Path, known_barcodes: pd.Index) -> pd.Series:
+    """barcode -> label from a CSV with columns barcode,label; every barcode must be known to the slide."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "labels file not found")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise InputError(path, f"cannot read labels: {exc}") from None
+    missing = {"barcode", "label"} - set(table.columns)
+    if missing:
+        raise InputError(path, f"labels lack column(s) {sorted(missing)} (found {list(table.columns)})")
+    duplicated = table["barcode"].duplicated()
+    if duplicated.any():
+        raise InputError(path, f"barcode {table['barcode'][duplicated].iloc[0]!r} is labelled twice")
+    unknown = ~table["barcode"].isin(known_barcodes)
+    if unknown.any():
+        raise InputError(
+            path,
+            f"{int(unknown.sum())} barcode(s) are unknown to the slide, e.g. {table['barcode'][unknown].iloc[0]!r}",
+        )
+    return table.set_index("barcode")["label"].str.strip()
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def load_slide(kind: str, path: str | Path, image: str | Path | None, mpp: float | None,
+               grid: GridParams, filters: FilterParams) -> Slide:
+    if kind == "visium":
+        return load_visium_slide(path, image)
+    if kind == "he":
+        if image is not None:
+            log.warning("--image is ignored for an H&E-only slide (the slide itself is the image)")
+        return load_he_slide(path, mpp, grid, filters.grey_threshold)
+    raise ValueError(f"unknown slide kind {kind!r}")
+
+
+def spot_table(slide: Slide, sample: str, donor: str, cohort: str, labels: pd.Series | None) -> pd.DataFrame:
+    """The identity columns of the spots table (metrics come later)."""
+    spots = slide.spots
+    label = (labels.reindex(spots["barcode"]).fillna("").to_numpy(dtype=object)
+             if labels is not None else np.full(len(spots), "", dtype=object))
+    return pd.DataFrame({
+        "key": [f"{sample}:{b}" for b in spots["barcode"]],
+        "sample": sample,
+        "donor": donor,
+        "cohort": cohort,
+        "barcode": spots["barcode"].to_numpy(dtype=object),
+        "array_row": spots["array_row"].to_numpy(dtype=np.int64),
+        "array_col": spots["array_col"].to_numpy(dtype=np.int64),
+        "pxl_row": spots["pxl_row"].to_numpy(dtype=np.float64),
+        "pxl_col": spots["pxl_col"].to_numpy(dtype=np.float64),
+        "diameter_px": float(slide.diameter_px),
+        "label": label,
+    })
+
+
+def write_patches_and_metrics(
+    slide: Slide, keys: list[str], store: Path, patch: PatchParams, filters: FilterParams, attrs: dict
+) -> dict[str, np.ndarray]:
+    """Cut, measure, resize and write every spot's patch into a new zarr store; return the metrics."""
+    n, size = len(keys), patch.patch_size
+    side = patch_side(slide.diameter_px, slide.scale, patch.patch_factor)
+    rows = slide.spots["pxl_row"].to_numpy() * slide.scale
+    cols = slide.spots["pxl_col"].to_numpy() * slide.scale
+    group = zarr.open_group(str(store), mode="w", zarr_format=3)
+    images = group.create_array(
+        "images", shape=(n, size, size, 3), dtype="uint8", chunks=(min(n, CHUNK_SPOTS), size, size, 3),
+        compressors=BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.noshuffle),
+        fill_value=255, config={"write_empty_chunks": True},  # skips zarr's all-fill check: 5x faster writes
+    )
+    key_array = group.create_array("spot_key", shape=(n,), dtype=str, chunks=(n,))
+    key_array[:] = np.array(keys, dtype=object)
+
+    def cut(start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        native = crop_patches(slide.image, rows[start:stop], cols[start:stop], side)
+        return patch_metrics(native, filters), resize_patches(native, size)
+
+    # Blocks are cut, measured and resized by WORKERS threads (cv2 releases the GIL) while the main
+    # thread writes finished blocks in order; at most WORKERS + 1 blocks are in memory.
+    parts: list[dict[str, np.ndarray]] = []
+    in_flight: deque = deque()
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool, tqdm(total=n, unit="spot", desc="patches") as progress:
+
+        def write_oldest() -> None:
+            start, future = in_flight.popleft()
+            metrics, block = future.result()
+            images[start:start + len(block)] = block
+            parts.append(metrics)
+            progress.update(len(block))
+
+        for start in range(0, n, BLOCK_SPOTS):
+            in_flight.append((start, pool.submit(cut, start, min(start + BLOCK_SPOTS, n))))
+            if len(in_flight) > WORKERS:
+                write_oldest()
+        while in_flight:
+            write_oldest()
+    group.attrs.update(attrs)
+    log.info("patches: %d x %d px cut from %s (scale %g), resized to %d px", side, side, slide.image_path.name,
+             slide.scale, size)
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def reason_counts(reasons: np.ndarray) -> dict[str, int]:
+    return {reason: int((reasons == reason).sum()) for reason in REASONS}
+
+
+def run_spots(
+    sample: str,
+    donor: str,
+    cohort: str,
+    kind: str,
+    path: str | Path,
+    out_spots: str | Path,
+    out_patches: str | Path,
+    image: str | Path | None = None,
+    labels: str | Path | None = None,
+    mpp: float | None = None,
+    patch: PatchParams = PatchParams(),
+    filters: FilterParams = FilterParams(),
+    grid: GridParams = GridParams(),
+) -> pd.DataFrame:
+    """The whole stage for one slide; returns the spots table it wrote."""
+    slide = load_slide(kind, path, image, mpp, grid, filters)
+    slide_labels = read_labels(labels, slide.known_barcodes) if labels is not None else None
+    if slide_labels is not None:
+        slide.inputs.append(Path(labels))
+        log.info("%s: %d labelled barcodes", labels, len(slide_labels))
+    table = spot_table(slide, sample, donor, cohort, slide_labels)
+    params = {
+        "sample": sample, "donor": donor, "cohort": cohort, "kind": kind, "mpp": mpp,
+        **asdict(patch), **asdict(filters), **({f"he_{k}": v for k, v in asdict(grid).items()} if kind == "he" else {}),
+        "patch_image": str(slide.image_path), "patch_image_scale": slide.scale,
+        "patch_side_px": patch_side(slide.diameter_px, slide.scale, patch.patch_factor),
+    }
+    meta = provenance("spots", params, slide.inputs)
+    with atomic_path(out_patches) as store:
+        metrics = write_patches_and_metrics(slide, table["key"].tolist(), store, patch, filters, {"stmdit": meta})
+        for name, values in metrics.items():
+            table[name] = values
+        table["reason"] = filter_reasons(table["label"].to_numpy(), metrics, filters)
+        table["keep"] = table["reason"] == ""
+        table = table[SPOT_COLUMNS]
+        counts = reason_counts(table["reason"].to_numpy())
+        summary = ", ".join(f"{reason} {count}" for reason, count in counts.items())
+        if not table["keep"].any():
+            raise InputError(path, f"no spot passes the filters: all {len(table)} in-tissue spots dropped ({summary})")
+        write_parquet(table, out_spots, meta)
+    log.info("kept %d of %d in-tissue spots; dropped by reason: %s", int(table["keep"].sum()), len(table), summary)
+    log.info("wrote %s and %s", out_spots, out_patches)
+    return table
+
+
+def run(args: argparse.Namespace) -> None:
+    run_spots(
+        args.sample, args.donor, args.cohort, args.kind, args.path, args.out_spots, args.out_patches,
+        image=args.image, labels=args.labels, mpp=args.mpp,
+        patch=PatchParams(args.patch_factor, args.patch_size),
+        filters=FilterParams(
+            args.grey_threshold, args.min_foreground, args.min_laplacian_var, args.saturation_threshold,
+            args.value_threshold, args.min_tissue, tuple(args.exclude_labels),
+        ),
+        grid=GridParams(args.he_spot_diameter_um, args.he_spot_spacing_um, args.he_min_tissue),
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("spots", help="ingest one slide: in-tissue spots, patches and the A.3 spot filters")
+    p.add_argument("--sample", required=True)
+    p.add_argument("--donor", required=True)
+    p.add_argument("--cohort", required=True)
+    p.add_argument("--kind", required=True, choices=["visium", "he"])
+    p.add_argument("--path", required=True, type=Path, help="Space Ranger outs/ folder, or the H&E slide image")
+    p.add_argument("--image", type=Path, default=None, help="full-resolution H&E of a Visium slide")
+    p.add_argument("--labels", type=Path, default=None, help="CSV with columns barcode,label")
+    p.add_argument("--mpp", type=float, default=None, help="um/px of an H&E slide (else its openslide.mpp-x)")
+    p.add_argument("--out-spots", required=True, type=Path)
+    p.add_argument("--out-patches", required=True, type=Path)
+    d_patch, d_filter, d_grid = PatchParams(), FilterParams(), GridParams()
+    p.add_argument("--patch-factor", type=float, default=d_patch.patch_factor)
+    p.add_argument("--patch-size", type=int, default=d_patch.patch_size)
+    p.add_argument("--grey-threshold", type=int, default=d_filter.grey_threshold)
+    p.add_argument("--min-foreground", type=float, default=d_filter.min_foreground)
+    p.add_argument("--min-laplacian-var", type=float, default=d_filter.min_laplacian_var)
+    p.add_argument("--saturation-threshold", type=int, default=d_filter.saturation_threshold)
+    p.add_argument("--value-threshold", type=int, default=d_filter.value_threshold)
+    p.add_argument("--min-tissue", type=float, default=d_filter.min_tissue)
+    p.add_argument("--exclude-labels", nargs="*", default=list(d_filter.exclude_labels))
+    p.add_argument("--he-spot-diameter-um", type=float, default=d_grid.spot_diameter_um)
+    p.add_argument("--he-spot-spacing-um", type=float, default=d_grid.spot_spacing_um)
+    p.add_argument("--he-min-tissue", type=float, default=d_grid.min_tissue)
+    p.set_defaults(func=run)
