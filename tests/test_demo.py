@@ -30,7 +30,7 @@ def demo(tmp_path_factory, demo_image):
     work = tmp_path_factory.mktemp("demo")
     sheet = work / "samples.tsv"
     shutil.copy(REPO / "workflow" / "demo" / "samples.tsv", sheet)
-
+    cwd = os.getcwd()
     os.chdir(work)
     try:
         build_demo(sheet, demo_image, seed=0, n_genes=600)
