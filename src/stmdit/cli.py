@@ -23,6 +23,11 @@ COMMANDS = {
     "expression": "stmdit.expression",
     "features": "stmdit.features",
     "split": "stmdit.split",
+    "train": "stmdit.train",
+    "deepspot-train": "stmdit.deepspot",
+    "deepspot-predict": "stmdit.deepspot",
+    "table": "stmdit.report",
+    "figure": "stmdit.report",
     "bench": "stmdit.bench",
 }
 

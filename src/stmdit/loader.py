@@ -21,6 +21,7 @@ import torch
 import zarr
 
 from stmdit.errors import InputError
+from stmdit.features import string_values
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def open_store(path: str | Path) -> zarr.Group:
 
 def store_rows(store: zarr.Group, keys: Iterable[str], path: str | Path) -> np.ndarray:
     """Row index in `store` of each spot key (InputError naming the store if one is missing)."""
-    index = {k: i for i, k in enumerate(np.asarray(store["spot_key"][:]).astype(str))}
+    index = {k: i for i, k in enumerate(string_values(store["spot_key"][:]))}
     keys = list(keys)
     missing = [k for k in keys if k not in index]
     if missing:

@@ -1,0 +1,779 @@
+"""Pseudo-labels (PTPL): DeepSpot (Nonchev et al., 2025) predicts spot expression from morphology.
+
+    stmdit deepspot-train --expression E.h5ad --features F.zarr --spots S.parquet ... --out-model DIR
+        --out-lodo results/ptpl/{cohort}_lodo.json [--epochs 20 --batch-size 512 --seed 0 ...]
+    stmdit deepspot-predict --model DIR --features F.zarr --spots S.parquet ... --out results/ptpl/{cohort}.h5ad
+
+Inputs per spot come from the cohort's `deepspot_fm` feature store: the tile embedding, the 3x3
+sub-tile embeddings, and the tile embeddings of its radius-1 neighbours on the Visium hex grid (same
+row, column +-2; rows +-1, column +-1; array coordinates of the spots table), zeros where a neighbour
+has no features (not in tissue, filtered out, off the slide).
+
+Model (DeepSpot's "spot_subspot_neighbors" context): one ensemble of phi = Linear -> Dropout -> ReLU
+(512) maps every embedding, taking the median over the ensemble (the three inputs share it, as in
+DeepSpot); the sub-tiles are sum-pooled, the neighbours max-pooled; the three are concatenated and an
+ensemble of rho heads (Dropout -> Linear -> Dropout 0.1, DeepSpot's Rho) is averaged.
+
+Targets: the training cohort's HVGs (var["highly_variable"], in highly_variable_rank order) as
+log1p(CP10k) of layers["counts"], library size over all genes; standardised per gene on each model's
+training spots when asked. The model keeps that mean and scale as buffers and `DeepSpot.predict`
+un-standardises, so no caller does it again. AdamW, MSE; every model is trained with the same seed.
+
+deepspot-train: one model per donor on the other donors (leave-one-donor-out) and one on all donors.
+Out-of-fold Pearson r per gene, with two baselines on the same folds and features (RidgeCV and an
+MLPRegressor on [tile, mean sub-tile, mean neighbour]), goes to --out-lodo and a table in the log.
+Model directory: config.json, all_donors.safetensors, lodo-NN.safetensors (one per held-out donor).
+
+deepspot-predict: the kept spots of the spots tables (the feature store's rows). A spot of a training
+donor is predicted by the model that never saw that donor; any other spot (an H&E-only cohort) by the
+all-donor model. Negatives are clipped to 0. Output h5ad: obs = spot key (sample, donor, cohort,
+ptpl_model, fold_donor, out_of_fold), var = predicted genes (highly_variable, highly_variable_rank of
+the training cohort, so the CancerFoundation step picks the same gene list as on Visium counts),
+X = predictions (log1p CP10k, float32), layers["counts"] = expm1(X) pseudo-counts (CSR float32),
+obsm["spatial"], uns["stmdit"] provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from stmdit.encoders.base import autocast, resolve_device
+from stmdit.errors import InputError
+from stmdit.expression import read_kept_spots
+from stmdit.features import open_feature_store, read_feature_rows
+from stmdit.provenance import atomic_path, provenance, write_json
+
+log = logging.getLogger(__name__)
+
+# (d array_row, d array_col) of the six radius-1 neighbours on Visium's hex grid (doubled columns)
+HEX_NEIGHBOUR_OFFSETS = ((0, -2), (0, 2), (-1, -1), (-1, 1), (1, -1), (1, 1))
+N_SUBTILES = 9
+RHO_OUTPUT_DROPOUT = 0.1
+TARGET_SUM = 1e4
+RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 4, 6))
+MODEL_CONFIG = "config.json"
+ALL_DONORS = "all_donors"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: spot, sub-tile and neighbour embeddings
+
+
+def hex_neighbour_index(sample: Sequence[str], array_row: Sequence[int], array_col: Sequence[int]) -> np.ndarray:
+    """(N, 6) row of each spot's hex neighbours within its sample (HEX_NEIGHBOUR_OFFSETS order), -1 if absent."""
+    sample = np.asarray(sample, dtype=object)
+    row = np.asarray(array_row, dtype=np.int64)
+    col = np.asarray(array_col, dtype=np.int64)
+    positions = pd.MultiIndex.from_arrays([sample, row, col])
+    if not positions.is_unique:
+        first = positions[positions.duplicated()][0]
+        raise ValueError(f"two spots share sample {first[0]!r} array position ({first[1]}, {first[2]})")
+    index = np.full((len(row), len(HEX_NEIGHBOUR_OFFSETS)), -1, dtype=np.int64)
+    for j, (d_row, d_col) in enumerate(HEX_NEIGHBOUR_OFFSETS):
+        index[:, j] = positions.get_indexer(pd.MultiIndex.from_arrays([sample, row + d_row, col + d_col]))
+    return index
+
+
+def neighbour_embeddings(tile: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, K, D) tile embeddings of the neighbour rows `index` (B, K); zeros where index is -1."""
+    present = (index >= 0).unsqueeze(-1)
+    return tile[index.clamp(min=0)] * present.to(tile.dtype)
+
+
+@dataclass
+class SpotFeatures:
+    """DeepSpot's inputs for the spots `keys`: tile (N, D) float32, sub-tiles (N, 9, D) as stored,
+    hex neighbours (N, 6) rows into these spots (-1 = none), and the store's encoder description."""
+
+    keys: list[str]
+    tile: torch.Tensor
+    subtiles: torch.Tensor
+    neighbours: torch.Tensor
+    encoder: dict[str, Any]
+
+    @property
+    def dim(self) -> int:
+        return int(self.tile.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def batch(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        tile = self.tile[rows]
+        subtiles = self.subtiles[rows].float()
+        neighbours = neighbour_embeddings(self.tile, self.neighbours[rows])
+        return tile.to(device), subtiles.to(device), neighbours.to(device)
+
+    def pooled(self) -> np.ndarray:
+        """(N, 3D) baseline features: tile, mean sub-tile, mean of the present neighbours (0 if none)."""
+        index = self.neighbours
+        present = (index >= 0).float()
+        neighbour_sum = (neighbour_embeddings(self.tile, index) * present.unsqueeze(-1)).sum(1)
+        neighbour_mean = neighbour_sum / present.sum(1, keepdim=True).clamp(min=1)
+        return torch.cat([self.tile, self.subtiles.float().mean(1), neighbour_mean], dim=1).numpy()
+
+
+def load_spot_features(store_path: str | Path, spots: pd.DataFrame) -> SpotFeatures:
+    """Features of `spots` (columns key, sample, array_row, array_col), in that order, from a
+    deepspot_fm store. Neighbours are looked up among these spots only."""
+    store_path = Path(store_path)
+    group = open_feature_store(store_path)
+    for name in ("embedding", "subtiles"):
+        if name not in group:
+            raise InputError(store_path,
+                             f"no array {name!r}: DeepSpot needs a deepspot_fm store (tile + 3x3 sub-tiles)")
+    dim = group["embedding"].shape[1]
+    if tuple(group["subtiles"].shape[1:]) != (N_SUBTILES, dim):
+        raise InputError(store_path,
+                         f"subtiles have shape {group['subtiles'].shape[1:]}, expected ({N_SUBTILES}, {dim})")
+    keys = [str(k) for k in spots["key"]]
+    rows = read_feature_rows(store_path, keys, ["embedding", "subtiles"])
+    try:
+        neighbours = hex_neighbour_index(spots["sample"].astype(str), spots["array_row"], spots["array_col"])
+    except ValueError as exc:
+        raise InputError(store_path, f"spots of this store: {exc}") from None
+    encoder = dict(group.attrs.get("encoder") or {})
+    n_isolated = int((neighbours < 0).all(axis=1).sum())
+    log.info("read %s: %d spots, %d-d tile + %dx%d sub-tiles (%s); %.1f neighbours per spot, %d without any",
+             store_path, len(keys), dim, N_SUBTILES, dim, encoder.get("name", "?"),
+             float((neighbours >= 0).sum(1).mean()), n_isolated)
+    return SpotFeatures(
+        keys=keys,
+        tile=torch.as_tensor(np.asarray(rows["embedding"], dtype=np.float32)),
+        subtiles=torch.as_tensor(np.asarray(rows["subtiles"])),
+        neighbours=torch.as_tensor(neighbours),
+        encoder=encoder,
+    )
+
+
+def read_cohort_spots(spots_paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Kept spots of the spots tables, in the given order, with the columns DeepSpot needs."""
+    tables = []
+    for path in spots_paths:
+        table = read_kept_spots(path)
+        missing = {"array_row", "array_col", "cohort"} - set(table.columns)
+        if missing:
+            raise InputError(path, f"spots table lacks column(s) {sorted(missing)}")
+        tables.append(table)
+    spots = pd.concat(tables, ignore_index=True)
+    where = ", ".join(str(p) for p in spots_paths)
+    if spots.empty:
+        raise InputError(where, "no kept spots (keep is False everywhere)")
+    if spots["key"].duplicated().any():
+        raise InputError(where, f"spot key {spots['key'][spots['key'].duplicated()].iloc[0]} appears twice")
+    log.info("read %d spots tables: %d kept spots of %d samples, %d donors", len(spots_paths), len(spots),
+             spots["sample"].nunique(), spots["donor"].nunique())
+    return spots
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets: HVGs as log1p(CP10k) of the raw counts
+
+
+@dataclass
+class TrainingCohort:
+    """The Visium cohort DeepSpot learns from: spot keys, their donors, the target genes and the
+    targets (N, G) float32 log1p(CP10k)."""
+
+    path: Path
+    keys: list[str]
+    donors: np.ndarray
+    genes: pd.DataFrame  # index gene symbol; highly_variable_rank (and gene_ids when present)
+    targets: np.ndarray
+
+
+def log1p_cp10k(counts, columns: np.ndarray, target_sum: float = TARGET_SUM) -> np.ndarray:
+    """log1p of counts[:, columns] per `target_sum` counts of the spot's library (all genes)."""
+    import scipy.sparse as sp
+
+    counts = sp.csr_matrix(counts)
+    library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
+    selected = counts[:, columns].toarray().astype(np.float64)
+    return np.log1p(selected * scale[:, None]).astype(np.float32)
+
+
+def read_training_cohort(path: str | Path) -> TrainingCohort:
+    import anndata as ad
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "expression file not found")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for a damaged file
+        raise InputError(path, f"cannot read h5ad: {exc}") from None
+    if "counts" not in adata.layers:
+        raise InputError(path, 'no raw counts: layers["counts"] is missing')
+    if "highly_variable" not in adata.var:
+        raise InputError(path, 'var["highly_variable"] is missing (it chooses the target genes)')
+    if "donor" not in adata.obs:
+        raise InputError(path, 'obs["donor"] is missing (leave-one-donor-out needs it)')
+    if not adata.obs_names.is_unique:
+        raise InputError(path, "spot keys (obs names) are not unique")
+    flagged = np.flatnonzero(adata.var["highly_variable"].to_numpy(dtype=bool))
+    if flagged.size == 0:
+        raise InputError(path, "no gene is flagged highly_variable: nothing to predict")
+    if "highly_variable_rank" in adata.var:
+        ranks = adata.var["highly_variable_rank"].to_numpy(dtype=np.float64)
+    else:
+        ranks = np.arange(adata.n_vars, dtype=np.float64)
+    columns = flagged[np.argsort(ranks[flagged], kind="stable")]
+    counts = adata.layers["counts"]
+    data = counts.data if hasattr(counts, "data") and not isinstance(counts, np.ndarray) else np.asarray(counts)
+    if data.size and (not np.isfinite(data).all() or data.min() < 0):
+        raise InputError(path, 'layers["counts"] has negative or non-finite values: raw counts expected')
+    genes = pd.DataFrame({"highly_variable_rank": ranks[columns]}, index=adata.var_names[columns].astype(str))
+    if "gene_ids" in adata.var:
+        genes["gene_ids"] = adata.var["gene_ids"].to_numpy()[columns].astype(str)
+    targets = log1p_cp10k(counts, columns)
+    donors = adata.obs["donor"].astype(str).to_numpy()
+    log.info("read %s: %d spots of %d donors, %d target genes (HVGs, first %s)", path, adata.n_obs,
+             len(set(donors)), len(columns), list(genes.index[:3]))
+    return TrainingCohort(path, [str(k) for k in adata.obs_names], donors, genes, targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class EnsembleLinear(nn.Module):
+    """`n_members` independent Linear layers, initialised like torch's Linear from `generator`."""
+
+    def __init__(self, in_features: int, out_features: int, n_members: int, generator: torch.Generator):
+        super().__init__()
+        bound = 1.0 / in_features**0.5
+        self.weight = nn.Parameter(torch.empty(n_members, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(n_members, out_features))
+        nn.init.uniform_(self.weight, -bound, bound, generator=generator)
+        nn.init.uniform_(self.bias, -bound, bound, generator=generator)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member on the same input: (..., in) -> (..., n_members, out)."""
+        return torch.einsum("...i,nio->...no", x, self.weight) + self.bias
+
+    def memberwise(self, x: torch.Tensor) -> torch.Tensor:
+        """Member m on x[..., m, :]: (..., n_members, in) -> (..., n_members, out)."""
+        return torch.einsum("...ni,nio->...no", x, self.weight) + self.bias
+
+
+class DeepSpot(nn.Module):
+    """Deep-set regressor from a spot's tile, sub-tile and neighbour embeddings to its genes.
+
+    `forward` returns the standardised predictions the loss sees; `predict` returns log1p(CP10k).
+    """
+
+    def __init__(self, input_dim: int, n_genes: int, hidden_dim: int = 512, n_ensemble: int = 10,
+                 dropout: float = 0.3, seed: int = 0):
+        super().__init__()
+        self.config = {"input_dim": int(input_dim), "n_genes": int(n_genes), "hidden_dim": int(hidden_dim),
+                       "n_ensemble": int(n_ensemble), "dropout": float(dropout)}
+        generator = torch.Generator().manual_seed(int(seed))
+        self.dropout = float(dropout)
+        self.phi = EnsembleLinear(input_dim, hidden_dim, n_ensemble, generator)
+        self.rho = EnsembleLinear(3 * hidden_dim, n_genes, n_ensemble, generator)
+        self.register_buffer("target_mean", torch.zeros(n_genes))
+        self.register_buffer("target_scale", torch.ones(n_genes))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """phi: (..., D) -> (..., hidden), the median over the ensemble."""
+        h = F.relu(F.dropout(self.phi.shared(x), self.dropout, self.training))
+        return h.median(dim=-2).values
+
+    def forward(self, tile: torch.Tensor, subtiles: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        n_sub = subtiles.shape[1]
+        h = self.embed(torch.cat([tile.unsqueeze(1), subtiles, neighbours], dim=1))
+        pooled = torch.cat([h[:, 0], h[:, 1:1 + n_sub].sum(1), h[:, 1 + n_sub:].max(1).values], dim=1)
+        members = pooled.unsqueeze(1).expand(-1, self.config["n_ensemble"], -1)
+        out = self.rho.memberwise(F.dropout(members, self.dropout, self.training))
+        return F.dropout(out, RHO_OUTPUT_DROPOUT, self.training).mean(dim=1)
+
+    def predict(self, tile: torch.Tensor, subtiles: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        """Predictions in the targets' units (log1p CP10k): the only place standardisation is undone."""
+        return self(tile, subtiles, neighbours).float() * self.target_scale + self.target_mean
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    hidden_dim: int = 512
+    n_ensemble: int = 10
+    dropout: float = 0.3
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    epochs: int = 20
+    batch_size: int = 512
+    standardize: bool = True
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False
+    compile: bool = False
+
+
+def train_deepspot(features: SpotFeatures, targets: np.ndarray, rows: np.ndarray, config: TrainingConfig,
+                   desc: str = "deepspot") -> DeepSpot:
+    """A DeepSpot model trained on the spots `rows` of `features` with targets[rows] (log1p CP10k).
+    Same inputs and config -> the same model on the same device."""
+    rows = np.asarray(rows, dtype=np.int64)
+    device = resolve_device(config.device)
+    model = DeepSpot(features.dim, targets.shape[1], config.hidden_dim, config.n_ensemble, config.dropout,
+                     seed=config.seed)
+    y = torch.as_tensor(targets[rows], dtype=torch.float32)
+    if config.standardize:
+        scale = y.std(dim=0, unbiased=False)
+        model.target_mean.copy_(y.mean(dim=0))
+        model.target_scale.copy_(torch.where(scale > 0, scale, torch.ones_like(scale)))
+    y = (y - model.target_mean) / model.target_scale
+    model.to(device).train()
+    step = torch.compile(model) if config.compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    order = np.random.default_rng(config.seed)
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices, device_type=device.type):
+        torch.manual_seed(config.seed)
+        progress = tqdm(range(config.epochs), desc=desc, unit="epoch", file=sys.stderr, mininterval=5.0)
+        for epoch in progress:
+            permutation = order.permutation(len(rows))
+            total = 0.0
+            for start in range(0, len(rows), config.batch_size):
+                batch = permutation[start:start + config.batch_size]
+                inputs = features.batch(rows[batch], device)
+                with autocast(device, config.bf16):
+                    prediction = step(*inputs)
+                loss = F.mse_loss(prediction.float(), y[batch].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(batch)
+            progress.set_postfix(mse=f"{total / len(rows):.4f}")
+            log.debug("%s epoch %d: training MSE %.4f (standardised units)", desc, epoch + 1, total / len(rows))
+    return model.eval()
+
+
+@torch.inference_mode()
+def predict_log1p(model: DeepSpot, features: SpotFeatures, rows: np.ndarray, batch_size: int = 1024,
+                  device: str = "auto", bf16: bool = False, clip: bool = True) -> np.ndarray:
+    """(len(rows), G) float32 predictions (log1p CP10k) of the spots `rows`; negatives -> 0 when `clip`."""
+    rows = np.asarray(rows, dtype=np.int64)
+    target = resolve_device(device)
+    model = model.to(target).eval()
+    out = np.zeros((len(rows), model.config["n_genes"]), dtype=np.float32)
+    for start in range(0, len(rows), batch_size):
+        inputs = features.batch(rows[start:start + batch_size], target)
+        with autocast(target, bf16):
+            out[start:start + batch_size] = model.predict(*inputs).float().cpu().numpy()
+    return np.maximum(out, 0.0) if clip else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Leave-one-donor-out evaluation
+
+
+@dataclass(frozen=True)
+class Fold:
+    held_out_donor: str
+    train_rows: np.ndarray
+    test_rows: np.ndarray
+
+
+def donor_folds(donors: Sequence[str], source: str | Path | None) -> list[Fold]:
+    """One fold per donor (sorted): train on the other donors, test on it. Needs >= 2 donors."""
+    donors = np.asarray(donors, dtype=object)
+    names = sorted(set(donors.tolist()))
+    if len(names) < 2:
+        raise InputError(source, f"leave-one-donor-out needs at least 2 donors, found {names}")
+    return [Fold(d, np.flatnonzero(donors != d), np.flatnonzero(donors == d)) for d in names]
+
+
+def pearson_per_gene(predicted: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """Pearson r of each column; NaN where either column is constant."""
+    p = np.asarray(predicted, dtype=np.float64)
+    o = np.asarray(observed, dtype=np.float64)
+    p = p - p.mean(axis=0)
+    o = o - o.mean(axis=0)
+    denominator = np.sqrt((p * p).sum(axis=0) * (o * o).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (p * o).sum(axis=0) / denominator, np.nan)
+
+
+def summarise_pearson(r: np.ndarray) -> dict[str, Any]:
+    defined = r[np.isfinite(r)]
+    return {
+        "median": float(np.median(defined)) if defined.size else None,
+        "mean": float(np.mean(defined)) if defined.size else None,
+        "n_genes": int(defined.size),
+    }
+
+
+def baseline_predictions(pooled: np.ndarray, targets: np.ndarray, fold: Fold, seed: int,
+                         mlp_hidden: int, mlp_max_iter: int) -> dict[str, np.ndarray]:
+    """Out-of-fold predictions (clipped at 0) of RidgeCV and an MLPRegressor on standardised features."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import RidgeCV
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x_train, y_train = pooled[fold.train_rows], targets[fold.train_rows]
+    x_test = pooled[fold.test_rows]
+    ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS))
+    mlp = make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(mlp_hidden,), max_iter=mlp_max_iter,
+                                                       random_state=seed))
+    out = {}
+    for name, estimator in (("ridge", ridge), ("mlp", mlp)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            estimator.fit(x_train, y_train)
+        out[name] = np.maximum(np.asarray(estimator.predict(x_test), dtype=np.float32).reshape(len(x_test), -1), 0.0)
+    return out
+
+
+def lodo_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = [f"{'model':<10} {'median r':>9} {'mean r':>9} {'genes':>6}"]
+    for name, s in summary.items():
+        median = "nan" if s["median"] is None else f"{s['median']:.4f}"
+        mean = "nan" if s["mean"] is None else f"{s['mean']:.4f}"
+        lines.append(f"{name:<10} {median:>9} {mean:>9} {s['n_genes']:>6}")
+    return "\n".join(lines)
+
+
+@dataclass
+class LodoResult:
+    folds: list[Fold]
+    models: dict[str, DeepSpot]  # held-out donor -> model
+    predictions: dict[str, np.ndarray]  # method -> (N, G) out-of-fold, clipped
+    pearson: dict[str, np.ndarray]  # method -> (G,) r on the pooled out-of-fold spots
+    per_donor: dict[str, dict[str, dict[str, Any]]]  # method -> donor -> summary
+
+
+def leave_one_donor_out(features: SpotFeatures, targets: np.ndarray, donors: np.ndarray, config: TrainingConfig,
+                        source: str | Path | None = None, baselines: bool = True, mlp_hidden: int = 256,
+                        mlp_max_iter: int = 50, predict_batch_size: int = 1024) -> LodoResult:
+    """Train one DeepSpot model per held-out donor; out-of-fold predictions and Pearson r of DeepSpot
+    and (optionally) the RidgeCV and MLP baselines on the same folds."""
+    folds = donor_folds(donors, source)
+    methods = ["deepspot", *(("ridge", "mlp") if baselines else ())]
+    predictions = {m: np.zeros_like(targets) for m in methods}
+    pooled = features.pooled() if baselines else None
+    models = {}
+    for k, fold in enumerate(folds):
+        log.info("fold %d/%d: held-out donor %s (%d spots), training on %d spots", k + 1, len(folds),
+                 fold.held_out_donor, len(fold.test_rows), len(fold.train_rows))
+        model = train_deepspot(features, targets, fold.train_rows, config, desc=f"lodo {fold.held_out_donor}")
+        models[fold.held_out_donor] = model
+        predictions["deepspot"][fold.test_rows] = predict_log1p(
+            model, features, fold.test_rows, predict_batch_size, config.device, config.bf16)
+        if baselines:
+            for name, values in baseline_predictions(pooled, targets, fold, config.seed, mlp_hidden,
+                                                     mlp_max_iter).items():
+                predictions[name][fold.test_rows] = values
+    pearson = {m: pearson_per_gene(p, targets) for m, p in predictions.items()}
+    per_donor = {
+        m: {f.held_out_donor: summarise_pearson(pearson_per_gene(p[f.test_rows], targets[f.test_rows])) for f in folds}
+        for m, p in predictions.items()
+    }
+    return LodoResult(folds, models, predictions, pearson, per_donor)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model directory
+
+
+def weights_name(held_out_donor: str | None, index: int = 0) -> str:
+    return f"{ALL_DONORS}.safetensors" if held_out_donor is None else f"lodo-{index:02d}.safetensors"
+
+
+def save_model_dir(path: str | Path, all_donors: DeepSpot, folds: Sequence[Fold], fold_models: Mapping[str, DeepSpot],
+                   donors: np.ndarray, info: Mapping[str, Any]) -> Path:
+    """Write config.json and the weights (safetensors) of the all-donor and fold models atomically."""
+    from safetensors.torch import save_file
+
+    def state(model: DeepSpot) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+    path = Path(path)
+    all_names = sorted(set(np.asarray(donors).tolist()))
+    config = {
+        **info,
+        "architecture": all_donors.config,
+        "all_donors": {"weights": weights_name(None), "donors": all_names},
+        "folds": [
+            {"held_out_donor": f.held_out_donor, "weights": weights_name(f.held_out_donor, k),
+             "train_donors": [d for d in all_names if d != f.held_out_donor]}
+            for k, f in enumerate(folds)
+        ],
+    }
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        save_file(state(all_donors), str(tmp / weights_name(None)), metadata={"held_out_donor": ""})
+        for k, fold in enumerate(folds):
+            save_file(state(fold_models[fold.held_out_donor]), str(tmp / weights_name(fold.held_out_donor, k)),
+                      metadata={"held_out_donor": fold.held_out_donor})
+        (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    log.info("wrote %s: all-donor model and %d leave-one-donor-out models", path, len(folds))
+    return path
+
+
+@dataclass
+class ModelSet:
+    """A trained model directory: the all-donor model and the fold models by held-out donor."""
+
+    path: Path
+    config: dict[str, Any]
+    all_donors: DeepSpot
+    by_held_out_donor: dict[str, DeepSpot]
+
+    @property
+    def genes(self) -> pd.DataFrame:
+        return pd.DataFrame(self.config["genes"]).set_index("gene")
+
+
+def load_model(path: Path, architecture: Mapping[str, Any]) -> DeepSpot:
+    from safetensors.torch import load_file
+
+    from stmdit.encoders.base import load_state_dict_strict
+
+    if not path.is_file():
+        raise InputError(path, "model weights not found")
+    model = DeepSpot(**architecture)
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise InputError(path, f"cannot read weights: {exc}") from None
+    load_state_dict_strict(model, state, path)
+    return model.eval()
+
+
+def load_model_dir(path: str | Path) -> ModelSet:
+    path = Path(path)
+    config_path = path / MODEL_CONFIG
+    if not config_path.is_file():
+        raise InputError(path, f"not a DeepSpot model directory ({MODEL_CONFIG} missing)")
+    try:
+        config = json.loads(config_path.read_text())
+        architecture = config["architecture"]
+        folds = config["folds"]
+        config["genes"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(config_path, f"cannot read model config: {exc}") from None
+    all_donors = load_model(path / config["all_donors"]["weights"], architecture)
+    by_donor = {f["held_out_donor"]: load_model(path / f["weights"], architecture) for f in folds}
+    log.info("read %s: %d-d input -> %d genes, all-donor model + %d fold models", path,
+             architecture["input_dim"], architecture["n_genes"], len(by_donor))
+    return ModelSet(path, config, all_donors, by_donor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction and the PTPL h5ad
+
+
+def check_encoder_matches(models: ModelSet, features: SpotFeatures, store_path: str | Path) -> None:
+    """Features of a cohort must come from the encoder the models were trained on."""
+    if features.dim != models.config["architecture"]["input_dim"]:
+        raise InputError(store_path, f"{features.dim}-d embeddings, the DeepSpot model ({models.path}) expects "
+                                     f"{models.config['architecture']['input_dim']}-d")
+    trained = models.config.get("encoder") or {}
+    for field in ("name", "impl", "model"):
+        if trained.get(field) is not None and features.encoder.get(field) != trained.get(field):
+            raise InputError(store_path, f"encoder {field} {features.encoder.get(field)!r} differs from the one the "
+                                         f"DeepSpot model was trained on ({trained.get(field)!r})")
+
+
+def predict_cohort(models: ModelSet, features: SpotFeatures, donors: Sequence[str], batch_size: int = 1024,
+                   device: str = "auto", bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Clipped predictions (N, G) and the held-out donor of the model used per spot ("" = all donors):
+    a training donor's spots come from the model that never saw that donor."""
+    donors = np.asarray(donors, dtype=object)
+    predictions = np.zeros((len(features), models.config["architecture"]["n_genes"]), dtype=np.float32)
+    fold_donor = np.where(np.isin(donors, list(models.by_held_out_donor)), donors, "").astype(object)
+    for held_out in tqdm(sorted(set(fold_donor.tolist())), desc="deepspot predict", unit="model", file=sys.stderr):
+        rows = np.flatnonzero(fold_donor == held_out)
+        model = models.by_held_out_donor[held_out] if held_out else models.all_donors
+        log.info("%d spots predicted by the %s model", len(rows),
+                 f"leave-{held_out}-out" if held_out else "all-donor")
+        predictions[rows] = predict_log1p(model, features, rows, batch_size, device, bf16)
+    return predictions, fold_donor
+
+
+def h5ad_safe(value: Any) -> Any:
+    """h5ad cannot store None: record it as the string "none" (as the expression step does)."""
+    if value is None:
+        return "none"
+    if isinstance(value, Mapping):
+        return {str(k): h5ad_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [h5ad_safe(v) for v in value]
+    return value
+
+
+def ptpl_anndata(spots: pd.DataFrame, predictions: np.ndarray, genes: pd.DataFrame, fold_donor: np.ndarray,
+                 meta: Mapping[str, Any]):
+    """The PTPL AnnData: see the module docstring."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    obs = pd.DataFrame(index=pd.Index(spots["key"].astype(str).to_numpy(), name=None))
+    for column in ("sample", "donor", "cohort"):
+        obs[column] = spots[column].astype(str).to_numpy()
+    fold_donor = np.asarray(fold_donor, dtype=object).astype(str)
+    obs["ptpl_model"] = np.where(fold_donor != "", np.char.add("lodo:", fold_donor), ALL_DONORS)
+    obs["fold_donor"] = fold_donor
+    obs["out_of_fold"] = fold_donor != ""
+    var = pd.DataFrame(index=pd.Index(genes.index.astype(str), name=None))
+    var["highly_variable"] = True
+    var["highly_variable_rank"] = genes["highly_variable_rank"].to_numpy(dtype=np.float64)
+    if "gene_ids" in genes:
+        var["gene_ids"] = genes["gene_ids"].astype(str).to_numpy()
+    predictions = np.asarray(predictions, dtype=np.float32)
+    adata = ad.AnnData(X=predictions, obs=obs, var=var)
+    adata.layers["counts"] = sp.csr_matrix(np.expm1(predictions).astype(np.float32))
+    if {"pxl_col", "pxl_row"} <= set(spots.columns):
+        adata.obsm["spatial"] = spots[["pxl_col", "pxl_row"]].to_numpy(dtype=np.float64)
+    adata.uns["stmdit"] = h5ad_safe(dict(meta))
+    return adata
+
+
+def write_h5ad(adata, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp.with_suffix(".h5ad"))
+        tmp.with_suffix(".h5ad").rename(tmp)
+    log.info("wrote %s: %d spots x %d genes", path, adata.n_obs, adata.n_vars)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def training_config(args: argparse.Namespace) -> TrainingConfig:
+    config = TrainingConfig(
+        hidden_dim=args.hidden_dim, n_ensemble=args.n_ensemble, dropout=args.dropout, lr=args.lr,
+        weight_decay=args.weight_decay, epochs=args.epochs, batch_size=args.batch_size,
+        standardize=args.standardize, seed=args.seed, device=args.device, bf16=args.bf16, compile=args.compile,
+    )
+    for name in ("hidden_dim", "n_ensemble", "epochs", "batch_size"):
+        if getattr(config, name) < 1:
+            raise InputError(None, f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise InputError(None, f"--dropout must be in [0, 1), got {config.dropout}")
+    return config
+
+
+def training_spots(cohort: TrainingCohort, spots: pd.DataFrame, spots_paths: Sequence[str | Path]) -> pd.DataFrame:
+    """The spots-table rows of the cohort's spots, in the expression file's order."""
+    table = spots.set_index("key", drop=False)
+    missing = pd.Index(cohort.keys).difference(table.index)
+    if len(missing):
+        raise InputError(", ".join(str(p) for p in spots_paths),
+                         f"{len(missing)} spot(s) of {cohort.path} are not kept spots of these tables, e.g. {missing[0]}")
+    return table.loc[cohort.keys].reset_index(drop=True)
+
+
+def run_train(args: argparse.Namespace) -> Path:
+    config = training_config(args)
+    cohort = read_training_cohort(args.expression)
+    folds = donor_folds(cohort.donors, cohort.path)  # fails before any reading of features
+    spots = training_spots(cohort, read_cohort_spots(args.spots), args.spots)
+    features = load_spot_features(args.features, spots)
+    params = {**asdict(config), "baselines": not args.no_baselines, "mlp_hidden": args.mlp_hidden,
+              "mlp_max_iter": args.mlp_max_iter, "target_sum": TARGET_SUM, "ridge_alphas": list(RIDGE_ALPHAS)}
+    inputs = [args.expression, args.features, *args.spots]
+    log.info("leave-one-donor-out over %d donors: %s", len(folds), [f.held_out_donor for f in folds])
+    lodo = leave_one_donor_out(features, cohort.targets, cohort.donors, config, cohort.path,
+                               baselines=not args.no_baselines, mlp_hidden=args.mlp_hidden,
+                               mlp_max_iter=args.mlp_max_iter)
+    summary = {m: summarise_pearson(r) for m, r in lodo.pearson.items()}
+    log.info("leave-one-donor-out Pearson r per gene (out-of-fold spots of all donors):\n%s", lodo_table(summary))
+    report = {
+        "stmdit": provenance("deepspot-train", params, inputs),
+        "n_spots": len(cohort.keys),
+        "genes": list(cohort.genes.index),
+        "folds": [{"held_out_donor": f.held_out_donor, "n_train": len(f.train_rows), "n_test": len(f.test_rows)}
+                  for f in lodo.folds],
+        "pearson": {m: {**summary[m], "per_donor": lodo.per_donor[m]} for m in lodo.pearson},
+        "per_gene": {m: [None if not np.isfinite(v) else float(v) for v in r] for m, r in lodo.pearson.items()},
+    }
+    log.info("training the all-donor model on %d spots", len(cohort.keys))
+    all_donors = train_deepspot(features, cohort.targets, np.arange(len(cohort.keys)), config, desc="all donors")
+    genes = cohort.genes.reset_index(names="gene")
+    info = {"stmdit": provenance("deepspot-train", params, inputs), "encoder": features.encoder,
+            "genes": genes.to_dict(orient="list"), "training_cohort": str(cohort.path)}
+    save_model_dir(args.out_model, all_donors, lodo.folds, lodo.models, cohort.donors, info)
+    write_json(args.out_lodo, report)
+    log.info("wrote %s", args.out_lodo)
+    return Path(args.out_model)
+
+
+def run_predict(args: argparse.Namespace) -> Path:
+    if args.batch_size < 1:
+        raise InputError(None, f"--batch-size must be at least 1, got {args.batch_size}")
+    models = load_model_dir(args.model)
+    spots = read_cohort_spots(args.spots)
+    features = load_spot_features(args.features, spots)
+    check_encoder_matches(models, features, args.features)
+    predictions, fold_donor = predict_cohort(models, features, spots["donor"].astype(str).to_numpy(),
+                                             args.batch_size, args.device, args.bf16)
+    params = {"batch_size": args.batch_size, "device": args.device, "bf16": args.bf16,
+              "model_params_hash": models.config["stmdit"]["params_hash"]}
+    meta = provenance("deepspot-predict", params, [args.model, args.features, *args.spots])
+    adata = ptpl_anndata(spots, predictions, models.genes, fold_donor, meta)
+    log.info("%d of %d spots predicted out-of-fold (their donor was held out of the model)",
+             int(adata.obs["out_of_fold"].sum()), adata.n_obs)
+    return write_h5ad(adata, args.out)
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser(
+        "deepspot-train", help="DeepSpot pseudo-label models: leave-one-donor-out + all-donor, with baselines",
+        description=__doc__.split("\n\n")[0],
+    )
+    train.add_argument("--expression", required=True, type=Path, help="training cohort h5ad (Visium)")
+    train.add_argument("--features", required=True, type=Path, help="deepspot_fm feature store of that cohort")
+    train.add_argument("--spots", nargs="+", required=True, type=Path, help="spots tables of the cohort (array positions)")
+    train.add_argument("--out-model", required=True, type=Path, help="output model directory")
+    train.add_argument("--out-lodo", required=True, type=Path, help="output JSON: leave-one-donor-out Pearson r")
+    train.add_argument("--hidden-dim", type=int, default=512)
+    train.add_argument("--n-ensemble", type=int, default=10)
+    train.add_argument("--dropout", type=float, default=0.3)
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--weight-decay", type=float, default=1e-6)
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--batch-size", type=int, default=512)
+    train.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
+                       help="standardise targets per gene on the training spots")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    train.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    train.add_argument("--no-baselines", action="store_true", help="skip the RidgeCV and MLP baselines")
+    train.add_argument("--mlp-hidden", type=int, default=256, help="hidden units of the MLPRegressor baseline")
+    train.add_argument("--mlp-max-iter", type=int, default=50, help="epochs of the MLPRegressor baseline")
+    train.set_defaults(func=run_train)
+
+    predict = subparsers.add_parser(
+        "deepspot-predict", help="DeepSpot pseudo-labels of a cohort (out-of-fold for training donors) -> h5ad",
+        description=__doc__.split("\n\n")[0],
+    )
+    predict.add_argument("--model", required=True, type=Path, help="model directory of deepspot-train")
+    predict.add_argument("--features", required=True, type=Path, help="deepspot_fm feature store of the cohort")
+    predict.add_argument("--spots", nargs="+", required=True, type=Path, help="spots tables of the cohort, cohort order")
+    predict.add_argument("--out", required=True, type=Path, help="output h5ad (results/ptpl/{cohort}.h5ad)")
+    predict.add_argument("--batch-size", type=int, default=1024)
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    predict.set_defaults(func=run_predict)

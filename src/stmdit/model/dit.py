@@ -1,0 +1,308 @@
+"""The STMDiT denoiser: a PixArt-style diffusion transformer on SD3 latents, conditioned on the
+timestep (PixArt's single shared AdaLN), a UNI2-h embedding (one token, per-block cross-attention)
+and, depending on the fusion variant, gene expression (see `fusion.py`).
+
+diffusers' PixArt transformer carries one text condition only, so the blocks are written here from
+diffusers' parts (PatchEmbed, Timesteps/TimestepEmbedding, Attention, FeedForward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import PatchEmbed, PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from stmdit.errors import InputError
+from stmdit.loader import GeBatch
+from stmdit.model.fusion import (
+    GeContext,
+    attention_bias_mask,
+    build_fusion,
+    drop_flags,
+    fusion_class,
+    token_source_class,
+)
+from stmdit.provenance import atomic_path, provenance, write_json
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class DiTConfig:
+    """Every size of the denoiser. Defaults: B size on 16 x 32 x 32 SD3 latents, UNI only."""
+
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    patch_size: int = 2
+    in_channels: int = 16
+    latent_size: int = 32
+    mlp_ratio: float = 4.0
+    timestep_freq_dim: int = 256
+    uni_dim: int = 1536
+    ge_dim: int = 256
+    ge_fusion: str = "none"  # none | adaln | xattn
+    ge_tokens: str | None = None  # token source of xattn: direct | pma | perceiver | gsa
+    n_ge_queries: int = 32
+    max_ge_tokens: int = 1200
+    ge_source_heads: int = 4
+    perceiver_iterations: int = 2
+    gsa_layers: int = 1
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.latent_size % self.patch_size:
+            raise ValueError(f"latent_size {self.latent_size} is not divisible by patch_size {self.patch_size}")
+        if self.ge_dim % self.ge_source_heads:
+            raise ValueError(f"ge_dim {self.ge_dim} is not divisible by ge_source_heads {self.ge_source_heads}")
+        fusion = fusion_class(self.ge_fusion)
+        if fusion.uses_tokens and self.ge_tokens is None:
+            raise ValueError(f"ge_fusion {self.ge_fusion!r} needs ge_tokens (a token source)")
+        if not fusion.uses_tokens and self.ge_tokens is not None:
+            raise ValueError(f"ge_tokens is only used by token fusions; ge_fusion {self.ge_fusion!r} takes none")
+        if self.ge_tokens is not None:
+            token_source_class(self.ge_tokens)
+
+    @property
+    def uses_ge(self) -> bool:
+        return fusion_class(self.ge_fusion).uses_ge
+
+    @property
+    def uses_ge_tokens(self) -> bool:
+        """Whether the loader should read CancerFoundation token sequences for this model."""
+        return fusion_class(self.ge_fusion).uses_tokens
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DiTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown DiTConfig field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """PixArt block: AdaLN-modulated self-attention, cross-attention to the UNI token, optional
+    cross-attention to GE tokens, AdaLN-modulated MLP. The modulation is the shared one plus this
+    block's learnable scale-shift table."""
+
+    def __init__(self, config: DiTConfig, ge_attention: nn.Module | None):
+        super().__init__()
+        hidden, heads = config.hidden_size, config.num_heads
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads=heads, dim_head=hidden // heads, bias=True, out_bias=True)
+        self.uni_attn = Attention(hidden, cross_attention_dim=hidden, heads=heads, dim_head=hidden // heads,
+                                  bias=True, out_bias=True)
+        self.ge_attn = ge_attention
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(hidden, inner_dim=int(hidden * config.mlp_ratio), activation_fn="gelu-approximate")
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden) / hidden**0.5)
+
+    def forward(self, x, modulation, uni_tokens, ge_tokens=None, ge_mask=None):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None].to(modulation.dtype) + modulation.reshape(x.shape[0], 6, -1)
+        ).chunk(6, dim=1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.uni_attn(x, encoder_hidden_states=uni_tokens)
+        if self.ge_attn is not None:
+            x = x + self.ge_attn(x, encoder_hidden_states=ge_tokens, attention_mask=attention_bias_mask(ge_mask))
+        return x + gate_mlp * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class STMDiT(nn.Module):
+    """Denoiser: forward(x, t, uni, ge, drop_uni, drop_ge) -> prediction shaped like x
+    (epsilon for `ddpm`, velocity for `flow`)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.gradient_checkpointing = False
+        self.patch_embed = PatchEmbed(height=config.latent_size, width=config.latent_size, patch_size=config.patch_size,
+                                      in_channels=config.in_channels, embed_dim=hidden, interpolation_scale=1)
+        self.time_proj = Timesteps(config.timestep_freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(config.timestep_freq_dim, hidden)
+        self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        self.uni_null = nn.Parameter(torch.randn(config.uni_dim) / config.uni_dim**0.5)
+        self.uni_proj = PixArtAlphaTextProjection(config.uni_dim, hidden, act_fn="gelu_tanh")
+        self.fusion = build_fusion(config)
+        self.blocks = nn.ModuleList(
+            DiTBlock(config, type(self.fusion).block_attention(config)) for _ in range(config.depth)
+        )
+        self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.out_scale_shift_table = nn.Parameter(torch.zeros(2, hidden))
+        self.proj_out = nn.Linear(hidden, config.patch_size**2 * config.in_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """PixArt-alpha's initialisation: xavier linears, N(0, 0.02) for the timestep MLP, the
+        modulation and the UNI projection; zero output layer and UNI cross-attention output.
+        GE modules (the fusion and the blocks' GE attention) keep the fusion's own initialisation."""
+        ge_modules = {id(m) for m in self.fusion.modules()}
+        ge_modules |= {id(m) for b in self.blocks if b.ge_attn is not None for m in b.ge_attn.modules()}
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and id(module) not in ge_modules:
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        weight = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for linear in (self.time_embedding.linear_1, self.time_embedding.linear_2, self.time_modulation[1],
+                       self.uni_proj.linear_1, self.uni_proj.linear_2):
+            nn.init.normal_(linear.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.uni_attn.to_out[0].weight)
+            nn.init.zeros_(block.uni_attn.to_out[0].bias)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        uni: torch.Tensor | None,
+        ge: GeBatch | None = None,
+        drop_uni: torch.Tensor | None = None,
+        drop_ge: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, C, H, W) noisy latents; t (B,) or scalar, in [0, 1000]; uni (B, uni_dim) or None
+        (= all dropped); ge the GE batch or None (= all dropped); drop_* (B,) bool: True replaces
+        that sample's condition by the learnable null token."""
+        batch_size = x.shape[0]
+        self._check_latents(x)
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(batch_size)
+        if t.shape != (batch_size,):
+            raise ValueError(f"t must be a scalar or have shape ({batch_size},), got {tuple(t.shape)}")
+        dtype = self.time_embedding.linear_1.weight.dtype
+        t_emb = self.time_embedding(self.time_proj(t).to(dtype))
+        t_emb = self.fusion.condition_timestep(t_emb, ge, drop_ge)
+        modulation = self.time_modulation(t_emb)
+        uni_tokens = self.uni_proj(self._uni_or_null(uni, drop_uni, batch_size, x.device, dtype))[:, None, :]
+        ge_context: GeContext | None = self.fusion.context(ge, drop_ge, batch_size)
+        ge_tokens, ge_mask = ge_context if ge_context is not None else (None, None)
+
+        h = self.patch_embed(x.to(dtype))
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, modulation, uni_tokens, ge_tokens, ge_mask, use_reentrant=False)
+            else:
+                h = block(h, modulation, uni_tokens, ge_tokens, ge_mask)
+        shift, scale = (self.out_scale_shift_table[None].to(t_emb.dtype) + t_emb[:, None]).chunk(2, dim=1)
+        h = self.proj_out(modulate(self.norm_out(h), shift, scale))
+        return self._unpatchify(h)
+
+    def _check_latents(self, x: torch.Tensor) -> None:
+        c = self.config
+        expected = (c.in_channels, c.latent_size, c.latent_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"latents must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+
+    def _uni_or_null(self, uni, drop_uni, batch_size, device, dtype) -> torch.Tensor:
+        null = self.uni_null.to(dtype).expand(batch_size, -1)
+        if uni is None:
+            return null
+        if uni.shape != (batch_size, self.config.uni_dim):
+            raise ValueError(f"UNI must have shape ({batch_size}, {self.config.uni_dim}), got {tuple(uni.shape)}")
+        drop = drop_flags(batch_size, drop_uni, device)
+        return torch.where(drop[:, None], null, uni.to(dtype))
+
+    def _unpatchify(self, h: torch.Tensor) -> torch.Tensor:
+        p, c, side = self.config.patch_size, self.config.in_channels, self.config.latent_size // self.config.patch_size
+        h = h.reshape(h.shape[0], side, side, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", h).reshape(h.shape[0], c, side * p, side * p)
+
+    # --- monitoring ----------------------------------------------------------------------------
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    @torch.no_grad()
+    def condition_norms(self) -> dict[str, float]:
+        """Norms of the condition branches for the training log: a zero-initialised GE branch that
+        never grows (gate or cross-attention output near 0) is visible here."""
+        def mean_out_norm(attr: str) -> float:
+            norms = [getattr(b, attr).to_out[0].weight.float().norm() for b in self.blocks]
+            return torch.stack(norms).mean().item()
+
+        norms = {
+            "uni_proj_norm": self.uni_proj.linear_2.weight.float().norm().item(),
+            "uni_xattn_out_norm": mean_out_norm("uni_attn"),
+        }
+        norms.update(self.fusion.norms())
+        if isinstance(self.blocks[0].ge_attn, Attention):
+            norms["ge_xattn_out_norm"] = mean_out_norm("ge_attn")
+        return norms
+
+    # --- persistence ---------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, weights_name: str = WEIGHTS_NAME,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write `config.json` and the weights (safetensors) into `directory`, each atomically.
+        `state_dict` (e.g. EMA weights with the model's names) replaces the live weights."""
+        directory = Path(directory)
+        state = self.state_dict() if state_dict is None else state_dict
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        config = self.config.to_dict()
+        write_json(directory / CONFIG_NAME, {
+            "_class_name": type(self).__name__,
+            **config,
+            "provenance": provenance("model", config),
+        })
+        with atomic_path(directory / weights_name) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "config": json.dumps(config)})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, weights_name: str = WEIGHTS_NAME) -> "STMDiT":
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / weights_name
+        if not config_path.is_file():
+            raise InputError(config_path, "model config not found")
+        try:
+            values = json.loads(config_path.read_text())
+            values = {k: v for k, v in values.items() if k not in ("_class_name", "provenance")}
+            config = DiTConfig.from_dict(values)
+        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            raise InputError(config_path, f"invalid model config: {exc}") from None
+        if not weights_path.is_file():
+            raise InputError(weights_path, "model weights not found")
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError) as exc:
+            raise InputError(weights_path, f"cannot read safetensors weights: {exc}") from None
+        model = cls(config)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise InputError(weights_path, f"weights do not match the config: {exc}") from None
+        return model
+
+
+def count_parameters(config: DiTConfig) -> int:
+    """Number of parameters of STMDiT(config), built on the meta device (no memory allocated)."""
+    with torch.device("meta"):
+        model = STMDiT(config)
+    return sum(p.numel() for p in model.parameters())

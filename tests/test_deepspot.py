@@ -1,0 +1,369 @@
+"""DeepSpot pseudo-labels: hex neighbours, out-of-fold bookkeeping, clipping, standardisation,
+learning a planted signal, determinism, and the PTPL h5ad feeding the CancerFoundation step.
+
+A tiny synthetic cohort: three Visium donors (one slide each) on a hex grid, 16-d tile embeddings
+driven by a 4-d latent, sub-tiles = tile + noise, and counts whose rates depend linearly and
+non-linearly on the latent (and on the neighbours' mean latent); plus an H&E-only slide."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from stmdit.cli import COMMANDS, main
+from stmdit.deepspot import (
+    TrainingConfig,
+    hex_neighbour_index,
+    leave_one_donor_out,
+    load_model_dir,
+    load_spot_features,
+    neighbour_embeddings,
+    predict_cohort,
+    predict_log1p,
+    read_cohort_spots,
+    read_training_cohort,
+    register,
+    train_deepspot,
+)
+from stmdit.errors import InputError
+from stmdit.features import read_cohort_counts, write_feature_store
+from stmdit.provenance import provenance, write_parquet
+
+torch.set_num_threads(1)
+
+SPOT_COLUMNS = ["key", "sample", "donor", "cohort", "barcode", "array_row", "array_col", "pxl_row", "pxl_col",
+                "diameter_px", "foreground", "laplacian_var", "tissue_fraction", "label", "keep", "reason"]
+DIM, LATENT, N_HVG, N_OTHER = 16, 4, 8, 4
+TINY = dict(hidden_dim=16, n_ensemble=3, dropout=0.1, lr=1e-2, epochs=40, batch_size=32, seed=3, device="cpu")
+ENCODER = {"name": "deepspot_fm", "impl": "smoke", "model": "test projection",
+           "shapes": {"embedding": [DIM], "subtiles": [9, DIM]}}
+
+
+def stmdit(argv: list[str]) -> int:
+    """`stmdit <step>`: through the CLI once deepspot's commands are wired into it, else its own parser."""
+    if argv[0] in COMMANDS:
+        return main(argv)
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="stmdit")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except InputError:
+        return 2
+    return 0
+
+
+def hex_positions(n_rows: int, n_cols: int) -> list[tuple[int, int]]:
+    return [(r, 2 * c + (r % 2)) for r in range(n_rows) for c in range(n_cols)]
+
+
+def write_slide(root, sample: str, donor: str, cohort: str, rng, n_rows=7, n_cols=6, drop=()):
+    """Spots table (some spots filtered out) and the latent of each spot."""
+    positions = hex_positions(n_rows, n_cols)
+    n = len(positions)
+    keep = np.ones(n, dtype=bool)
+    keep[list(drop)] = False
+    barcodes = [f"{sample}-{i:03d}" for i in range(n)]
+    spots = pd.DataFrame({
+        "key": [f"{sample}:{b}" for b in barcodes], "sample": sample, "donor": donor, "cohort": cohort,
+        "barcode": barcodes, "array_row": [p[0] for p in positions], "array_col": [p[1] for p in positions],
+        "pxl_row": np.arange(n) * 10.0, "pxl_col": np.arange(n) * 9.0, "diameter_px": 50.0,
+        "foreground": 0.8, "laplacian_var": 50.0, "tissue_fraction": 0.7, "label": "",
+        "keep": keep, "reason": np.where(keep, "", "blur"),
+    })[SPOT_COLUMNS]
+    path = root / "spots" / f"{sample}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_parquet(spots, path, provenance("spots", {}, []))
+    latent = rng.standard_normal((n, LATENT))
+    return path, spots[keep].reset_index(drop=True), latent[keep]
+
+
+def write_store(path, keys, latent, rng, projection):
+    tile = latent @ projection + 0.05 * rng.standard_normal((len(keys), DIM))
+    subtiles = tile[:, None, :] + 0.1 * rng.standard_normal((len(keys), 9, DIM))
+    batches = [{"embedding": tile.astype(np.float32), "subtiles": subtiles.astype(np.float32)}]
+    write_feature_store(path, keys, batches, {"embedding": (DIM,), "subtiles": (9, DIM)}, {"encoder": ENCODER})
+
+
+def planted_counts(spots: pd.DataFrame, latent: np.ndarray, rng) -> np.ndarray:
+    """Poisson counts: HVG log-rates linear in the latent, plus |latent_0| and the neighbours' mean latent."""
+    neighbours = hex_neighbour_index(spots["sample"], spots["array_row"], spots["array_col"])
+    present = neighbours >= 0
+    neighbour_mean = (latent[neighbours.clip(0)] * present[..., None]).sum(1) / present.sum(1, keepdims=True).clip(1)
+    weights = np.random.default_rng(7).standard_normal((LATENT, N_HVG)) * 0.6
+    log_rate = 2.5 + latent @ weights + 0.8 * np.abs(latent[:, :1]) + 0.4 * neighbour_mean[:, 1:2]
+    hvg = rng.poisson(np.exp(log_rate))
+    other = rng.poisson(30.0, size=(len(spots), N_OTHER))
+    return np.concatenate([hvg, other], axis=1)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepspot")
+    rng = np.random.default_rng(0)
+    projection = rng.standard_normal((LATENT, DIM))
+    spots_paths, tables, latents = [], [], []
+    for sample, donor in (("s1", "A"), ("s2", "B"), ("s3", "C")):
+        path, kept, latent = write_slide(root, sample, donor, "vis", rng, drop=(3, 10))
+        spots_paths.append(path)
+        tables.append(kept)
+        latents.append(latent)
+    spots = pd.concat(tables, ignore_index=True)
+    latent = np.concatenate(latents)
+    store = root / "features" / "vis" / "deepspot_fm.zarr"
+    write_store(store, spots["key"].tolist(), latent, rng, projection)
+
+    counts = planted_counts(spots, latent, rng)
+    genes = [f"G{i}" for i in range(N_HVG)] + [f"O{i}" for i in range(N_OTHER)]
+    adata = ad.AnnData(X=sp.csr_matrix(np.log1p(counts).astype(np.float32)),
+                       obs=pd.DataFrame({"sample": spots["sample"].to_numpy(), "donor": spots["donor"].to_numpy()},
+                                        index=spots["key"].to_numpy()),
+                       var=pd.DataFrame(index=genes))
+    adata.layers["counts"] = sp.csr_matrix(counts.astype(np.int32))
+    adata.var["highly_variable"] = [True] * N_HVG + [False] * N_OTHER
+    adata.var["highly_variable_rank"] = [float(r) for r in (3, 0, 1, 2, 7, 5, 4, 6)] + [np.nan] * N_OTHER
+    expression = root / "expression" / "vis.h5ad"
+    expression.parent.mkdir(parents=True)
+    adata.write_h5ad(expression)
+
+    he_path, he_spots, he_latent = write_slide(root, "h1", "T1", "he", rng, n_rows=4, n_cols=4)
+    he_store = root / "features" / "he" / "deepspot_fm.zarr"
+    write_store(he_store, he_spots["key"].tolist(), he_latent, rng, projection)
+
+    tiny = ["--hidden-dim", "16", "--n-ensemble", "3", "--dropout", "0.1", "--lr", "1e-2", "--epochs", "40",
+            "--batch-size", "32", "--seed", "3", "--device", "cpu", "--mlp-hidden", "16", "--mlp-max-iter", "100"]
+    model_dir = root / "models" / "deepspot" / "vis"
+    lodo = root / "ptpl" / "vis_lodo.json"
+    assert stmdit(["deepspot-train", "--expression", str(expression), "--features", str(store), "--spots",
+                 *map(str, spots_paths), "--out-model", str(model_dir), "--out-lodo", str(lodo), *tiny]) == 0
+    ptpl = root / "ptpl" / "vis.h5ad"
+    assert stmdit(["deepspot-predict", "--model", str(model_dir), "--features", str(store), "--spots",
+                 *map(str, spots_paths), "--out", str(ptpl), "--device", "cpu"]) == 0
+    he_ptpl = root / "ptpl" / "he.h5ad"
+    assert stmdit(["deepspot-predict", "--model", str(model_dir), "--features", str(he_store), "--spots", str(he_path),
+                 "--out", str(he_ptpl), "--device", "cpu", "--batch-size", "5"]) == 0
+    return {"root": root, "expression": expression, "store": store, "spots_paths": spots_paths, "spots": spots,
+            "model_dir": model_dir, "lodo": lodo, "ptpl": ptpl, "he_ptpl": he_ptpl, "he_store": he_store,
+            "he_path": he_path, "tiny_args": tiny}
+
+
+def test_hex_neighbours_on_a_hand_built_grid():
+    # sample a: (0,0) (0,2) (0,4) / (1,1) (1,3) / (2,2); sample b has (0,2) only
+    sample = ["a", "a", "a", "a", "a", "a", "b"]
+    row = [0, 0, 0, 1, 1, 2, 0]
+    col = [0, 2, 4, 1, 3, 2, 2]
+    index = hex_neighbour_index(sample, row, col)  # offsets: same row -2, +2; row-1 -1, +1; row+1 -1, +1
+    assert index[0].tolist() == [-1, 1, -1, -1, -1, 3]
+    assert index[1].tolist() == [0, 2, -1, -1, 3, 4]
+    assert index[3].tolist() == [-1, 4, 0, 1, -1, 5]
+    assert index[5].tolist() == [-1, -1, 3, 4, -1, -1]
+    assert index[6].tolist() == [-1] * 6  # (0,2) of sample a is not a neighbour of sample b's spot
+    with pytest.raises(ValueError, match="share sample"):
+        hex_neighbour_index(["a", "a"], [0, 0], [2, 2])
+
+    tile = torch.arange(7 * 2, dtype=torch.float32).reshape(7, 2) + 1
+    gathered = neighbour_embeddings(tile, torch.as_tensor(index[[0, 6]]))
+    assert gathered.shape == (2, 6, 2)
+    assert torch.equal(gathered[0, 1], tile[1]) and torch.equal(gathered[0, 5], tile[3])
+    assert torch.count_nonzero(gathered[0, [0, 2, 3, 4]]) == 0 and torch.count_nonzero(gathered[1]) == 0
+
+
+def test_features_follow_the_spots_and_skip_filtered_neighbours(cohort):
+    spots = cohort["spots"]
+    features = load_spot_features(cohort["store"], spots)
+    assert features.keys == spots["key"].tolist() and features.dim == DIM
+    # spot s1 (1,1) neighbours (1,3), (0,0), (0,2), (2,0), (2,2); (1,-1) is off the grid
+    row = spots.index[(spots["sample"] == "s1") & (spots["array_row"] == 1) & (spots["array_col"] == 1)][0]
+    expected = [(1, -1), (1, 3), (0, 0), (0, 2), (2, 0), (2, 2)]
+    s1 = spots[spots["sample"] == "s1"]
+    lookup = {(r, c): i for i, r, c in zip(s1.index, s1["array_row"], s1["array_col"])}
+    assert features.neighbours[row].tolist() == [lookup.get(p, -1) for p in expected]
+    # dropped spot 3 of s1 sits at (0, 6): its neighbour (0, 4) sees a missing (zero) slot there
+    row04 = lookup[(0, 4)]
+    assert features.neighbours[row04, 1] == -1
+    tile, subtiles, neighbours = features.batch(np.array([row04]), torch.device("cpu"))
+    assert subtiles.shape == (1, 9, DIM) and neighbours.shape == (1, 6, DIM)
+    assert torch.count_nonzero(neighbours[0, 1]) == 0 and torch.count_nonzero(neighbours[0, 0]) > 0
+
+
+def test_lodo_report_shows_deepspot_learns_the_signal(cohort):
+    report = json.loads(cohort["lodo"].read_text())
+    assert [f["held_out_donor"] for f in report["folds"]] == ["A", "B", "C"]
+    assert report["genes"] == ["G1", "G2", "G3", "G0", "G6", "G5", "G7", "G4"]  # HVG rank order
+    assert set(report["pearson"]) == {"deepspot", "ridge", "mlp"}
+    deepspot = report["pearson"]["deepspot"]
+    assert deepspot["median"] > 0.5 and deepspot["mean"] > 0.5, deepspot
+    assert deepspot["n_genes"] == N_HVG and len(report["per_gene"]["deepspot"]) == N_HVG
+    assert set(deepspot["per_donor"]) == {"A", "B", "C"}
+    assert report["pearson"]["ridge"]["median"] > 0.3  # a linear signal is there for the baseline too
+    assert report["stmdit"]["step"] == "deepspot-train" and report["stmdit"]["params"]["seed"] == 3
+
+
+def test_predictions_are_out_of_fold(cohort):
+    ptpl = ad.read_h5ad(cohort["ptpl"])
+    spots = cohort["spots"]
+    assert list(ptpl.obs_names) == spots["key"].tolist()
+    assert (ptpl.obs["fold_donor"] == ptpl.obs["donor"]).all() and ptpl.obs["out_of_fold"].all()
+    assert set(ptpl.obs["ptpl_model"]) == {"lodo:A", "lodo:B", "lodo:C"}
+    config = json.loads((cohort["model_dir"] / "config.json").read_text())
+    for fold in config["folds"]:
+        assert fold["held_out_donor"] not in fold["train_donors"]
+
+    # retraining without donor B, same seed, reproduces B's pseudo-labels; the all-donor model does not
+    training = read_training_cohort(cohort["expression"])
+    features = load_spot_features(cohort["store"], spots)
+    held_out = np.flatnonzero(training.donors == "B")
+    model = train_deepspot(features, training.targets, np.flatnonzero(training.donors != "B"), TrainingConfig(**TINY))
+    retrained = predict_log1p(model, features, held_out, batch_size=16, device="cpu")
+    np.testing.assert_allclose(ptpl.X[held_out], retrained, rtol=1e-5, atol=1e-5)
+    models = load_model_dir(cohort["model_dir"])
+    in_sample = predict_log1p(models.all_donors, features, held_out, device="cpu")
+    assert np.abs(in_sample - retrained).max() > 1e-3
+    # in-sample fit beats the out-of-fold fit on the held-out donor (the fold model never saw it)
+    truth = training.targets[held_out]
+    assert np.mean((in_sample - truth) ** 2) < np.mean((retrained - truth) ** 2)
+
+
+def test_he_cohort_uses_the_all_donor_model(cohort):
+    he = ad.read_h5ad(cohort["he_ptpl"])
+    assert (he.obs["ptpl_model"] == "all_donors").all() and not he.obs["out_of_fold"].any()
+    assert (he.obs["fold_donor"] == "").all() and (he.obs["donor"] == "T1").all()
+    spots = read_cohort_spots([cohort["he_path"]])
+    features = load_spot_features(cohort["he_store"], spots)
+    models = load_model_dir(cohort["model_dir"])
+    expected = predict_log1p(models.all_donors, features, np.arange(len(features)), device="cpu")
+    np.testing.assert_allclose(he.X, expected, rtol=1e-5, atol=1e-6)  # written with batch size 5
+    assert he.uns["stmdit"]["step"] == "deepspot-predict"
+
+
+def test_negatives_are_clipped_and_pseudo_counts_match(cohort):
+    ptpl = ad.read_h5ad(cohort["ptpl"])
+    assert ptpl.X.dtype == np.float32 and ptpl.X.min() >= 0
+    np.testing.assert_allclose(ptpl.layers["counts"].toarray(), np.expm1(ptpl.X), rtol=1e-6)
+    assert ptpl.layers["counts"].dtype == np.float32
+
+    models = load_model_dir(cohort["model_dir"])
+    with torch.no_grad():
+        for model in (models.all_donors, *models.by_held_out_donor.values()):
+            model.rho.bias[:, 0] -= 50.0  # gene 0 now predicted far below zero
+    spots = cohort["spots"]
+    features = load_spot_features(cohort["store"], spots)
+    raw = predict_log1p(models.by_held_out_donor["A"], features, np.arange(len(spots)), device="cpu", clip=False)
+    assert (raw[:, 0] < 0).all()
+    clipped, fold_donor = predict_cohort(models, features, spots["donor"].to_numpy(), device="cpu")
+    assert (clipped[:, 0] == 0).all() and (clipped >= 0).all()
+    assert (clipped[:, 1:] > 0).mean() > 0.9 and list(fold_donor) == spots["donor"].tolist()
+
+
+def test_standardisation_is_inverted_exactly_once(cohort):
+    training = read_training_cohort(cohort["expression"])
+    features = load_spot_features(cohort["store"], cohort["spots"])
+    rows = np.arange(len(features))
+    targets = training.targets + 5.0  # far from zero mean: a missing or double inversion shows
+    model = train_deepspot(features, targets, rows, TrainingConfig(**{**TINY, "epochs": 60}))
+    assert model.target_mean.min() > 5.0 and torch.all(model.target_scale > 0)
+    predicted = predict_log1p(model, features, rows, device="cpu")
+    gap = np.abs(predicted.mean(0) - targets.mean(0))
+    assert gap.max() < 0.25 * targets.std(0).min(), gap
+    r = [np.corrcoef(predicted[:, g], targets[:, g])[0, 1] for g in range(targets.shape[1])]
+    assert np.median(r) > 0.7
+    with torch.no_grad():  # the network itself works in standardised units
+        standardised = model(*features.batch(rows, torch.device("cpu"))).numpy()
+    assert np.abs(standardised.mean(0)).max() < 0.5
+
+
+def test_same_seed_same_output_and_batch_size_independence(cohort):
+    training = read_training_cohort(cohort["expression"])
+    features = load_spot_features(cohort["store"], cohort["spots"])
+    config = TrainingConfig(**{**TINY, "epochs": 5})
+    runs = [leave_one_donor_out(features, training.targets, training.donors, config, baselines=False)
+            for _ in range(2)]
+    assert np.array_equal(runs[0].predictions["deepspot"], runs[1].predictions["deepspot"])
+    other = leave_one_donor_out(features, training.targets, training.donors,
+                                TrainingConfig(**{**TINY, "epochs": 5, "seed": 4}), baselines=False)
+    assert not np.array_equal(runs[0].predictions["deepspot"], other.predictions["deepspot"])
+    model = runs[0].models["A"]
+    rows = np.arange(len(features))
+    np.testing.assert_allclose(predict_log1p(model, features, rows, batch_size=7, device="cpu"),
+                               predict_log1p(model, features, rows, batch_size=1000, device="cpu"), atol=1e-6)
+
+
+def test_the_cli_reproduces_its_output(cohort, tmp_path):
+    c = cohort
+    model_dir, lodo, out = tmp_path / "model", tmp_path / "lodo.json", tmp_path / "vis.h5ad"
+    assert stmdit(["deepspot-train", "--expression", str(c["expression"]), "--features", str(c["store"]), "--spots",
+                 *map(str, c["spots_paths"]), "--out-model", str(model_dir), "--out-lodo", str(lodo),
+                 *c["tiny_args"]]) == 0
+    assert stmdit(["deepspot-predict", "--model", str(model_dir), "--features", str(c["store"]), "--spots",
+                 *map(str, c["spots_paths"]), "--out", str(out), "--device", "cpu"]) == 0
+    assert np.array_equal(ad.read_h5ad(out).X, ad.read_h5ad(c["ptpl"]).X)
+    assert json.loads(lodo.read_text())["pearson"] == json.loads(c["lodo"].read_text())["pearson"]
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "all_donors.safetensors", "config.json", "lodo-00.safetensors", "lodo-01.safetensors", "lodo-02.safetensors"]
+
+
+def test_ptpl_h5ad_feeds_the_cancerfoundation_step(cohort, tmp_path):
+    counts = read_cohort_counts(cohort["ptpl"])
+    assert counts.keys == cohort["spots"]["key"].tolist() and counts.highly_variable.all()
+    out = tmp_path / "cancerfoundation.zarr"
+    assert main(["features", "--encoder", "cancerfoundation", "--impl", "smoke", "--expression", str(cohort["ptpl"]),
+                 "--out", str(out), "--max-genes", "5", "--device", "cpu"]) == 0
+    import zarr
+
+    group = zarr.open_group(str(out), mode="r")
+    genes = [str(g) for g in group["token_genes"][:]]
+    assert genes == ["<cls>", "G1", "G2", "G3", "G0", "G6"]  # the top-5 HVGs of the Visium cohort
+    assert group["embedding"].shape == (len(counts.keys), 256)
+    assert np.isfinite(np.asarray(group["embedding"][:])).all()
+
+
+def test_bad_input_names_the_file(cohort, tmp_path):
+    spots = cohort["spots"]
+    short = tmp_path / "short.zarr"
+    rng = np.random.default_rng(1)
+    write_store(short, spots["key"].tolist()[:-4], rng.standard_normal((len(spots) - 4, LATENT)), rng,
+                rng.standard_normal((LATENT, DIM)))
+    with pytest.raises(InputError, match="not in the feature store") as err:
+        load_spot_features(short, spots)
+    assert err.value.path == str(short)
+
+    one_donor = ad.read_h5ad(cohort["expression"])
+    one_donor.obs["donor"] = "A"
+    path = tmp_path / "one_donor.h5ad"
+    one_donor.write_h5ad(path)
+    args = ["deepspot-train", "--expression", str(path), "--features", str(cohort["store"]), "--spots",
+            *map(str, cohort["spots_paths"]), "--out-model", str(tmp_path / "m"), "--out-lodo", str(tmp_path / "l.json")]
+    assert stmdit(args) == 2
+    assert not (tmp_path / "m").exists() and not (tmp_path / "l.json").exists()
+    with pytest.raises(InputError, match="at least 2 donors") as err:
+        from stmdit.deepspot import donor_folds
+
+        donor_folds(one_donor.obs["donor"], path)
+    assert err.value.path == str(path)
+    # an H&E store from another encoder is refused before predicting
+    models = load_model_dir(cohort["model_dir"])
+    models.config["encoder"]["model"] = "another backbone"
+    from stmdit.deepspot import check_encoder_matches
+
+    with pytest.raises(InputError, match="differs"):
+        check_encoder_matches(models, load_spot_features(cohort["store"], spots), cohort["store"])
+
+
+def test_register_adds_both_subcommands():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["deepspot-predict", "--model", "m", "--features", "f", "--spots", "a", "b", "--out", "o"])
+    assert args.batch_size == 1024 and [str(s) for s in args.spots] == ["a", "b"]
+    args = parser.parse_args(["deepspot-train", "--expression", "e", "--features", "f", "--spots", "a",
+                              "--out-model", "m", "--out-lodo", "l", "--no-standardize"])
+    assert args.standardize is False and args.n_ensemble == 10 and args.dropout == 0.3 and args.lr == 1e-4
