@@ -44,7 +44,7 @@ import torch
 from stmdit.errors import InputError
 from stmdit.loader import SpotFeatures, split_keys
 from stmdit.model import DiTConfig, STMDiT, draw_sample_randomness, get_objective
-from stmdit.provenance import atomic_path, provenance, write_json
+from stmdit.provenance import atomic_path, params_hash, provenance, write_json
 from stmdit.train_utils import (
     Ema,
     WallClock,
@@ -210,7 +210,9 @@ class Trainer:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.out_dir / "checkpoints"
+        """Checkpoints of these settings: a changed setting (Snakemake reruns the job) starts afresh
+        instead of resuming from a run it does not belong to."""
+        return self.out_dir / "checkpoints" / resume_key(self.settings)
 
     def state(self) -> dict:
         return {
@@ -380,6 +382,14 @@ class Trainer:
         # config.json first, ema.safetensors last: the weights' presence marks a finished model
         self.model.save_pretrained(self.out_dir, weights_name="ema.safetensors", state_dict=ema_state)
         log.info("wrote %s", self.out_dir / "ema.safetensors")
+
+
+def resume_key(settings: TrainSettings) -> str:
+    """Hash of the settings that shape the weights (not budget, margin or device)."""
+    values = dataclasses.asdict(settings)
+    for name in ("budget_s", "margin_s", "device"):
+        values.pop(name)
+    return params_hash(values)
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -1,0 +1,719 @@
+"""Evaluation stage: from sampled tiles to the evaluation JSONs the tables are built from.
+
+    stmdit eval-features --encoder h0mini|uni2h|midnight --impl smoke|real [--weights P] [--arch-json J]
+        [--allow-hub] --images X.zarr --out Y.zarr [--batch-size 32] [--device auto] [--bf16]
+    stmdit fid --real features/C/h0mini.zarr --generated uni_ge=G1.zarr uni=G2.zarr ...
+        --split S.parquet [--split-name test] [--expression C.h5ad | --spots A.parquet ...]
+        [--n-boot 1000] [--n-boot-per-tissue N] [--seed 42] [--min-spots-per-tissue 50]
+        --model M --cohort C --kind fid|ood|swap --out eval/M/C/{fid,ood_fid,swap_fid}.json
+    stmdit auc --expression C.h5ad --split S.parquet --real-uni features/C/uni2h.zarr --gen-uni uni_ge=...
+        [--real-midnight features/C/midnight.zarr --gen-midnight uni_ge=...] [--ks 50,100,200,500,1000]
+        [--pca 256] [--mlp-hidden 1024,1024] [--mlp-max-iter 200] [--n-boot 1000] [--seed 42]
+        --model M --cohort C --out eval/M/C/auc.json
+    stmdit perturbation --features eval/M/C/perturbation_h0mini.zarr --samples samples/M/C/perturbation.zarr
+        --real features/C/h0mini.zarr --expression C.h5ad --split S.parquet [--weight 1.0]
+        --model M --cohort C [--variant default|uni_null] --out eval/M/C/perturbation.json
+
+Stores read here:
+- image stores (samples, perturbation samples, patches): `spot_key` (N,) and `images` (N, H, W, 3)
+  uint8; `eval-features` writes a feature store (`spot_key`, `embedding`) with the same rows, attrs
+  "stmdit", "encoder" and the image store's "encoders" / "sampler" attrs, so whether smoke encoders
+  were involved anywhere upstream travels with the features. A perturbation store's per-row
+  `pair`, `ref_key`, `alpha` are copied too.
+- feature stores (features stage and eval-features): rows are matched by spot key, never by position.
+
+Generated spots are the spots of the generated stores: every regime of one JSON must have the
+same spots, all of them in the `--split-name` split and in the real store. The JSON's "encoders"
+maps every encoder that touched an input to "smoke" or "real" ("smoke" wins on disagreement),
+which is how a table knows it was made with smoke encoders. The numbers come from
+`stmdit.metrics`; the layouts from the `stmdit.report` builders (see their docstrings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+
+from stmdit import metrics, report
+from stmdit.errors import InputError
+from stmdit.features import (
+    SamplePatches,
+    encode_batches,
+    iter_kept_images,
+    open_feature_store,
+    parse_arch,
+    read_feature_rows,
+    string_values,
+    write_feature_store,
+)
+from stmdit.provenance import provenance
+
+log = logging.getLogger(__name__)
+
+EVAL_ENCODERS = ("h0mini", "uni2h", "midnight")
+FID_KINDS = {"fid": "fid", "ood": "ood_fid", "swap": "swap_fid"}
+SWAP_CONDITIONS = ("deepspot", "visium")
+PERTURBATION_ROW_ARRAYS = ("pair", "ref_key", "alpha")
+PAIR_SEPARATOR = "->"
+TRAIN, TEST = "train", "test"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading inputs
+
+
+def open_image_store(path: str | Path) -> tuple[zarr.Group, list[str]]:
+    """A store with `spot_key` and uint8 `images` (N, H, W, 3); InputError naming it otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "image store not found")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        images = group["images"]
+        keys = [str(k) for k in string_values(group["spot_key"][:])]
+    except Exception as exc:  # zarr raises several types for damaged or foreign stores
+        raise InputError(path, f"not a readable image store (needs arrays spot_key, images): {exc}") from None
+    if images.ndim != 4 or images.shape[-1] != 3 or np.dtype(images.dtype) != np.uint8:
+        raise InputError(path, f"images must be uint8 (N, H, W, 3), found {images.dtype} {images.shape}")
+    if images.shape[0] != len(keys):
+        raise InputError(path, f"{images.shape[0]} images but {len(keys)} spot keys")
+    if not keys:
+        raise InputError(path, "the store has no spots")
+    check_unique(keys, path)
+    return group, keys
+
+
+def check_unique(keys: Sequence[str], source: str | Path) -> None:
+    index = pd.Index(keys)
+    if not index.is_unique:
+        raise InputError(source, f"spot key {index[index.duplicated()][0]} appears twice")
+
+
+def encoder_impls(attrs: Mapping[str, Any]) -> dict[str, str]:
+    """Encoder name -> impl ("smoke" | "real") from a store's attrs: its own "encoder" (describe())
+    and the "encoders" it carries (a mapping name -> impl or describe(), or a list of describe())."""
+    impls: dict[str, str] = {}
+    own = attrs.get("encoder")
+    if isinstance(own, Mapping) and own.get("name") and own.get("impl"):
+        impls[str(own["name"])] = str(own["impl"])
+    carried = attrs.get("encoders") or {}
+    entries = carried.items() if isinstance(carried, Mapping) else enumerate(carried if isinstance(carried, list) else [])
+    for name, value in entries:
+        if isinstance(value, Mapping):
+            name, value = value.get("name", name), value.get("impl")
+        if isinstance(name, str) and value is not None:
+            impls[name] = merge_impls(impls, {name: str(value)})[name]
+    return impls
+
+
+def merge_impls(*impl_maps: Mapping[str, str]) -> dict[str, str]:
+    """Union of encoder -> impl maps; an encoder that is "smoke" in any of them stays "smoke"."""
+    merged: dict[str, str] = {}
+    for impls in impl_maps:
+        for name, impl in impls.items():
+            merged[name] = "smoke" if "smoke" in (impl, merged.get(name)) else merged.get(name, impl)
+    return dict(sorted(merged.items()))
+
+
+@dataclass
+class FeatureSet:
+    """The `embedding` rows of one feature store, its spot keys and the encoders behind it."""
+
+    path: Path
+    keys: list[str]
+    embedding: np.ndarray
+    impls: dict[str, str]
+
+
+def read_features(path: str | Path, keys: Sequence[str] | None = None) -> FeatureSet:
+    """`embedding` of every row (store order), or of `keys` in that order (all must be present)."""
+    path = Path(path)
+    group = open_feature_store(path)
+    if "embedding" not in group:
+        raise InputError(path, "feature store has no 'embedding' array")
+    impls = encoder_impls(dict(group.attrs))
+    if keys is None:
+        keys = [str(k) for k in string_values(group["spot_key"][:])]
+        check_unique(keys, path)
+        embedding = np.asarray(group["embedding"][:])
+    else:
+        keys = [str(k) for k in keys]
+        embedding = read_feature_rows(path, keys, ["embedding"])["embedding"]
+    if embedding.ndim != 2 or len(embedding) != len(keys):
+        raise InputError(path, f"'embedding' must be (spots, dim) with one row per spot key, found {embedding.shape}")
+    return FeatureSet(path, keys, embedding, impls)
+
+
+def read_generated(stores: Mapping[str, str | Path]) -> tuple[list[str], dict[str, FeatureSet]]:
+    """Features of each generated store, all aligned to the spots of the first one.
+
+    Every store must hold exactly the same spots (InputError naming the odd one out)."""
+    generated: dict[str, FeatureSet] = {}
+    keys: list[str] | None = None
+    for name, path in stores.items():
+        store = read_features(path)
+        if keys is None:
+            keys = store.keys
+        elif store.keys != keys:
+            if set(store.keys) != set(keys):
+                raise InputError(path, f"{name}: {len(store.keys)} spots that differ from the {len(keys)} spots of "
+                                       f"{next(iter(stores))} ({store.keys[0]!r} ...): every store must have the same spots")
+            store = read_features(path, keys)
+        generated[name] = store
+    if keys is None:
+        raise InputError(None, "no generated stores given")
+    return keys, generated
+
+
+def read_split_keys(path: str | Path, split_name: str) -> list[str]:
+    """Spot keys of one split of a split parquet (cohort order)."""
+    path = Path(path)
+    try:
+        table = pd.read_parquet(path, columns=["key", "split"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(path, f"cannot read split table (needs columns key, split): {exc}") from None
+    keys = table.loc[table["split"].astype(str) == split_name, "key"].astype(str).tolist()
+    if not keys:
+        raise InputError(path, f"no spot is in split {split_name!r} (splits: {sorted(table['split'].astype(str).unique())})")
+    return keys
+
+
+def check_in_split(keys: Sequence[str], split_keys: Sequence[str], split_path: str | Path, split_name: str,
+                   source: str | Path) -> None:
+    outside = pd.Index(keys).difference(pd.Index(split_keys))
+    if len(outside):
+        raise InputError(source, f"{len(outside)} spot(s) are not in split {split_name!r} of {split_path}, "
+                                 f"e.g. {outside[0]}")
+
+
+def read_obs(path: str | Path) -> pd.DataFrame:
+    """obs of a cohort h5ad (read without loading the matrices)."""
+    import anndata as ad
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "expression file not found")
+    try:
+        adata = ad.read_h5ad(path, backed="r")
+        obs = adata.obs.copy()
+        adata.file.close()
+    except Exception as exc:  # h5py/anndata raise many types for a damaged file
+        raise InputError(path, f"cannot read h5ad: {exc}") from None
+    obs.index = obs.index.astype(str)
+    return obs
+
+
+def read_labels(expression: str | Path | None = None, spots: Sequence[str | Path] | None = None) -> tuple[pd.Series, list[str]]:
+    """Tissue label per spot key, from the cohort h5ad (obs "label") or spots tables (key, label)."""
+    if expression is not None:
+        obs = read_obs(expression)
+        if "label" not in obs:
+            raise InputError(expression, "obs has no 'label' column (tissue labels)")
+        return obs["label"].astype(str), [str(expression)]
+    parts = []
+    for path in spots or []:
+        try:
+            table = pd.read_parquet(path, columns=["key", "label"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(path, f"cannot read spots table (needs columns key, label): {exc}") from None
+        parts.append(pd.Series(table["label"].astype(str).to_numpy(), index=table["key"].astype(str)))
+    labels = pd.concat(parts)
+    check_unique(list(labels.index), ", ".join(str(p) for p in spots or []))
+    return labels, [str(p) for p in spots or []]
+
+
+def labels_of(labels: pd.Series, keys: Sequence[str], sources: Sequence[str]) -> np.ndarray:
+    found = labels.reindex(pd.Index(keys))
+    missing = found.isna().to_numpy()
+    if missing.any():
+        raise InputError(", ".join(sources), f"{int(missing.sum())} spot(s) have no tissue label, e.g. "
+                                             f"{keys[int(np.flatnonzero(missing)[0])]}")
+    return found.to_numpy().astype(str)
+
+
+def parse_named_paths(values: Sequence[str], option: str, allowed: Sequence[str]) -> dict[str, Path]:
+    """["uni_ge=a.zarr", "uni=b.zarr"] -> {"uni_ge": Path("a.zarr"), ...}, names from `allowed`."""
+    named: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not path or name not in allowed:
+            raise InputError(None, f"{option} {value!r}: expected NAME=PATH with NAME one of {list(allowed)}")
+        if name in named:
+            raise InputError(None, f"{option}: {name} is given twice")
+        named[name] = Path(path)
+    return named
+
+
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise InputError(None, f"{option} {text!r}: expected comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise InputError(None, f"{option} {text!r}: expected positive integers")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# eval-features
+
+
+def extract_features(
+    images_path: str | Path,
+    out_path: str | Path,
+    encoder: str = "h0mini",
+    impl: str = "smoke",
+    *,
+    weights: str | None = None,
+    arch: Mapping[str, Any] | None = None,
+    allow_hub: bool = False,
+    batch_size: int = 32,
+    device: str = "auto",
+    bf16: bool = False,
+) -> Path:
+    """Encode every row of an image store into a feature store with the same rows and keys."""
+    from stmdit.encoders import load_encoder
+
+    if encoder not in EVAL_ENCODERS:
+        raise InputError(None, f"eval-features: encoder must be one of {list(EVAL_ENCODERS)}, got {encoder!r}")
+    if batch_size < 1:
+        raise InputError(None, f"--batch-size must be at least 1, got {batch_size}")
+    group, keys = open_image_store(images_path)
+    model = load_encoder(encoder, impl, weights=weights, allow_hub=allow_hub, arch=dict(arch or {}),
+                         device=device, bf16=bf16)
+    params = {"encoder": encoder, "impl": impl, "weights": weights, "arch": dict(arch or {}), "allow_hub": allow_hub,
+              "batch_size": batch_size, "device": device, "bf16": bf16}
+    source_attrs = dict(group.attrs)
+    attrs = {"stmdit": provenance("eval-features", params, [images_path]), "encoder": model.describe()}
+    attrs.update({name: source_attrs[name] for name in ("encoders", "sampler") if name in source_attrs})
+    extra = {name: np.asarray(group[name][:]) for name in PERTURBATION_ROW_ARRAYS if name in group}
+    extra = {name: string_values(v) if v.dtype.kind not in "fiub" else v for name, v in extra.items()}
+    whole_store = SamplePatches(Path(images_path), Path(images_path), group["images"], np.arange(len(keys)), keys)
+    batches = encode_batches(model, iter_kept_images([whole_store], batch_size), math.ceil(len(keys) / batch_size),
+                             f"{encoder} {Path(images_path).name}")
+    return write_feature_store(out_path, keys, batches, model.output_shapes, attrs, extra_arrays=extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# FID (Tables 1, 3, 4, 6; Figure 6)
+
+
+def fid_document(
+    kind: str,
+    real: str | Path,
+    generated: Mapping[str, str | Path],
+    split: str | Path,
+    model: str,
+    cohort: str,
+    *,
+    split_name: str = TEST,
+    expression: str | Path | None = None,
+    spots: Sequence[str | Path] | None = None,
+    n_boot: int = 1000,
+    n_boot_per_tissue: int | None = None,
+    seed: int = 42,
+    min_spots_per_tissue: int = 50,
+) -> dict:
+    """fid.json (kind "fid"), ood_fid.json ("ood") or swap_fid.json ("swap") as a checked document.
+
+    `generated`: regime (fid, ood) or condition (swap: deepspot, visium) -> H0-mini features of
+    the generated tiles. Real = the real tiles' features of the same spots, paired by key."""
+    if kind not in FID_KINDS:
+        raise InputError(None, f"--kind must be one of {list(FID_KINDS)}, got {kind!r}")
+    allowed = SWAP_CONDITIONS if kind == "swap" else report.REGIMES
+    unknown = sorted(set(generated) - set(allowed))
+    if unknown:
+        raise InputError(None, f"{kind}: unknown generated names {unknown} (expected {list(allowed)})")
+    if kind == "swap" and set(generated) != set(SWAP_CONDITIONS):
+        raise InputError(None, f"swap: --generated needs exactly deepspot=... and visium=..., got {sorted(generated)}")
+    if kind != "swap" and report.primary_regime(generated) is None:
+        raise InputError(None, f"{kind}: --generated needs regime uni_ge or uni, got {sorted(generated)}")
+
+    keys, stores = read_generated(generated)
+    split_keys = read_split_keys(split, split_name)
+    check_in_split(keys, split_keys, split, split_name, next(iter(stores.values())).path)
+    real_set = read_features(real, keys)
+    scores = {name: metrics.fid_bootstrap(real_set.embedding, store.embedding, n_boot=n_boot, seed=seed)
+              for name, store in stores.items()}
+    for name, entry in scores.items():
+        log.info("%s FID %s: %.3f [%s, %s] on %d spots", kind, name, entry["point"], entry["lo"], entry["hi"], len(keys))
+
+    features = {"real": str(real), "generated": {name: str(path) for name, path in generated.items()}}
+    encoders = merge_impls(real_set.impls, *(store.impls for store in stores.values()))
+    params = {"kind": kind, "split_name": split_name, "n_boot": n_boot, "seed": seed, "alpha": 0.05,
+              "n_spots": len(keys)}
+    inputs = [real, *generated.values(), split]
+    common = dict(model=model, cohort=cohort, features=features, encoders=encoders)
+    if kind == "swap":
+        return report.swap_fid_json(deepspot=scores["deepspot"], visium=scores["visium"], params=params,
+                                    inputs=inputs, **common)
+    if kind == "ood":
+        check_seeded_subsample(keys, split_keys, seed, split)
+        return report.ood_fid_json(regimes=scores, n_subsample=len(keys), seed=seed, params=params, inputs=inputs,
+                                   **common)
+    per_tissue = {}
+    if expression is not None or spots:
+        labels, label_sources = read_labels(expression, spots)
+        spot_labels = labels_of(labels, keys, label_sources)
+        tissue_boot = n_boot if n_boot_per_tissue is None else n_boot_per_tissue
+        per_tissue = {name: metrics.fid_per_label(real_set.embedding, store.embedding, spot_labels,
+                                                  min_spots=min_spots_per_tissue, n_boot=tissue_boot, seed=seed)
+                      for name, store in stores.items()}
+        params.update(min_spots_per_tissue=min_spots_per_tissue, n_boot_per_tissue=tissue_boot)
+        inputs += label_sources
+    return report.fid_json(regimes=scores, per_tissue=per_tissue, params=params, inputs=inputs, **common)
+
+
+def check_seeded_subsample(keys: Sequence[str], split_keys: Sequence[str], seed: int, split: str | Path) -> None:
+    """Warn when the OOD spots are not the seeded subsample of the split (they should be)."""
+    expected = metrics.subsample_keys(split_keys, max_spots=len(keys), seed=seed)
+    if sorted(expected) != sorted(keys):
+        log.warning("the %d generated OOD spots are not the subsample of %s at seed %d", len(keys), split, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transcriptomic fidelity (Table 2)
+
+
+def log1p_cp10k_sparse(counts: Any) -> sp.csr_matrix:
+    """log1p of counts per 10k as sparse float32 (zeros stay zero); as `metrics.log1p_cp10k`."""
+    counts = sp.csr_matrix(counts, dtype=np.float64)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
+    normalised = sp.csr_matrix(sp.diags(scale) @ counts)
+    normalised.data = np.log1p(normalised.data)
+    return normalised.astype(np.float32)
+
+
+def read_expression_log1p(path: str | Path, keys: Sequence[str]) -> sp.csr_matrix:
+    """log1p CP10k of all genes of layers["counts"] for `keys`, rows in that order."""
+    import anndata as ad
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "expression file not found")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for a damaged file
+        raise InputError(path, f"cannot read h5ad: {exc}") from None
+    if "counts" not in adata.layers:
+        raise InputError(path, 'no raw counts: layers["counts"] is missing')
+    rows = pd.Index(adata.obs_names.astype(str)).get_indexer(pd.Index(keys))
+    if (rows < 0).any():
+        raise InputError(path, f"{int((rows < 0).sum())} spot(s) are not in the expression file, "
+                               f"e.g. {keys[int(np.flatnonzero(rows < 0)[0])]}")
+    counts = sp.csr_matrix(adata.layers["counts"])[rows]
+    if counts.data.size and (not np.isfinite(counts.data).all() or counts.data.min() < 0):
+        raise InputError(path, 'layers["counts"] has negative or non-finite values: raw counts expected')
+    return log1p_cp10k_sparse(counts)
+
+
+def auc_document(
+    expression: str | Path,
+    split: str | Path,
+    real_uni: str | Path,
+    gen_uni: Mapping[str, str | Path],
+    model: str,
+    cohort: str,
+    *,
+    real_midnight: str | Path | None = None,
+    gen_midnight: Mapping[str, str | Path] | None = None,
+    ks: Sequence[int] = metrics.PAPER_KS,
+    n_components: int = 256,
+    mlp_hidden: Sequence[int] = (1024, 1024),
+    mlp_max_iter: int = 200,
+    n_boot: int = 1000,
+    seed: int = 42,
+) -> dict:
+    """auc.json: the Oracle (and Midnight+MLP when given) fitted on real train spots, scored on the
+    generated test tiles, the real test tiles (ceiling) and a shuffled null."""
+    if (real_midnight is None) != (not gen_midnight):
+        raise InputError(None, "Midnight+MLP needs both --real-midnight and --gen-midnight")
+    test_keys, uni_stores = read_generated(gen_uni)
+    check_in_split(test_keys, read_split_keys(split, TEST), split, TEST, next(iter(uni_stores.values())).path)
+    train_keys = read_split_keys(split, TRAIN)
+    train_expression = read_expression_log1p(expression, train_keys)
+    test_expression = read_expression_log1p(expression, test_keys)
+    log.info("expression %s: %d train and %d test spots x %d genes (log1p CP10k)", expression, len(train_keys),
+             len(test_keys), train_expression.shape[1])
+
+    regressors, features, impls = {}, {}, []
+    train_uni = read_features(real_uni, train_keys)
+    oracle = metrics.fit_oracle(train_uni.embedding, train_expression, ks=ks, n_components=n_components, seed=seed)
+    regressors["oracle"] = score_regressor(oracle, real_uni, test_keys, uni_stores, test_expression, n_boot, seed)
+    features["uni2h"] = {"real": str(real_uni), "generated": {r: str(p) for r, p in gen_uni.items()}}
+    impls += [train_uni.impls, *(store.impls for store in uni_stores.values())]
+
+    if real_midnight is not None:
+        midnight_keys, midnight_stores = read_generated(gen_midnight)
+        if set(midnight_keys) != set(test_keys):
+            raise InputError(next(iter(gen_midnight.values())), "the Midnight stores do not hold the spots of the UNI stores")
+        midnight_stores = {r: read_features(s.path, test_keys) for r, s in midnight_stores.items()}
+        train_midnight = read_features(real_midnight, train_keys)
+        mlp = metrics.fit_midnight_mlp(train_midnight.embedding, train_expression, ks=ks, hidden_layer_sizes=mlp_hidden,
+                                       max_iter=mlp_max_iter, seed=seed)
+        regressors["midnight_mlp"] = score_regressor(mlp, real_midnight, test_keys, midnight_stores, test_expression,
+                                                     n_boot, seed)
+        features["midnight"] = {"real": str(real_midnight), "generated": {r: str(p) for r, p in gen_midnight.items()}}
+        impls += [train_midnight.impls, *(store.impls for store in midnight_stores.values())]
+
+    params = {"ks": list(ks), "pca": n_components, "mlp_hidden": list(mlp_hidden), "mlp_max_iter": mlp_max_iter,
+              "n_boot": n_boot, "seed": seed, "alpha": 0.05, "genes": "all genes, log1p CP10k of layers['counts']",
+              "n_train": len(train_keys), "n_test": len(test_keys)}
+    inputs = [expression, split, real_uni, *gen_uni.values()]
+    inputs += [real_midnight, *gen_midnight.values()] if real_midnight is not None else []
+    return report.auc_json(model=model, cohort=cohort, regressors=regressors, features=features,
+                           encoders=merge_impls(*impls), params=params, inputs=inputs)
+
+
+def score_regressor(regressor, real_path, test_keys, generated: Mapping[str, FeatureSet], test_expression,
+                    n_boot: int, seed: int) -> dict[str, Any]:
+    real_test = read_features(real_path, test_keys)
+    scored = metrics.transcriptomic_fidelity(regressor, test_expression, real_test.embedding,
+                                             {r: s.embedding for r, s in generated.items()}, n_boot=n_boot, seed=seed)
+    log.info("%s AUC: real %.4f, %s", regressor.name, scored["real"]["auc"],
+             ", ".join(f"{r} {v['auc']:.4f}" for r, v in scored["generated"].items()))
+    return scored
+
+
+# ---------------------------------------------------------------------------------------------
+# Perturbation (Table 5)
+
+
+@dataclass
+class PerturbationRows:
+    """Per-row pair, reference spot and alpha of a perturbation samples store."""
+
+    path: Path
+    keys: list[str]
+    pair: np.ndarray
+    ref_key: np.ndarray
+    alpha: np.ndarray
+    impls: dict[str, str]
+
+
+def read_perturbation_rows(path: str | Path) -> PerturbationRows:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "perturbation samples store not found")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        keys = [str(k) for k in string_values(group["spot_key"][:])]
+        pair = string_values(group["pair"][:]).astype(str)
+        ref_key = string_values(group["ref_key"][:]).astype(str)
+        alpha = np.asarray(group["alpha"][:], dtype=np.float64)
+    except Exception as exc:  # zarr raises several types for damaged or foreign stores
+        raise InputError(path, f"not a perturbation store (needs arrays spot_key, pair, ref_key, alpha): {exc}") from None
+    if not (len(keys) == len(pair) == len(ref_key) == len(alpha)) or not keys:
+        raise InputError(path, f"spot_key, pair, ref_key, alpha need the same non-zero length, found "
+                               f"{len(keys)}, {len(pair)}, {len(ref_key)}, {len(alpha)}")
+    check_unique(keys, path)
+    return PerturbationRows(path, keys, pair, ref_key, alpha, encoder_impls(dict(group.attrs)))
+
+
+def split_pair(pair: str, source: str | Path) -> tuple[str, str]:
+    """"Tumor->Stroma" -> ("Tumor", "Stroma")."""
+    parts = pair.split(PAIR_SEPARATOR)
+    if len(parts) != 2 or not all(parts):
+        raise InputError(source, f"pair {pair!r} is not of the form Source{PAIR_SEPARATOR}Target")
+    return parts[0], parts[1]
+
+
+def pair_feature_cube(rows: PerturbationRows, embedding: np.ndarray, pair: str) -> tuple[np.ndarray, np.ndarray]:
+    """(n_ref, n_alpha, d) features of one pair (references in store order) and its sorted alphas.
+    Every reference must have exactly one image per alpha."""
+    selected = np.flatnonzero(rows.pair == pair)
+    alphas = np.unique(rows.alpha[selected])
+    references = pd.unique(rows.ref_key[selected])
+    ref_index = pd.Index(references).get_indexer(rows.ref_key[selected])
+    alpha_index = np.searchsorted(alphas, rows.alpha[selected])
+    filled = np.zeros((len(references), len(alphas)), dtype=np.int64)
+    np.add.at(filled, (ref_index, alpha_index), 1)
+    if (filled != 1).any():
+        r, a = np.argwhere(filled != 1)[0]
+        raise InputError(rows.path, f"pair {pair}: reference {references[r]} has {filled[r, a]} images at alpha "
+                                    f"{alphas[a]:g} (expected one per reference and alpha)")
+    cube = np.empty((len(references), len(alphas), embedding.shape[1]), dtype=np.float64)
+    cube[ref_index, alpha_index] = embedding[selected]
+    return cube, alphas
+
+
+def perturbation_document(
+    features: str | Path,
+    samples: str | Path,
+    real: str | Path,
+    expression: str | Path,
+    split: str | Path,
+    model: str,
+    cohort: str,
+    *,
+    weight: float = 1.0,
+    variant: str = "default",
+) -> dict:
+    """perturbation.json: per pair, H0-mini features of the images along alpha scored against the
+    class centroids of the real TRAIN tiles (`metrics.perturbation_scores`).
+
+    The uni_null variant (sampled with UNI nulled) is its own Table 5 row: its model id is
+    "{model}@uni_null"."""
+    if variant not in ("default", "uni_null"):
+        raise InputError(None, f"--variant must be default or uni_null, got {variant!r}")
+    rows = read_perturbation_rows(samples)
+    generated = read_features(features)
+    if set(generated.keys) != set(rows.keys):
+        raise InputError(features, f"its {len(generated.keys)} spot keys are not those of {samples} ({len(rows.keys)})")
+    embedding = generated.embedding[pd.Index(generated.keys).get_indexer(rows.keys)]
+
+    labels, label_sources = read_labels(expression)
+    train_keys = read_split_keys(split, TRAIN)
+    train = read_features(real, train_keys)
+    centroids = metrics.class_centroids(train.embedding, labels_of(labels, train_keys, label_sources))
+
+    pairs, alphas = {}, None
+    for pair in pd.unique(rows.pair):
+        source, target = split_pair(pair, samples)
+        absent = [label for label in (source, target) if label not in centroids]
+        if absent:
+            raise InputError(expression, f"pair {pair}: no train spot is labelled {absent} (labels: {sorted(centroids)})")
+        cube, pair_alphas = pair_feature_cube(rows, embedding, pair)
+        if alphas is not None and not np.array_equal(alphas, pair_alphas):
+            raise InputError(samples, f"pair {pair} has alphas {pair_alphas.tolist()}, other pairs {alphas.tolist()}")
+        alphas = pair_alphas
+        scores = metrics.perturbation_scores(cube, alphas, centroids[source], centroids[target], weight)
+        pairs[metrics.pair_label(source, target)] = {"source": source, "target": target, "pair": pair, **scores}
+        log.info("perturbation %s: composite %.3f (transition %.3f, monotonicity %.3f) over %d references",
+                 pair, scores["composite"], scores["transition"], scores["monotonicity"], scores["n_ref"])
+
+    params = {"weight": weight, "variant": variant, "split": TRAIN, "centroids": "H0-mini, real train tiles per label"}
+    model_id = model if variant == "default" else f"{model}@uni_null"
+    doc = report.perturbation_json(model=model_id, cohort=cohort, pairs=pairs, alphas=alphas.tolist(),
+                                   monotonicity_weight=weight, encoders=merge_impls(train.impls, generated.impls, rows.impls),
+                                   params=params, inputs=[features, samples, real, expression, split])
+    doc.update(variant=variant, sampled_model=model)
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _finish(out: Path, doc: Mapping[str, Any] | None, started: float, read: Iterable) -> None:
+    if doc is not None:
+        report.write_eval_json(out, doc)
+    log.info("read %s; wrote %s in %.1f s", ", ".join(str(p) for p in read), out, time.perf_counter() - started)
+
+
+def run_eval_features(args: argparse.Namespace) -> Path:
+    started = time.perf_counter()
+    out = extract_features(args.images, args.out, args.encoder, args.impl, weights=args.weights,
+                           arch=parse_arch(args.arch_json), allow_hub=args.allow_hub, batch_size=args.batch_size,
+                           device=args.device, bf16=args.bf16)
+    _finish(args.out, None, started, [args.images])
+    return out
+
+
+def run_fid(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    allowed = SWAP_CONDITIONS if args.kind == "swap" else report.REGIMES
+    generated = parse_named_paths(args.generated, "--generated", allowed)
+    doc = fid_document(args.kind, args.real, generated, args.split, args.model, args.cohort, split_name=args.split_name,
+                       expression=args.expression, spots=args.spots, n_boot=args.n_boot,
+                       n_boot_per_tissue=args.n_boot_per_tissue, seed=args.seed,
+                       min_spots_per_tissue=args.min_spots_per_tissue)
+    _finish(args.out, doc, started, [args.real, *generated.values(), args.split])
+    return doc
+
+
+def run_auc(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    gen_uni = parse_named_paths(args.gen_uni, "--gen-uni", report.REGIMES)
+    gen_midnight = parse_named_paths(args.gen_midnight or [], "--gen-midnight", report.REGIMES)
+    doc = auc_document(args.expression, args.split, args.real_uni, gen_uni, args.model, args.cohort,
+                       real_midnight=args.real_midnight, gen_midnight=gen_midnight,
+                       ks=parse_int_list(args.ks, "--ks"), n_components=args.pca,
+                       mlp_hidden=parse_int_list(args.mlp_hidden, "--mlp-hidden"), mlp_max_iter=args.mlp_max_iter,
+                       n_boot=args.n_boot, seed=args.seed)
+    read = [args.expression, args.split, args.real_uni, *gen_uni.values()]
+    _finish(args.out, doc, started, read + ([args.real_midnight, *gen_midnight.values()] if args.real_midnight else []))
+    return doc
+
+
+def run_perturbation(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    doc = perturbation_document(args.features, args.samples, args.real, args.expression, args.split, args.model,
+                                args.cohort, weight=args.weight, variant=args.variant)
+    _finish(args.out, doc, started, [args.features, args.samples, args.real, args.expression, args.split])
+    return doc
+
+
+def _add_common(parser: argparse.ArgumentParser, n_boot: bool = True) -> None:
+    if n_boot:
+        parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples over spots")
+        parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--model", required=True, help="model id (as in the eval paths and the models file)")
+    parser.add_argument("--cohort", required=True)
+    parser.add_argument("--out", required=True, type=Path)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval-features", help="encoder features of every tile of a samples/patches store")
+    p.add_argument("--encoder", required=True, choices=EVAL_ENCODERS)
+    p.add_argument("--impl", choices=("real", "smoke"), default="smoke")
+    p.add_argument("--weights", help="local weights path, or a hub id (needs --allow-hub)")
+    p.add_argument("--arch-json", help="JSON object of architecture overrides (tests, custom sizes)")
+    p.add_argument("--allow-hub", action="store_true", help="allow loading weights from the Hugging Face hub")
+    p.add_argument("--images", required=True, type=Path, help="store with spot_key and uint8 images")
+    p.add_argument("--out", required=True, type=Path, help="output feature store (.zarr)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    p.set_defaults(func=run_eval_features)
+
+    p = subparsers.add_parser("fid", help="H0-mini FID of generated vs real test tiles with bootstrap CIs")
+    p.add_argument("--real", required=True, type=Path, help="H0-mini features of the real tiles (features stage)")
+    p.add_argument("--generated", required=True, nargs="+",
+                   help="REGIME=store (uni_ge, uni, ge, uncond); --kind swap: deepspot=store visium=store")
+    p.add_argument("--split", required=True, type=Path)
+    p.add_argument("--split-name", default=TEST, help="the split the generated spots must belong to")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--expression", type=Path, help="cohort h5ad: obs label for per-tissue FID")
+    labels.add_argument("--spots", nargs="+", type=Path, help="spots tables (key, label) for per-tissue FID")
+    p.add_argument("--n-boot-per-tissue", type=int, default=None, help="resamples per tissue (default: --n-boot)")
+    p.add_argument("--min-spots-per-tissue", type=int, default=50)
+    p.add_argument("--kind", required=True, choices=sorted(FID_KINDS))
+    _add_common(p)
+    p.set_defaults(func=run_fid)
+
+    p = subparsers.add_parser("auc", help="transcriptomic fidelity (Oracle, Midnight+MLP) of generated tiles")
+    p.add_argument("--expression", required=True, type=Path, help="cohort h5ad (layers['counts'])")
+    p.add_argument("--split", required=True, type=Path)
+    p.add_argument("--real-uni", required=True, type=Path, help="UNI2-h features of the real tiles")
+    p.add_argument("--gen-uni", required=True, nargs="+", help="REGIME=store of UNI2-h features of generated tiles")
+    p.add_argument("--real-midnight", type=Path, help="Midnight features of the real tiles")
+    p.add_argument("--gen-midnight", nargs="+", help="REGIME=store of Midnight features of generated tiles")
+    p.add_argument("--ks", default=",".join(map(str, metrics.PAPER_KS)), help="top-k gene grid, comma-separated")
+    p.add_argument("--pca", type=int, default=256, help="Oracle PCA components")
+    p.add_argument("--mlp-hidden", default="1024,1024", help="Midnight+MLP hidden layer sizes, comma-separated")
+    p.add_argument("--mlp-max-iter", type=int, default=200)
+    _add_common(p)
+    p.set_defaults(func=run_auc)
+
+    p = subparsers.add_parser("perturbation", help="tissue-level perturbation scores (Table 5)")
+    p.add_argument("--features", required=True, type=Path, help="H0-mini features of the perturbation samples")
+    p.add_argument("--samples", required=True, type=Path, help="perturbation samples store (pair, ref_key, alpha)")
+    p.add_argument("--real", required=True, type=Path, help="H0-mini features of the real tiles")
+    p.add_argument("--expression", required=True, type=Path, help="cohort h5ad: obs label")
+    p.add_argument("--split", required=True, type=Path)
+    p.add_argument("--weight", type=float, default=1.0, help="monotonicity weight of the composite")
+    p.add_argument("--variant", choices=("default", "uni_null"), default="default")
+    _add_common(p, n_boot=False)
+    p.set_defaults(func=run_perturbation)

@@ -1,0 +1,354 @@
+"""Evaluation CLIs on tiny hand-made stores: features of samples, FID/AUC/perturbation JSONs
+recomputed independently, accepted by the report's tables, and bad inputs."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.linalg
+import scipy.sparse as sp
+import torch
+import zarr
+
+from stmdit import evaluate, metrics, report
+from stmdit.encoders import load_encoder
+from stmdit.errors import InputError
+from stmdit.features import string_values, write_feature_store
+
+torch.set_num_threads(1)
+
+MODEL, COHORT = "adaln_p05", "demo"
+LABELS = ("Tumor", "Stroma", "Immune")
+N_GENES = 30
+DIMS = {"h0mini": 8, "uni2h": 12, "midnight": 10}
+SMOKE_UPSTREAM = {"sd3_vae": "smoke", "uni2h": {"name": "uni2h", "impl": "smoke"}, "cancerfoundation": "real"}
+
+
+def run_cli(*argv: str):
+    parser = argparse.ArgumentParser()
+    evaluate.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+def feature_store(path, keys, embedding, name="h0mini", impl="smoke", **attrs):
+    write_feature_store(path, keys, [{"embedding": embedding}], {"embedding": (embedding.shape[1],)},
+                        {"encoder": {"name": name, "impl": impl}, **attrs})
+    return path
+
+
+def image_store(path, keys, images, **arrays):
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.create_array("spot_key", shape=(len(keys),), dtype=str)[:] = np.array(keys, dtype=object)
+    group.create_array("images", data=images, chunks=(2, *images.shape[1:]))
+    for name, values in arrays.items():
+        values = np.asarray(values)
+        if values.dtype.kind in "UO":
+            group.create_array(name, shape=values.shape, dtype=str)[:] = values.astype(object)
+        else:
+            group.create_array(name, data=values)
+    group.attrs.update({"encoders": SMOKE_UPSTREAM, "sampler": {"name": "ddim", "steps": 50}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """60 train, 6 val, 39 test spots with labels, counts, and real features that carry the
+    expression signal (so the Oracle has something to find)."""
+    root = tmp_path_factory.mktemp("cohort")
+    rng = np.random.default_rng(0)
+    splits = ["train"] * 60 + ["val"] * 6 + ["test"] * 39
+    keys = [f"{'s1' if s != 'test' else 's2'}:bc{i:03d}" for i, s in enumerate(splits)]
+    labels = np.array([LABELS[i % 3] for i in range(len(keys))])
+    programme = rng.gamma(2.0, 1.0, size=(len(keys), 4))
+    counts = rng.poisson(programme @ rng.gamma(1.0, 2.0, size=(4, N_GENES)) + 0.5).astype(np.int32)
+    obs = pd.DataFrame({"label": labels, "sample": [k.split(":")[0] for k in keys]}, index=keys)
+    adata = ad.AnnData(X=sp.csr_matrix(counts, dtype=np.float32), obs=obs,
+                       var=pd.DataFrame(index=[f"G{j}" for j in range(N_GENES)]))
+    adata.layers["counts"] = sp.csr_matrix(counts)
+    adata.write_h5ad(root / "expr.h5ad")
+    pd.DataFrame({"key": keys, "sample": obs["sample"], "donor": obs["sample"], "split": splits}).to_parquet(
+        root / "split.parquet")
+    log_expr = metrics.log1p_cp10k(counts)
+    real = {}
+    for name, dim in DIMS.items():
+        embedding = log_expr @ rng.standard_normal((N_GENES, dim)) + 0.3 * rng.standard_normal((len(keys), dim))
+        embedding += 2.0 * np.array([LABELS.index(l) for l in labels])[:, None]
+        real[name] = embedding.astype(np.float32)
+        feature_store(root / f"{name}.zarr", keys, real[name], name=name, impl="smoke" if name == "h0mini" else "real")
+    test = [k for k, s in zip(keys, splits) if s == "test"]
+    gen_order = list(rng.permutation(test))  # generated stores list spots in another order than the real store
+    row = {k: i for i, k in enumerate(keys)}
+    generated = {}
+    for name in DIMS:
+        for regime, noise in {"uni_ge": 0.5, "uni": 1.0, "ge": 3.0, "deepspot": 0.7, "visium": 2.0}.items():
+            values = real[name][[row[k] for k in gen_order]] + noise * rng.standard_normal((len(test), DIMS[name]))
+            path = feature_store(root / f"gen_{regime}_{name}.zarr", gen_order, values.astype(np.float32), name=name,
+                                 impl="smoke" if name == "h0mini" else "real", encoders=SMOKE_UPSTREAM)
+            generated[regime, name] = (path, values.astype(np.float32))
+    return {"root": root, "keys": keys, "labels": labels, "splits": np.array(splits), "counts": counts,
+            "real": real, "row": row, "test": test, "gen_order": gen_order, "generated": generated}
+
+
+def real_rows(cohort, name, keys):
+    return cohort["real"][name][[cohort["row"][k] for k in keys]]
+
+
+# ---------------------------------------------------------------------------------------------
+# eval-features
+
+
+def test_eval_features_equals_the_encoder_and_carries_smoke_attrs(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(7, 256, 256, 3), dtype=np.uint8)
+    keys = [f"Tumor->Stroma|s2:bc{i:03d}|{a}" for i, a in enumerate([0, 0.25, 0.5, 0.75, 1, 0, 0.25])]
+    store = image_store(tmp_path / "perturbation.zarr", keys, images, pair=["Tumor->Stroma"] * 7,
+                        ref_key=[k.split("|")[1] for k in keys], alpha=[float(k.split("|")[2]) for k in keys])
+    run_cli("eval-features", "--encoder", "h0mini", "--impl", "smoke", "--images", store,
+            "--out", tmp_path / "f.zarr", "--batch-size", "3", "--device", "cpu")
+    out = zarr.open_group(str(tmp_path / "f.zarr"), mode="r")
+    expected = load_encoder("h0mini", "smoke", device="cpu").encode(images)["embedding"]
+    assert list(string_values(out["spot_key"][:])) == keys
+    np.testing.assert_allclose(out["embedding"][:], expected, rtol=1e-6, atol=1e-6)
+    assert out.attrs["encoder"]["impl"] == "smoke" and out.attrs["encoder"]["name"] == "h0mini"
+    assert out.attrs["encoders"] == SMOKE_UPSTREAM and out.attrs["sampler"]["name"] == "ddim"
+    assert out.attrs["stmdit"]["step"] == "eval-features"
+    np.testing.assert_array_equal(out["alpha"][:], [0, 0.25, 0.5, 0.75, 1, 0, 0.25])
+    assert list(string_values(out["pair"][:])) == ["Tumor->Stroma"] * 7
+    assert evaluate.encoder_impls(dict(out.attrs)) == {"h0mini": "smoke", "sd3_vae": "smoke", "uni2h": "smoke",
+                                                       "cancerfoundation": "real"}
+
+
+def test_eval_features_rejects_a_store_that_is_not_uint8_images(tmp_path):
+    store = tmp_path / "bad.zarr"
+    group = zarr.open_group(str(store), mode="w", zarr_format=3)
+    group.create_array("spot_key", shape=(2,), dtype=str)[:] = np.array(["a", "b"], dtype=object)
+    group.create_array("images", data=np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(InputError, match="uint8") as err:
+        run_cli("eval-features", "--encoder", "h0mini", "--images", store, "--out", tmp_path / "f.zarr")
+    assert err.value.path == str(store)
+    with pytest.raises(InputError, match="not found"):
+        run_cli("eval-features", "--encoder", "h0mini", "--images", tmp_path / "nope.zarr", "--out", tmp_path / "f.zarr")
+    assert not (tmp_path / "f.zarr").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# FID
+
+
+def independent_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def fid_args(cohort, kind, out, regimes, *extra):
+    root = cohort["root"]
+    generated = [f"{r}={cohort['generated'][r, 'h0mini'][0]}" for r in regimes]
+    return ["fid", "--real", root / "h0mini.zarr", "--generated", *generated, "--split", root / "split.parquet",
+            "--n-boot", "20", "--seed", "7", "--model", MODEL, "--cohort", COHORT, "--kind", kind, "--out", out, *extra]
+
+
+def test_fid_json_equals_an_independent_recomputation_and_renders_table_1(cohort, tmp_path):
+    out = tmp_path / "fid.json"
+    run_cli(*fid_args(cohort, "fid", out, ["uni_ge", "uni", "ge"], "--expression", cohort["root"] / "expr.h5ad",
+                      "--min-spots-per-tissue", "5", "--n-boot-per-tissue", "5"))
+    doc = report.load_eval_json(out)
+    real = real_rows(cohort, "h0mini", cohort["gen_order"])
+    labels = pd.Series(cohort["labels"], index=cohort["keys"])[cohort["gen_order"]].to_numpy()
+    for regime in ("uni_ge", "uni", "ge"):
+        gen = cohort["generated"][regime, "h0mini"][1]
+        expected = metrics.fid_bootstrap(real, gen, n_boot=20, seed=7)
+        got = doc["regimes"][regime]
+        for field in ("point", "lo", "hi"):
+            assert got[field] == pytest.approx(expected[field], rel=1e-12)
+        assert got["n_real"] == got["n_gen"] == len(cohort["test"])
+        assert got["point"] == pytest.approx(independent_frechet(real.astype(np.float64), gen.astype(np.float64)), rel=1e-6)
+        tissue = metrics.fid_per_label(real, gen, labels, min_spots=5, n_boot=5, seed=7)
+        assert doc["per_tissue"][regime]["labels"].keys() == set(LABELS)
+        for label in LABELS:
+            assert doc["per_tissue"][regime]["labels"][label]["point"] == pytest.approx(tissue["labels"][label]["point"])
+    assert doc["features"]["real"].endswith("h0mini.zarr")
+    assert doc["encoders"] == {"cancerfoundation": "real", "h0mini": "smoke", "sd3_vae": "smoke", "uni2h": "smoke"}
+    table = report.build_table(1, [doc], [{"model": MODEL, "name": "AdaLN p0.5"}])
+    assert table.loc[0, "UNI+GE"] == pytest.approx(doc["regimes"]["uni_ge"]["point"])
+    assert table.loc[0, "Delta"] == pytest.approx(doc["regimes"]["uni_ge"]["point"] - doc["regimes"]["uni"]["point"])
+    assert table.attrs["smoke"]
+
+
+def test_ood_and_swap_jsons_render_tables_3_and_6(cohort, tmp_path):
+    run_cli(*fid_args(cohort, "ood", tmp_path / "ood_fid.json", ["uni_ge", "uni"]))
+    run_cli(*fid_args(cohort, "swap", tmp_path / "swap_fid.json", ["deepspot", "visium"]))
+    ood, swap = report.load_eval_json(tmp_path / "ood_fid.json"), report.load_eval_json(tmp_path / "swap_fid.json")
+    assert ood["n_subsample"] == len(cohort["test"]) and ood["seed"] == 7
+    rows = [{"model": MODEL, "name": "AdaLN", "architecture": "PTPL-AdaLN"}]
+    table3 = report.build_table(3, [ood], rows)
+    assert table3.loc[0, "FID"] == pytest.approx(ood["regimes"]["uni_ge"]["point"])
+    assert table3.loc[0, "Delta_OOD(GE)"] == pytest.approx(ood["regimes"]["uni"]["point"] - ood["regimes"]["uni_ge"]["point"])
+    table6 = report.build_table(6, [swap], rows)
+    real = real_rows(cohort, "h0mini", cohort["gen_order"])
+    visium = metrics.fid(real, cohort["generated"]["visium", "h0mini"][1])
+    assert table6.loc[0, "Visium-cond"] == pytest.approx(visium)
+    assert table6.loc[0, "Delta"] == pytest.approx(visium - swap["conditions"]["deepspot"]["point"])
+
+
+def test_fid_bad_inputs_name_the_file(cohort, tmp_path):
+    root, out = cohort["root"], tmp_path / "fid.json"
+    # a regime store with fewer spots than the others
+    short = feature_store(tmp_path / "short.zarr", cohort["gen_order"][:-3], cohort["generated"]["uni", "h0mini"][1][:-3])
+    args = fid_args(cohort, "fid", out, ["uni_ge"])
+    args[args.index("--generated") + 1: args.index("--generated") + 2] = [args[args.index("--generated") + 1],
+                                                                        f"uni={short}"]
+    with pytest.raises(InputError, match="same spots") as err:
+        run_cli(*args)
+    assert err.value.path == str(short)
+    # generated spots outside the real store
+    alien = feature_store(tmp_path / "alien.zarr", ["s9:x1", "s9:x2", "s9:x3"], np.ones((3, 8), np.float32))
+    split = tmp_path / "split.parquet"
+    pd.DataFrame({"key": ["s9:x1", "s9:x2", "s9:x3"], "split": "test"}).to_parquet(split)
+    with pytest.raises(InputError, match="not in the feature store") as err:
+        run_cli("fid", "--real", root / "h0mini.zarr", "--generated", f"uni={alien}", "--split", split,
+                "--model", MODEL, "--cohort", COHORT, "--kind", "fid", "--out", out)
+    assert err.value.path == str(root / "h0mini.zarr")
+    # generated spots that are not test spots
+    train_store = feature_store(tmp_path / "train.zarr", cohort["keys"][:5], cohort["real"]["h0mini"][:5])
+    with pytest.raises(InputError, match="not in split 'test'") as err:
+        run_cli("fid", "--real", root / "h0mini.zarr", "--generated", f"uni={train_store}", "--split",
+                root / "split.parquet", "--model", MODEL, "--cohort", COHORT, "--kind", "fid", "--out", out)
+    assert err.value.path == str(train_store)
+    with pytest.raises(InputError, match="not found") as err:
+        run_cli(*fid_args(cohort, "fid", out, ["uni"])[:4], f"uni={tmp_path / 'missing.zarr'}",
+                *fid_args(cohort, "fid", out, ["uni"])[5:])
+    assert err.value.path == str(tmp_path / "missing.zarr")
+    with pytest.raises(InputError, match="deepspot"):
+        run_cli(*fid_args(cohort, "swap", out, ["deepspot"]))
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# AUC
+
+
+def test_auc_json_equals_a_direct_recomputation_and_renders_table_2(cohort, tmp_path):
+    root, out = cohort["root"], tmp_path / "auc.json"
+    gen_uni = [f"{r}={cohort['generated'][r, 'uni2h'][0]}" for r in ("uni_ge", "uni")]
+    gen_midnight = [f"uni_ge={cohort['generated']['uni_ge', 'midnight'][0]}"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's ConvergenceWarning at 30 iterations
+        run_cli("auc", "--expression", root / "expr.h5ad", "--split", root / "split.parquet",
+                "--real-uni", root / "uni2h.zarr", "--gen-uni", *gen_uni, "--real-midnight", root / "midnight.zarr",
+                "--gen-midnight", *gen_midnight, "--ks", "5,10,20", "--pca", "4", "--mlp-hidden", "8",
+                "--mlp-max-iter", "30", "--n-boot", "10", "--seed", "3", "--model", MODEL, "--cohort", COHORT,
+                "--out", out)
+    doc = report.load_eval_json(out)
+
+    train = [k for k, s in zip(cohort["keys"], cohort["splits"]) if s == "train"]
+    test = cohort["gen_order"]
+    train_expr = metrics.log1p_cp10k(cohort["counts"][[cohort["row"][k] for k in train]])
+    test_expr = metrics.log1p_cp10k(cohort["counts"][[cohort["row"][k] for k in test]])
+    oracle = metrics.fit_oracle(real_rows(cohort, "uni2h", train), train_expr, ks=(5, 10, 20), n_components=4, seed=3)
+    truth = {k: test_expr[:, oracle.gene_rank[:k]] for k in oracle.ks}
+    for regime in ("uni_ge", "uni"):
+        expected = metrics.fidelity_curve(oracle.predict_by_k(cohort["generated"][regime, "uni2h"][1]), truth)
+        got = doc["regressors"]["oracle"]["generated"][regime]
+        np.testing.assert_allclose(got["curve"], expected["curve"], rtol=1e-6, atol=1e-9)
+        assert got["auc"] == pytest.approx(expected["auc"], rel=1e-6, abs=1e-9)
+    ceiling = metrics.fidelity_curve(oracle.predict_by_k(real_rows(cohort, "uni2h", test)), truth)
+    assert doc["regressors"]["oracle"]["real"]["auc"] == pytest.approx(ceiling["auc"], rel=1e-6)
+    assert doc["regressors"]["oracle"]["ks"] == [5, 10, 20]
+    assert doc["regressors"]["oracle"]["real"]["auc"] > 0.3  # the features carry expression signal
+    assert "uni_ge" in doc["regressors"]["midnight_mlp"]["generated"]
+    assert doc["encoders"]["uni2h"] == "smoke" and doc["encoders"]["midnight"] == "real"
+
+    table = report.build_table(2, [doc], [{"model": MODEL, "name": "AdaLN"}])
+    assert table.loc[0, "Oracle"] == pytest.approx(ceiling["auc"], rel=1e-6)
+    assert table.loc[2, "Oracle"] == pytest.approx(doc["regressors"]["oracle"]["generated"]["uni_ge"]["auc"])
+    assert table.loc[2, "Midnight+MLP"] == pytest.approx(doc["regressors"]["midnight_mlp"]["generated"]["uni_ge"]["auc"])
+
+
+def test_sparse_log1p_cp10k_matches_the_dense_metric(cohort):
+    counts = cohort["counts"].copy()
+    counts[0] = 0  # an empty spot stays zero
+    np.testing.assert_allclose(evaluate.log1p_cp10k_sparse(counts).toarray(), metrics.log1p_cp10k(counts), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Perturbation
+
+
+def perturbation_stores(cohort, tmp_path, drop_last=False):
+    """Features along alpha built from the real train centroids: T->S walks onto the Stroma
+    centroid, T->I walks away from the Immune centroid, I->T does not move."""
+    train = cohort["splits"] == "train"
+    h0 = cohort["real"]["h0mini"].astype(np.float64)
+    centroid = {label: h0[train & (cohort["labels"] == label)].mean(axis=0) for label in LABELS}
+    alphas = metrics.PAPER_ALPHAS
+    refs = [f"s2:bc{i:03d}" for i in range(66, 70)]
+    paths = {
+        "Tumor->Stroma": lambda a: (1 - a) * centroid["Tumor"] + a * centroid["Stroma"],
+        "Tumor->Immune": lambda a: centroid["Tumor"] + a * (centroid["Tumor"] - centroid["Immune"]),
+        "Immune->Tumor": lambda a: centroid["Immune"],
+    }
+    keys, pair, ref_key, alpha, features = [], [], [], [], []
+    for name, walk in paths.items():
+        for ref in refs:
+            for a in alphas:
+                keys.append(f"{name}|{ref}|{a}")
+                pair.append(name), ref_key.append(ref), alpha.append(a), features.append(walk(a))
+    if drop_last:
+        keys, pair, ref_key, alpha, features = keys[:-1], pair[:-1], ref_key[:-1], alpha[:-1], features[:-1]
+    images = np.zeros((len(keys), 8, 8, 3), np.uint8)
+    samples = image_store(tmp_path / "perturbation.zarr", keys, images, pair=pair, ref_key=ref_key, alpha=alpha)
+    order = np.random.default_rng(5).permutation(len(keys))
+    feats = feature_store(tmp_path / "perturbation_h0mini.zarr", [keys[i] for i in order],
+                          np.asarray(features, np.float32)[order], encoders=SMOKE_UPSTREAM)
+    return samples, feats
+
+
+def perturbation_args(cohort, samples, feats, out, *extra):
+    root = cohort["root"]
+    return ["perturbation", "--features", feats, "--samples", samples, "--real", root / "h0mini.zarr",
+            "--expression", root / "expr.h5ad", "--split", root / "split.parquet", "--model", MODEL,
+            "--cohort", COHORT, "--out", out, *extra]
+
+
+def test_perturbation_scores_constructed_walks_and_renders_table_5(cohort, tmp_path):
+    samples, feats = perturbation_stores(cohort, tmp_path)
+    run_cli(*perturbation_args(cohort, samples, feats, tmp_path / "perturbation.json"))
+    run_cli(*perturbation_args(cohort, samples, feats, tmp_path / "uni_null.json", "--variant", "uni_null",
+                               "--weight", "0.5"))
+    doc = report.load_eval_json(tmp_path / "perturbation.json")
+    pairs = doc["pairs"]
+    assert pairs["T->S"]["transition"] == pytest.approx(1.0, abs=1e-5)
+    assert pairs["T->S"]["monotonicity"] == pytest.approx(1.0)
+    assert pairs["T->S"]["composite"] == pytest.approx(2.0, abs=1e-5)
+    assert pairs["T->I"]["composite"] == pytest.approx(-2.0, abs=1e-5)
+    assert pairs["I->T"]["composite"] == pytest.approx(0.0, abs=1e-6)
+    assert pairs["T->S"]["n_ref"] == 4 and doc["alphas"] == list(metrics.PAPER_ALPHAS)
+    assert doc["mean_composite"] == pytest.approx(0.0, abs=1e-5)
+    uni_null = report.load_eval_json(tmp_path / "uni_null.json")
+    assert uni_null["model"] == f"{MODEL}@uni_null" and uni_null["variant"] == "uni_null"
+    assert uni_null["pairs"]["T->S"]["composite"] == pytest.approx(1.5, abs=1e-5)
+    table = report.build_table(5, [doc, uni_null], [{"model": MODEL, "name": "AdaLN", "p": 0.5},
+                                                    {"model": f"{MODEL}@uni_null", "name": "AdaLN (UNI-null)"}])
+    assert list(table["T->S"]) == pytest.approx([2.0, 1.5], abs=1e-5)
+    assert table.loc[0, "mean"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_perturbation_with_a_missing_alpha_names_the_samples_store(cohort, tmp_path):
+    samples, feats = perturbation_stores(cohort, tmp_path, drop_last=True)
+    with pytest.raises(InputError, match="expected one per reference and alpha") as err:
+        run_cli(*perturbation_args(cohort, samples, feats, tmp_path / "p.json"))
+    assert err.value.path == str(samples)
+    other = feature_store(tmp_path / "other.zarr", ["a", "b"], np.zeros((2, 8), np.float32))
+    with pytest.raises(InputError, match="spot keys") as err:
+        run_cli(*perturbation_args(cohort, samples, other, tmp_path / "p.json"))
+    assert err.value.path == str(other)
+    assert not (tmp_path / "p.json").exists()
+    assert evaluate.merge_impls({"a": "real"}, {"a": "smoke"}, {"a": "real"}) == {"a": "smoke"}
