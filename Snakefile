@@ -14,6 +14,7 @@ wildcard_constraints:
     sample=SAMPLE_PATTERN,
     cohort=COHORT_PATTERN,
     encoder=IMAGE_ENCODER_PATTERN,
+    model=MODEL_PATTERN,
 
 
 include: "workflow/rules/demo.smk"
@@ -21,6 +22,11 @@ include: "workflow/rules/spots.smk"
 include: "workflow/rules/expression.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/split.smk"
+include: "workflow/rules/ptpl.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -31,8 +31,21 @@ def test_dry_run_plans_every_stage():
     result = snakemake("-n", "all", "--forceall")
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
-    for rule in ("demo_data", "spots", "expression", "features_image", "features_cancerfoundation", "split"):
+    for rule in ("demo_data", "spots", "expression", "features_image", "features_cancerfoundation", "split",
+                 "deepspot_train", "deepspot_predict", "features_cancerfoundation_ptpl", "train", "sample",
+                 "perturb_sample", "sample_grid", "eval_features", "fid", "ood_fid", "swap_fid", "auc",
+                 "perturbation", "models_json", *(f"table{n}" for n in range(1, 7))):
         assert f"\n{rule} " in out, f"{rule} not planned"
+
+
+def test_one_table_plans_only_its_own_chain():
+    result = snakemake("-n", "--forceall", "results/tables/table2.md")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    for rule in ("auc", "train", "sample", "eval_features", "table2"):
+        assert f"\n{rule} " in out, f"{rule} not planned"
+    for rule in ("fid", "ood_fid", "swap_fid", "perturb_sample", "perturbation", "deepspot_train", "table1"):
+        assert f"\n{rule} " not in out, f"{rule} planned for table 2"
 
 
 def test_bad_config_stops_before_any_job(tmp_path):
@@ -70,6 +83,13 @@ def test_demo_runs_end_to_end(tmp_path, demo_image):
     uni = zarr.open_group(str(results / "features" / "demo" / "uni2h.zarr"), mode="r")
     assert list(uni["spot_key"][:]) == list(splits["key"])
     assert uni.attrs["encoder"]["impl"] == "smoke"
+    for n in range(1, 7):
+        table = (results / "tables" / f"table{n}.md").read_text()
+        assert "made with smoke (weight-free) encoders" in table, n
+        assert (results / "tables" / f"table{n}.tsv").exists()
+    model = results / "models" / "XAttn-PMA-p05"
+    assert (model / "ema.safetensors").exists() and (model / "train_log.csv").exists()
+    assert (results / "figures" / "per_tissue_fid.png").exists()
     # a second run has nothing to do
     again = snakemake("--cores", "2", "all", "-n", cwd=work)
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -13,6 +13,8 @@ from stmdit.config import (
     validate_config,
 )
 from stmdit.errors import InputError
+from stmdit.models_config import model_rows, resolve_models
+from stmdit.provenance import params_hash
 
 # Rules run the checkout's own code (python -m stmdit) in whichever environment runs the job:
 # the project's .venv, or a per-rule conda env from envs/ (--sdm conda).
@@ -27,6 +29,7 @@ try:
     config = validate_config(config, source="config (config.yaml and --config/--configfile)")
     SAMPLES = load_sample_sheet(config["samples"])
     check_cohorts(SAMPLES, config["samples"])
+    MODELS = resolve_models(config)
 except InputError as err:
     sys.exit(f"stmdit: error: {err}")
 
@@ -36,6 +39,23 @@ IMAGE_ENCODERS = config["features"]["image_encoders"]
 SAMPLE_PATTERN = "|".join(map(re.escape, SAMPLES["sample"]))
 COHORT_PATTERN = "|".join(map(re.escape, COHORTS))
 IMAGE_ENCODER_PATTERN = "|".join(IMAGE_ENCODERS)
+CONFIG_HASH = params_hash(config)
+
+# --- models, sampling, evaluation -------------------------------------------------------------
+TRAIN_COHORT = config["train"]["cohort"]
+OOD_COHORTS = config["train"]["ood_cohorts"]
+for _cohort in [TRAIN_COHORT, *OOD_COHORTS]:
+    if _cohort not in COHORTS:
+        sys.exit(f"stmdit: error: config key train: cohort {_cohort!r} is not in the sample sheet {config['samples']}")
+if TRAIN_COHORT not in EXPRESSION_COHORTS:
+    sys.exit(f"stmdit: error: config key train.cohort = {TRAIN_COHORT!r}: not a Visium cohort")
+GE_MODELS = [m for m in MODELS.values() if m.uses_ge]
+PTPL_COHORTS = list(dict.fromkeys(
+    ([TRAIN_COHORT] if any(m.ptpl for m in MODELS.values()) else []) + (OOD_COHORTS if GE_MODELS else [])
+))
+MODEL_PATTERN = "|".join(map(re.escape, MODELS))
+SAMPLE_STORES = ("uni_ge", "uni", "ge", "uncond", "uni_ge_visium", "perturbation", "perturbation_uni_null")
+EVAL_ENCODERS = ("h0mini", "uni2h", "midnight")
 
 
 def sample_row(sample):
@@ -75,8 +95,12 @@ def spots_sample_args(wildcards):
     return " ".join(args)
 
 
+def spots_of(cohort):
+    return [f"results/spots/{s}.parquet" for s in cohort_samples(SAMPLES, cohort)]
+
+
 def cohort_spots(wildcards):
-    return [f"results/spots/{s}.parquet" for s in cohort_samples(SAMPLES, wildcards.cohort)]
+    return spots_of(wildcards.cohort)
 
 
 def cohort_patches(wildcards):
@@ -131,4 +155,127 @@ def all_targets():
     targets += expand("results/features/{cohort}/{encoder}.zarr", cohort=COHORTS, encoder=IMAGE_ENCODERS)
     targets += expand("results/features/{cohort}/cancerfoundation.zarr", cohort=EXPRESSION_COHORTS)
     targets += expand("results/splits/{cohort}.parquet", cohort=COHORTS)
+    targets += expand("results/models/{model}/ema.safetensors", model=trained_models())
+    targets += expand("results/tables/table{n}.md", n=TABLES)
+    targets += report_figures()
     return targets
+
+
+def encoder_entry(name):
+    return config["features"]["encoders"].get(name, {"impl": "smoke"})
+
+
+def model_dir(model):
+    m = MODELS[model]
+    return m.pretrained if m.pretrained else f"results/models/{model}"
+
+
+def model_weights(wildcards):
+    return f"{model_dir(wildcards.model)}/ema.safetensors"
+
+
+def sample_ge_store(model, cohort, store):
+    """The GE features a model is sampled with: its own source on the training cohort (Visium
+    for `uni_ge_visium`, the Table 6 swap), DeepSpot predictions on H&E-only cohorts."""
+    m = MODELS[model]
+    if not m.uses_ge:
+        return None
+    if cohort in OOD_COHORTS:
+        name = "cancerfoundation_ptpl"
+    elif store == "uni_ge_visium":
+        name = "cancerfoundation"
+    else:
+        name = m.ge_store
+    return f"results/features/{cohort}/{name}.zarr"
+
+
+def sample_inputs(wildcards):
+    files = {
+        "weights": model_weights(wildcards),
+        "split": f"results/splits/{wildcards.cohort}.parquet",
+        "uni": f"results/features/{wildcards.cohort}/uni2h.zarr",
+    }
+    ge = sample_ge_store(wildcards.model, wildcards.cohort, wildcards.store)
+    if ge:
+        files["ge"] = ge
+    return files
+
+
+def vae_args():
+    entry = encoder_entry("sd3_vae")
+    args = [f"--vae-impl {entry['impl']}"]
+    if entry.get("weights"):
+        args.append(f"--vae-weights '{entry['weights']}'")
+    if entry.get("arch"):
+        args.append(f"--vae-arch-json '{json.dumps(entry['arch'])}'")
+    if config["features"]["allow_hub"]:
+        args.append("--allow-hub")
+    return " ".join(args)
+
+
+def regime_stores(model, cohort, encoder):
+    """--generated arguments: regime=eval feature store of each regime the model is sampled in."""
+    regimes = MODELS[model].regimes
+    if cohort in OOD_COHORTS:
+        regimes = [r for r in regimes if r in ("uni_ge", "uni")]
+    return {r: f"results/eval/{model}/{cohort}/{r}_{encoder}.zarr" for r in regimes}
+
+
+def pairs_arg(mapping):
+    return " ".join(f"{k}={v}" for k, v in mapping.items())
+
+
+def models_in_table(n):
+    return [m for m in MODELS.values() if n in m.tables]
+
+
+def table_evals(n):
+    """The evaluation JSONs table n is built from."""
+    if n in (1, 4):
+        return [f"results/eval/{m.model}/{TRAIN_COHORT}/fid.json" for m in models_in_table(n)]
+    if n == 2:
+        return [f"results/eval/{m.model}/{TRAIN_COHORT}/auc.json" for m in models_in_table(n)]
+    if n == 3:
+        models = {m.model for m in models_in_table(3)} | {m.baseline for m in models_in_table(3) if m.baseline}
+        return [f"results/eval/{m}/{c}/ood_fid.json" for c in OOD_COHORTS for m in MODELS if m in models]
+    if n == 5:
+        files = []
+        for m in models_in_table(5):
+            if m.uses_ge:
+                files.append(f"results/eval/{m.model}/{TRAIN_COHORT}/perturbation.json")
+                if m.perturbation_uni_null:
+                    files.append(f"results/eval/{m.model}/{TRAIN_COHORT}/perturbation_uni_null.json")
+        return files
+    if n == 6:
+        return [f"results/eval/{m.model}/{TRAIN_COHORT}/swap_fid.json" for m in models_in_table(6) if m.ptpl]
+    raise ValueError(n)
+
+
+TABLES = [n for n in range(1, 7) if table_evals(n)]
+
+
+def trained_models():
+    return [m.model for m in MODELS.values() if m.trained]
+
+
+def eval_encoder_args(wildcards):
+    entry = encoder_entry(wildcards.encoder)
+    args = [f"--impl {entry['impl']}"]
+    if entry.get("weights"):
+        args.append(f"--weights '{entry['weights']}'")
+    if entry.get("arch"):
+        args.append(f"--arch-json '{json.dumps(entry['arch'])}'")
+    if config["features"]["allow_hub"]:
+        args.append("--allow-hub")
+    if config["features"]["bf16"]:
+        args.append("--bf16")
+    return " ".join(args)
+
+
+def report_figures():
+    figures = expand("results/figures/grid_{model}_{cohort}.png", model=list(MODELS), cohort=[TRAIN_COHORT])
+    if table_evals(1) or table_evals(4):
+        figures.append("results/figures/per_tissue_fid.png")
+    if table_evals(2):
+        figures.append("results/figures/auc_curves.png")
+    return figures

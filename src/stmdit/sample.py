@@ -1,0 +1,851 @@
+"""Sampling from trained STMDiT models (paper 2.2, D.3), perturbation sampling (Table 5 inputs) and
+the real/generated grid.
+
+    stmdit sample --model-dir results/models/M --split results/splits/C.parquet --split-name test
+        [--max-spots N --subsample-seed 42] --uni U.zarr [--ge G.zarr] --vae-impl smoke|real
+        [--vae-weights P] [--vae-arch-json J] [--allow-hub] --regime uni_ge|uni|ge|uncond
+        --steps 50 --seed 42 --s-uni 4.0 --s-ge 3.0 --batch-size 32 [--device auto] [--bf16]
+        --out results/samples/M/C/REGIME.zarr
+    stmdit perturb-sample --model-dir M --split S --expression C.h5ad --uni U --ge G
+        --pairs Tumor:Stroma,Tumor:Immune,Immune:Tumor --alphas 0,0.25,0.5,0.75,1 --n-ref 100
+        --seed 42 [--uni-null] --vae-impl ... --out results/samples/M/C/perturbation.zarr
+    stmdit sample-grid --spots S1.parquet ... --patches S1.zarr ... --samples uni_ge=A.zarr uni=B.zarr
+        --per-class 4 --seed 0 --out results/samples/M/C/grid.png
+
+Samplers follow the model's training objective:
+- ddpm: diffusers `DDIMScheduler` made from the training `DDPMScheduler`'s config (linear betas
+  1e-4..0.02, T = 1000, epsilon), eta = 0, `clip_sample=False` (latents are not bounded to [-1, 1]),
+  `set_alpha_to_one=True` (the last step goes to alpha_bar = 1, the data itself: with False it stops
+  at the first training noise level and keeps 0.01 x epsilon of noise) and `timestep_spacing=
+  "trailing"` (the first step is t = 999, the level of the pure-noise start; "leading" would start
+  at t = 980 from a pure-noise sample).
+- flow: `FlowMatchEulerDiscreteScheduler` with shift 1.0. Its sigma is the training t: the
+  scheduler's x_sigma = sigma * noise + (1 - sigma) * x0 and its Euler step
+  x <- x + (sigma_next - sigma) * v, with v = dx/dsigma = noise - x0, are exactly the trained flow;
+  its timesteps are sigma * 1000, the timestep the model was trained with.
+
+The noise of a spot comes from `sample_generator(seed, "sample", key)` only. The model runs on
+batches padded (by repeating the last spot) to a multiple of PAD_MULTIPLE rows: MKL picks its GEMM
+kernel, and with it the float summation order, by row count for small row counts (measured on CPU:
+1-3 rows, and with 2 threads any count below 12 that is not a multiple of 4, differ from larger
+batches in the last bit). With the padding a spot's latents are bit-identical whatever the batch
+size and whichever other spots are sampled (on the same device and thread count).
+
+Perturbation: target centroids are means over the TRAIN spots of the target label, of the CLS and,
+for token models, of each token position over the spots where it is a real token (token_mask).
+Reference spots are up to n-ref TEST spots of the source label. A reference spot's GE moves as
+`interpolate_ge(spot, centroid, alpha)` (CLS, and tokens position-wise where both are real;
+`interpolate_tokens` says what happens to the other positions); its UNI (or the null UNI) and its
+noise (seed, reference key) are the same at every alpha, so alpha = 0 is the plain sample of the spot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+
+from stmdit.errors import InputError
+from stmdit.features import parse_arch, read_array_rows, string_values
+from stmdit.loader import GeBatch, open_store, split_keys, store_rows
+from stmdit.metrics import choose_reference_spots, class_centroids, interpolate_ge, subsample_keys
+from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, get_objective, guided_prediction, regime_spec
+from stmdit.provenance import atomic_path, params_hash, provenance
+from stmdit.train_utils import sample_generator
+
+log = logging.getLogger(__name__)
+
+PAD_MULTIPLE = 8
+WEIGHTS_NAME = "ema.safetensors"
+DDIM_OPTIONS = {"clip_sample": False, "set_alpha_to_one": True, "timestep_spacing": "trailing", "steps_offset": 0}
+FLOW_SHIFT = 1.0
+SAMPLER_NAMES = {"ddpm": "ddim", "flow": "euler"}
+LATENT_CHUNK_SPOTS = 8  # 8 x 64 KiB float32 latents per chunk
+IMAGE_CHUNK_SPOTS = 16  # as the patches stores: 16 x 256 x 256 x 3 = 3 MiB
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained model folders
+
+
+@dataclass
+class TrainedModel:
+    """A finished model folder: EMA weights, its objective and the training settings."""
+
+    path: Path
+    model: STMDiT
+    objective: str
+    settings: dict
+    settings_hash: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "folder": str(self.path),
+            "settings_hash": self.settings_hash,
+            "objective": self.objective,
+            "ge_fusion": self.config.ge_fusion,
+            "ge_tokens": self.config.ge_tokens,
+            "config": self.config.to_dict(),
+        }
+
+
+def load_trained_model(model_dir: str | Path, device: torch.device | str = "cpu") -> TrainedModel:
+    """The EMA model of a finished training run (`config.json`, `ema.safetensors`, `training.json`)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise InputError(model_dir, "model folder not found")
+    training_path = model_dir / "training.json"
+    if not training_path.is_file():
+        raise InputError(training_path, "training.json not found (not a model folder written by stmdit train)")
+    try:
+        training = json.loads(training_path.read_text())
+        settings = dict(training["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(training_path, f"cannot read the training settings: {exc}") from None
+    objective = settings.get("objective")
+    if objective not in SAMPLER_NAMES:
+        raise InputError(training_path, f"unknown objective {objective!r} (expected one of {sorted(SAMPLER_NAMES)})")
+    if not (model_dir / WEIGHTS_NAME).is_file():
+        raise InputError(model_dir / WEIGHTS_NAME, "EMA weights not found: has training finished?")
+    model = STMDiT.from_pretrained(model_dir, weights_name=WEIGHTS_NAME).to(device).eval()
+    settings_hash = (training.get("provenance") or {}).get("params_hash") or params_hash(settings)
+    return TrainedModel(model_dir, model, objective, settings, settings_hash)
+
+
+def check_regime(trained: TrainedModel, regime: str) -> None:
+    """InputError naming the model folder when the model cannot be sampled in `regime`."""
+    if regime not in REGIMES:
+        raise InputError(None, f"unknown regime {regime!r} (known: {', '.join(REGIMES)})")
+    if regime_spec(regime).needs_ge_model and not trained.config.uses_ge:
+        raise InputError(trained.path, f"the model is UNI-only (ge_fusion none) and cannot be sampled in regime "
+                                       f"{regime!r}; use uni or uncond")
+
+
+def regime_uses_ge(regime: str) -> bool:
+    return regime in (UNI_GE, GE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler
+
+
+@dataclass
+class SamplerSettings:
+    """How to sample. Defaults: the paper's (50 steps, seed 42, s_uni 4, s_ge 3, batch 32)."""
+
+    regime: str = UNI_GE
+    steps: int = 50
+    seed: int = 42
+    s_uni: float = 4.0
+    s_ge: float = 3.0
+    batch_size: int = 32
+    bf16: bool = False  # bf16 autocast of the denoiser on CUDA
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise InputError(None, f"steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise InputError(None, f"batch size must be at least 1, got {self.batch_size}")
+
+    def describe(self, objective: str) -> dict[str, Any]:
+        scheduler = build_scheduler(objective, self.steps)
+        config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+        return {
+            "name": SAMPLER_NAMES[objective],
+            "scheduler": type(scheduler).__name__,
+            "scheduler_config": json.loads(json.dumps(config, default=str)),
+            "guidance": regime_spec(self.regime).guidance,
+            "pad_multiple": PAD_MULTIPLE,
+            "noise": 'sample_generator(seed, "sample", spot key)',
+            **asdict(self),
+        }
+
+
+def build_scheduler(objective: str, steps: int, device: torch.device | str | None = None):
+    """A fresh scheduler for `objective`, with its timesteps set for `steps` steps."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if objective == "ddpm":
+        training_scheduler = get_objective("ddpm").scheduler
+        scheduler = DDIMScheduler.from_config(training_scheduler.config, **DDIM_OPTIONS)
+    elif objective == "flow":
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=get_objective("flow").num_train_timesteps,
+                                                    shift=FLOW_SHIFT)
+    else:
+        raise ValueError(f"no sampler for objective {objective!r}")
+    scheduler.set_timesteps(steps, device=device)
+    return scheduler
+
+
+def initial_noise(noise_keys: Sequence[str], seed: int, latent_shape: Sequence[int]) -> torch.Tensor:
+    """(N, C, H, W) standard normal noise; row i depends only on (seed, noise_keys[i])."""
+    if not len(noise_keys):
+        raise ValueError("no spots to sample")
+    return torch.stack([torch.randn(tuple(latent_shape), generator=sample_generator(seed, "sample", str(key)))
+                        for key in noise_keys])
+
+
+Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.inference_mode()
+def denoise(predict: Predictor, noise: torch.Tensor, objective: str, steps: int) -> torch.Tensor:
+    """Run the sampler of `objective` from `noise`; `predict(x, t)` returns the model's (guided)
+    prediction at model timestep t (epsilon for ddpm, velocity for flow). Returns float32 x0."""
+    scheduler = build_scheduler(objective, steps, noise.device)
+    x = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        x = scheduler.step(predict(model_input, t).float(), t, x).prev_sample
+    return x.float()
+
+
+def guided_predictor(
+    model: torch.nn.Module,
+    uni: torch.Tensor | None,
+    ge: GeBatch | None,
+    regime: str,
+    s_uni: float,
+    s_ge: float,
+    autocast_dtype: torch.dtype | None = None,
+) -> Predictor:
+    """predict(x, t) = `guided_prediction` in `regime` (all conditionings in one forward pass)."""
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        context = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
+                   if autocast_dtype is not None else contextlib.nullcontext())
+        with context:
+            return guided_prediction(model, x, t, uni, ge, regime=regime, s_uni=s_uni, s_ge=s_ge).float()
+
+    return predict
+
+
+def pad_rows(tensor: torch.Tensor | None, multiple: int = PAD_MULTIPLE) -> torch.Tensor | None:
+    """Rows repeated from the last one up to a multiple of `multiple` rows."""
+    if tensor is None:
+        return None
+    extra = -len(tensor) % multiple
+    return torch.cat([tensor, tensor[-1:].expand(extra, *tensor.shape[1:])]) if extra else tensor
+
+
+def pad_ge(ge: GeBatch | None, multiple: int = PAD_MULTIPLE) -> GeBatch | None:
+    if ge is None:
+        return None
+    return GeBatch(pad_rows(ge.cls, multiple), pad_rows(ge.tokens, multiple), pad_rows(ge.token_mask, multiple))
+
+
+def autocast_dtype_for(device: torch.device, bf16: bool) -> torch.dtype | None:
+    return torch.bfloat16 if bf16 and device.type == "cuda" else None
+
+
+def sample_latents(
+    model: STMDiT,
+    objective: str,
+    noise_keys: Sequence[str],
+    uni: torch.Tensor | None,
+    ge: GeBatch | None,
+    settings: SamplerSettings,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Latents (N, C, H, W) float32 on the CPU of one batch of spots, sampled in `settings.regime`."""
+    device = torch.device(device)
+    config = model.config
+    noise = initial_noise(noise_keys, settings.seed, (config.in_channels, config.latent_size, config.latent_size))
+    n = len(noise)
+    uni = None if uni is None else pad_rows(uni.float()).to(device)
+    ge = None if ge is None else pad_ge(ge).to(device)
+    predict = guided_predictor(model, uni, ge, settings.regime, settings.s_uni, settings.s_ge,
+                               autocast_dtype_for(device, settings.bf16))
+    return denoise(predict, pad_rows(noise).to(device), objective, settings.steps)[:n].cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditions of the spots to sample
+
+
+class StoreConditions:
+    """UNI and GE of spots read from the feature stores, one batch at a time (GE tokens stay on
+    disk until their batch). `noise_keys` = `keys`."""
+
+    def __init__(self, keys: Sequence[str], uni_store: str | Path, ge_store: str | Path | None, config):
+        self.keys = [str(k) for k in keys]
+        self.noise_keys = self.keys
+        uni_group = open_store(uni_store)
+        self.uni = read_array_rows(uni_group["embedding"], store_rows(uni_group, self.keys, uni_store))
+        check_width(uni_store, "UNI embedding", self.uni.shape[-1], config.uni_dim)
+        self.ge_cls = self.ge_tokens = self.ge_mask = None
+        if ge_store is not None:
+            group = open_store(ge_store)
+            self.ge_rows = store_rows(group, self.keys, ge_store)
+            self.ge_cls = read_array_rows(group["embedding"], self.ge_rows)
+            check_width(ge_store, "GE embedding", self.ge_cls.shape[-1], config.ge_dim)
+            if config.uses_ge_tokens:
+                self.ge_tokens, self.ge_mask = token_arrays(group, ge_store)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, GeBatch | None]:
+        uni = torch.from_numpy(self.uni[positions].astype(np.float32))
+        if self.ge_cls is None:
+            return uni, None
+        ge = GeBatch(torch.from_numpy(self.ge_cls[positions].astype(np.float32)))
+        if self.ge_tokens is not None:
+            rows = self.ge_rows[positions]
+            ge.tokens = torch.from_numpy(read_array_rows(self.ge_tokens, rows).astype(np.float32))
+            ge.token_mask = torch.from_numpy(read_array_rows(self.ge_mask, rows).astype(bool))
+        return uni, ge
+
+
+def check_width(path: str | Path, what: str, found: int, expected: int) -> None:
+    if found != expected:
+        raise InputError(path, f"{what} has {found} dimensions; the model expects {expected}")
+
+
+def token_arrays(group: zarr.Group, path: str | Path) -> tuple[zarr.Array, zarr.Array]:
+    if "tokens" not in group or "token_mask" not in group:
+        raise InputError(path, "the model attends to GE tokens but the store has no tokens/token_mask arrays")
+    return group["tokens"], group["token_mask"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output store
+
+
+def write_sample_store(
+    path: str | Path,
+    keys: Sequence[str],
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    attrs: Mapping[str, Any],
+    extra_arrays: Mapping[str, np.ndarray] | None = None,
+) -> Path:
+    """Write `spot_key`, `latent` (N, C, H, W) float32 and `images` (N, H, W, 3) uint8 (filled from
+    (latents, images) batches in key order), per-row `extra_arrays` and `attrs`, atomically.
+
+    (`features.write_feature_store` stores latents as float16 and has no uint8 arrays.)"""
+    from zarr.codecs import BloscCodec, BloscShuffle
+
+    path = Path(path)
+    keys = [str(k) for k in keys]
+    n = len(keys)
+    if n == 0:
+        raise InputError(path, "no spots to write")
+    with atomic_path(path) as tmp:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        group.create_array("spot_key", shape=(n,), dtype=str, chunks=(n,))[:] = np.array(keys, dtype=object)
+        for name, values in (extra_arrays or {}).items():
+            values = np.asarray(values)
+            if values.dtype.kind in "UO":
+                group.create_array(name, shape=values.shape, dtype=str, chunks=values.shape)[:] = values.astype(object)
+            else:
+                group.create_array(name, data=values)
+        latent_array = image_array = None
+        written = 0
+        for latents, images in batches:
+            if latent_array is None:
+                latent_array = group.create_array(
+                    "latent", shape=(n, *latents.shape[1:]), dtype="float32",
+                    chunks=(min(n, LATENT_CHUNK_SPOTS), *latents.shape[1:]),
+                    compressors=BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, typesize=4))
+                image_array = group.create_array(
+                    "images", shape=(n, *images.shape[1:]), dtype="uint8",
+                    chunks=(min(n, IMAGE_CHUNK_SPOTS), *images.shape[1:]),
+                    compressors=BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.noshuffle), fill_value=255)
+            stop = written + len(latents)
+            latent_array[written:stop] = latents.astype(np.float32)
+            image_array[written:stop] = images
+            written = stop
+        if written != n:
+            raise RuntimeError(f"sampled {written} rows for {n} spots")
+        group.attrs.update(json.loads(json.dumps(dict(attrs), default=str)))
+    log.info("wrote %s: %d rows", path, n)
+    return path
+
+
+def load_codec(impl: str, weights: str | None, arch_json: str | None, allow_hub: bool, device: torch.device,
+               bf16: bool):
+    from stmdit.encoders import load_encoder
+
+    return load_encoder("sd3_vae", impl, weights=weights, allow_hub=allow_hub, arch=parse_arch(arch_json),
+                        device=str(device.type), bf16=bf16)
+
+
+def check_codec(trained: TrainedModel, codec) -> None:
+    if codec.latent_shape[0] != trained.config.in_channels:
+        raise InputError(trained.path, f"the model makes {trained.config.in_channels}-channel latents; the "
+                                       f"sd3_vae decoder takes {codec.latent_shape[0]}")
+
+
+def generate(
+    trained: TrainedModel,
+    conditions,
+    settings: SamplerSettings,
+    codec,
+    out: str | Path,
+    attrs: Mapping[str, Any],
+    device: torch.device,
+    extra_arrays: Mapping[str, np.ndarray] | None = None,
+) -> Path:
+    """Sample every row of `conditions` in batches, decode, and write the output store."""
+    from tqdm import tqdm
+
+    n, size = len(conditions), settings.batch_size
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        starts = range(0, n, size)
+        for start in tqdm(starts, total=len(starts), desc=f"sample {settings.regime}", unit="batch",
+                          file=sys.stderr, mininterval=5.0):
+            positions = np.arange(start, min(start + size, n))
+            uni, ge = conditions.batch(positions)
+            noise_keys = [conditions.noise_keys[p] for p in positions]
+            latents = sample_latents(trained.model, trained.objective, noise_keys, uni, ge, settings, device)
+            yield latents.numpy(), codec.decode(latents)
+
+    return write_sample_store(out, conditions.keys, batches(), attrs, extra_arrays)
+
+
+def common_attrs(trained: TrainedModel, settings: SamplerSettings, codec_impl: str, step: str, params: dict,
+                 inputs: list) -> dict[str, Any]:
+    return {
+        "stmdit": provenance(step, params, inputs),
+        "sampler": settings.describe(trained.objective),
+        "model": trained.describe(),
+        "encoders": {"sd3_vae": codec_impl},
+    }
+
+
+def resolve_device(name: str) -> torch.device:
+    from stmdit.encoders import resolve_device as resolve
+
+    device = resolve(name)
+    log.info("device: %s%s", device, "" if device.type == "cuda" else " (no CUDA, or CPU requested)")
+    return device
+
+
+def cli_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+
+
+def sampler_settings(args: argparse.Namespace, regime: str) -> SamplerSettings:
+    return SamplerSettings(regime=regime, steps=args.steps, seed=args.seed, s_uni=args.s_uni, s_ge=args.s_ge,
+                           batch_size=args.batch_size, bf16=args.bf16)
+
+
+# ---------------------------------------------------------------------------------------------
+# stmdit sample
+
+
+def run_sample(args: argparse.Namespace) -> Path:
+    settings = sampler_settings(args, args.regime)
+    device = resolve_device(args.device)
+    trained = load_trained_model(args.model_dir, device)
+    check_regime(trained, args.regime)
+    if regime_uses_ge(args.regime) and args.ge is None:
+        raise InputError(None, f"regime {args.regime} needs the GE store (--ge)")
+    keys = split_keys(args.split, args.split_name)
+    if args.max_spots is not None:
+        keys = subsample_keys(keys, args.max_spots, args.subsample_seed)
+    conditions = StoreConditions(keys, args.uni, args.ge if regime_uses_ge(args.regime) else None, trained.config)
+    codec = load_codec(args.vae_impl, args.vae_weights, args.vae_arch_json, args.allow_hub, device, args.bf16)
+    check_codec(trained, codec)
+    log.info("sampling %d %s spots of %s with %s (%s, %s sampler, %d steps) in regime %s -> %s", len(keys),
+             args.split_name, args.split, trained.path, trained.config.ge_fusion, SAMPLER_NAMES[trained.objective],
+             settings.steps, args.regime, args.out)
+    inputs = [trained.path / WEIGHTS_NAME, args.split, args.uni] + ([args.ge] if args.ge else [])
+    attrs = common_attrs(trained, settings, args.vae_impl, "sample", cli_params(args), inputs)
+    attrs["spots"] = {"split": str(args.split), "split_name": args.split_name, "n": len(keys),
+                      "max_spots": args.max_spots, "subsample_seed": args.subsample_seed}
+    return generate(trained, conditions, settings, codec, args.out, attrs, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# stmdit perturb-sample
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    """"Tumor:Stroma,Immune:Tumor" -> [("Tumor", "Stroma"), ("Immune", "Tumor")]."""
+    pairs = []
+    for item in (part.strip() for part in text.split(",")):
+        source, sep, target = item.partition(":")
+        if not sep or not source.strip() or not target.strip():
+            raise InputError(None, f"--pairs: {item!r} is not SOURCE:TARGET")
+        pairs.append((source.strip(), target.strip()))
+    return pairs
+
+
+def parse_alphas(text: str) -> list[float]:
+    try:
+        alphas = sorted({float(a) for a in text.split(",")})
+    except ValueError:
+        raise InputError(None, f"--alphas: {text!r} is not a comma-separated list of numbers") from None
+    if not alphas or alphas[0] < 0 or alphas[-1] > 1:
+        raise InputError(None, f"--alphas must lie in [0, 1], got {text!r}")
+    return alphas
+
+
+def read_spot_labels(expression: str | Path, keys: Sequence[str]) -> np.ndarray:
+    """obs["label"] of `keys` from the cohort h5ad (obs names are spot keys)."""
+    import anndata as ad
+
+    expression = Path(expression)
+    if not expression.exists():
+        raise InputError(expression, "expression file not found")
+    try:
+        adata = ad.read_h5ad(expression, backed="r")
+        obs = adata.obs.copy()
+        adata.file.close()
+    except Exception as exc:  # h5py/anndata raise many types for a damaged file
+        raise InputError(expression, f"cannot read h5ad: {exc}") from None
+    if "label" not in obs:
+        raise InputError(expression, 'obs["label"] (tissue labels) is missing')
+    labels = obs["label"].astype(str).reindex([str(k) for k in keys])
+    if labels.isna().any():
+        raise InputError(expression, f"{int(labels.isna().sum())} spot(s) of the split have no row, "
+                                     f"e.g. {labels.index[labels.isna()][0]}")
+    return labels.to_numpy(dtype=object)
+
+
+@dataclass
+class GeCentroid:
+    """A class centroid in CancerFoundation space: CLS (d,) and, for token models, tokens (T, d) with
+    `valid` (T,) = the position holds a real token in at least one spot of the class."""
+
+    cls: np.ndarray
+    tokens: np.ndarray | None = None
+    valid: np.ndarray | None = None
+
+
+def token_centroid(tokens: zarr.Array, mask: zarr.Array, rows: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position mean of the tokens over the spots where the position is a real token
+    (`metrics.class_centroids` with a mask), accumulated in blocks so a class is never in memory."""
+    sums = np.zeros(tokens.shape[1:], np.float64)
+    counts = np.zeros(tokens.shape[1], np.float64)
+    for start in range(0, len(rows), block):
+        chunk = np.sort(rows[start:start + block])
+        weights = read_array_rows(mask, chunk).astype(np.float64)
+        sums += np.einsum("nt,ntd->td", weights, read_array_rows(tokens, chunk).astype(np.float64))
+        counts += weights.sum(axis=0)
+    return sums / np.maximum(counts, 1.0)[:, None], counts > 0
+
+
+def ge_centroids(ge_store: str | Path, keys: Sequence[str], labels: np.ndarray, wanted: Iterable[str],
+                 tokens: bool) -> dict[str, GeCentroid]:
+    """Centroids of the `wanted` labels over `keys` (the train spots)."""
+    group = open_store(ge_store)
+    rows = store_rows(group, keys, ge_store)
+    cls = read_array_rows(group["embedding"], rows)
+    wanted = [w for w in dict.fromkeys(wanted) if np.any(labels == w)]
+    if not wanted:
+        return {}
+    selected = np.isin(labels, wanted)
+    centroids = {label: GeCentroid(c) for label, c in class_centroids(cls[selected], labels[selected]).items()}
+    if tokens:
+        token_array, mask_array = token_arrays(group, ge_store)
+        for label in wanted:
+            centroids[label].tokens, centroids[label].valid = token_centroid(token_array, mask_array,
+                                                                             rows[labels == label])
+    return centroids
+
+
+def interpolate_tokens(tokens: np.ndarray, mask: np.ndarray, centroid: GeCentroid, alpha: float
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Position-wise interpolation of one spot's token sequence toward a class centroid.
+
+    Positions real in both move linearly; positions the centroid lacks keep the spot's token;
+    positions only the centroid has appear (with the centroid's token) once alpha > 0. At alpha = 0
+    the spot's own sequence and mask come back unchanged."""
+    both = mask & centroid.valid
+    moved = np.where(both[:, None], interpolate_ge(tokens, centroid.tokens, alpha), tokens)
+    appear = ~mask & centroid.valid & (alpha > 0)
+    return np.where(appear[:, None], centroid.tokens, moved), mask | appear
+
+
+class PerturbationConditions:
+    """Rows (pair, reference spot, alpha): the reference spot's UNI (or the null UNI) and its GE
+    moved toward the target class centroid; the noise of a row is its reference spot's."""
+
+    def __init__(self, rows: pd.DataFrame, uni_store: str | Path, ge_store: str | Path,
+                 centroids: Mapping[str, GeCentroid], config, uni_null: bool):
+        self.rows = rows.reset_index(drop=True)
+        self.keys = self.rows["spot_key"].tolist()
+        self.noise_keys = self.rows["ref_key"].tolist()
+        self.centroids = centroids
+        refs = list(dict.fromkeys(self.noise_keys))
+        self.ref_index = {k: i for i, k in enumerate(refs)}
+        uni_group = open_store(uni_store)
+        self.uni = read_array_rows(uni_group["embedding"], store_rows(uni_group, refs, uni_store))
+        check_width(uni_store, "UNI embedding", self.uni.shape[-1], config.uni_dim)
+        self.uni_null = uni_null
+        group = open_store(ge_store)
+        self.ge_rows = store_rows(group, refs, ge_store)
+        self.ge_cls = read_array_rows(group["embedding"], self.ge_rows)
+        check_width(ge_store, "GE embedding", self.ge_cls.shape[-1], config.ge_dim)
+        self.ge_tokens = self.ge_mask = None
+        if config.uses_ge_tokens:
+            self.ge_tokens, self.ge_mask = token_arrays(group, ge_store)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor | None, GeBatch]:
+        part = self.rows.iloc[positions]
+        refs = np.array([self.ref_index[k] for k in part["ref_key"]])
+        alphas, targets = part["alpha"].to_numpy(), part["target"].tolist()
+        cls = np.stack([interpolate_ge(self.ge_cls[r], self.centroids[t].cls, a)
+                        for r, t, a in zip(refs, targets, alphas)])
+        ge = GeBatch(torch.from_numpy(cls.astype(np.float32)))
+        if self.ge_tokens is not None:
+            tokens = read_array_rows(self.ge_tokens, self.ge_rows[refs]).astype(np.float64)
+            masks = read_array_rows(self.ge_mask, self.ge_rows[refs]).astype(bool)
+            moved = [interpolate_tokens(tok, m, self.centroids[t], a)
+                     for tok, m, t, a in zip(tokens, masks, targets, alphas)]
+            ge.tokens = torch.from_numpy(np.stack([m[0] for m in moved]).astype(np.float32))
+            ge.token_mask = torch.from_numpy(np.stack([m[1] for m in moved]))
+        uni = None if self.uni_null else torch.from_numpy(self.uni[refs].astype(np.float32))
+        return uni, ge
+
+
+def perturbation_rows(pairs: Sequence[tuple[str, str]], alphas: Sequence[float], test_keys: Sequence[str],
+                      test_labels: np.ndarray, train_labels: np.ndarray, n_ref: int, seed: int
+                      ) -> tuple[pd.DataFrame, dict[str, str]]:
+    """One row per (pair, reference spot, alpha), and the skipped pairs with their reason."""
+    rows, skipped = [], {}
+    for source, target in pairs:
+        pair = f"{source}->{target}"
+        if not np.any(train_labels == target):
+            skipped[pair] = f"no train spots labelled {target!r} (no target centroid)"
+        elif not np.any(test_labels == source):
+            skipped[pair] = f"no test spots labelled {source!r} (no reference spots)"
+        if pair in skipped:
+            log.warning("perturbation pair %s skipped: %s", pair, skipped[pair])
+            continue
+        for ref in choose_reference_spots(test_keys, test_labels, source, n_ref, seed):
+            rows.extend({"spot_key": f"{pair}|{ref}|{alpha:g}", "pair": pair, "source": source, "target": target,
+                         "ref_key": ref, "alpha": float(alpha)} for alpha in alphas)
+    return pd.DataFrame(rows, columns=["spot_key", "pair", "source", "target", "ref_key", "alpha"]), skipped
+
+
+def run_perturb_sample(args: argparse.Namespace) -> Path:
+    pairs, alphas = parse_pairs(args.pairs), parse_alphas(args.alphas)
+    regime = GE if args.uni_null else UNI_GE
+    settings = sampler_settings(args, regime)
+    device = resolve_device(args.device)
+    trained = load_trained_model(args.model_dir, device)
+    if not trained.config.uses_ge:
+        raise InputError(trained.path, "perturbation sampling needs a GE model; this model is UNI-only")
+    train_keys = split_keys(args.split, "train")
+    test_keys = split_keys(args.split, "test")
+    train_labels = read_spot_labels(args.expression, train_keys)
+    test_labels = read_spot_labels(args.expression, test_keys)
+    rows, skipped = perturbation_rows(pairs, alphas, test_keys, test_labels, train_labels, args.n_ref, args.seed)
+    if rows.empty:
+        raise InputError(args.expression, f"no perturbation pair can be sampled: {skipped}")
+    centroids = ge_centroids(args.ge, train_keys, train_labels, rows["target"].unique(), trained.config.uses_ge_tokens)
+    conditions = PerturbationConditions(rows, args.uni, args.ge, centroids, trained.config, args.uni_null)
+    codec = load_codec(args.vae_impl, args.vae_weights, args.vae_arch_json, args.allow_hub, device, args.bf16)
+    check_codec(trained, codec)
+    log.info("perturbation: %d rows (%d pairs x refs x %d alphas), regime %s%s -> %s", len(rows),
+             rows["pair"].nunique(), len(alphas), regime, " (UNI nulled)" if args.uni_null else "", args.out)
+    inputs = [trained.path / WEIGHTS_NAME, args.split, args.expression, args.uni, args.ge]
+    attrs = common_attrs(trained, settings, args.vae_impl, "perturb-sample", cli_params(args), inputs)
+    attrs["perturbation"] = {
+        "pairs": [f"{s}->{t}" for s, t in pairs],
+        "sampled_pairs": rows["pair"].unique().tolist(),
+        "skipped_pairs": skipped,
+        "alphas": alphas,
+        "n_ref": args.n_ref,
+        "uni_null": bool(args.uni_null),
+        "centroids": "mean CancerFoundation CLS (and per-position mean of real tokens) of the TRAIN spots "
+                     "of the target label",
+        "noise": "per reference spot: sample_generator(seed, 'sample', ref_key), the same at every alpha",
+    }
+    extra = {"pair": rows["pair"].to_numpy(dtype=object), "ref_key": rows["ref_key"].to_numpy(dtype=object),
+             "alpha": rows["alpha"].to_numpy(dtype=np.float64)}
+    return generate(trained, conditions, settings, codec, args.out, attrs, device, extra_arrays=extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# stmdit sample-grid
+
+GRID_LABEL_WIDTH = 96  # px left of the tiles for the row labels
+GRID_HEADER_HEIGHT = 24  # px above the tiles for the class labels
+GRID_GAP = 4  # px right of and below every tile
+
+
+def grid_size(n_rows: int, n_columns: int, tile_px: int) -> tuple[int, int]:
+    """(height, width) of a grid PNG."""
+    return GRID_HEADER_HEIGHT + n_rows * (tile_px + GRID_GAP), GRID_LABEL_WIDTH + n_columns * (tile_px + GRID_GAP)
+
+
+def parse_named_paths(items: Sequence[str]) -> dict[str, Path]:
+    named = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(None, f"--samples: {item!r} is not REGIME=PATH")
+        named[name] = Path(path)
+    return named
+
+
+def store_keys(path: Path) -> tuple[zarr.Group, dict[str, int]]:
+    group = open_store(path)
+    if "images" not in group or "spot_key" not in group:
+        raise InputError(path, "not an image store (needs arrays images and spot_key)")
+    return group, {k: i for i, k in enumerate(string_values(group["spot_key"][:]))}
+
+
+def read_labels_tables(spots: Sequence[Path]) -> pd.Series:
+    """key -> label ("unlabelled" when empty) of the kept spots of the spots tables."""
+    parts = []
+    for path in spots:
+        try:
+            table = pd.read_parquet(path)
+        except (OSError, ValueError) as exc:
+            raise InputError(path, f"cannot read spots table: {exc}") from None
+        if "key" not in table:
+            raise InputError(path, "spots table has no key column")
+        if "keep" in table:
+            table = table[table["keep"].astype(bool)]
+        labels = table["label"] if "label" in table else pd.Series("", index=table.index)
+        parts.append(pd.Series(labels.fillna("").astype(str).replace("", "unlabelled").to_numpy(),
+                               index=table["key"].astype(str).to_numpy()))
+    return pd.concat(parts) if parts else pd.Series(dtype=str)
+
+
+def choose_grid_spots(labels: pd.Series, per_class: int, seed: int) -> list[tuple[str, str]]:
+    """(label, key) columns: up to `per_class` spots of each label (sorted), drawn at `seed`."""
+    rng = np.random.default_rng(seed)
+    columns = []
+    for label in sorted(labels.unique()):
+        keys = labels.index[labels.to_numpy() == label].to_numpy()
+        chosen = np.sort(rng.choice(len(keys), size=min(per_class, len(keys)), replace=False))
+        columns.extend((label, str(keys[i])) for i in chosen)
+    return columns
+
+
+def render_grid(rows: Sequence[tuple[str, np.ndarray]], columns: Sequence[tuple[str, str]], tile_px: int) -> np.ndarray:
+    """RGB canvas: one row per (name, images (n_columns, H, W, 3)), class names over their first column."""
+    import cv2
+
+    height, width = grid_size(len(rows), len(columns), tile_px)
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    font, scale, black = cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0)
+    for c, (label, _) in enumerate(columns):
+        if c == 0 or columns[c - 1][0] != label:
+            x = GRID_LABEL_WIDTH + c * (tile_px + GRID_GAP)
+            cv2.putText(canvas, label, (x, GRID_HEADER_HEIGHT - 8), font, scale, black, 1, cv2.LINE_AA)
+    for r, (name, images) in enumerate(rows):
+        y = GRID_HEADER_HEIGHT + r * (tile_px + GRID_GAP)
+        cv2.putText(canvas, name, (4, y + tile_px // 2), font, scale, black, 1, cv2.LINE_AA)
+        for c, image in enumerate(images):
+            x = GRID_LABEL_WIDTH + c * (tile_px + GRID_GAP)
+            canvas[y:y + tile_px, x:x + tile_px] = cv2.resize(image, (tile_px, tile_px), interpolation=cv2.INTER_AREA)
+    return canvas
+
+
+def write_png(path: str | Path, rgb: np.ndarray) -> None:
+    import cv2
+
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError(f"PNG encoding of {path} failed")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(encoded.tobytes())
+
+
+def run_sample_grid(args: argparse.Namespace) -> Path:
+    if len(args.spots) != len(args.patches):
+        raise InputError(None, f"{len(args.spots)} --spots tables but {len(args.patches)} --patches stores")
+    samples = parse_named_paths(args.samples)
+    labels = read_labels_tables(args.spots)
+    sample_stores = {name: store_keys(path) for name, path in samples.items()}
+    real_stores = [store_keys(path) for path in args.patches]
+    present = labels.index.isin([k for _, index in real_stores for k in index])
+    for _, index in sample_stores.values():
+        present &= labels.index.isin(list(index))
+    labels = labels[present]
+    if labels.empty:
+        raise InputError(None, "no spot of the spots tables is in the patches stores and in every samples store")
+    columns = choose_grid_spots(labels, args.per_class, args.seed)
+    keys = [key for _, key in columns]
+    real = np.stack([read_image(real_stores, key) for key in keys])
+    rows = [("real", real)] + [(name, read_array_rows(group["images"], [index[k] for k in keys]))
+                               for name, (group, index) in sample_stores.items()]
+    write_png(args.out, render_grid(rows, columns, args.tile_px))
+    log.info("wrote %s: %d spots of %d classes, rows %s", args.out, len(keys), labels.nunique(),
+             [name for name, _ in rows])
+    return Path(args.out)
+
+
+def read_image(stores: Sequence[tuple[zarr.Group, dict[str, int]]], key: str) -> np.ndarray:
+    for group, index in stores:
+        if key in index:
+            return np.asarray(group["images"][index[key]])
+    raise KeyError(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _add_sampler_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", type=Path, required=True, help="finished model folder (ema.safetensors)")
+    p.add_argument("--split", type=Path, required=True, help="split table (key, split)")
+    p.add_argument("--uni", type=Path, required=True, help="uni2h feature store")
+    p.add_argument("--vae-impl", choices=("smoke", "real"), default="smoke")
+    p.add_argument("--vae-weights", help="SD3 VAE weights: local diffusers folder, or hub id with --allow-hub")
+    p.add_argument("--vae-arch-json", help="JSON object of sd3_vae overrides")
+    p.add_argument("--allow-hub", action="store_true", help="allow loading the VAE from the Hugging Face hub")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--s-uni", type=float, default=4.0)
+    p.add_argument("--s-ge", type=float, default=3.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    p.add_argument("--out", type=Path, required=True)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sample = subparsers.add_parser("sample", help="sample latents and images of a split from a trained model")
+    _add_sampler_options(sample)
+    sample.add_argument("--split-name", default="test")
+    sample.add_argument("--max-spots", type=int, default=None, help="seeded subsample of at most this many spots")
+    sample.add_argument("--subsample-seed", type=int, default=42)
+    sample.add_argument("--ge", type=Path, default=None, help="cancerfoundation feature store (GE regimes)")
+    sample.add_argument("--regime", choices=REGIMES, default=UNI_GE)
+    sample.set_defaults(func=run_sample)
+
+    perturb = subparsers.add_parser("perturb-sample", help="GE interpolated toward class centroids (Table 5)")
+    _add_sampler_options(perturb)
+    perturb.add_argument("--expression", type=Path, required=True, help='cohort h5ad with obs["label"]')
+    perturb.add_argument("--ge", type=Path, required=True, help="cancerfoundation feature store")
+    perturb.add_argument("--pairs", default="Tumor:Stroma,Tumor:Immune,Immune:Tumor")
+    perturb.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
+    perturb.add_argument("--n-ref", type=int, default=100)
+    perturb.add_argument("--uni-null", action="store_true", help="null the UNI condition (ge guidance)")
+    perturb.set_defaults(func=run_perturb_sample)
+
+    grid = subparsers.add_parser("sample-grid", help="PNG grid of real vs generated tiles per tissue class")
+    grid.add_argument("--spots", type=Path, nargs="+", required=True, help="spots tables (labels)")
+    grid.add_argument("--patches", type=Path, nargs="+", required=True, help="patches stores, same order")
+    grid.add_argument("--samples", nargs="+", required=True, help="REGIME=samples store, one per row")
+    grid.add_argument("--per-class", type=int, default=4)
+    grid.add_argument("--seed", type=int, default=0)
+    grid.add_argument("--tile-px", type=int, default=128)
+    grid.add_argument("--out", type=Path, required=True)
+    grid.set_defaults(func=run_sample_grid)

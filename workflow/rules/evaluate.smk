@@ -1,0 +1,181 @@
+# Evaluation: frozen-encoder features of generated tiles, then one JSON per metric (fid, auc,
+# perturbation, ood_fid, swap_fid) under results/eval/{model}/{cohort}/.
+
+
+rule eval_features:
+    input:
+        "results/samples/{model}/{cohort}/{store}.zarr",
+    output:
+        directory("results/eval/{model}/{cohort}/{store}_{encoder}.zarr"),
+    params:
+        encoder_args=eval_encoder_args,
+        batch_size=config["features"]["batch_size"],
+        device=config["features"]["device"],
+    wildcard_constraints:
+        store="|".join(SAMPLE_STORES),
+        encoder="|".join(EVAL_ENCODERS),
+    log:
+        "results/eval/{model}/{cohort}/{store}_{encoder}.log",
+    benchmark:
+        "results/benchmarks/eval_features/{model}/{cohort}/{store}_{encoder}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        runtime=lambda wildcards, attempt: 60 * attempt,
+    conda:
+        CONDA_GPU
+    shell:
+        "python -m stmdit eval-features --encoder {wildcards.encoder} {params.encoder_args} --images {input}"
+        " --out {output} --batch-size {params.batch_size} --device {params.device} > {log} 2>&1"
+
+
+rule fid:
+    input:
+        real="results/features/{cohort}/h0mini.zarr",
+        generated=lambda wildcards: list(regime_stores(wildcards.model, wildcards.cohort, "h0mini").values()),
+        split="results/splits/{cohort}.parquet",
+        expression="results/expression/{cohort}.h5ad",
+    output:
+        "results/eval/{model}/{cohort}/fid.json",
+    params:
+        generated=lambda wildcards: pairs_arg(regime_stores(wildcards.model, wildcards.cohort, "h0mini")),
+        n_boot=config["evaluate"]["n_boot"],
+        seed=config["evaluate"]["seed"],
+        min_spots=config["evaluate"]["min_spots_per_tissue"],
+    log:
+        "results/eval/{model}/{cohort}/fid.log",
+    benchmark:
+        "results/benchmarks/eval/{model}/{cohort}/fid.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=lambda wildcards, attempt: 120 * attempt,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit fid --real {input.real} --generated {params.generated} --split {input.split}"
+        " --split-name test --expression {input.expression} --n-boot {params.n_boot} --seed {params.seed}"
+        " --min-spots-per-tissue {params.min_spots} --model {wildcards.model} --cohort {wildcards.cohort}"
+        " --kind fid --out {output} > {log} 2>&1"
+
+
+rule ood_fid:
+    input:
+        real="results/features/{cohort}/h0mini.zarr",
+        generated=lambda wildcards: list(regime_stores(wildcards.model, wildcards.cohort, "h0mini").values()),
+        split="results/splits/{cohort}.parquet",
+    output:
+        "results/eval/{model}/{cohort}/ood_fid.json",
+    params:
+        generated=lambda wildcards: pairs_arg(regime_stores(wildcards.model, wildcards.cohort, "h0mini")),
+        n_boot=config["evaluate"]["n_boot"],
+        seed=config["evaluate"]["seed"],
+    log:
+        "results/eval/{model}/{cohort}/ood_fid.log",
+    benchmark:
+        "results/benchmarks/eval/{model}/{cohort}/ood_fid.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=lambda wildcards, attempt: 120 * attempt,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit fid --real {input.real} --generated {params.generated} --split {input.split}"
+        " --split-name test --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model}"
+        " --cohort {wildcards.cohort} --kind ood --out {output} > {log} 2>&1"
+
+
+rule swap_fid:
+    input:
+        real="results/features/{cohort}/h0mini.zarr",
+        deepspot="results/eval/{model}/{cohort}/uni_ge_h0mini.zarr",
+        visium="results/eval/{model}/{cohort}/uni_ge_visium_h0mini.zarr",
+        split="results/splits/{cohort}.parquet",
+    output:
+        "results/eval/{model}/{cohort}/swap_fid.json",
+    params:
+        n_boot=config["evaluate"]["n_boot"],
+        seed=config["evaluate"]["seed"],
+    log:
+        "results/eval/{model}/{cohort}/swap_fid.log",
+    benchmark:
+        "results/benchmarks/eval/{model}/{cohort}/swap_fid.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=lambda wildcards, attempt: 120 * attempt,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit fid --real {input.real} --generated deepspot={input.deepspot} visium={input.visium}"
+        " --split {input.split} --split-name test --n-boot {params.n_boot} --seed {params.seed}"
+        " --model {wildcards.model} --cohort {wildcards.cohort} --kind swap --out {output} > {log} 2>&1"
+
+
+rule auc:
+    input:
+        expression="results/expression/{cohort}.h5ad",
+        split="results/splits/{cohort}.parquet",
+        real_uni="results/features/{cohort}/uni2h.zarr",
+        real_midnight="results/features/{cohort}/midnight.zarr",
+        gen_uni=lambda wildcards: list(regime_stores(wildcards.model, wildcards.cohort, "uni2h").values()),
+        gen_midnight=lambda wildcards: list(regime_stores(wildcards.model, wildcards.cohort, "midnight").values()),
+    output:
+        "results/eval/{model}/{cohort}/auc.json",
+    params:
+        gen_uni=lambda wildcards: pairs_arg(regime_stores(wildcards.model, wildcards.cohort, "uni2h")),
+        gen_midnight=lambda wildcards: pairs_arg(regime_stores(wildcards.model, wildcards.cohort, "midnight")),
+        ks=",".join(map(str, config["evaluate"]["ks"])),
+        pca=config["evaluate"]["pca"],
+        mlp_hidden=",".join(map(str, config["evaluate"]["mlp_hidden"])),
+        mlp_max_iter=config["evaluate"]["mlp_max_iter"],
+        n_boot=config["evaluate"]["n_boot"],
+        seed=config["evaluate"]["seed"],
+    log:
+        "results/eval/{model}/{cohort}/auc.log",
+    benchmark:
+        "results/benchmarks/eval/{model}/{cohort}/auc.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda wildcards, attempt: 32000 * attempt,
+        runtime=lambda wildcards, attempt: 240 * attempt,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit auc --expression {input.expression} --split {input.split} --real-uni {input.real_uni}"
+        " --gen-uni {params.gen_uni} --real-midnight {input.real_midnight} --gen-midnight {params.gen_midnight}"
+        " --ks {params.ks} --pca {params.pca} --mlp-hidden {params.mlp_hidden} --mlp-max-iter {params.mlp_max_iter}"
+        " --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort}"
+        " --out {output} > {log} 2>&1"
+
+
+rule perturbation:
+    input:
+        features="results/eval/{model}/{cohort}/{store}_h0mini.zarr",
+        samples="results/samples/{model}/{cohort}/{store}.zarr",
+        real="results/features/{cohort}/h0mini.zarr",
+        expression="results/expression/{cohort}.h5ad",
+        split="results/splits/{cohort}.parquet",
+    output:
+        "results/eval/{model}/{cohort}/{store}.json",
+    params:
+        variant=lambda wildcards: "uni_null" if wildcards.store.endswith("uni_null") else "default",
+        weight=config["evaluate"]["perturbation"]["weight"],
+    wildcard_constraints:
+        store="perturbation|perturbation_uni_null",
+    log:
+        "results/eval/{model}/{cohort}/{store}.log",
+    benchmark:
+        "results/benchmarks/eval/{model}/{cohort}/{store}.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit perturbation --features {input.features} --samples {input.samples} --real {input.real}"
+        " --expression {input.expression} --split {input.split} --weight {params.weight}"
+        " --model {wildcards.model} --cohort {wildcards.cohort} --variant {params.variant} --out {output} > {log} 2>&1"

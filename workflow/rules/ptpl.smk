@@ -1,0 +1,92 @@
+# DeepSpot pseudo-labels (PTPL): trained on the training cohort (leave-one-donor-out for its own
+# spots), predicted for every cohort whose GE must come from DeepSpot, then embedded by CancerFoundation.
+
+
+rule deepspot_train:
+    input:
+        expression=f"results/expression/{TRAIN_COHORT}.h5ad",
+        features=f"results/features/{TRAIN_COHORT}/deepspot_fm.zarr",
+        spots=spots_of(TRAIN_COHORT),
+    output:
+        model=directory(f"results/ptpl/{TRAIN_COHORT}_deepspot"),
+        lodo=f"results/ptpl/{TRAIN_COHORT}_lodo.json",
+    params:
+        settings=" ".join([
+            f"--epochs {config['deepspot']['epochs']} --batch-size {config['deepspot']['batch_size']}",
+            f"--n-ensemble {config['deepspot']['n_ensemble']} --hidden-dim {config['deepspot']['hidden_dim']}",
+            f"--dropout {config['deepspot']['dropout']} --lr {config['deepspot']['lr']}",
+            f"--weight-decay {config['deepspot']['weight_decay']} --seed {config['deepspot']['seed']}",
+            "--standardize" if config["deepspot"]["standardize"] else "--no-standardize",
+            "" if config["deepspot"]["baselines"] else "--no-baselines",
+            f"--mlp-hidden {config['deepspot']['mlp_hidden']} --mlp-max-iter {config['deepspot']['mlp_max_iter']}",
+            f"--device {config['features']['device']}",
+            "--bf16" if config["features"]["bf16"] else "",
+        ]),
+    log:
+        f"results/ptpl/{TRAIN_COHORT}_deepspot.log",
+    benchmark:
+        "results/benchmarks/ptpl/deepspot_train.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wildcards, attempt: 32000 * attempt,
+        runtime=lambda wildcards, attempt: 240 * attempt,
+    conda:
+        CONDA_GPU
+    shell:
+        "python -m stmdit deepspot-train --expression {input.expression} --features {input.features}"
+        " --spots {input.spots} --out-model {output.model} --out-lodo {output.lodo} {params.settings} > {log} 2>&1"
+
+
+rule deepspot_predict:
+    input:
+        model=rules.deepspot_train.output.model,
+        features="results/features/{cohort}/deepspot_fm.zarr",
+        spots=cohort_spots,
+    output:
+        "results/ptpl/{cohort}.h5ad",
+    params:
+        device=config["features"]["device"],
+        bf16="--bf16" if config["features"]["bf16"] else "",
+    log:
+        "results/ptpl/{cohort}.log",
+    benchmark:
+        "results/benchmarks/ptpl/{cohort}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        runtime=lambda wildcards, attempt: 60 * attempt,
+    conda:
+        CONDA_GPU
+    shell:
+        "python -m stmdit deepspot-predict --model {input.model} --features {input.features} --spots {input.spots}"
+        " --out {output} --device {params.device} {params.bf16} > {log} 2>&1"
+
+
+rule features_cancerfoundation_ptpl:
+    input:
+        expression="results/ptpl/{cohort}.h5ad",
+    output:
+        directory("results/features/{cohort}/cancerfoundation_ptpl.zarr"),
+    params:
+        encoder_args=encoder_args("cancerfoundation"),
+        max_genes=config["features"]["encoders"].get("cancerfoundation", {}).get("max_genes", 1199),
+        seed=config["features"]["encoders"].get("cancerfoundation", {}).get("seed", 0),
+        batch_size=config["features"]["batch_size"],
+        device=config["features"]["device"],
+    log:
+        "results/features/{cohort}/cancerfoundation_ptpl.log",
+    benchmark:
+        "results/benchmarks/features/{cohort}/cancerfoundation_ptpl.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wildcards, attempt: 32000 * attempt,
+        runtime=lambda wildcards, attempt: 120 * attempt,
+    conda:
+        CONDA_GPU
+    shell:
+        "python -m stmdit features --encoder cancerfoundation {params.encoder_args}"
+        " --expression {input.expression} --out {output} --max-genes {params.max_genes}"
+        " --seed {params.seed} --batch-size {params.batch_size} --device {params.device} > {log} 2>&1"

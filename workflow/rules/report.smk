@@ -1,0 +1,84 @@
+# The paper's tables and the figures, built from the evaluation JSONs only. Each table has its own
+# target rule (`snakemake table2`, or `snakemake results/tables/table2.md`).
+
+
+rule models_json:
+    output:
+        "results/tables/models.json",
+    params:
+        rows=json.dumps(model_rows(MODELS), sort_keys=True),
+    log:
+        "results/tables/models.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit models-json --rows '{params.rows}' --out {output} > {log} 2>&1"
+
+
+for _n in range(1, 7):
+
+    rule:
+        name:
+            f"table{_n}"
+        input:
+            evals=table_evals(_n),
+            models="results/tables/models.json",
+        output:
+            tsv=report(f"results/tables/table{_n}.tsv", category="Tables"),
+            md=f"results/tables/table{_n}.md",
+        params:
+            n=_n,
+            config_hash=CONFIG_HASH,
+        log:
+            f"results/tables/table{_n}.log",
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=5,
+        conda:
+            CONDA_CPU
+        shell:
+            "python -m stmdit table --n {params.n} --evals {input.evals} --models-json {input.models}"
+            " --out-tsv {output.tsv} --out-md {output.md} --config-hash {params.config_hash} > {log} 2>&1"
+
+
+rule figure_per_tissue_fid:
+    input:
+        evals=table_evals(1) or table_evals(4),
+        models="results/tables/models.json",
+    output:
+        report("results/figures/per_tissue_fid.png", category="Figures", caption="../report/per_tissue_fid.rst"),
+    log:
+        "results/figures/per_tissue_fid.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit figure --kind per-tissue-fid --evals {input.evals} --models-json {input.models}"
+        " --out {output} > {log} 2>&1"
+
+
+rule figure_auc_curves:
+    input:
+        evals=table_evals(2),
+        models="results/tables/models.json",
+    output:
+        report("results/figures/auc_curves.png", category="Figures", caption="../report/auc_curves.rst"),
+    log:
+        "results/figures/auc_curves.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit figure --kind auc-curves --evals {input.evals} --models-json {input.models}"
+        " --out {output} > {log} 2>&1"

@@ -1,0 +1,115 @@
+# Sampling: the four regimes of every model on its training cohort's test split (and, for PTPL
+# models, uni_ge with Visium GE: the Table 6 swap), the seeded OOD subsample of H&E-only cohorts,
+# the perturbation series of Table 5, and a real-vs-generated grid per model.
+
+
+rule sample:
+    input:
+        unpack(sample_inputs),
+    output:
+        directory("results/samples/{model}/{cohort}/{store}.zarr"),
+    params:
+        model_dir=lambda wildcards: model_dir(wildcards.model),
+        ge=lambda wildcards, input: f"--ge {input.ge}" if "ge" in input.keys() else "",
+        regime=lambda wildcards: "uni_ge" if wildcards.store == "uni_ge_visium" else wildcards.store,
+        subsample=lambda wildcards: (
+            f"--max-spots {config['sample']['ood_max_spots']} --subsample-seed {config['sample']['ood_seed']}"
+            if wildcards.cohort in OOD_COHORTS else ""
+        ),
+        vae=vae_args(),
+        steps=config["sample"]["steps"],
+        seed=config["sample"]["seed"],
+        s_uni=config["sample"]["s_uni"],
+        s_ge=config["sample"]["s_ge"],
+        batch_size=config["sample"]["batch_size"],
+        device=config["sample"]["device"],
+        bf16="--bf16" if config["sample"]["bf16"] else "",
+    wildcard_constraints:
+        store="uni_ge|uni|ge|uncond|uni_ge_visium",
+    log:
+        "results/samples/{model}/{cohort}/{store}.log",
+    benchmark:
+        "results/benchmarks/sample/{model}/{cohort}/{store}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        runtime=lambda wildcards, attempt: 120 * attempt,
+    conda:
+        CONDA_GPU
+    shell:
+        "python -m stmdit sample --model-dir {params.model_dir} --split {input.split} --split-name test"
+        " {params.subsample} --uni {input.uni} {params.ge} {params.vae} --regime {params.regime}"
+        " --steps {params.steps} --seed {params.seed} --s-uni {params.s_uni} --s-ge {params.s_ge}"
+        " --batch-size {params.batch_size} --device {params.device} {params.bf16} --out {output} > {log} 2>&1"
+
+
+rule perturb_sample:
+    input:
+        weights=model_weights,
+        split="results/splits/{cohort}.parquet",
+        expression="results/expression/{cohort}.h5ad",
+        uni="results/features/{cohort}/uni2h.zarr",
+        ge=lambda wildcards: sample_ge_store(wildcards.model, wildcards.cohort, "uni_ge"),
+    output:
+        directory("results/samples/{model}/{cohort}/{store}.zarr"),
+    params:
+        model_dir=lambda wildcards: model_dir(wildcards.model),
+        uni_null=lambda wildcards: "--uni-null" if wildcards.store == "perturbation_uni_null" else "",
+        pairs=",".join(f"{a}:{b}" for a, b in config["evaluate"]["perturbation"]["pairs"]),
+        alphas=",".join(str(a) for a in config["evaluate"]["perturbation"]["alphas"]),
+        n_ref=config["evaluate"]["perturbation"]["n_ref"],
+        seed=config["evaluate"]["perturbation"]["seed"],
+        vae=vae_args(),
+        steps=config["sample"]["steps"],
+        s_uni=config["sample"]["s_uni"],
+        s_ge=config["sample"]["s_ge"],
+        batch_size=config["sample"]["batch_size"],
+        device=config["sample"]["device"],
+        bf16="--bf16" if config["sample"]["bf16"] else "",
+    wildcard_constraints:
+        store="perturbation|perturbation_uni_null",
+    log:
+        "results/samples/{model}/{cohort}/{store}.log",
+    benchmark:
+        "results/benchmarks/sample/{model}/{cohort}/{store}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        runtime=lambda wildcards, attempt: 120 * attempt,
+    conda:
+        CONDA_GPU
+    shell:
+        "python -m stmdit perturb-sample --model-dir {params.model_dir} --split {input.split}"
+        " --expression {input.expression} --uni {input.uni} --ge {input.ge} --pairs '{params.pairs}'"
+        " --alphas {params.alphas} --n-ref {params.n_ref} --seed {params.seed} {params.uni_null} {params.vae}"
+        " --steps {params.steps} --s-uni {params.s_uni} --s-ge {params.s_ge} --batch-size {params.batch_size}"
+        " --device {params.device} {params.bf16} --out {output} > {log} 2>&1"
+
+
+rule sample_grid:
+    input:
+        spots=cohort_spots,
+        patches=cohort_patches,
+        samples=lambda wildcards: [
+            f"results/samples/{wildcards.model}/{wildcards.cohort}/{r}.zarr" for r in MODELS[wildcards.model].regimes
+        ],
+    output:
+        report("results/figures/grid_{model}_{cohort}.png", category="Samples",
+               caption="../report/grid.rst"),
+    params:
+        samples=lambda wildcards, input: " ".join(
+            f"{r}={path}" for r, path in zip(MODELS[wildcards.model].regimes, input.samples)
+        ),
+    log:
+        "results/figures/grid_{model}_{cohort}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit sample-grid --spots {input.spots} --patches {input.patches} --samples {params.samples}"
+        " --per-class 4 --seed 0 --out {output} > {log} 2>&1"

@@ -1,0 +1,34 @@
+# Train one model. A job that reaches its wall-clock budget checkpoints and exits 75; `retries`
+# resubmit it and the next job resumes exactly where it stopped.
+
+
+rule train:
+    input:
+        split=f"results/splits/{TRAIN_COHORT}.parquet",
+        latents=f"results/features/{TRAIN_COHORT}/sd3_vae.zarr",
+        uni=f"results/features/{TRAIN_COHORT}/uni2h.zarr",
+        ge=lambda wildcards: (
+            [f"results/features/{TRAIN_COHORT}/{MODELS[wildcards.model].ge_store}.zarr"]
+            if MODELS[wildcards.model].uses_ge else []
+        ),
+    output:
+        "results/models/{model}/ema.safetensors",
+    params:
+        settings=lambda wildcards: json.dumps(MODELS[wildcards.model].settings, sort_keys=True),
+        ge=lambda wildcards, input: f"--ge {input.ge[0]}" if input.ge else "",
+        out_dir=lambda wildcards: f"results/models/{wildcards.model}",
+    log:
+        "results/models/{model}/train.log",
+    benchmark:
+        "results/benchmarks/train/{model}.tsv"
+    retries: config["train"]["max_resubmissions"]
+    threads: 4
+    resources:
+        gpu=config["train"]["gpus"],
+        mem_mb=lambda wildcards, attempt: 64000,
+        runtime=lambda wildcards, attempt: 24 * 60,
+    conda:
+        CONDA_GPU
+    shell:
+        "python -m stmdit train --settings '{params.settings}' --split {input.split} --latents {input.latents}"
+        " --uni {input.uni} {params.ge} --out-dir {params.out_dir} --nproc {resources.gpu} >> {log} 2>&1"
