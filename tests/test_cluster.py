@@ -6,6 +6,7 @@ job), where each job ran from the scheduler's own records, so the test stays rig
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -95,8 +96,29 @@ def gpus_in(tres: str) -> int:
     return int(found[1]) if found else 0
 
 
-def test_demo_runs_through_slurm_profile_with_gpu_rules_on_gpus(tmp_path, demo_image):
-    work = tmp_path / "repo"
+TARGET = "results/tables/table6.md"  # every stage kind: data half, PTPL, train, sample, eval, report
+
+
+def run_snakemake(work: Path, *args: str) -> tuple[subprocess.CompletedProcess, str]:
+    env = {**os.environ, "PATH": f"{SNAKEMAKE.parent}:{os.environ['PATH']}"}
+    command = [
+        "timeout", "-k", "30", str(RUN_SECONDS),
+        str(SNAKEMAKE), "--profile", "slurm", *args,
+        # local-cluster overrides only: the rules ask for more memory than this node has, and
+        # status checks start sooner; partitions and GPUs come from the shipped profile as is
+        "--resources", f"mem_mb={node_memory_mb()}",
+        "--slurm-init-seconds-before-status-checks", "5",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=RUN_SECONDS + 60)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, f"exit {result.returncode} (124: timed out)\n{log[-6000:]}"
+    return result, log
+
+
+@pytest.fixture(scope="module")
+def slurm_demo(tmp_path_factory, demo_image):
+    """A scratch checkout that ran the demo's Table 6 chain through `--profile slurm`."""
+    work = tmp_path_factory.mktemp("slurm") / "repo"
     # symlinks=True keeps the top-level `slurm` link a link: `--profile slurm` must resolve through it
     shutil.copytree(
         REPO,
@@ -107,24 +129,18 @@ def test_demo_runs_through_slurm_profile_with_gpu_rules_on_gpus(tmp_path, demo_i
     assert (work / "slurm").is_symlink()
     (work / "resources").mkdir(exist_ok=True)
     shutil.copy(demo_image, work / "resources" / "cmu_small_region.svs")
+    _, log = run_snakemake(work, TARGET)
+    return work, log
 
-    env = {**os.environ, "PATH": f"{SNAKEMAKE.parent}:{os.environ['PATH']}"}
-    command = [
-        "timeout", "-k", "30", str(RUN_SECONDS),
-        str(SNAKEMAKE), "--profile", "slurm", "all",
-        # local-cluster overrides only: the rules ask for more memory than this node has, and
-        # status checks start sooner; partitions and GPUs come from the shipped profile as is
-        "--resources", f"mem_mb={node_memory_mb()}",
-        "--slurm-init-seconds-before-status-checks", "5",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=RUN_SECONDS + 60)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, f"exit {result.returncode} (124: timed out)\n{log[-6000:]}"
-    assert (work / "results" / "splits" / "demo.parquet").exists()
+
+def test_demo_runs_through_slurm_profile_with_gpu_rules_on_gpus(slurm_demo):
+    work, log = slurm_demo
+    assert (work / TARGET).exists()
 
     run_id = re.search(r"SLURM run ID: (\S+)", log)[1]
     jobs = [(rule, resources) for rule, local, resources in snakemake_jobs(log) if not local and rule != "all"]
     rules = {rule for rule, _ in jobs}
+    assert {"train", "sample", "deepspot_train", "eval_features", "swap_fid"} <= rules
     wanted_gpus = {}
     for rule, resources in jobs:
         wanted_gpus.setdefault(rule, set()).add(int(resources.get("gpu", 0)))
@@ -146,3 +162,40 @@ def test_demo_runs_through_slurm_profile_with_gpu_rules_on_gpus(tmp_path, demo_i
         else:
             assert record["Partition"] == "cpu", where
             assert gpus_in(record["AllocTRES"]) == 0, where
+
+
+def test_training_longer_than_a_job_finishes_across_resubmissions(slurm_demo):
+    """A 1-minute SLURM limit and a 45 s margin leave each job ~15 s: training needs several jobs.
+    The job reads its end time from SLURM, checkpoints, exits 75, Snakemake resubmits, the next job
+    resumes; the final weights equal an uninterrupted run's, bit for bit (CPU)."""
+    import torch
+    from safetensors.torch import load_file
+
+    work, _ = slurm_demo
+    override = work / "chained.yaml"
+    override.write_text("train:\n  settings: {steps: 400, margin_s: 45, checkpoint_every: 1000, val_every: 1000}\n")
+    model = work / "results" / "models" / "PixCell-B"
+    _, log = run_snakemake(
+        work, str(model.relative_to(work) / "ema.safetensors"), "--configfile", "config.yaml", str(override),
+        "--set-resources", "train:runtime=1", "train:slurm_partition=gpu",
+    )
+    run_id = re.search(r"SLURM run ID: (\S+)", log)[1]
+    train_jobs = [r for r in scheduler_records(run_id) if r["Comment"].startswith("rule_train_")]
+    assert len(train_jobs) >= 2, f"training fit in one job: {train_jobs}"
+    assert [r["State"] for r in train_jobs][-1] == "COMPLETED" and all(
+        r["State"] != "COMPLETED" for r in train_jobs[:-1]), train_jobs
+    train_log = (model / "train.log").read_text()  # Snakemake keeps the last attempt's log
+    assert "resumed from" in train_log and "wall-clock deadline" in train_log, train_log[-3000:]
+
+    settings = json.loads((model / "training.json").read_text())["settings"]
+    settings["budget_s"] = None
+    straight = work / "results" / "straight"
+    inputs = ["--split", "results/splits/demo.parquet", "--latents", "results/features/demo/sd3_vae.zarr",
+              "--uni", "results/features/demo/uni2h.zarr"]
+    done = subprocess.run([sys.executable, "-m", "stmdit", "train", "--settings", json.dumps(settings), *inputs,
+                           "--out-dir", str(straight)], cwd=work, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    chained, uninterrupted = load_file(str(model / "ema.safetensors")), load_file(str(straight / "ema.safetensors"))
+    assert chained.keys() == uninterrupted.keys()
+    for name in chained:
+        assert torch.equal(chained[name], uninterrupted[name]), name

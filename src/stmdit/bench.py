@@ -94,6 +94,154 @@ def bench_spots(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# loader: the training data loader against an in-memory gather of the same rows
+# --------------------------------------------------------------------------------------------
+
+
+def _loader_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spots", type=int, default=2048, help="spots in the synthetic stores")
+    p.add_argument("--tokens", type=int, default=300, help="GE tokens per spot (paper: up to 1200)")
+    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--batches", type=int, default=48, help="micro-batches timed")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--prefetch", type=int, default=8)
+
+
+@benchmark("loader", _loader_arguments)
+def bench_loader(args: argparse.Namespace) -> dict[str, Any]:
+    """Training loader (latents, UNI, GE tokens from Zarr) vs an in-memory gather of the same rows.
+
+    Synthetic stores in the layout `stmdit features` writes; shuffled micro-batches as training
+    draws them. A ratio near 1 means reading from the stores costs no more than indexing arrays
+    already in memory: the loader will not make the GPU wait."""
+    import numpy as np
+    import pandas as pd
+
+    from stmdit.features import write_feature_store
+    from stmdit.loader import SpotFeatures
+
+    rng = np.random.default_rng(0)
+    n, length = args.spots, args.tokens
+    keys = [f"bench:{i:06d}" for i in range(n)]
+    with tempfile.TemporaryDirectory(prefix="stmdit-bench-") as tmp:
+        tmp = Path(tmp)
+        latent = rng.standard_normal((n, 16, 32, 32), dtype=np.float32)
+        uni = rng.standard_normal((n, 1536), dtype=np.float32)
+        tokens = rng.standard_normal((n, length, 256), dtype=np.float32)
+        mask = np.ones((n, length), dtype=bool)
+        write_feature_store(tmp / "sd3_vae.zarr", keys, [{"latent": latent}], {"latent": (16, 32, 32)}, {})
+        write_feature_store(tmp / "uni2h.zarr", keys, [{"embedding": uni}], {"embedding": (1536,)}, {})
+        chunk = 256
+        write_feature_store(
+            tmp / "cf.zarr", keys,
+            ({"embedding": tokens[i:i + chunk, 0], "tokens": tokens[i:i + chunk], "token_mask": mask[i:i + chunk]}
+             for i in range(0, n, chunk)),
+            {"embedding": (256,), "tokens": (length, 256), "token_mask": (length,)}, {},
+        )
+        pd.DataFrame({"key": keys, "split": "train"}).to_parquet(tmp / "split.parquet")
+        data = SpotFeatures(keys, tmp / "sd3_vae.zarr", tmp / "uni2h.zarr", tmp / "cf.zarr", ge_tokens=True,
+                            tokens_in_memory_gb=0.0)  # stream from the store: the case to measure
+        order = rng.permutation(n)
+        batches = [order[(i * args.micro_batch) % n:][: args.micro_batch] for i in range(args.batches)]
+
+        started = time.perf_counter()
+        for batch in data.iterate(batches, prefetch=args.prefetch, workers=args.workers):
+            batch["ge"].tokens.sum()  # touch the data as a training step would
+        loader_s = time.perf_counter() - started
+
+        tokens_stored = np.asarray(data.ge_tokens[:]).astype(np.float32)  # same values as the store holds
+        started = time.perf_counter()
+        for rows in batches:
+            import torch
+
+            torch.from_numpy(data.latents[rows].astype(np.float32))
+            torch.from_numpy(data.uni[rows].astype(np.float32))
+            torch.from_numpy(tokens_stored[rows]).sum()
+        memory_s = time.perf_counter() - started
+    samples = args.batches * args.micro_batch
+    result = {
+        "benchmark": "loader", "spots": n, "tokens": length, "micro_batch": args.micro_batch,
+        "loader_samples_per_s": round(samples / loader_s, 1),
+        "memory_samples_per_s": round(samples / memory_s, 1),
+        "loader_over_memory": round((samples / loader_s) / (samples / memory_s), 3),
+    }
+    print(f"loader bench: {n} spots, {length} GE tokens/spot, micro-batch {args.micro_batch}")
+    print(f"  zarr loader: {result['loader_samples_per_s']} samples/s")
+    print(f"  in-memory gather: {result['memory_samples_per_s']} samples/s")
+    print(f"  ratio loader / in-memory: {result['loader_over_memory']}")
+    print(json.dumps(result))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# dag: planning the paper configuration
+# --------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _dag_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configfile", type=Path, default=REPO / "workflow" / "paper" / "config.yaml")
+    p.add_argument("--slides", type=int, default=18)
+    p.add_argument("--donors", type=int, default=7)
+    p.add_argument("--he-slides", type=int, default=4, help="slides of the H&E-only OOD cohort")
+
+
+def paper_sheet(root: Path, slides: int, donors: int, he_slides: int, cohort: str, ood_cohort: str) -> Path:
+    """A sample sheet of `slides` Visium slides over `donors` donors (+ H&E-only slides), with the
+    files a dry run checks for (placeholders: planning reads no data)."""
+    rows = ["sample\tdonor\tcohort\tkind\tpath\timage\tlabels\tmpp"]
+    for i in range(slides):
+        outs = root / f"slide{i:02d}" / "outs"
+        (outs / "spatial").mkdir(parents=True)
+        for name in ("filtered_feature_bc_matrix.h5", "spatial/scalefactors_json.json"):
+            (outs / name).touch()
+        image, labels = root / f"slide{i:02d}" / "image.tif", root / f"slide{i:02d}" / "labels.csv"
+        image.touch()
+        labels.touch()
+        rows.append(f"S{i:02d}\tD{i % donors}\t{cohort}\tvisium\t{outs}\t{image}\t{labels}\t")
+    for i in range(he_slides):
+        slide = root / f"tcga{i:02d}.svs"
+        slide.touch()
+        rows.append(f"T{i:02d}\tTD{i}\t{ood_cohort}\the\t{slide}\t\t\t0.25")
+    sheet = root / "samples.tsv"
+    sheet.write_text("\n".join(rows) + "\n")
+    return sheet
+
+
+@benchmark("dag", _dag_arguments)
+def bench_dag(args: argparse.Namespace) -> dict[str, Any]:
+    """Plan (snakemake -n) a configuration on a generated sheet; print the time and the job count."""
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = yaml.safe_load(args.configfile.read_text())
+    cohort, ood = config["train"]["cohort"], (config["train"].get("ood_cohorts") or ["OOD"])[0]
+    with tempfile.TemporaryDirectory(prefix="stmdit-dag-") as tmp:
+        sheet = paper_sheet(Path(tmp), args.slides, args.donors, args.he_slides, cohort, ood)
+        command = [str(Path(sys.executable).parent / "snakemake"), "-n", "--quiet", "rules", "all",
+                   "--configfile", str(args.configfile), "--config", f"samples={sheet}", "--cores", "1"]
+        started = time.perf_counter()
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        plan_s = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"snakemake -n failed:\n{result.stderr[-4000:]}")
+    out = result.stdout + result.stderr
+    total = re.search(r"^total\s+(\d+)", out, re.MULTILINE)
+    jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", out, re.MULTILINE) if m[1] != "total"}
+    result_dict = {"benchmark": "dag", "configfile": str(args.configfile), "slides": args.slides,
+                   "donors": args.donors, "jobs": int(total[1]) if total else sum(jobs.values()),
+                   "plan_s": round(plan_s, 2), "jobs_per_rule": jobs}
+    print(f"dag bench: {args.configfile} on {args.slides} slides / {args.donors} donors (+{args.he_slides} H&E)")
+    print(f"  planned {result_dict['jobs']} jobs in {plan_s:.2f} s (goal < 10 s)")
+    print(json.dumps(result_dict))
+    return result_dict
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,7 +22,7 @@ import torch
 import zarr
 
 from stmdit.errors import InputError
-from stmdit.features import string_values
+from stmdit.features import read_array_rows, string_values
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,8 @@ def store_rows(store: zarr.Group, keys: Iterable[str], path: str | Path) -> np.n
 
 
 def read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
-    """array[rows] for arbitrary rows: sorted unique read, then put back in the requested order."""
-    unique, inverse = np.unique(rows, return_inverse=True)
-    return np.asarray(array.get_orthogonal_selection((unique,)))[inverse]
+    """array[rows] for arbitrary rows: chunk-aligned concurrent range reads (features.read_array_rows)."""
+    return read_array_rows(array, rows)
 
 
 def split_keys(split_path: str | Path, split: str) -> list[str]:
@@ -87,7 +87,10 @@ class SpotFeatures:
         uni_store: str | Path,
         ge_store: str | Path | None,
         ge_tokens: bool,
+        tokens_in_memory_gb: float = 0.0,
     ):
+        """`tokens_in_memory_gb`: read the GE token rows of these spots into memory once when they
+        take at most this much (float16); otherwise they stay in the store and are read per batch."""
         self.keys = list(keys)
         latent_group = open_store(latent_store)
         self.latents = read_rows(latent_group["latent"], store_rows(latent_group, self.keys, latent_store))
@@ -100,8 +103,15 @@ class SpotFeatures:
             self.ge_rows = store_rows(ge_group, self.keys, ge_store)
             self.ge_cls = read_rows(ge_group["embedding"], self.ge_rows)
             if ge_tokens:
-                self.ge_tokens = ge_group["tokens"]
-                self.ge_mask = ge_group["token_mask"]
+                tokens, self.ge_mask = ge_group["tokens"], ge_group["token_mask"]
+                need_gb = len(self.keys) * math.prod(tokens.shape[1:]) * tokens.dtype.itemsize / 1e9
+                if need_gb <= tokens_in_memory_gb:
+                    log.info("reading %.2f GB of GE tokens into memory", need_gb)
+                    self.ge_tokens = read_rows(tokens, self.ge_rows)
+                    self.ge_mask = read_rows(self.ge_mask, self.ge_rows)
+                    self.ge_rows = np.arange(len(self.keys))
+                else:
+                    self.ge_tokens = tokens
         log.info(
             "loaded %d spots: latents %s, UNI %s, GE %s", len(self.keys), self.latents.shape, self.uni.shape,
             "none" if ge_store is None else ("CLS + tokens" if ge_tokens else "CLS"),
@@ -109,6 +119,10 @@ class SpotFeatures:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @staticmethod
+    def _rows(array, rows: np.ndarray) -> np.ndarray:
+        return array[rows] if isinstance(array, np.ndarray) else read_rows(array, rows)
 
     def batch(self, positions: np.ndarray) -> dict:
         positions = np.asarray(positions)
@@ -121,8 +135,8 @@ class SpotFeatures:
             ge = GeBatch(torch.from_numpy(self.ge_cls[positions].astype(np.float32)))
             if self.ge_tokens is not None:
                 rows = self.ge_rows[positions]
-                ge.tokens = torch.from_numpy(read_rows(self.ge_tokens, rows).astype(np.float32))
-                ge.token_mask = torch.from_numpy(read_rows(self.ge_mask, rows).astype(bool))
+                ge.tokens = torch.from_numpy(self._rows(self.ge_tokens, rows).astype(np.float32))
+                ge.token_mask = torch.from_numpy(self._rows(self.ge_mask, rows).astype(bool))
             out["ge"] = ge
         return out
 

@@ -92,6 +92,7 @@ class TrainSettings:
     budget_s: float | None = None  # wall-clock budget of one job; SLURM's end time is used too
     margin_s: float = 120.0  # checkpoint this long before the deadline
     loader_prefetch: int = 4
+    tokens_in_memory_gb: float = 16.0  # GE tokens of the train split read into RAM when they fit
 
     @classmethod
     def from_json(cls, text: str) -> "TrainSettings":
@@ -166,7 +167,8 @@ class Trainer:
         if self.config.uses_ge and ge is None:
             raise InputError(None, f"model with ge_fusion={self.config.ge_fusion!r} needs a GE store (--ge)")
         ge_store = ge if self.config.uses_ge else None
-        self.train_data = SpotFeatures(split_keys(split, "train"), latents, uni, ge_store, self.config.uses_ge_tokens)
+        self.train_data = SpotFeatures(split_keys(split, "train"), latents, uni, ge_store, self.config.uses_ge_tokens,
+                                       settings.tokens_in_memory_gb)
         val_keys = split_keys(split, "val")[: settings.val_max_spots]
         self.val_data = SpotFeatures(val_keys, latents, uni, ge_store, self.config.uses_ge_tokens)
         self.per_step = settings.micro_batch * settings.accumulation * self.dist.world
