@@ -165,7 +165,7 @@ def test_demo_runs_through_slurm_profile_with_gpu_rules_on_gpus(slurm_demo):
 
 
 def test_training_longer_than_a_job_finishes_across_resubmissions(slurm_demo):
-    """A 1-minute SLURM limit and a 45 s margin leave each job ~15 s: training needs several jobs.
+    """A 2-minute SLURM limit and a 90 s margin leave each job ~30 s: training needs several jobs.
     The job reads its end time from SLURM, checkpoints, exits 75, Snakemake resubmits, the next job
     resumes; the final weights equal an uninterrupted run's, bit for bit (CPU)."""
     import torch
@@ -173,11 +173,11 @@ def test_training_longer_than_a_job_finishes_across_resubmissions(slurm_demo):
 
     work, _ = slurm_demo
     override = work / "chained.yaml"
-    override.write_text("train:\n  settings: {steps: 400, margin_s: 45, checkpoint_every: 1000, val_every: 1000}\n")
+    override.write_text("train:\n  settings: {steps: 800, margin_s: 90, checkpoint_every: 1000, val_every: 1000}\n")
     model = work / "results" / "models" / "PixCell-B"
     _, log = run_snakemake(
         work, str(model.relative_to(work) / "ema.safetensors"), "--configfile", "config.yaml", str(override),
-        "--set-resources", "train:runtime=1", "train:slurm_partition=gpu",
+        "--set-resources", "train:runtime=2", "train:slurm_partition=gpu",
     )
     run_id = re.search(r"SLURM run ID: (\S+)", log)[1]
     train_jobs = [r for r in scheduler_records(run_id) if r["Comment"].startswith("rule_train_")]

@@ -131,6 +131,25 @@ def test_sigkill_then_restart_gives_identical_weights(stores, tmp_path):
     assert_same_weights(weights(straight), weights(killed))
 
 
+def test_sigterm_checkpoints_and_exits_for_resubmission(stores, tmp_path):
+    """SLURM sends SIGTERM at the time limit (and on scancel): checkpoint at the next step, exit 75."""
+    s = settings(steps=100000, checkpoint_every=100000)
+    out = tmp_path / "m"
+    proc = subprocess.Popen(_cli(stores, out, s), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        log = out / "train_log.csv"
+        if log.exists() and len(log.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_RESUBMIT, stderr[-2000:]
+    saved = list((out / "checkpoints").rglob("step_*.pt"))
+    assert len(saved) == 1 and int(saved[0].stem.split("_")[1]) >= 3
+    assert not (out / "ema.safetensors").exists()
+
+
 def test_wall_clock_budget_exits_for_resubmission(stores, tmp_path):
     out = tmp_path / "m"
     s = settings(budget_s=1e-3, margin_s=0.0)

@@ -16,7 +16,8 @@ Every sample-sheet row whose files lie under the demo root (`results/resources/d
 
 Counts carry the image's signal. For each spot the disc's pixels give four morphology scores
 (hematoxylin optical density = nuclear density, eosin optical density, nuclear texture, blood
-redness) and a background fraction. Gene programs (tumour, stroma, immune, blood, epidermis, see
+redness) and a background fraction, standardised over all demo slides (so one image feature means
+the same expression on every slide). Gene programs (tumour, stroma, immune, blood, epidermis, see
 PROGRAMS) have log-rates linear in those scores; every gene also has a donor effect, the library
 size falls with background, and counts are negative-binomial (gamma-Poisson). Labels follow the
 same scores: Whitespace for mostly background, else the program with the largest score, and a
@@ -55,7 +56,9 @@ REGION_SIDE = 1600  # full-resolution px of one demo slide (about 0.8 x 0.8 mm, 
 HIRES_SIDE = 1000  # longest side of tissue_hires_image.png
 LOWRES_SIDE = 300  # longest side of tissue_lowres_image.png
 MIXED_FRACTION = 0.05
+DONOR_EFFECT_SD = 0.15  # per-gene log-rate shift of each donor
 BACKGROUND_WHITESPACE = 0.5  # spots with more background than this are labelled Whitespace
+IN_TISSUE_BACKGROUND = 0.9  # spots with less background than this are in tissue
 
 # Ruifrok & Johnston stain vectors (rows: hematoxylin, eosin, residual) in optical density.
 _STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
@@ -170,9 +173,11 @@ def morphology_scores(image: np.ndarray, spots: pd.DataFrame, diameter_px: float
     }, index=spots.index)
 
 
-def standardised(scores: pd.DataFrame) -> pd.DataFrame:
+def standardised(scores: pd.DataFrame, reference: tuple[pd.Series, pd.Series] | None = None) -> pd.DataFrame:
+    """Morphology scores as z-scores, against `reference` (mean, std) or their own."""
     z = scores[list(SCORES)]
-    return (z - z.mean()) / z.std(ddof=0).replace(0, 1)
+    mean, std = reference if reference is not None else (z.mean(), z.std(ddof=0))
+    return (z - mean) / std.replace(0, 1)
 
 
 @dataclass(frozen=True)
@@ -268,21 +273,36 @@ def write_positions(path: Path, positions: pd.DataFrame, with_header: bool) -> N
 # --------------------------------------------------------------------------------------------
 
 
-def make_visium_slide(row: pd.Series, index: int, source: np.ndarray, model: GeneModel,
-                      donor_effect: np.ndarray, seed: int) -> dict[str, int]:
+def slide_region(row: pd.Series, source: np.ndarray, seed: int):
+    """(image, spot grid, morphology scores, rng) of one demo slide; the same every call."""
     rng = _rng(seed, "slide", row["sample"])
     image = transformed_region(source, rng, REGION_SIDE)
     diameter_px = SPOT_DIAMETER_UM / SOURCE_MPP
     grid = hex_grid(REGION_SIDE, REGION_SIDE, diameter_px, SPOT_SPACING_UM / SOURCE_MPP)
     grid["barcode"] = barcodes(len(grid), rng)
-    scores = morphology_scores(image, grid, diameter_px)
-    in_tissue = scores["background"].to_numpy() < 0.9
+    return image, grid, morphology_scores(image, grid, diameter_px), rng
+
+
+def cohort_reference(rows: pd.DataFrame, source: np.ndarray, seed: int) -> tuple[pd.Series, pd.Series]:
+    """Mean and std of the morphology scores over the in-tissue spots of all demo Visium slides:
+    expression follows the same image features on every slide (not slide-relative ones)."""
+    scores = [slide_region(row, source, seed)[2] for _, row in rows.iterrows()]
+    tissue = pd.concat([s[s["background"] < IN_TISSUE_BACKGROUND] for s in scores])[list(SCORES)]
+    return tissue.mean(), tissue.std(ddof=0)
+
+
+def make_visium_slide(row: pd.Series, index: int, source: np.ndarray, model: GeneModel,
+                      donor_effect: np.ndarray, seed: int,
+                      reference: tuple[pd.Series, pd.Series] | None = None) -> dict[str, int]:
+    image, grid, scores, rng = slide_region(row, source, seed)
+    diameter_px = SPOT_DIAMETER_UM / SOURCE_MPP
+    in_tissue = scores["background"].to_numpy() < IN_TISSUE_BACKGROUND
     grid["in_tissue"] = in_tissue.astype(int)
     grid["pxl_row_in_fullres"], grid["pxl_col_in_fullres"] = grid["pxl_row"], grid["pxl_col"]
     tissue = grid[in_tissue]
     if tissue.empty:
         raise InputError(row["path"], "demo region has no tissue; choose another demo seed")
-    z = standardised(scores[in_tissue])
+    z = standardised(scores[in_tissue], reference)
     background = scores.loc[in_tissue, "background"].to_numpy()
     counts = simulate_counts(model, z, background, donor_effect, rng)
 
@@ -342,12 +362,14 @@ def build_demo(sheet_path: Path, source_image: Path, seed: int, n_genes: int,
     genes = gene_panel(n_genes)
     model = GeneModel.make(genes, _rng(seed, "genes"))
     donors = sorted(set(rows.loc[rows["kind"] == "visium", "donor"]))
-    donor_effects = {d: _rng(seed, "donor", d).normal(0.0, 0.3, len(genes)) for d in donors}
+    donor_effects = {d: _rng(seed, "donor", d).normal(0.0, DONOR_EFFECT_SD, len(genes)) for d in donors}
+    reference = cohort_reference(rows[rows["kind"] == "visium"], source, seed)
     summary = {}
     visium_index = 0
     for _, row in rows.iterrows():
         if row["kind"] == "visium":
-            summary[row["sample"]] = make_visium_slide(row, visium_index, source, model, donor_effects[row["donor"]], seed)
+            summary[row["sample"]] = make_visium_slide(row, visium_index, source, model, donor_effects[row["donor"]],
+                                                       seed, reference)
             visium_index += 1
         else:
             make_he_slide(row, source, seed)

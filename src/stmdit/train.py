@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -368,7 +369,8 @@ class Trainer:
                 break
             if self.step % self.settings.checkpoint_every == 0:
                 self.save()
-            if clock.must_stop(seconds_per_step) or (stop_after is not None and run_steps >= stop_after):
+            leave = clock.must_stop(seconds_per_step) or (stop_after is not None and run_steps >= stop_after)
+            if self.agree(leave or self.terminate_requested):
                 self.save()
                 progress.close()
                 return False
@@ -377,6 +379,23 @@ class Trainer:
             self.save()
             self.write_final()
         return True
+
+    terminate_requested = False
+
+    def on_terminate(self, signum, frame) -> None:
+        """SIGTERM (SLURM's time limit, scancel, preemption): checkpoint after the current step."""
+        log.warning("received signal %d: checkpoint after this step and exit", signum)
+        self.terminate_requested = True
+
+    def agree(self, flag: bool) -> bool:
+        """True when any process wants to stop, so all ranks stop at the same step."""
+        if self.dist.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def write_final(self) -> None:
         ema_state = {name: self.ema.shadow[name].to(p.dtype) if name in self.ema.shadow else p
@@ -436,9 +455,11 @@ def train(settings: TrainSettings, split: Path, latents: Path, uni: Path, ge: Pa
             "provenance": provenance("train", dataclasses.asdict(settings), inputs),
         })
     clock = WallClock(settings.budget_s, settings.margin_s)
+    previous = signal.signal(signal.SIGTERM, trainer.on_terminate)
     try:
         return trainer.run(clock, stop_after)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if trainer.dist.world > 1:
             import torch.distributed as dist
 
