@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from stmdit.encoders.base import autocast, resolve_device
 from stmdit.errors import InputError
+from stmdit.expression import read_cohort_h5ad
 from stmdit.expression import read_kept_spots
 from stmdit.features import open_feature_store, read_feature_rows
 from stmdit.provenance import atomic_path, provenance, write_json
@@ -209,17 +210,8 @@ def log1p_cp10k(counts, columns: np.ndarray, target_sum: float = TARGET_SUM) -> 
 
 
 def read_training_cohort(path: str | Path) -> TrainingCohort:
-    import anndata as ad
-
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "expression file not found")
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as exc:  # h5py/anndata raise many types for a damaged file
-        raise InputError(path, f"cannot read h5ad: {exc}") from None
-    if "counts" not in adata.layers:
-        raise InputError(path, 'no raw counts: layers["counts"] is missing')
+    adata = read_cohort_h5ad(path)
     if "highly_variable" not in adata.var:
         raise InputError(path, 'var["highly_variable"] is missing (it chooses the target genes)')
     if "donor" not in adata.obs:

@@ -46,6 +46,7 @@ import zarr
 
 from stmdit import metrics, report
 from stmdit.errors import InputError
+from stmdit.expression import read_cohort_h5ad, read_cohort_obs
 from stmdit.features import (
     SamplePatches,
     encode_batches,
@@ -198,19 +199,7 @@ def check_in_split(keys: Sequence[str], split_keys: Sequence[str], split_path: s
 
 def read_obs(path: str | Path) -> pd.DataFrame:
     """obs of a cohort h5ad (read without loading the matrices)."""
-    import anndata as ad
-
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "expression file not found")
-    try:
-        adata = ad.read_h5ad(path, backed="r")
-        obs = adata.obs.copy()
-        adata.file.close()
-    except Exception as exc:  # h5py/anndata raise many types for a damaged file
-        raise InputError(path, f"cannot read h5ad: {exc}") from None
-    obs.index = obs.index.astype(str)
-    return obs
+    return read_cohort_obs(path)
 
 
 def read_labels(expression: str | Path | None = None, spots: Sequence[str | Path] | None = None) -> tuple[pd.Series, list[str]]:
@@ -408,17 +397,8 @@ def hvg_columns(path: str | Path) -> np.ndarray:
 
 def read_expression_log1p(path: str | Path, keys: Sequence[str]) -> sp.csr_matrix:
     """log1p CP10k of all genes of layers["counts"] for `keys`, rows in that order."""
-    import anndata as ad
-
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "expression file not found")
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as exc:  # h5py/anndata raise many types for a damaged file
-        raise InputError(path, f"cannot read h5ad: {exc}") from None
-    if "counts" not in adata.layers:
-        raise InputError(path, 'no raw counts: layers["counts"] is missing')
+    adata = read_cohort_h5ad(path)
     rows = pd.Index(adata.obs_names.astype(str)).get_indexer(pd.Index(keys))
     if (rows < 0).any():
         raise InputError(path, f"{int((rows < 0).sum())} spot(s) are not in the expression file, "

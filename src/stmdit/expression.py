@@ -36,6 +36,36 @@ from stmdit.provenance import atomic_path, provenance
 log = logging.getLogger(__name__)
 
 
+def read_cohort_h5ad(path: str | Path, *, counts: bool = True) -> ad.AnnData:
+    """A cohort h5ad (expression or PTPL), InputError naming it when missing, unreadable, or (with
+    `counts`) without raw counts in layers["counts"]."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "expression file not found")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for a damaged file
+        raise InputError(path, f"cannot read h5ad: {exc}") from None
+    if counts and "counts" not in adata.layers:
+        raise InputError(path, 'no raw counts: layers["counts"] is missing')
+    return adata
+
+
+def read_cohort_obs(path: str | Path) -> pd.DataFrame:
+    """obs of a cohort h5ad, read without loading the matrices; index = spot keys (str)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "expression file not found")
+    try:
+        adata = ad.read_h5ad(path, backed="r")
+        obs = adata.obs.copy()
+        adata.file.close()
+    except Exception as exc:  # h5py/anndata raise many types for a damaged file
+        raise InputError(path, f"cannot read h5ad: {exc}") from None
+    obs.index = obs.index.astype(str)
+    return obs
+
+
 def read_kept_spots(spots_path: str | Path) -> pd.DataFrame:
     spots_path = Path(spots_path)
     try:

@@ -53,6 +53,7 @@ import zarr
 from tqdm import tqdm
 
 from stmdit.errors import InputError
+from stmdit.expression import read_cohort_h5ad
 from stmdit.provenance import atomic_path, provenance
 
 log = logging.getLogger(__name__)
@@ -381,17 +382,9 @@ class CohortCounts:
 
 
 def read_cohort_counts(path: Path) -> CohortCounts:
-    import anndata as ad
     import scipy.sparse as sp
 
-    if not path.exists():
-        raise InputError(path, "expression file not found")
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as exc:  # h5py/anndata raise many types for a damaged file
-        raise InputError(path, f"cannot read h5ad: {exc}") from None
-    if "counts" not in adata.layers:
-        raise InputError(path, 'no raw counts: layers["counts"] is missing')
+    adata = read_cohort_h5ad(path)
     if "highly_variable_rank" not in adata.var:
         raise InputError(path, 'var["highly_variable_rank"] is missing (HVG ranks choose the gene list)')
     if adata.n_obs == 0:

@@ -499,17 +499,10 @@ def parse_alphas(text: str) -> list[float]:
 
 def read_spot_labels(expression: str | Path, keys: Sequence[str]) -> np.ndarray:
     """obs["label"] of `keys` from the cohort h5ad (obs names are spot keys)."""
-    import anndata as ad
+    from stmdit.expression import read_cohort_obs
 
     expression = Path(expression)
-    if not expression.exists():
-        raise InputError(expression, "expression file not found")
-    try:
-        adata = ad.read_h5ad(expression, backed="r")
-        obs = adata.obs.copy()
-        adata.file.close()
-    except Exception as exc:  # h5py/anndata raise many types for a damaged file
-        raise InputError(expression, f"cannot read h5ad: {exc}") from None
+    obs = read_cohort_obs(expression)
     if "label" not in obs:
         raise InputError(expression, 'obs["label"] (tissue labels) is missing')
     labels = obs["label"].astype(str).reindex([str(k) for k in keys])
