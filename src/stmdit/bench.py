@@ -116,6 +116,7 @@ def bench_loader(args: argparse.Namespace) -> dict[str, Any]:
     already in memory: the loader will not make the GPU wait."""
     import numpy as np
     import pandas as pd
+    import torch
 
     from stmdit.features import write_feature_store
     from stmdit.loader import SpotFeatures
@@ -149,14 +150,14 @@ def bench_loader(args: argparse.Namespace) -> dict[str, Any]:
             batch["ge"].tokens.sum()  # touch the data as a training step would
         loader_s = time.perf_counter() - started
 
-        tokens_stored = np.asarray(data.ge_tokens[:]).astype(np.float32)  # same values as the store holds
+        # the same arrays as the stores hold (float16 tokens), gathered and converted per batch as the loader does
+        tokens_stored, mask_stored = np.asarray(data.ge_tokens[:]), np.asarray(data.ge_mask[:])
         started = time.perf_counter()
         for rows in batches:
-            import torch
-
             torch.from_numpy(data.latents[rows].astype(np.float32))
             torch.from_numpy(data.uni[rows].astype(np.float32))
-            torch.from_numpy(tokens_stored[rows]).sum()
+            torch.from_numpy(mask_stored[rows].astype(bool))
+            torch.from_numpy(tokens_stored[rows].astype(np.float32)).sum()
         memory_s = time.perf_counter() - started
     samples = args.batches * args.micro_batch
     result = {
