@@ -124,7 +124,7 @@ def test_h0mini_reads_safetensors_and_timm_config(tmp_path):
     ))
     config = {"architecture": "vit_base_patch14_reg4_dinov2", "num_classes": 0, "model_args": {"mlp_ratio": 3.0}}
     weights = save_timm(model, tmp_path / "h0mini", fmt="safetensors", config=config)
-    encoder = load_encoder("h0mini", "real", weights=str(weights), arch=TINY_VIT, device="cpu")
+    encoder = load_encoder("h0mini", "real", weights=str(weights), arch={**TINY_VIT, "mlp_ratio": 3.0}, device="cpu")
     images = make_images(2, seed=1)
     with torch.no_grad():
         expected = model.forward_features(reference_pixels(images, 28, HOPTIMUS_MEAN, HOPTIMUS_STD, "bicubic"))[:, 0]
@@ -322,6 +322,7 @@ def test_cancerfoundation_real_loader_matches_saved_model(tmp_path, layout):
     state = {"plain": state, "released": released_layout(state), "scgpt": scgpt_layout(state)}[layout]
     directory = write_cf_checkpoint(tmp_path / "cf", state)
     encoder = load_encoder("cancerfoundation", "real", weights=str(directory), device="cpu", seed=3)
+    encoder.configure(gene_selection="hvg_rank", l2_normalize=False, binning="rank")
     names = np.array(GENES + ["NOVOCAB"])
     rank = np.arange(len(names), dtype=float)[::-1]  # NOVOCAB most variable, CD3E least
     columns = encoder.choose_genes(names, rank, max_genes=8)

@@ -255,7 +255,8 @@ def test_cancerfoundation_real_store_uses_vocab_genes_only(tmp_path):
     weights = write_cf_checkpoint(tmp_path / "cf_weights", model.state_dict())
     out = tmp_path / "cf_real.zarr"
     args = ["features", "--encoder", "cancerfoundation", "--impl", "real", "--weights", str(weights),
-            "--expression", str(h5ad), "--out", str(out), "--max-genes", "1199", "--seed", "1", "--device", "cpu"]
+            "--expression", str(h5ad), "--out", str(out), "--max-genes", "1199", "--seed", "1", "--device", "cpu",
+            "--gene-selection", "hvg_rank"]  # the pipeline's ranks (cell_ranger needs more genes than this)
     assert main(args) == 0
     store = open_feature_store(out)
     genes = list(store["token_genes"][:])

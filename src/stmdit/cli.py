@@ -37,6 +37,7 @@ COMMANDS = {
     "table": "stmdit.report",
     "figure": "stmdit.report",
     "bench": "stmdit.bench",
+    "preflight": "stmdit.preflight",
 }
 
 log = logging.getLogger("stmdit")

@@ -379,6 +379,7 @@ class CohortCounts:
     hvg_rank: np.ndarray
     highly_variable: np.ndarray | None
     counts: Any  # scipy CSR (spots x genes), raw counts
+    batches: np.ndarray | None = None  # obs["sample"]: the batch key of the reference gene selection
 
 
 def read_cohort_counts(path: Path) -> CohortCounts:
@@ -393,8 +394,9 @@ def read_cohort_counts(path: Path) -> CohortCounts:
         raise InputError(path, "spot keys (obs names) are not unique")
     counts = sp.csr_matrix(adata.layers["counts"])
     hv = adata.var["highly_variable"].to_numpy(dtype=bool) if "highly_variable" in adata.var else None
+    batches = adata.obs["sample"].to_numpy().astype(str) if "sample" in adata.obs else None
     return CohortCounts(path, [str(k) for k in adata.obs_names], adata.var_names.to_numpy().astype(str),
-                        adata.var["highly_variable_rank"].to_numpy(dtype=np.float64), hv, counts)
+                        adata.var["highly_variable_rank"].to_numpy(dtype=np.float64), hv, counts, batches)
 
 
 def check_counts(path: Path, counts) -> None:
@@ -431,7 +433,8 @@ def stage_params(args: argparse.Namespace, arch: dict) -> dict[str, Any]:
         "arch": arch, "variant": args.variant, "bf16": args.bf16, "device": args.device, "batch_size": args.batch_size,
     }
     if args.encoder == "cancerfoundation":
-        params.update(max_genes=args.max_genes, seed=args.seed)
+        params.update(max_genes=args.max_genes, seed=args.seed, gene_selection=args.gene_selection,
+                      l2_normalize=args.l2_normalize, binning=args.binning)
     return params
 
 
@@ -463,7 +466,9 @@ def run_expression_features(args: argparse.Namespace, arch: dict) -> Path:
     cohort = read_cohort_counts(Path(args.expression))
     encoder = load_encoder("cancerfoundation", args.impl, weights=args.weights, allow_hub=args.allow_hub, arch=arch,
                            variant=args.variant, device=args.device, bf16=args.bf16, seed=args.seed)
-    columns = encoder.choose_genes(cohort.var_names, cohort.hvg_rank, args.max_genes, cohort.highly_variable)
+    encoder.configure(gene_selection=args.gene_selection, l2_normalize=args.l2_normalize, binning=args.binning)
+    columns = encoder.choose_genes(cohort.var_names, cohort.hvg_rank, args.max_genes, cohort.highly_variable,
+                                   counts=cohort.counts, batches=cohort.batches)
     if len(columns) == 0:
         where = "in the CancerFoundation vocabulary" if encoder.usable_genes() is not None else "flagged"
         raise InputError(cohort.path, f"no highly variable gene is {where}: the gene list would be empty")
@@ -517,4 +522,13 @@ def register(subparsers) -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
     parser.add_argument("--max-genes", type=int, default=1199, help="cancerfoundation: at most this many HVGs")
     parser.add_argument("--seed", type=int, default=0, help="cancerfoundation: seed of the tie-breaking in binning")
+    parser.add_argument("--gene-selection", choices=("cell_ranger", "hvg_rank"),
+                        help="cancerfoundation: the reference's cell_ranger HVGs among vocab genes, or the pipeline's "
+                             "seurat_v3 ranks (default: cell_ranger for real, hvg_rank for smoke)")
+    parser.add_argument("--l2-normalize", action=argparse.BooleanOptionalAction, default=None,
+                        help="cancerfoundation: L2-normalise the cell embedding (default: yes for real, as the "
+                             "reference; no for smoke)")
+    parser.add_argument("--binning", choices=("reference", "rank"),
+                        help="cancerfoundation: the reference's quantile binning with random ties, or the rank "
+                             "binning with seeded tie order (default: reference for real, rank for smoke)")
     parser.set_defaults(func=run)

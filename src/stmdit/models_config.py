@@ -8,7 +8,9 @@ A `models:` entry (its key is the model id used in every path, its `name` the pa
     objective: ddpm | flow           p: modality dropout       ge_source: visium | ptpl
     tables: [1, 2, ...]              baseline: id of the sampler-matched no-GE model (Table 3)
     arch: {DiTConfig overrides}      settings: {TrainSettings overrides}
-    perturbation_uni_null: bool      pretrained: folder with config.json + ema.safetensors (not trained)
+    perturbation_uni_null: bool
+    pretrained: folder with config.json + ema.safetensors (not trained), or {format: stmdit | pixcell,
+                path: ...}; pixcell is PixCell's diffusers layout. An entry whose path is null is skipped.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class ResolvedModel:
     pretrained: str | None
     perturbation_uni_null: bool
     settings: dict[str, Any] = field(default_factory=dict)  # TrainSettings fields, resolved
+    pretrained_format: str = "stmdit"  # stmdit | pixcell
 
     @property
     def uses_ge(self) -> bool:
@@ -93,6 +96,8 @@ def resolve_models(config: dict) -> dict[str, ResolvedModel]:
         raise InputError(None, f"config key train.size = {train['size']!r}: not one of train.sizes {sorted(train['sizes'])}")
     resolved: dict[str, ResolvedModel] = {}
     for model, entry in config["models"].items():
+        if model in skipped_models(config):
+            continue
         if not MODEL_NAME.match(model):
             raise InputError(None, f"config key models.{model}: a model id may hold letters, digits, '_', '.', '-'")
         fusion = entry.get("fusion", "none")
@@ -124,11 +129,29 @@ def resolve_models(config: dict) -> dict[str, ResolvedModel]:
             ge_source=(entry.get("ge_source", "visium") if uses_ge else None),
             tables=tuple(entry.get("tables", [1, 2, 3, 4, 5, 6])),
             baseline=baseline,
-            pretrained=entry.get("pretrained"),
+            pretrained=pretrained_path(entry.get("pretrained")),
             perturbation_uni_null=bool(entry.get("perturbation_uni_null", False)),
             settings=settings,
+            pretrained_format=(entry["pretrained"].get("format", "stmdit")
+                               if isinstance(entry.get("pretrained"), dict) else "stmdit"),
         )
     return resolved
+
+
+def pretrained_path(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("path")
+    return value
+
+
+def skipped_models(config: dict) -> dict[str, str]:
+    """Models left out of the plan, with the reason: pretrained entries without a path."""
+    return {
+        model: f"model {model}: skipped, its pretrained {entry['pretrained'].get('format')} weights have no path "
+               f"(set models.{model}.pretrained.path to include it)"
+        for model, entry in config["models"].items()
+        if isinstance(entry.get("pretrained"), dict) and not entry["pretrained"].get("path")
+    }
 
 
 def model_rows(models: dict[str, ResolvedModel]) -> list[dict[str, Any]]:

@@ -4,6 +4,8 @@ import re
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+
 from stmdit.config import (
     check_cohorts,
     cohort_samples,
@@ -13,7 +15,7 @@ from stmdit.config import (
     validate_config,
 )
 from stmdit.errors import InputError
-from stmdit.models_config import model_rows, resolve_models
+from stmdit.models_config import model_rows, resolve_models, skipped_models
 from stmdit.provenance import params_hash
 
 # Rules run the checkout's own code (python -m stmdit) in whichever environment runs the job:
@@ -32,6 +34,26 @@ try:
     MODELS = resolve_models(config)
 except InputError as err:
     sys.exit(f"stmdit: error: {err}")
+for _skipped in skipped_models(config).values():
+    print(f"stmdit: {_skipped}", file=sys.stderr)
+
+
+def preflight_weights():
+    """`stmdit preflight` on this configuration: bad weights stop the run before any job starts."""
+    real = any(e.get("impl") == "real" for e in config["features"]["encoders"].values())
+    if not real and not any(m.pretrained for m in MODELS.values()):
+        return
+    from stmdit.preflight import check_config, format_table
+
+    checks = check_config(config)
+    if any(c.failed for c in checks):
+        print(format_table(checks), file=sys.stderr)
+        raise WorkflowError("stmdit preflight: weights do not match the configuration (table above); "
+                            "fix them, or run `stmdit preflight CONFIG...` to check again")
+
+
+onstart:
+    preflight_weights()
 
 COHORTS = cohorts(SAMPLES)
 EXPRESSION_COHORTS = expression_cohorts(SAMPLES)
@@ -128,6 +150,17 @@ def encoder_args(name):
         args.append("--allow-hub")
     if config["features"]["bf16"]:
         args.append("--bf16")
+    return " ".join(args)
+
+
+def cancerfoundation_reference_args():
+    """--gene-selection / --l2-normalize of the cancerfoundation entry (unset: the encoder's default)."""
+    entry = config["features"]["encoders"].get("cancerfoundation", {})
+    args = []
+    if entry.get("gene_selection"):
+        args.append(f"--gene-selection {entry['gene_selection']}")
+    if entry.get("l2_normalize") is not None:
+        args.append("--l2-normalize" if entry["l2_normalize"] else "--no-l2-normalize")
     return " ".join(args)
 
 

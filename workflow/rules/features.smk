@@ -37,6 +37,7 @@ rule features_cancerfoundation:
         encoder_args=encoder_args("cancerfoundation"),
         max_genes=config["features"]["encoders"].get("cancerfoundation", {}).get("max_genes", 1199),
         seed=config["features"]["encoders"].get("cancerfoundation", {}).get("seed", 0),
+        reference=cancerfoundation_reference_args(),
         batch_size=config["features"]["batch_size"],
         device=config["features"]["device"],
     log:
@@ -53,4 +54,5 @@ rule features_cancerfoundation:
     shell:
         "python -m stmdit features --encoder cancerfoundation {params.encoder_args}"
         " --expression {input.expression} --out {output} --max-genes {params.max_genes}"
-        " --seed {params.seed} --batch-size {params.batch_size} --device {params.device} > {log} 2>&1"
+        " --seed {params.seed} {params.reference} --batch-size {params.batch_size} --device {params.device}"
+        " > {log} 2>&1"

@@ -131,7 +131,10 @@ def find_weights_file(path: Path) -> Path:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors or torch checkpoint, read without executing pickled code."""
+    """Tensors of a .safetensors or torch checkpoint, read without executing pickled code.
+
+    torch files are read with `weights_only=True`: a file that pickles objects besides tensors
+    and plain containers is refused with its first unsupported type named, never unpickled."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -140,7 +143,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch/safetensors raise many types for damaged files
-        raise InputError(path, f"cannot read checkpoint: {exc}") from None
+        text = str(exc)
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if unsupported:
+            raise InputError(path, f"checkpoint pickles a {unsupported.group(1)} object besides its tensors; it is "
+                                   "not unpickled (re-save its state dict, e.g. as safetensors)") from None
+        raise InputError(path, f"cannot read checkpoint: {text.splitlines()[0] if text else type(exc).__name__}") from None
     if not isinstance(state, Mapping):
         raise InputError(path, f"checkpoint is a {type(state).__name__}, not a state dict")
     for wrapper in ("state_dict", "model"):
@@ -148,29 +156,127 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(inner, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
             state = inner
             break
+    non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if non_tensors:
+        raise InputError(path, f"checkpoint entries are not tensors: {non_tensors[:3]}")
     return dict(state)
+
+
+SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2",
+                      "U16", "U32", "U64"}
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a safetensors file from its JSON header alone (no tensor is read). A file
+    whose header or tensor data is cut short, or whose offsets disagree with the shapes, is an error."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise InputError(path, "truncated safetensors file (no header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                raise InputError(path, f"truncated safetensors file (header of {header_len} bytes, file of {size})")
+            header = json.loads(handle.read(header_len))
+    except OSError as exc:
+        raise InputError(path, f"cannot read safetensors file: {exc}") from None
+    except ValueError as exc:
+        raise InputError(path, f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise InputError(path, "safetensors header is not a JSON object")
+    data_size = size - 8 - header_len
+    shapes: dict[str, tuple[int, ...]] = {}
+    end_of_data = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, stop) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(path, f"safetensors header entry {key!r} is malformed") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise InputError(path, f"tensor {key}: unknown dtype {dtype}")
+        width = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+                 "I16": 2, "U16": 2}.get(dtype, 1)
+        if stop - start != width * int(np.prod(shape, dtype=np.int64)):
+            raise InputError(path, f"tensor {key}: {stop - start} bytes do not hold a {dtype} tensor of shape {shape}")
+        end_of_data = max(end_of_data, int(stop))
+        shapes[key] = shape
+    if end_of_data > data_size:
+        raise InputError(path, f"truncated safetensors file: tensors need {end_of_data} bytes of data, "
+                               f"the file holds {data_size}")
+    return shapes
+
+
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a checkpoint: the safetensors header, or (torch files) a memory-mapped,
+    weights-only read."""
+    if path.suffix == ".safetensors":
+        return read_safetensors_header(path)
+    try:
+        state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    except Exception:
+        state = read_state_dict(path)
+    if isinstance(state, Mapping):
+        for wrapper in ("state_dict", "model"):
+            inner = state.get(wrapper)
+            if isinstance(inner, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+                state = inner
+    return {k: tuple(v.shape) for k, v in dict(state).items() if isinstance(v, torch.Tensor)}
+
+
+def compare_shapes(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> list[str]:
+    """Problems of a checkpoint's keys against an architecture's: missing, unexpected and
+    misshaped keys, each with up to three examples and their shapes (empty: it matches)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = [f"{k} {tuple(found[k])} != {tuple(v)}" for k, v in expected.items()
+                 if k in found and tuple(found[k]) != tuple(v)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), e.g. "
+                        + ", ".join(f"{k} {tuple(expected[k])}" for k in missing[:3]))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), e.g. "
+                        + ", ".join(f"{k} {tuple(found[k])}" for k in unexpected[:3]))
+    if misshaped:
+        problems.append(f"{len(misshaped)} key(s) of the wrong shape, e.g. {', '.join(misshaped[:2])}")
+    return problems
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """Content hash of a weights file (what every store and model folder records)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_digest(location: str | Path | None) -> dict[str, str] | None:
+    """sha256 of each weights file of a local weights path (file, or every checkpoint file under a
+    directory), keyed by its path relative to the location; None for hub ids and no weights."""
+    if location is None:
+        return None
+    path = Path(location)
+    if path.is_file():
+        return {path.name: file_sha256(path)}
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    return {str(p.relative_to(path)): file_sha256(p) for p in files}
 
 
 def load_state_dict_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
     """Load every key; any missing, unexpected or misshaped key is an error naming the checkpoint."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
-    if misshaped:
-        problems.append(f"{len(misshaped)} key(s) of the wrong shape, e.g. {misshaped[:2]}")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = compare_shapes(expected, {k: tuple(v.shape) for k, v in state.items()})
     if problems:
         raise InputError(source, "checkpoint does not match the architecture: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=any(p.is_meta for p in model.parameters()))
 
 
 def read_json(path: Path) -> dict:
@@ -274,6 +380,7 @@ class ImageEncoder:
             "impl": self.impl,
             "model": self.model,
             "weights": self.weights,
+            "weights_sha256": weights_digest(self.weights) if self.impl == "real" else None,
             "preprocessing": {**self.preprocess.describe(), "output": self.output_description()},
             "shapes": {k: list(v) for k, v in self.output_shapes.items()},
             "device": str(self.device),

@@ -48,6 +48,7 @@ from stmdit.encoders.base import (
     read_state_dict,
     resolve_device,
     stable_seed,
+    weights_digest,
 )
 from stmdit.errors import InputError
 
@@ -102,14 +103,36 @@ def bin_spot(counts: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.nd
     return bins
 
 
-def bin_counts(counts: np.ndarray, keys: Sequence[str], n_bins: int, seed: int) -> np.ndarray:
-    """Per-spot rank binning of a (B, G) count matrix; row i uses the stream of keys[i]."""
+def bin_spot_reference(counts: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.ndarray:
+    """The reference binning (BoevaLab/CancerFoundation model/data_collator.py): edges at the
+    quantiles linspace(0, 1, n_bins - 1) of the non-zero counts; a count gets its left digit, or,
+    when it equals several edges (ties), a uniform draw among the bins those edges span. The draw
+    comes from `rng` (the reference uses the global NumPy stream)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    bins = np.zeros(counts.shape[0], dtype=np.int64)
+    nonzero = np.flatnonzero(counts > 0)
+    if nonzero.size == 0:
+        return bins
+    values = counts[nonzero]
+    edges = np.quantile(values, np.linspace(0, 1, n_bins - 1))
+    left = np.digitize(values, edges)
+    right = np.digitize(values, edges, right=True)
+    bins[nonzero] = np.ceil(rng.random(values.size) * (right - left) + left).astype(np.int64)
+    return bins
+
+
+BINNINGS = {"reference": bin_spot_reference, "rank": bin_spot}
+
+
+def bin_counts(counts: np.ndarray, keys: Sequence[str], n_bins: int, seed: int, binning: str = "rank") -> np.ndarray:
+    """Per-spot binning of a (B, G) count matrix; row i uses the stream of keys[i]."""
     counts = np.asarray(counts)
     if counts.ndim != 2 or counts.shape[0] != len(keys):
         raise ValueError(f"counts {counts.shape} do not match {len(keys)} spot keys")
+    bin_one = BINNINGS[binning]
     bins = np.zeros(counts.shape, dtype=np.int64)
     for i, key in enumerate(keys):
-        bins[i] = bin_spot(counts[i], n_bins, spot_rng(seed, key))
+        bins[i] = bin_one(counts[i], n_bins, spot_rng(seed, key))
     return bins
 
 
@@ -133,6 +156,43 @@ def select_genes(
     candidates = np.flatnonzero(keep)
     ordered = candidates[np.argsort(rank[candidates], kind="stable")]
     return ordered[:max_genes]
+
+
+def select_genes_cell_ranger(
+    var_names: Sequence[str],
+    counts: Any,
+    max_genes: int,
+    usable: Iterable[str] | None = None,
+    batches: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Column indices of the reference gene list (BoevaLab/CancerFoundation model/embedding.py):
+    among the `usable` (vocab) genes, scanpy `highly_variable_genes(flavor="cell_ranger",
+    n_top_genes=max_genes, batch_key=...)` on the raw counts, kept in their var order."""
+    import anndata
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    names = np.asarray(var_names, dtype=object)
+    candidates = np.arange(names.size)
+    if usable is not None:
+        usable = set(usable)
+        candidates = np.flatnonzero(np.fromiter((n in usable for n in names), dtype=bool, count=names.size))
+    if candidates.size == 0:
+        return candidates
+    matrix = sp.csr_matrix(counts)[:, candidates].astype(np.float32)
+    adata = anndata.AnnData(X=matrix)
+    adata.var_names = [str(names[i]) for i in candidates]
+    batch_key = None
+    if batches is not None:
+        adata.obs["batch"] = np.asarray(batches, dtype=str)
+        batch_key = "batch" if adata.obs["batch"].nunique() > 1 else None
+    try:
+        sc.pp.highly_variable_genes(adata, n_top_genes=min(int(max_genes), candidates.size), flavor="cell_ranger",
+                                    batch_key=batch_key, subset=False)
+    except ValueError as exc:  # e.g. too few distinct gene means for cell_ranger's 20 bins
+        raise InputError(None, f"cell_ranger gene selection failed on these counts ({str(exc).splitlines()[0]}); "
+                               "use gene_selection: hvg_rank") from None
+    return candidates[np.flatnonzero(adata.var["highly_variable"].to_numpy(dtype=bool))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +268,7 @@ class CategoryValueEncoder(nn.Module):
 class CancerFoundationModel(nn.Module):
     """Gene-token + value embeddings through a post-norm transformer encoder; output (B, L, d)."""
 
-    def __init__(self, n_tokens: int, pad_id: int, args: CancerFoundationArgs):
+    def __init__(self, n_tokens: int, pad_id: int, args: CancerFoundationArgs, batchnorm: bool = False):
         super().__init__()
         self.args = args
         d = args.embsize
@@ -217,12 +277,17 @@ class CancerFoundationModel(nn.Module):
             self.value_encoder = CategoryValueEncoder(args.n_bins + 2, d, padding_idx=args.n_bins)
         else:
             self.value_encoder = ContinuousValueEncoder(d, args.dropout)
+        # pretraining option `batchnorm` (cancerfoundation/model/model.py): BatchNorm1d over the
+        # embedding channels of gene + value embeddings, eps 6.1e-5, before the transformer
+        self.bn = nn.BatchNorm1d(d, eps=6.1e-5) if batchnorm else None
         layer = nn.TransformerEncoderLayer(d, args.nheads, args.d_hid, args.dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, args.nlayers, enable_nested_tensor=False)
 
     def forward(self, genes: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """`padding_mask` is True at padded positions (torch's convention)."""
         embeddings = self.gene_encoder(genes) + self.value_encoder(values)
+        if self.bn is not None:
+            embeddings = self.bn(embeddings.permute(0, 2, 1)).permute(0, 2, 1)
         return self.encoder(embeddings, src_key_padding_mask=padding_mask)
 
 
@@ -284,7 +349,14 @@ def load_model_dir(directory: Path, arch: Mapping[str, Any]) -> tuple[CancerFoun
     model = CancerFoundationModel(n_tokens, vocab["<pad>"], args)
 
     checkpoint = directory / "model.pth"
+    # The release's model.pth is a plain state dict (the reference passes torch.load's result
+    # straight to load_pretrained as a Mapping[str, Tensor]), so weights_only loading reads it.
     state, ignored = canonical_state_dict(read_state_dict(checkpoint))
+    if any(k.startswith("dsbn.") for k in state):
+        raise InputError(checkpoint, "checkpoint has domain-specific batch norm (dsbn.*), which needs a domain "
+                                     "label per spot; only checkpoints without dsbn can encode here")
+    if any(k.startswith("bn.") for k in state):
+        model = CancerFoundationModel(n_tokens, vocab["<pad>"], args, batchnorm=True)
     embedding = state.get("gene_encoder.embedding.weight")
     if embedding is not None and embedding.shape[0] != n_tokens:
         raise InputError(checkpoint, f"the model embeds {embedding.shape[0]} tokens but vocab.json has {n_tokens}")
@@ -313,24 +385,63 @@ class ExpressionEncoder:
     model = MODEL
     weights: str | None = None
 
+    # The reference path (BoevaLab/CancerFoundation embed()) picks genes with cell_ranger HVGs and
+    # L2-normalises the cell embedding; the smoke stand-in keeps the pipeline's HVG ranks, unscaled.
+    default_gene_selection = "hvg_rank"
+    default_l2_normalize = False
+    default_binning = "rank"
+    GENE_SELECTIONS = ("cell_ranger", "hvg_rank")
+
     def __init__(self, dim: int, n_bins: int, max_seq_len: int, seed: int):
         self.dim = int(dim)
         self.n_bins = int(n_bins)
         self.max_seq_len = int(max_seq_len)
         self.seed = int(seed)
         self.genes: list[str] = []
+        self.gene_selection = self.default_gene_selection
+        self.l2_normalize = self.default_l2_normalize
+        self.binning = self.default_binning
+
+    def configure(self, gene_selection: str | None = None, l2_normalize: bool | None = None,
+                  binning: str | None = None) -> None:
+        """Choose the gene selection ("cell_ranger" | "hvg_rank"), the L2 normalisation of the cell
+        embedding and the binning ("reference" | "rank"); None keeps the encoder's default."""
+        if binning is not None:
+            if binning not in BINNINGS:
+                raise InputError(None, f"unknown binning {binning!r} (choose from {sorted(BINNINGS)})")
+            self.binning = binning
+        if gene_selection is not None:
+            if gene_selection not in self.GENE_SELECTIONS:
+                raise InputError(None, f"unknown gene selection {gene_selection!r} (choose from {self.GENE_SELECTIONS})")
+            self.gene_selection = gene_selection
+        if l2_normalize is not None:
+            self.l2_normalize = bool(l2_normalize)
 
     def usable_genes(self) -> set[str] | None:
         """Genes the encoder knows (its vocab), or None when any gene will do."""
         return None
 
     def choose_genes(self, var_names: Sequence[str], hvg_rank: Sequence[float], max_genes: int,
-                     highly_variable: Sequence[bool] | None = None) -> np.ndarray:
-        """Fix the gene list (column indices into var_names): top HVGs the encoder can use."""
+                     highly_variable: Sequence[bool] | None = None, counts: Any = None,
+                     batches: Sequence[str] | None = None) -> np.ndarray:
+        """Fix the gene list (column indices into var_names): with "hvg_rank", the top HVGs (by the
+        pipeline's seurat_v3 rank) the encoder can use; with "cell_ranger", the reference's choice
+        on the raw `counts` (spots x genes), batches given by `batches`."""
         limit = min(int(max_genes), self.max_seq_len - 1)
-        columns = select_genes(var_names, hvg_rank, limit, highly_variable, self.usable_genes())
+        if self.gene_selection == "cell_ranger":
+            if counts is None:
+                raise ValueError("cell_ranger gene selection needs the raw counts")
+            columns = select_genes_cell_ranger(var_names, counts, limit, self.usable_genes(), batches)
+        else:
+            columns = select_genes(var_names, hvg_rank, limit, highly_variable, self.usable_genes())
         self.genes = [str(var_names[i]) for i in columns]
         return columns
+
+    def finish_embedding(self, embedding: np.ndarray) -> np.ndarray:
+        if not self.l2_normalize:
+            return embedding
+        norms = np.linalg.norm(embedding, axis=1, keepdims=True)
+        return (embedding / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
     @property
     def sequence_length(self) -> int:
@@ -349,15 +460,22 @@ class ExpressionEncoder:
             "weights": self.weights,
             "preprocessing": {
                 "genes": len(self.genes),
-                "gene_selection": "highly variable genes by highly_variable_rank (lowest first)"
-                                  + (" that are in the vocab" if self.usable_genes() is not None else ""),
+                "gene_selection": (
+                    "scanpy highly_variable_genes(flavor=cell_ranger, batch_key=sample) on raw counts, in var order"
+                    if self.gene_selection == "cell_ranger"
+                    else "highly variable genes by highly_variable_rank (lowest first)")
+                + (" among the vocab genes" if self.usable_genes() is not None else ""),
                 "counts": 'raw counts (layers["counts"])',
-                "binning": f"per spot, rank of the non-zero counts into bins 1..{self.n_bins - 1}, 0 = zero; "
-                           "ties ordered by a permutation seeded by (seed, spot key)",
+                "binning": (f"per spot, the reference's quantile edges of the non-zero counts, bins 1..{self.n_bins - 1}, "
+                            "0 = zero; ties drawn uniformly among the bins they span, seeded by (seed, spot key)"
+                            if self.binning == "reference" else
+                            f"per spot, rank of the non-zero counts into bins 1..{self.n_bins - 1}, 0 = zero; "
+                            "ties ordered by a permutation seeded by (seed, spot key)"),
                 "n_bins": self.n_bins,
                 "seed": self.seed,
-                "sequence": "<cls> then the genes in list order; no padding (every spot has the same genes)",
-                "embedding": "encoder output at <cls> (not L2-normalised)",
+                "sequence": "<cls> (value = pad value) then the genes in list order; no padding tokens (every spot "
+                            "has the same genes; the reference's padding is masked, so the outputs agree)",
+                "embedding": "encoder output at <cls>, " + ("L2-normalised" if self.l2_normalize else "not normalised"),
             },
             "shapes": {k: list(v) for k, v in self.output_shapes.items()},
         }
@@ -366,7 +484,7 @@ class ExpressionEncoder:
         counts = np.asarray(counts)
         if counts.shape[1] != len(self.genes):
             raise ValueError(f"counts have {counts.shape[1]} genes, the encoder's list has {len(self.genes)}")
-        return bin_counts(counts, keys, self.n_bins, self.seed)
+        return bin_counts(counts, keys, self.n_bins, self.seed, self.binning)
 
     def encode(self, counts: np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -374,6 +492,9 @@ class ExpressionEncoder:
 
 class CancerFoundationEncoder(ExpressionEncoder):
     impl = "real"
+    default_gene_selection = "cell_ranger"
+    default_l2_normalize = True
+    default_binning = "reference"
 
     def __init__(self, model: CancerFoundationModel, vocab: dict[str, int], device: torch.device, seed: int,
                  bf16: bool = False, weights: str | None = None):
@@ -392,6 +513,8 @@ class CancerFoundationEncoder(ExpressionEncoder):
         out = super().describe()
         out["preprocessing"]["cls_and_pad_value"] = self.network.args.pad_value
         out["preprocessing"]["value_input"] = self.network.args.input_emb_style
+        out["preprocessing"]["batchnorm"] = self.network.bn is not None
+        out["weights_sha256"] = weights_digest(self.weights)
         out["device"] = str(self.device)
         out["bf16"] = bool(self.bf16 and self.device.type == "cuda")
         return out
@@ -408,7 +531,8 @@ class CancerFoundationEncoder(ExpressionEncoder):
         with autocast(self.device, self.bf16):
             tokens = self.network(genes, values.to(self.device), padding).float()
         tokens = tokens.cpu().numpy()
-        return {"embedding": tokens[:, 0].copy(), "tokens": tokens, "token_mask": ~padding.cpu().numpy()}
+        return {"embedding": self.finish_embedding(tokens[:, 0].copy()), "tokens": tokens,
+                "token_mask": ~padding.cpu().numpy()}
 
 
 def load_cancerfoundation(options: LoadOptions) -> CancerFoundationEncoder:

@@ -51,11 +51,10 @@ def load_transformers_model(name: str, options: LoadOptions) -> tuple[torch.nn.M
         model, info = AutoModel.from_pretrained(location, output_loading_info=True)
     except Exception as exc:  # missing config, network, unknown model type
         raise InputError(location, f"cannot load encoder {name} with transformers AutoModel: {exc}") from None
-    problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+    problems = [f"{len(info[k])} {k.replace('_', ' ')}, e.g. {sorted(map(str, info[k]))[:3]}"
+                for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
     if problems:
-        raise InputError(location, f"checkpoint does not match its config: {problems}")
-    if info.get("unexpected_keys"):
-        log.warning("encoder %s: checkpoint keys not used by the model: %s", name, sorted(info["unexpected_keys"])[:5])
+        raise InputError(location, "checkpoint does not match its config: " + "; ".join(problems))
     return model, location
 
 

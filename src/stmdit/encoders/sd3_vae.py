@@ -20,7 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stmdit.encoders.base import LoadOptions, as_image_tensor, autocast, log_hub_use, resolve_device, resolve_weights
+from stmdit.encoders.base import (
+    LoadOptions,
+    as_image_tensor,
+    autocast,
+    log_hub_use,
+    resolve_device,
+    resolve_weights,
+    weights_digest,
+)
 from stmdit.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,7 @@ class LatentCodec:
             "impl": self.impl,
             "model": self.model,
             "weights": self.weights,
+            "weights_sha256": weights_digest(self.weights) if self.impl == "real" else None,
             "preprocessing": {
                 "input_size": self.input_size,
                 "resize": "bilinear, antialiased (only when patches are not input_size)",
@@ -146,11 +155,16 @@ def load_autoencoder(options: LoadOptions) -> tuple[torch.nn.Module, str]:
     else:
         subfolder = subfolder or "vae"
         log_hub_use("sd3_vae", source.location)
-    try:
-        vae = AutoencoderKL.from_pretrained(source.location, subfolder=subfolder)
-    except Exception as exc:  # diffusers raises many types for bad folders / network
-        raise InputError(source.location, f"cannot load AutoencoderKL: {exc}") from None
     where = f"{source.location}/{subfolder}" if subfolder else source.location
+    try:
+        vae, info = AutoencoderKL.from_pretrained(source.location, subfolder=subfolder, output_loading_info=True)
+    except Exception as exc:  # diffusers raises many types for bad folders / network
+        raise InputError(source.location, f"cannot load AutoencoderKL: {str(exc).splitlines()[0]}") from None
+    # diffusers only warns about missing or unexpected keys: a partial VAE must not load
+    problems = [f"{len(info[k])} {k.replace('_', ' ')}, e.g. {sorted(map(str, info[k]))[:3]}"
+                for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
+    if problems:
+        raise InputError(where, "checkpoint does not match the VAE config: " + "; ".join(problems))
     return vae, where
 
 

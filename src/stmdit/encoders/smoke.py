@@ -124,7 +124,7 @@ class SmokeCancerFoundation(ExpressionEncoder):
         cls = centred @ genes * math.sqrt(self.dim / max(len(self.genes), 1))
         tokens = np.concatenate([cls[:, None, :], gene_tokens], axis=1).astype(np.float32)
         mask = np.ones(tokens.shape[:2], dtype=bool)
-        return {"embedding": tokens[:, 0].copy(), "tokens": tokens, "token_mask": mask}
+        return {"embedding": self.finish_embedding(tokens[:, 0].copy()), "tokens": tokens, "token_mask": mask}
 
 
 def load_smoke_vae(options: LoadOptions) -> SmokeVae:

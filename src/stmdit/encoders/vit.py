@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation")
+# timm kwargs that decide the checkpoint's keys and shapes (a config.json may not contradict them)
+SHAPE_KWARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "reg_tokens",
+                "init_values", "no_embed_class", "class_token")
 
 
 @dataclass(frozen=True)
@@ -93,12 +96,18 @@ HOPTIMUS0 = TimmModelSpec(
     interpolation="bicubic",
 )
 
-# H0-mini (bioptimus/H0-mini card): ViT-B/14 with 4 registers distilled from H-optimus-0,
-# created with SwiGLUPacked + SiLU, 768-d CLS; H-optimus normalisation.
+# H0-mini (bioptimus/H0-mini card): ViT-B/14 with 4 registers distilled from H-optimus-0, created
+# with `mlp_layer=SwiGLUPacked, act_layer=SiLU`; the card's embedding is the CLS token, (1, 768)
+# (it also shows concat(CLS, mean patch) as a 1536-d option; the paper uses 768-d, so CLS here).
+# Its checkpoint's fc1 is (4096, 768): packed SwiGLU of hidden 2048, i.e. mlp_ratio 4096 / 768 =
+# 5.33334 as for H-optimus-0 (bioptimus/H-optimus-0 config.json); layer scale 1e-5 as in DINOv2;
+# no config.json is needed beside the weights (timm's default mlp_ratio 4 would not load them).
 H0MINI = TimmModelSpec(
-    model="H0-mini (timm vit_base_patch14_reg4_dinov2, SwiGLU)",
+    model="H0-mini (timm vit_base_patch14_reg4_dinov2, SwiGLU, 4 register tokens)",
     architecture="vit_base_patch14_reg4_dinov2",
-    kwargs={"img_size": 224, "embed_dim": 768, "num_classes": 0, "mlp_layer": "swiglu_packed", "act_layer": "silu"},
+    kwargs={"img_size": 224, "patch_size": 14, "embed_dim": 768, "depth": 12, "num_heads": 12, "reg_tokens": 4,
+            "init_values": 1e-5, "mlp_ratio": 5.33334, "num_classes": 0, "global_pool": "token",
+            "mlp_layer": "swiglu_packed", "act_layer": "silu", "dynamic_img_size": False},
     hub_id="hf-hub:bioptimus/H0-mini",
     mean=HOPTIMUS_MEAN,
     std=HOPTIMUS_STD,
@@ -138,6 +147,23 @@ def split_arch(arch: Mapping[str, Any]) -> tuple[str | None, dict[str, Any], dic
     return architecture, arch, preprocess
 
 
+def check_timm_config(path, config: Mapping[str, Any], spec: TimmModelSpec, architecture: str | None,
+                      overrides: Mapping[str, Any]) -> None:
+    """A timm config.json beside the weights must describe the published architecture: same
+    architecture name and the same value for every model arg the spec fixes (unless overridden)."""
+    named = config.get("architecture")
+    if named and not architecture and named != spec.architecture:
+        raise InputError(path, f"config names architecture {named!r}; {spec.model} is {spec.architecture!r}")
+    for key, value in (config.get("model_args") or {}).items():
+        if key in overrides or key not in spec.kwargs or key not in SHAPE_KWARGS:
+            continue
+        published = spec.kwargs[key]
+        same = (abs(float(value) - float(published)) < 1e-3 if isinstance(published, float) and
+                isinstance(value, (int, float)) else value == published)
+        if not same:
+            raise InputError(path, f"config sets {key} = {value!r}, the published {spec.model} has {published!r}")
+
+
 def build_timm_model(name: str, spec: TimmModelSpec, options: LoadOptions) -> tuple[torch.nn.Module, str]:
     """The model with its weights, and a description of where the weights came from."""
     import timm
@@ -158,9 +184,8 @@ def build_timm_model(name: str, spec: TimmModelSpec, options: LoadOptions) -> tu
     weights_file = find_weights_file(source.path)
     config_file = weights_file.parent / "config.json"
     if config_file.is_file():
-        config = read_json(config_file)
-        architecture = architecture or config.get("architecture")
-        for key, value in (config.get("model_args") or {}).items():
+        check_timm_config(config_file, read_json(config_file), spec, architecture, overrides)
+        for key, value in (read_json(config_file).get("model_args") or {}).items():
             kwargs.setdefault(key, value)
     kwargs.update(overrides)
     architecture = architecture or spec.architecture
