@@ -290,3 +290,103 @@ def test_preflight_cli_prints_one_table_and_exits_non_zero(tmp_path):
     uni_line = next(line for line in lines if line.startswith("uni2h"))
     assert "FAIL" in uni_line and "allow_hub" in uni_line
     assert "1 of 2 weight checks failed (first: uni2h)" in done.stderr.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# PixCell-256 in the project's denoiser
+
+
+def tiny_pixcell(tmp_path: Path, interpolation_scale: float = 0.5) -> tuple[Path, torch.nn.Module, torch.Tensor]:
+    """A tiny diffusers PixArt transformer with PixCell-256's options (ada_norm_single, no additional
+    conditions, one UNI token, learned sigma, interpolation scale 0.5), saved in the release's
+    layout with the unconditional UNI embedding in the caption projection."""
+    from diffusers import PixArtTransformer2DModel
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, cross_attention_dim=16, caption_channels=12, norm_type="ada_norm_single",
+        interpolation_scale=interpolation_scale, use_additional_conditions=False, num_embeds_ada_norm=1000,
+    ).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.3)
+    folder = tmp_path / "PixCell-256" / "transformer"
+    model.save_pretrained(folder, safe_serialization=True)
+    uncond = torch.randn(1, 12)
+    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    save_file({**state, "caption_projection.uncond_embedding": uncond},
+              str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder.parent, model, uncond
+
+
+def test_pixcell_release_loads_into_the_denoiser_and_matches_diffusers_forward(tmp_path):
+    from stmdit.model.pixcell import load_pixcell
+    from stmdit.sample import load_trained_model
+
+    root, reference, uncond = tiny_pixcell(tmp_path)
+    ours = load_pixcell(root).eval()
+    assert ours.config.interpolation_scale == 0.5 and ours.config.learned_sigma
+    x, t, uni = torch.randn(3, 4, 8, 8), torch.tensor([1.0, 400.0, 999.0]), torch.randn(3, 12)
+    with torch.no_grad():
+        expected = reference(x, encoder_hidden_states=uni[:, None], timestep=t).sample[:, :4]
+        expected_null = reference(x, encoder_hidden_states=uncond.expand(3, 1, 12), timestep=t).sample[:, :4]
+        got, got_null = ours(x, t, uni), ours(x, t, None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_null, expected_null, rtol=1e-5, atol=1e-5)
+
+    trained = load_trained_model(root)  # the sampling stage's entry point
+    assert trained.objective == "ddpm" and trained.settings["pretrained"]["format"] == "pixcell"
+
+    # the release's interpolation scale matters: a model built at scale 1 does not reproduce it
+    config_path = root / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "interpolation_scale": 1.0}))
+    with torch.no_grad():
+        wrong = load_pixcell(root).eval()(x, t, uni)
+    assert (wrong - expected).abs().max() > 1e-3
+
+    config_path.write_text(json.dumps({**config, "caption_num_tokens": 16}))
+    with pytest.raises(InputError, match="PixCell-1024"):
+        load_pixcell(root)
+
+
+def pixcell_256_config() -> dict:
+    # StonyBrook-CVLab/PixCell-256 transformer: PixArt-XL/2 (cvlab-stonybrook/PixCell
+    # controlnet/pixcell_transformer_2d.py defaults: 16 heads x 72, 28 layers, cross-attention 1152),
+    # SD3 latents 16 x 32 x 32, learned sigma, UNI-2h 1536-d, pe_interpolation 0.5
+    # (configs/pan_cancer/pixart_20x_256.py)
+    return {"_class_name": "PixArtTransformer2DModel", "num_attention_heads": 16, "attention_head_dim": 72,
+            "in_channels": 16, "out_channels": 32, "num_layers": 28, "sample_size": 32, "patch_size": 2,
+            "cross_attention_dim": 1152, "caption_channels": 1536, "norm_type": "ada_norm_single",
+            "interpolation_scale": 0.5, "use_additional_conditions": False, "num_embeds_ada_norm": 1000,
+            "activation_fn": "gelu-approximate", "attention_bias": True}
+
+
+def test_preflight_plans_the_full_size_pixcell_release_and_the_paper_row(tmp_path):
+    from diffusers import PixArtTransformer2DModel
+
+    from stmdit.models_config import resolve_models, skipped_models
+
+    config = pixcell_256_config()
+    shapes = meta_state_shapes(lambda: PixArtTransformer2DModel.from_config(config))
+    assert shapes["proj_out.weight"] == (2 * 2 * 32, 1152) and len([k for k in shapes if k.endswith("attn2.to_q.weight")]) == 28
+    folder = tmp_path / "PixCell-256" / "transformer"
+    write_sparse_safetensors(folder / "diffusion_pytorch_model.safetensors",
+                             {**shapes, "caption_projection.uncond_embedding": (1, 1536)})
+    (folder / "config.json").write_text(json.dumps(config))
+    entry = {"name": "PixCell-Pretrained-XL", "fusion": "none", "objective": "ddpm", "tables": [1, 2, 3],
+             "pretrained": {"format": "pixcell", "path": str(folder.parent)}}
+    cfg = base_config(tmp_path, {}, {"PixCell-Pretrained-XL": entry})
+    (check,) = [c for c in check_config(cfg) if c.name == "model PixCell-Pretrained-XL"]
+    assert check.status == "ok", check.problem
+    assert resolve_models(cfg)["PixCell-Pretrained-XL"].pretrained == str(folder.parent)
+
+    (folder / "config.json").write_text(json.dumps({**config, "num_layers": 24}))
+    (check,) = [c for c in check_config(cfg) if c.name == "model PixCell-Pretrained-XL"]
+    assert check.failed and "unexpected key" in check.problem and "blocks.24" in check.problem
+
+    cfg["models"]["PixCell-Pretrained-XL"]["pretrained"]["path"] = None
+    assert "PixCell-Pretrained-XL" not in resolve_models(cfg)
+    assert "skipped" in skipped_models(cfg)["PixCell-Pretrained-XL"]

@@ -205,21 +205,17 @@ def check_pretrained_model(model: str, pretrained: dict) -> str:
     if not path.is_dir():
         raise InputError(path, "pretrained model folder not found")
     if pretrained.get("format", "stmdit") == "pixcell":
-        from diffusers import PixArtTransformer2DModel
+        from stmdit.model.pixcell import WEIGHTS_NAME, convert_shapes, dit_config, transformer_folder
 
-        folder = path / "transformer" if (path / "transformer").is_dir() else path
+        folder = transformer_folder(path)
         if not (folder / "config.json").is_file():
             raise InputError(folder / "config.json", "missing: PixCell's diffusers transformer needs its config.json")
-        config = read_json(folder / "config.json")
-        weights_file = folder / "diffusion_pytorch_model.safetensors"
+        config = dit_config(read_json(folder / "config.json"), folder / "config.json")
+        weights_file = folder / WEIGHTS_NAME
         if not weights_file.is_file():
             raise InputError(weights_file, "missing: PixCell's transformer weights")
-        expected = meta_shapes(lambda: PixArtTransformer2DModel.from_config(config))
-        found = checkpoint_shapes(weights_file)
-        # PixCell keeps its unconditional UNI embedding in the caption projection
-        extra = {k for k in found if k.startswith("caption_projection.") and k not in expected}
-        expected.update({k: found[k] for k in extra if k.endswith("uncond_embedding")})
-        require_match(weights_file, expected, found)
+        found = convert_shapes(checkpoint_shapes(weights_file))
+        require_match(weights_file, meta_shapes(lambda: STMDiT(config)), found)
         return str(weights_file)
     config_path = path / CONFIG_NAME
     if not config_path.is_file():

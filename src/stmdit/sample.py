@@ -108,6 +108,16 @@ def load_trained_model(model_dir: str | Path, device: torch.device | str = "cpu"
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise InputError(model_dir, "model folder not found")
+    from stmdit.model.pixcell import is_pixcell_folder, load_pixcell, transformer_folder
+
+    if is_pixcell_folder(model_dir):  # PixCell-256's diffusers release: epsilon (DDPM), never trained here
+        model = load_pixcell(model_dir).to(device).eval()
+        from stmdit.encoders.base import weights_digest
+
+        digest = weights_digest(transformer_folder(model_dir) / "diffusion_pytorch_model.safetensors")
+        settings = {"objective": "ddpm", "pretrained": {"format": "pixcell", "path": str(model_dir),
+                                                        "sha256": digest}}
+        return TrainedModel(model_dir, model, "ddpm", settings, params_hash(settings))
     training_path = model_dir / "training.json"
     if not training_path.is_file():
         raise InputError(training_path, "training.json not found (not a model folder written by stmdit train)")

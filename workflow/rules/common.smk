@@ -204,6 +204,11 @@ def model_dir(model):
 
 
 def model_weights(wildcards):
+    m = MODELS[wildcards.model]
+    if m.pretrained_format == "pixcell":  # PixCell's diffusers layout (transformer/ under the release root)
+        root = Path(m.pretrained)
+        folder = root if (root / "config.json").is_file() else root / "transformer"
+        return str(folder / "diffusion_pytorch_model.safetensors")
     return f"{model_dir(wildcards.model)}/ema.safetensors"
 
 

@@ -59,6 +59,10 @@ class DiTConfig:
     ge_source_heads: int = 4
     perceiver_iterations: int = 2
     gsa_layers: int = 1
+    # position-embedding grid scale of diffusers' PatchEmbed (PixCell-256: 0.5) and a learned-sigma
+    # output (2 x in_channels, PixArt's IDDPM head) of which the first in_channels are epsilon
+    interpolation_scale: float = 1.0
+    learned_sigma: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -138,7 +142,8 @@ class STMDiT(nn.Module):
         hidden = config.hidden_size
         self.gradient_checkpointing = False
         self.patch_embed = PatchEmbed(height=config.latent_size, width=config.latent_size, patch_size=config.patch_size,
-                                      in_channels=config.in_channels, embed_dim=hidden, interpolation_scale=1)
+                                      in_channels=config.in_channels, embed_dim=hidden,
+                                      interpolation_scale=config.interpolation_scale)
         self.time_proj = Timesteps(config.timestep_freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(config.timestep_freq_dim, hidden)
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
@@ -150,7 +155,8 @@ class STMDiT(nn.Module):
         )
         self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.out_scale_shift_table = nn.Parameter(torch.zeros(2, hidden))
-        self.proj_out = nn.Linear(hidden, config.patch_size**2 * config.in_channels)
+        self.out_channels = config.in_channels * (2 if config.learned_sigma else 1)
+        self.proj_out = nn.Linear(hidden, config.patch_size**2 * self.out_channels)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -213,7 +219,7 @@ class STMDiT(nn.Module):
                 h = block(h, modulation, uni_tokens, ge_tokens, ge_mask)
         shift, scale = (self.out_scale_shift_table[None].to(t_emb.dtype) + t_emb[:, None]).chunk(2, dim=1)
         h = self.proj_out(modulate(self.norm_out(h), shift, scale))
-        return self._unpatchify(h)
+        return self._unpatchify(h)[:, : self.config.in_channels]
 
     def _check_latents(self, x: torch.Tensor) -> None:
         c = self.config
@@ -231,7 +237,7 @@ class STMDiT(nn.Module):
         return torch.where(drop[:, None], null, uni.to(dtype))
 
     def _unpatchify(self, h: torch.Tensor) -> torch.Tensor:
-        p, c, side = self.config.patch_size, self.config.in_channels, self.config.latent_size // self.config.patch_size
+        p, c, side = self.config.patch_size, self.out_channels, self.config.latent_size // self.config.patch_size
         h = h.reshape(h.shape[0], side, side, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", h).reshape(h.shape[0], c, side * p, side * p)
 
