@@ -5,6 +5,7 @@ memory), strict loaders, CancerFoundation's reference path, and `stmdit prefligh
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -390,3 +391,40 @@ def test_preflight_plans_the_full_size_pixcell_release_and_the_paper_row(tmp_pat
     cfg["models"]["PixCell-Pretrained-XL"]["pretrained"]["path"] = None
     assert "PixCell-Pretrained-XL" not in resolve_models(cfg)
     assert "skipped" in skipped_models(cfg)["PixCell-Pretrained-XL"]
+
+
+def test_preflight_checks_a_cancerfoundation_folder_from_its_torch_file(tmp_path):
+    from stmdit.encoders.cancerfoundation import CancerFoundationArgs, CancerFoundationModel
+
+    args = {"embsize": 16, "nheads": 2, "d_hid": 32, "nlayers": 2, "n_bins": 11, "max_seq_len": 12, "dropout": 0.2}
+    vocab = {"<pad>": 0, "<cls>": 1, "<eoc>": 2, "A": 3, "B": 4}
+    folder = tmp_path / "cf"
+    folder.mkdir()
+    state = CancerFoundationModel(len(vocab), 0, CancerFoundationArgs(**args)).state_dict()
+    # the released pre-training names: attention wrapped once more, plus an unused decoder head
+    torch.save({k.replace(".self_attn.", ".self_attn.self_attn."): v for k, v in state.items()}
+               | {"decoder.fc.0.weight": torch.zeros(4, 4)}, folder / "model.pth")
+    (folder / "args.json").write_text(json.dumps(args))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    cfg = base_config(tmp_path, {"cancerfoundation": {"impl": "real", "weights": str(folder)}})
+    (check,) = check_config(cfg)
+    assert check.status == "ok", check.problem
+    (folder / "args.json").write_text(json.dumps({**args, "nlayers": 3}))
+    (check,) = check_config(cfg)
+    assert check.failed and "missing key" in check.problem and "encoder.layers.2" in check.problem
+    (folder / "vocab.json").unlink()
+    (check,) = check_config(cfg)
+    assert check.failed and "vocab.json: missing" in check.problem
+
+
+def test_workflow_with_bad_weights_stops_at_start_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"features:\n  encoders:\n    h0mini: {{impl: real, weights: {tmp_path / 'absent'}}}\n")
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    done = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-j1", "--configfile",
+                           str(REPO / "config.yaml"), str(bad), "--", "all"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "h0mini" in done.stderr and "FAIL" in done.stderr and "stmdit preflight" in done.stderr
+    assert "weights for encoder h0mini not found" in done.stderr
+    assert re.search(r"^(local)?rule \w+:", done.stdout + done.stderr, re.MULTILINE) is None  # no job started

@@ -276,7 +276,7 @@ def load_state_dict_strict(model: torch.nn.Module, state: Mapping[str, torch.Ten
     problems = compare_shapes(expected, {k: tuple(v.shape) for k, v in state.items()})
     if problems:
         raise InputError(source, "checkpoint does not match the architecture: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True, assign=any(p.is_meta for p in model.parameters()))
+    model.load_state_dict(state, strict=True)
 
 
 def read_json(path: Path) -> dict:
