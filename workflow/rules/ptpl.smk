@@ -1,5 +1,6 @@
-# DeepSpot pseudo-labels (PTPL): trained on the training cohort (leave-one-donor-out for its own
-# spots), predicted for every cohort whose GE must come from DeepSpot, then embedded by CancerFoundation.
+# DeepSpot pseudo-labels (PTPL): trained on the training cohort's train split (leave-one-donor-out over
+# its training donors; the test donors and other cohorts get the model of all training donors), predicted
+# for every cohort whose GE must come from DeepSpot, then embedded by CancerFoundation.
 
 
 rule deepspot_train:
@@ -7,6 +8,7 @@ rule deepspot_train:
         expression=f"results/expression/{TRAIN_COHORT}.h5ad",
         features=f"results/features/{TRAIN_COHORT}/deepspot_fm.zarr",
         spots=spots_of(TRAIN_COHORT),
+        split=f"results/splits/{TRAIN_COHORT}.parquet",
     output:
         model=directory(f"results/ptpl/{TRAIN_COHORT}_deepspot"),
         lodo=f"results/ptpl/{TRAIN_COHORT}_lodo.json",
@@ -35,7 +37,7 @@ rule deepspot_train:
         CONDA_GPU
     shell:
         "python -m stmdit deepspot-train --expression {input.expression} --features {input.features}"
-        " --spots {input.spots} --out-model {output.model} --out-lodo {output.lodo} {params.settings} > {log} 2>&1"
+        " --spots {input.spots} --split {input.split} --out-model {output.model} --out-lodo {output.lodo} {params.settings} > {log} 2>&1"
 
 
 rule deepspot_predict:
