@@ -44,6 +44,7 @@ torch.set_num_threads(1)
 SPOT_COLUMNS = ["key", "sample", "donor", "cohort", "barcode", "array_row", "array_col", "pxl_row", "pxl_col",
                 "diameter_px", "foreground", "laplacian_var", "tissue_fraction", "label", "keep", "reason"]
 DIM, LATENT, N_HVG, N_OTHER = 16, 4, 8, 4
+N_PROTEIN_CODING = N_HVG + 2
 TINY = dict(hidden_dim=16, n_ensemble=3, dropout=0.1, lr=1e-2, epochs=40, batch_size=32, seed=3, device="cpu")
 ENCODER = {"name": "deepspot_fm", "impl": "smoke", "model": "test projection",
            "shapes": {"embedding": [DIM], "subtiles": [9, DIM]}}
@@ -146,6 +147,9 @@ def build_cohort(root, other_test_donor: bool = False) -> dict:
     adata.layers["counts"] = sp.csr_matrix(counts.astype(np.int32))
     adata.var["highly_variable"] = [True] * N_HVG + [False] * N_OTHER
     adata.var["highly_variable_rank"] = [float(r) for r in (3, 0, 1, 2, 7, 5, 4, 6)] + [np.nan] * N_OTHER
+    adata.var["protein_coding"] = [True] * (N_HVG + 2) + [False] * (N_OTHER - 2)  # O2, O3: non-coding
+    adata.uns["gene_sets"] = {"protein_coding": {"source": "test list", "version": "v1", "list_genes": 10,
+                                                 "cohort_genes": N_HVG + N_OTHER, "protein_coding": N_PROTEIN_CODING}}
     expression = root / "expression" / "vis.h5ad"
     expression.parent.mkdir(parents=True)
     adata.write_h5ad(expression)
@@ -220,11 +224,13 @@ def test_features_follow_the_spots_and_skip_filtered_neighbours(cohort):
 def test_lodo_report_shows_deepspot_learns_the_signal(cohort):
     report = json.loads(cohort["lodo"].read_text())
     assert [f["held_out_donor"] for f in report["fold_plan"]["folds"]] == ["A", "B"]  # C is the test donor
-    assert report["genes"] == ["G1", "G2", "G3", "G0", "G6", "G5", "G7", "G4"]  # HVG rank order
+    assert report["genes"] == [f"G{i}" for i in range(N_HVG)] + ["O0", "O1"]  # the protein-coding genes
+    assert report["gene_set"]["name"] == "protein_coding" and report["gene_set"]["source"] == "test list"
+    assert report["gene_set"]["n_genes"] == N_PROTEIN_CODING and report["gene_set"]["hvgs_not_predicted"] == 0
     assert set(report["pearson"]) == {"deepspot", "ridge", "mlp"}
     deepspot = report["pearson"]["deepspot"]
     assert deepspot["median"] > 0.5 and deepspot["mean"] > 0.5, deepspot
-    assert deepspot["n_genes"] == N_HVG and len(report["per_gene"]["deepspot"]) == N_HVG
+    assert deepspot["n_genes"] == N_PROTEIN_CODING and len(report["per_gene"]["deepspot"]) == N_PROTEIN_CODING
     assert set(deepspot["per_donor"]) == {"A", "B"}
     assert set(report["test_donors_pearson"]) == {"deepspot", "ridge", "mlp"}
     assert report["test_donors_pearson"]["deepspot"]["median"] > 0.3  # the all-training-donor model on C
@@ -353,7 +359,11 @@ def test_the_cli_reproduces_its_output(cohort, tmp_path):
 
 def test_ptpl_h5ad_feeds_the_cancerfoundation_step(cohort, tmp_path):
     counts = read_cohort_counts(cohort["ptpl"])
-    assert counts.keys == cohort["spots"]["key"].tolist() and counts.highly_variable.all()
+    assert counts.keys == cohort["spots"]["key"].tolist()
+    assert counts.highly_variable.tolist() == [True] * N_HVG + [False] * 2  # the Visium cohort's flags
+    ptpl = ad.read_h5ad(cohort["ptpl"])
+    assert ptpl.var["protein_coding"].all() and ptpl.uns["gene_set"]["name"] == "protein_coding"
+    assert ptpl.uns["gene_set"]["version"] == "v1" and ptpl.uns["gene_set"]["n_genes"] == N_PROTEIN_CODING
     out = tmp_path / "cancerfoundation.zarr"
     assert main(["features", "--encoder", "cancerfoundation", "--impl", "smoke", "--expression", str(cohort["ptpl"]),
                  "--out", str(out), "--max-genes", "5", "--device", "cpu"]) == 0
@@ -452,3 +462,21 @@ def test_the_test_donors_data_moves_no_training_donors_pseudo_label(cohort, tmp_
     lodo_before, lodo_after = json.loads(cohort["lodo"].read_text()), json.loads(other["lodo"].read_text())
     assert lodo_after["pearson"] == lodo_before["pearson"] and lodo_after["per_gene"] == lodo_before["per_gene"]
     assert lodo_after["test_donors_pearson"] != lodo_before["test_donors_pearson"]
+
+
+def test_target_gene_sets(cohort, tmp_path):
+    protein_coding = read_training_cohort(cohort["expression"])
+    assert list(protein_coding.genes.index) == [f"G{i}" for i in range(N_HVG)] + ["O0", "O1"]
+    assert protein_coding.genes["highly_variable_rank"].isna().tolist() == [False] * N_HVG + [True] * 2
+    hvg = read_training_cohort(cohort["expression"], "hvg")
+    assert list(hvg.genes.index) == ["G1", "G2", "G3", "G0", "G6", "G5", "G7", "G4"]  # HVG rank order
+    assert hvg.gene_set["name"] == "hvg" and hvg.gene_set["n_genes"] == N_HVG
+    np.testing.assert_array_equal(hvg.targets[:, 3], protein_coding.targets[:, 0])  # G0, same library sizes
+    unannotated = ad.read_h5ad(cohort["expression"])
+    del unannotated.var["protein_coding"]
+    path = tmp_path / "no_list.h5ad"
+    unannotated.write_h5ad(path)
+    with pytest.raises(InputError, match='protein_coding.. is missing') as err:
+        read_training_cohort(path)
+    assert err.value.path == str(path)
+    assert read_training_cohort(path, "hvg").targets.shape == hvg.targets.shape

@@ -1,7 +1,8 @@
 """Pseudo-labels (PTPL): DeepSpot (Nonchev et al., 2025) predicts spot expression from morphology.
 
     stmdit deepspot-train --expression E.h5ad --features F.zarr --spots S.parquet ... --out-model DIR
-        --out-lodo results/ptpl/{cohort}_lodo.json [--epochs 20 --batch-size 512 --seed 0 ...]
+        --split results/splits/{cohort}.parquet --out-lodo results/ptpl/{cohort}_lodo.json
+        [--genes protein_coding|hvg --epochs 20 --batch-size 512 --seed 0 ...]
     stmdit deepspot-predict --model DIR --features F.zarr --spots S.parquet ... --out results/ptpl/{cohort}.h5ad
 
 Inputs per spot come from the cohort's `deepspot_fm` feature store: the tile embedding, the 3x3
@@ -14,10 +15,13 @@ Model (DeepSpot's "spot_subspot_neighbors" context): one ensemble of phi = Linea
 DeepSpot); the sub-tiles are sum-pooled, the neighbours max-pooled; the three are concatenated and an
 ensemble of rho heads (Dropout -> Linear -> Dropout 0.1, DeepSpot's Rho) is averaged.
 
-Targets: the training cohort's HVGs (var["highly_variable"], in highly_variable_rank order) as
-log1p(CP10k) of layers["counts"], library size over all genes; standardised per gene on each model's
-training spots when asked. The model keeps that mean and scale as buffers and `DeepSpot.predict`
-un-standardises, so no caller does it again. AdamW, MSE; every model is trained with the same seed.
+Targets (--genes): every protein-coding gene of the training cohort (var["protein_coding"] of the
+expression file, from the list of stmdit.genesets; paper A.2), in the file's gene order, or its HVGs
+(var["highly_variable"], in highly_variable_rank order), as log1p(CP10k) of layers["counts"], library
+size over all genes; standardised per gene on each model's training spots when asked. The model keeps
+that mean and scale as buffers and `DeepSpot.predict` un-standardises, so no caller does it again.
+AdamW, MSE; every model is trained with the same seed. The gene set, its source list and counts go to
+the lodo JSON, the model config and the PTPL h5ad (uns["gene_set"]).
 
 deepspot-train reads the cohort's split (--split, results/splits/{cohort}.parquet): no model ever
 learns from a validation or test spot. The fold plan: one model per training donor (a donor with
@@ -33,11 +37,13 @@ lodo-NN.safetensors (one per training donor).
 
 deepspot-predict: the kept spots of the spots tables (the feature store's rows). A spot of a training
 donor of the training cohort is predicted by the fold model that never saw that donor; any other spot
-(the test donors, an H&E-only cohort) by the all-training-donor model. Negatives are clipped to 0. Output h5ad: obs = spot key (sample, donor, cohort,
-ptpl_model, fold_donor, out_of_fold), var = predicted genes (highly_variable, highly_variable_rank of
-the training cohort, so the CancerFoundation step picks the same gene list as on Visium counts),
-X = predictions (log1p CP10k, float32), layers["counts"] = expm1(X) pseudo-counts (CSR float32),
-obsm["spatial"], uns["stmdit"] provenance, uns["fold_plan"] the plan of the models that made it (a JSON string).
+(the test donors, an H&E-only cohort) by the all-training-donor model. Negatives are clipped to 0.
+Output h5ad: obs = spot key (sample, donor, cohort, ptpl_model, fold_donor, out_of_fold); var = the
+predicted genes with the training cohort's highly_variable and highly_variable_rank (so the
+CancerFoundation step picks HVGs in the same order as on Visium counts, among the predicted genes)
+and protein_coding; X = predictions (log1p CP10k, float32); layers["counts"] = expm1(X) pseudo-counts
+(CSR float32); obsm["spatial"]; uns["stmdit"] provenance, uns["gene_set"], and uns["fold_plan"], the
+plan of the models that made it (a JSON string).
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ TARGET_SUM = 1e4
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 4, 6))
 MODEL_CONFIG = "config.json"
 ALL_DONORS = "all_donors"
+PROTEIN_CODING, HVG = "protein_coding", "hvg"
+TARGET_GENE_SETS = (PROTEIN_CODING, HVG)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,8 +209,9 @@ class TrainingCohort:
     path: Path
     keys: list[str]
     donors: np.ndarray
-    genes: pd.DataFrame  # index gene symbol; highly_variable_rank (and gene_ids when present)
+    genes: pd.DataFrame  # index gene symbol; highly_variable, highly_variable_rank (and gene_ids when present)
     targets: np.ndarray
+    gene_set: dict[str, Any]  # which gene set the targets are, its source and counts
 
 
 def log1p_cp10k(counts, columns: np.ndarray, target_sum: float = TARGET_SUM) -> np.ndarray:
@@ -212,39 +221,71 @@ def log1p_cp10k(counts, columns: np.ndarray, target_sum: float = TARGET_SUM) -> 
     counts = sp.csr_matrix(counts)
     library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
     scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
-    selected = counts[:, columns].toarray().astype(np.float64)
-    return np.log1p(selected * scale[:, None]).astype(np.float32)
+    # sparse until the end: at paper scale (~1e5 spots x 19k genes) a dense float64 copy is 15 GB
+    selected = sp.csr_matrix(sp.diags(scale) @ counts[:, columns].astype(np.float64))
+    selected.data = np.log1p(selected.data)
+    return selected.astype(np.float32).toarray()
 
 
-def read_training_cohort(path: str | Path) -> TrainingCohort:
+def plain(value: Any) -> Any:
+    """h5ad/numpy values as plain Python (JSON-ready)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_training_cohort(path: str | Path, genes: str = PROTEIN_CODING) -> TrainingCohort:
+    """The targets: every protein-coding gene of the cohort (var["protein_coding"], paper A.2) in the
+    file's gene order, or with genes="hvg" the HVGs in highly_variable_rank order."""
     path = Path(path)
+    if genes not in TARGET_GENE_SETS:
+        raise InputError(None, f"--genes must be one of {list(TARGET_GENE_SETS)}, got {genes!r}")
     adata = read_cohort_h5ad(path)
     if "highly_variable" not in adata.var:
-        raise InputError(path, 'var["highly_variable"] is missing (it chooses the target genes)')
+        raise InputError(path, 'var["highly_variable"] is missing (the PTPL genes carry the HVG flags)')
     if "donor" not in adata.obs:
         raise InputError(path, 'obs["donor"] is missing (leave-one-donor-out needs it)')
     if not adata.obs_names.is_unique:
         raise InputError(path, "spot keys (obs names) are not unique")
-    flagged = np.flatnonzero(adata.var["highly_variable"].to_numpy(dtype=bool))
-    if flagged.size == 0:
-        raise InputError(path, "no gene is flagged highly_variable: nothing to predict")
+    hv = adata.var["highly_variable"].to_numpy(dtype=bool)
     if "highly_variable_rank" in adata.var:
         ranks = adata.var["highly_variable_rank"].to_numpy(dtype=np.float64)
     else:
         ranks = np.arange(adata.n_vars, dtype=np.float64)
-    columns = flagged[np.argsort(ranks[flagged], kind="stable")]
+    if genes == HVG:
+        flagged = np.flatnonzero(hv)
+        if flagged.size == 0:
+            raise InputError(path, "no gene is flagged highly_variable: nothing to predict")
+        columns = flagged[np.argsort(ranks[flagged], kind="stable")]
+        gene_set = {"name": HVG}
+    else:
+        if "protein_coding" not in adata.var:
+            raise InputError(path, 'var["protein_coding"] is missing: the expression step ran without a protein-coding '
+                                   "list (config gene_sets.protein_coding); give one, or train on --genes hvg")
+        columns = np.flatnonzero(adata.var["protein_coding"].to_numpy(dtype=bool))
+        if columns.size == 0:
+            raise InputError(path, "no gene is flagged protein_coding: nothing to predict")
+        recorded = plain(dict(adata.uns.get("gene_sets", {}).get("protein_coding", {})))
+        gene_set = {"name": PROTEIN_CODING, **recorded}
     counts = adata.layers["counts"]
     data = counts.data if hasattr(counts, "data") and not isinstance(counts, np.ndarray) else np.asarray(counts)
     if data.size and (not np.isfinite(data).all() or data.min() < 0):
         raise InputError(path, 'layers["counts"] has negative or non-finite values: raw counts expected')
-    genes = pd.DataFrame({"highly_variable_rank": ranks[columns]}, index=adata.var_names[columns].astype(str))
+    table = pd.DataFrame({"highly_variable": hv[columns], "highly_variable_rank": np.where(hv, ranks, np.nan)[columns]},
+                         index=adata.var_names[columns].astype(str))
     if "gene_ids" in adata.var:
-        genes["gene_ids"] = adata.var["gene_ids"].to_numpy()[columns].astype(str)
+        table["gene_ids"] = adata.var["gene_ids"].to_numpy()[columns].astype(str)
+    gene_set.update(n_genes=int(columns.size), n_hvgs=int(hv[columns].sum()), hvgs_not_predicted=int(hv.sum() - hv[columns].sum()))
     targets = log1p_cp10k(counts, columns)
     donors = adata.obs["donor"].astype(str).to_numpy()
-    log.info("read %s: %d spots of %d donors, %d target genes (HVGs, first %s)", path, adata.n_obs,
-             len(set(donors)), len(columns), list(genes.index[:3]))
-    return TrainingCohort(path, [str(k) for k in adata.obs_names], donors, genes, targets)
+    log.info("read %s: %d spots of %d donors, %d target genes (%s, first %s); %d of the %d HVGs among them", path,
+             adata.n_obs, len(set(donors)), len(columns), genes, list(table.index[:3]), int(hv[columns].sum()),
+             int(hv.sum()))
+    return TrainingCohort(path, [str(k) for k in adata.obs_names], donors, table, targets, gene_set)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,7 +778,8 @@ def h5ad_safe(value: Any) -> Any:
 
 
 def ptpl_anndata(spots: pd.DataFrame, predictions: np.ndarray, genes: pd.DataFrame, fold_donor: np.ndarray,
-                 meta: Mapping[str, Any], fold_plan: Mapping[str, Any] | None = None):
+                 meta: Mapping[str, Any], fold_plan: Mapping[str, Any] | None = None,
+                 gene_set: Mapping[str, Any] | None = None):
     """The PTPL AnnData: see the module docstring."""
     import anndata as ad
     import scipy.sparse as sp
@@ -750,7 +792,7 @@ def ptpl_anndata(spots: pd.DataFrame, predictions: np.ndarray, genes: pd.DataFra
     obs["fold_donor"] = fold_donor
     obs["out_of_fold"] = fold_donor != ""
     var = pd.DataFrame(index=pd.Index(genes.index.astype(str), name=None))
-    var["highly_variable"] = True
+    var["highly_variable"] = genes["highly_variable"].to_numpy(dtype=bool) if "highly_variable" in genes else True
     var["highly_variable_rank"] = genes["highly_variable_rank"].to_numpy(dtype=np.float64)
     if "gene_ids" in genes:
         var["gene_ids"] = genes["gene_ids"].astype(str).to_numpy()
@@ -760,6 +802,10 @@ def ptpl_anndata(spots: pd.DataFrame, predictions: np.ndarray, genes: pd.DataFra
     if {"pxl_col", "pxl_row"} <= set(spots.columns):
         adata.obsm["spatial"] = spots[["pxl_col", "pxl_row"]].to_numpy(dtype=np.float64)
     adata.uns["stmdit"] = h5ad_safe(dict(meta))
+    if gene_set is not None:
+        adata.uns["gene_set"] = h5ad_safe(dict(gene_set))
+        if gene_set.get("name") == PROTEIN_CODING:
+            adata.var["protein_coding"] = True
     if fold_plan is not None:
         adata.uns["fold_plan"] = json.dumps(fold_plan, sort_keys=True)  # h5ad stores no list of mappings
     return adata
@@ -811,7 +857,7 @@ def cohort_name(spots: pd.DataFrame, source: str | Path) -> str:
 
 def run_train(args: argparse.Namespace) -> Path:
     config = training_config(args)
-    cohort = read_training_cohort(args.expression)
+    cohort = read_training_cohort(args.expression, args.genes)
     roles = read_split_roles(args.split, cohort.keys, cohort.donors)
     folds = donor_folds(cohort.donors, roles)  # fails before any reading of features
     final = all_training_donors_fold(cohort.donors, roles)
@@ -819,7 +865,7 @@ def run_train(args: argparse.Namespace) -> Path:
     name = cohort_name(spots, args.spots[0])
     plan = fold_plan(folds, final, roles, cohort.donors, name)
     features = load_spot_features(args.features, spots)
-    params = {**asdict(config), "baselines": not args.no_baselines, "mlp_hidden": args.mlp_hidden,
+    params = {**asdict(config), "genes": args.genes, "baselines": not args.no_baselines, "mlp_hidden": args.mlp_hidden,
               "mlp_max_iter": args.mlp_max_iter, "target_sum": TARGET_SUM, "ridge_alphas": list(RIDGE_ALPHAS)}
     inputs = [args.expression, args.features, args.split, *args.spots]
     log.info("cohort %s: training donors %s (leave-one-donor-out), test donors %s (labelled by the model of all "
@@ -846,14 +892,16 @@ def run_train(args: argparse.Namespace) -> Path:
         "stmdit": provenance("deepspot-train", params, inputs),
         "n_spots": len(cohort.keys),
         "genes": list(cohort.genes.index),
+        "gene_set": cohort.gene_set,
         "fold_plan": plan,
         "pearson": {m: {**summary[m], "per_donor": lodo.per_donor[m]} for m in lodo.pearson},
         "per_gene": {m: [None if not np.isfinite(v) else float(v) for v in r] for m, r in lodo.pearson.items()},
         "test_donors_pearson": test_pearson,
     }
     genes = cohort.genes.reset_index(names="gene")
+    genes = genes.astype(object).where(genes.notna(), None)  # JSON has no NaN
     info = {"stmdit": provenance("deepspot-train", params, inputs), "encoder": features.encoder,
-            "genes": genes.to_dict(orient="list"), "training_cohort": str(cohort.path)}
+            "genes": genes.to_dict(orient="list"), "gene_set": cohort.gene_set, "training_cohort": str(cohort.path)}
     save_model_dir(args.out_model, all_donors, lodo.folds, lodo.models, plan, info)
     write_json(args.out_lodo, report)
     log.info("wrote %s", args.out_lodo)
@@ -873,7 +921,8 @@ def run_predict(args: argparse.Namespace) -> Path:
     params = {"batch_size": args.batch_size, "device": args.device, "bf16": args.bf16,
               "model_params_hash": models.config["stmdit"]["params_hash"]}
     meta = provenance("deepspot-predict", params, [args.model, args.features, *args.spots])
-    adata = ptpl_anndata(spots, predictions, models.genes, fold_donor, meta, models.config["fold_plan"])
+    adata = ptpl_anndata(spots, predictions, models.genes, fold_donor, meta, models.config["fold_plan"],
+                         models.config.get("gene_set"))
     log.info("%d of %d spots predicted out-of-fold (their donor was held out of the model)",
              int(adata.obs["out_of_fold"].sum()), adata.n_obs)
     return write_h5ad(adata, args.out)
@@ -892,6 +941,8 @@ def register(subparsers) -> None:
     train.add_argument("--out-model", required=True, type=Path, help="output model directory")
     train.add_argument("--out-lodo", required=True, type=Path,
                        help="output JSON: the fold plan and leave-one-donor-out Pearson r")
+    train.add_argument("--genes", choices=TARGET_GENE_SETS, default=PROTEIN_CODING,
+                       help="targets: the cohort's protein-coding genes (paper A.2) or its HVGs")
     train.add_argument("--hidden-dim", type=int, default=512)
     train.add_argument("--n-ensemble", type=int, default=10)
     train.add_argument("--dropout", type=float, default=0.3)
