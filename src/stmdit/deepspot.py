@@ -69,6 +69,7 @@ from stmdit.errors import InputError
 from stmdit.expression import read_cohort_h5ad
 from stmdit.expression import read_kept_spots
 from stmdit.features import open_feature_store, read_feature_rows
+from stmdit.genesets import protein_coding_columns
 from stmdit.provenance import atomic_path, provenance, write_json
 
 log = logging.getLogger(__name__)
@@ -227,17 +228,6 @@ def log1p_cp10k(counts, columns: np.ndarray, target_sum: float = TARGET_SUM) -> 
     return selected.astype(np.float32).toarray()
 
 
-def plain(value: Any) -> Any:
-    """h5ad/numpy values as plain Python (JSON-ready)."""
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def read_training_cohort(path: str | Path, genes: str = PROTEIN_CODING) -> TrainingCohort:
     """The targets: every protein-coding gene of the cohort (var["protein_coding"], paper A.2) in the
     file's gene order, or with genes="hvg" the HVGs in highly_variable_rank order."""
@@ -263,14 +253,7 @@ def read_training_cohort(path: str | Path, genes: str = PROTEIN_CODING) -> Train
         columns = flagged[np.argsort(ranks[flagged], kind="stable")]
         gene_set = {"name": HVG}
     else:
-        if "protein_coding" not in adata.var:
-            raise InputError(path, 'var["protein_coding"] is missing: the expression step ran without a protein-coding '
-                                   "list (config gene_sets.protein_coding); give one, or train on --genes hvg")
-        columns = np.flatnonzero(adata.var["protein_coding"].to_numpy(dtype=bool))
-        if columns.size == 0:
-            raise InputError(path, "no gene is flagged protein_coding: nothing to predict")
-        recorded = plain(dict(adata.uns.get("gene_sets", {}).get("protein_coding", {})))
-        gene_set = {"name": PROTEIN_CODING, **recorded}
+        columns, gene_set = protein_coding_columns(adata.var, adata.uns, path, "train DeepSpot on --genes hvg")
     counts = adata.layers["counts"]
     data = counts.data if hasattr(counts, "data") and not isinstance(counts, np.ndarray) else np.asarray(counts)
     if data.size and (not np.isfinite(data).all() or data.min() < 0):

@@ -78,6 +78,29 @@ class GeneList:
                 "list_genes": len(self.symbols), **{f"list_{k}": v for k, v in self.meta.items()}}
 
 
+def plain(value: Any) -> Any:
+    """h5ad/numpy values as plain Python (JSON-ready)."""
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def protein_coding_columns(var: pd.DataFrame, uns: Any, path: str | Path, what: str) -> tuple[np.ndarray, dict]:
+    """Columns flagged var["protein_coding"] and the record of the list they came from (uns["gene_sets"])."""
+    if "protein_coding" not in var:
+        raise InputError(path, f'var["protein_coding"] is missing: the expression step ran without a protein-coding '
+                               f"list (config gene_sets.protein_coding); give one, or {what}")
+    columns = np.flatnonzero(var["protein_coding"].to_numpy(dtype=bool))
+    if columns.size == 0:
+        raise InputError(path, "no gene is flagged protein_coding")
+    recorded = plain(dict((uns.get("gene_sets") or {}).get("protein_coding") or {}))
+    return columns, {"name": "protein_coding", **recorded, "n_genes": int(columns.size)}
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -14,6 +14,7 @@ rule deepspot_train:
         lodo=f"results/ptpl/{TRAIN_COHORT}_lodo.json",
     params:
         settings=" ".join([
+            f"--genes {config['gene_sets']['deepspot']}",
             f"--epochs {config['deepspot']['epochs']} --batch-size {config['deepspot']['batch_size']}",
             f"--n-ensemble {config['deepspot']['n_ensemble']} --hidden-dim {config['deepspot']['hidden_dim']}",
             f"--dropout {config['deepspot']['dropout']} --lr {config['deepspot']['lr']}",
@@ -31,7 +32,7 @@ rule deepspot_train:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 32000 * attempt,
+        mem_mb=lambda wildcards, attempt: 64000 * attempt,
         runtime=lambda wildcards, attempt: 240 * attempt,
     conda:
         CONDA_GPU
@@ -57,7 +58,7 @@ rule deepspot_predict:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        mem_mb=lambda wildcards, attempt: 48000 * attempt,
         runtime=lambda wildcards, attempt: 60 * attempt,
     conda:
         CONDA_GPU
