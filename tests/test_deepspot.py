@@ -3,7 +3,8 @@ learning a planted signal, determinism, and the PTPL h5ad feeding the CancerFoun
 
 A tiny synthetic cohort: three Visium donors (one slide each) on a hex grid, 16-d tile embeddings
 driven by a 4-d latent, sub-tiles = tile + noise, and counts whose rates depend linearly and
-non-linearly on the latent (and on the neighbours' mean latent); plus an H&E-only slide."""
+non-linearly on the latent (and on the neighbours' mean latent); plus an H&E-only slide. Donor C is
+the held-out test donor of the split."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from stmdit.cli import COMMANDS, main
 from stmdit.deepspot import (
     TrainingConfig,
+    donor_folds,
     hex_neighbour_index,
     leave_one_donor_out,
     load_model_dir,
@@ -27,6 +29,7 @@ from stmdit.deepspot import (
     predict_cohort,
     predict_log1p,
     read_cohort_spots,
+    read_split_roles,
     read_training_cohort,
     register,
     train_deepspot,
@@ -34,12 +37,14 @@ from stmdit.deepspot import (
 from stmdit.errors import InputError
 from stmdit.features import read_cohort_counts, write_feature_store
 from stmdit.provenance import provenance, write_parquet
+from stmdit.split import assign_splits
 
 torch.set_num_threads(1)
 
 SPOT_COLUMNS = ["key", "sample", "donor", "cohort", "barcode", "array_row", "array_col", "pxl_row", "pxl_col",
                 "diameter_px", "foreground", "laplacian_var", "tissue_fraction", "label", "keep", "reason"]
 DIM, LATENT, N_HVG, N_OTHER = 16, 4, 8, 4
+N_PROTEIN_CODING = N_HVG + 2
 TINY = dict(hidden_dim=16, n_ensemble=3, dropout=0.1, lr=1e-2, epochs=40, batch_size=32, seed=3, device="cpu")
 ENCODER = {"name": "deepspot_fm", "impl": "smoke", "model": "test projection",
            "shapes": {"embedding": [DIM], "subtiles": [9, DIM]}}
@@ -105,23 +110,35 @@ def planted_counts(spots: pd.DataFrame, latent: np.ndarray, rng) -> np.ndarray:
     return np.concatenate([hvg, other], axis=1)
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deepspot")
+TINY_ARGS = ["--hidden-dim", "16", "--n-ensemble", "3", "--dropout", "0.1", "--lr", "1e-2", "--epochs", "40",
+             "--batch-size", "32", "--seed", "3", "--device", "cpu", "--mlp-hidden", "16", "--mlp-max-iter", "100"]
+TEST_DONOR = "C"
+
+
+def build_cohort(root, other_test_donor: bool = False) -> dict:
+    """Write the synthetic cohort under `root`, train and predict through the CLI. With
+    `other_test_donor`, the test donor's latent (so its tiles and sub-tiles) and its counts are
+    drawn anew; every other spot is written exactly as without it."""
     rng = np.random.default_rng(0)
     projection = rng.standard_normal((LATENT, DIM))
     spots_paths, tables, latents = [], [], []
-    for sample, donor in (("s1", "A"), ("s2", "B"), ("s3", "C")):
+    for sample, donor in (("s1", "A"), ("s2", "B"), ("s3", TEST_DONOR)):
         path, kept, latent = write_slide(root, sample, donor, "vis", rng, drop=(3, 10))
         spots_paths.append(path)
         tables.append(kept)
         latents.append(latent)
     spots = pd.concat(tables, ignore_index=True)
     latent = np.concatenate(latents)
+    test_rows = np.flatnonzero(spots["donor"] == TEST_DONOR)
+    image_latent = latent.copy()
+    if other_test_donor:
+        image_latent[test_rows] = np.random.default_rng(99).standard_normal((len(test_rows), LATENT)) * 2.0
     store = root / "features" / "vis" / "deepspot_fm.zarr"
-    write_store(store, spots["key"].tolist(), latent, rng, projection)
+    write_store(store, spots["key"].tolist(), image_latent, rng, projection)
 
-    counts = planted_counts(spots, latent, rng)
+    counts = planted_counts(spots, latent, rng)  # Poisson draws use up rng by their rates: same latent here
+    if other_test_donor:
+        counts[test_rows] = np.random.default_rng(98).poisson(50.0, size=(len(test_rows), counts.shape[1]))
     genes = [f"G{i}" for i in range(N_HVG)] + [f"O{i}" for i in range(N_OTHER)]
     adata = ad.AnnData(X=sp.csr_matrix(np.log1p(counts).astype(np.float32)),
                        obs=pd.DataFrame({"sample": spots["sample"].to_numpy(), "donor": spots["donor"].to_numpy()},
@@ -130,29 +147,39 @@ def cohort(tmp_path_factory):
     adata.layers["counts"] = sp.csr_matrix(counts.astype(np.int32))
     adata.var["highly_variable"] = [True] * N_HVG + [False] * N_OTHER
     adata.var["highly_variable_rank"] = [float(r) for r in (3, 0, 1, 2, 7, 5, 4, 6)] + [np.nan] * N_OTHER
+    adata.var["protein_coding"] = [True] * (N_HVG + 2) + [False] * (N_OTHER - 2)  # O2, O3: non-coding
+    adata.uns["gene_sets"] = {"protein_coding": {"source": "test list", "version": "v1", "list_genes": 10,
+                                                 "cohort_genes": N_HVG + N_OTHER, "protein_coding": N_PROTEIN_CODING}}
     expression = root / "expression" / "vis.h5ad"
     expression.parent.mkdir(parents=True)
     adata.write_h5ad(expression)
+    split = root / "splits" / "vis.parquet"
+    split.parent.mkdir(parents=True)
+    write_parquet(assign_splits(spots, [TEST_DONOR], 0.2, seed=42), split, provenance("split", {}, []))
 
     he_path, he_spots, he_latent = write_slide(root, "h1", "T1", "he", rng, n_rows=4, n_cols=4)
     he_store = root / "features" / "he" / "deepspot_fm.zarr"
     write_store(he_store, he_spots["key"].tolist(), he_latent, rng, projection)
 
-    tiny = ["--hidden-dim", "16", "--n-ensemble", "3", "--dropout", "0.1", "--lr", "1e-2", "--epochs", "40",
-            "--batch-size", "32", "--seed", "3", "--device", "cpu", "--mlp-hidden", "16", "--mlp-max-iter", "100"]
     model_dir = root / "models" / "deepspot" / "vis"
     lodo = root / "ptpl" / "vis_lodo.json"
     assert stmdit(["deepspot-train", "--expression", str(expression), "--features", str(store), "--spots",
-                 *map(str, spots_paths), "--out-model", str(model_dir), "--out-lodo", str(lodo), *tiny]) == 0
+                   *map(str, spots_paths), "--split", str(split), "--out-model", str(model_dir), "--out-lodo", str(lodo),
+                   *TINY_ARGS]) == 0
     ptpl = root / "ptpl" / "vis.h5ad"
     assert stmdit(["deepspot-predict", "--model", str(model_dir), "--features", str(store), "--spots",
-                 *map(str, spots_paths), "--out", str(ptpl), "--device", "cpu"]) == 0
+                   *map(str, spots_paths), "--out", str(ptpl), "--device", "cpu"]) == 0
     he_ptpl = root / "ptpl" / "he.h5ad"
     assert stmdit(["deepspot-predict", "--model", str(model_dir), "--features", str(he_store), "--spots", str(he_path),
-                 "--out", str(he_ptpl), "--device", "cpu", "--batch-size", "5"]) == 0
+                   "--out", str(he_ptpl), "--device", "cpu", "--batch-size", "5"]) == 0
     return {"root": root, "expression": expression, "store": store, "spots_paths": spots_paths, "spots": spots,
-            "model_dir": model_dir, "lodo": lodo, "ptpl": ptpl, "he_ptpl": he_ptpl, "he_store": he_store,
-            "he_path": he_path, "tiny_args": tiny}
+            "split": split, "model_dir": model_dir, "lodo": lodo, "ptpl": ptpl, "he_ptpl": he_ptpl,
+            "he_store": he_store, "he_path": he_path, "tiny_args": TINY_ARGS}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return build_cohort(tmp_path_factory.mktemp("deepspot"))
 
 
 def test_hex_neighbours_on_a_hand_built_grid():
@@ -196,13 +223,17 @@ def test_features_follow_the_spots_and_skip_filtered_neighbours(cohort):
 
 def test_lodo_report_shows_deepspot_learns_the_signal(cohort):
     report = json.loads(cohort["lodo"].read_text())
-    assert [f["held_out_donor"] for f in report["folds"]] == ["A", "B", "C"]
-    assert report["genes"] == ["G1", "G2", "G3", "G0", "G6", "G5", "G7", "G4"]  # HVG rank order
+    assert [f["held_out_donor"] for f in report["fold_plan"]["folds"]] == ["A", "B"]  # C is the test donor
+    assert report["genes"] == [f"G{i}" for i in range(N_HVG)] + ["O0", "O1"]  # the protein-coding genes
+    assert report["gene_set"]["name"] == "protein_coding" and report["gene_set"]["source"] == "test list"
+    assert report["gene_set"]["n_genes"] == N_PROTEIN_CODING and report["gene_set"]["hvgs_not_predicted"] == 0
     assert set(report["pearson"]) == {"deepspot", "ridge", "mlp"}
     deepspot = report["pearson"]["deepspot"]
     assert deepspot["median"] > 0.5 and deepspot["mean"] > 0.5, deepspot
-    assert deepspot["n_genes"] == N_HVG and len(report["per_gene"]["deepspot"]) == N_HVG
-    assert set(deepspot["per_donor"]) == {"A", "B", "C"}
+    assert deepspot["n_genes"] == N_PROTEIN_CODING and len(report["per_gene"]["deepspot"]) == N_PROTEIN_CODING
+    assert set(deepspot["per_donor"]) == {"A", "B"}
+    assert set(report["test_donors_pearson"]) == {"deepspot", "ridge", "mlp"}
+    assert report["test_donors_pearson"]["deepspot"]["median"] > 0.3  # the all-training-donor model on C
     assert report["pearson"]["ridge"]["median"] > 0.3  # a linear signal is there for the baseline too
     assert report["stmdit"]["step"] == "deepspot-train" and report["stmdit"]["params"]["seed"] == 3
 
@@ -211,17 +242,28 @@ def test_predictions_are_out_of_fold(cohort):
     ptpl = ad.read_h5ad(cohort["ptpl"])
     spots = cohort["spots"]
     assert list(ptpl.obs_names) == spots["key"].tolist()
-    assert (ptpl.obs["fold_donor"] == ptpl.obs["donor"]).all() and ptpl.obs["out_of_fold"].all()
-    assert set(ptpl.obs["ptpl_model"]) == {"lodo:A", "lodo:B", "lodo:C"}
+    obs = ptpl.obs.astype(str)
+    training_donor = (obs["donor"] != TEST_DONOR).to_numpy()
+    assert (obs["fold_donor"][training_donor] == obs["donor"][training_donor]).all()
+    assert (ptpl.obs["out_of_fold"].to_numpy() == training_donor).all()
+    assert (obs["fold_donor"][~training_donor] == "").all()
+    assert (obs["ptpl_model"][~training_donor] == "all_donors").all()
+    assert set(ptpl.obs["ptpl_model"]) == {"lodo:A", "lodo:B", "all_donors"}
+    assert json.loads(ptpl.uns["fold_plan"])["test_donors"] == [TEST_DONOR]
     config = json.loads((cohort["model_dir"] / "config.json").read_text())
     for fold in config["folds"]:
-        assert fold["held_out_donor"] not in fold["train_donors"]
+        assert fold["held_out_donor"] not in fold["train_donors"] and TEST_DONOR not in fold["train_donors"]
+    assert config["all_donors"]["donors"] == ["A", "B"]
 
-    # retraining without donor B, same seed, reproduces B's pseudo-labels; the all-donor model does not
+    # retraining on donor A's train-split spots, same seed, reproduces B's pseudo-labels; the
+    # all-training-donor model does not
     training = read_training_cohort(cohort["expression"])
+    roles = read_split_roles(cohort["split"], training.keys, training.donors)
     features = load_spot_features(cohort["store"], spots)
     held_out = np.flatnonzero(training.donors == "B")
-    model = train_deepspot(features, training.targets, np.flatnonzero(training.donors != "B"), TrainingConfig(**TINY))
+    train_rows = np.flatnonzero(roles.trainable & (training.donors == "A"))
+    assert 0 < len(train_rows) < (training.donors == "A").sum()  # A's validation spots never train
+    model = train_deepspot(features, training.targets, train_rows, TrainingConfig(**TINY))
     retrained = predict_log1p(model, features, held_out, batch_size=16, device="cpu")
     np.testing.assert_allclose(ptpl.X[held_out], retrained, rtol=1e-5, atol=1e-5)
     models = load_model_dir(cohort["model_dir"])
@@ -258,9 +300,14 @@ def test_negatives_are_clipped_and_pseudo_counts_match(cohort):
     features = load_spot_features(cohort["store"], spots)
     raw = predict_log1p(models.by_held_out_donor["A"], features, np.arange(len(spots)), device="cpu", clip=False)
     assert (raw[:, 0] < 0).all()
-    clipped, fold_donor = predict_cohort(models, features, spots["donor"].to_numpy(), device="cpu")
+    clipped, fold_donor = predict_cohort(models, features, spots["donor"].to_numpy(), spots["cohort"].to_numpy(),
+                                         device="cpu")
     assert (clipped[:, 0] == 0).all() and (clipped >= 0).all()
-    assert (clipped[:, 1:] > 0).mean() > 0.9 and list(fold_donor) == spots["donor"].tolist()
+    assert (clipped[:, 1:] > 0).mean() > 0.9
+    assert list(fold_donor) == [d if d != TEST_DONOR else "" for d in spots["donor"]]
+    # a spot of another cohort is labelled by the all-training-donor model, whatever its donor is called
+    _, fold_donor = predict_cohort(models, features, spots["donor"].to_numpy(), ["other"] * len(spots), device="cpu")
+    assert (fold_donor == "").all()
 
 
 def test_standardisation_is_inverted_exactly_once(cohort):
@@ -283,12 +330,12 @@ def test_standardisation_is_inverted_exactly_once(cohort):
 def test_same_seed_same_output_and_batch_size_independence(cohort):
     training = read_training_cohort(cohort["expression"])
     features = load_spot_features(cohort["store"], cohort["spots"])
+    folds = donor_folds(training.donors, read_split_roles(cohort["split"], training.keys, training.donors))
     config = TrainingConfig(**{**TINY, "epochs": 5})
-    runs = [leave_one_donor_out(features, training.targets, training.donors, config, baselines=False)
-            for _ in range(2)]
+    runs = [leave_one_donor_out(features, training.targets, folds, config, baselines=False) for _ in range(2)]
     assert np.array_equal(runs[0].predictions["deepspot"], runs[1].predictions["deepspot"])
-    other = leave_one_donor_out(features, training.targets, training.donors,
-                                TrainingConfig(**{**TINY, "epochs": 5, "seed": 4}), baselines=False)
+    other = leave_one_donor_out(features, training.targets, folds, TrainingConfig(**{**TINY, "epochs": 5, "seed": 4}),
+                                baselines=False)
     assert not np.array_equal(runs[0].predictions["deepspot"], other.predictions["deepspot"])
     model = runs[0].models["A"]
     rows = np.arange(len(features))
@@ -300,19 +347,23 @@ def test_the_cli_reproduces_its_output(cohort, tmp_path):
     c = cohort
     model_dir, lodo, out = tmp_path / "model", tmp_path / "lodo.json", tmp_path / "vis.h5ad"
     assert stmdit(["deepspot-train", "--expression", str(c["expression"]), "--features", str(c["store"]), "--spots",
-                 *map(str, c["spots_paths"]), "--out-model", str(model_dir), "--out-lodo", str(lodo),
-                 *c["tiny_args"]]) == 0
+                 *map(str, c["spots_paths"]), "--split", str(c["split"]), "--out-model", str(model_dir),
+                 "--out-lodo", str(lodo), *c["tiny_args"]]) == 0
     assert stmdit(["deepspot-predict", "--model", str(model_dir), "--features", str(c["store"]), "--spots",
                  *map(str, c["spots_paths"]), "--out", str(out), "--device", "cpu"]) == 0
     assert np.array_equal(ad.read_h5ad(out).X, ad.read_h5ad(c["ptpl"]).X)
     assert json.loads(lodo.read_text())["pearson"] == json.loads(c["lodo"].read_text())["pearson"]
     assert sorted(p.name for p in model_dir.iterdir()) == [
-        "all_donors.safetensors", "config.json", "lodo-00.safetensors", "lodo-01.safetensors", "lodo-02.safetensors"]
+        "all_donors.safetensors", "config.json", "lodo-00.safetensors", "lodo-01.safetensors"]
 
 
 def test_ptpl_h5ad_feeds_the_cancerfoundation_step(cohort, tmp_path):
     counts = read_cohort_counts(cohort["ptpl"])
-    assert counts.keys == cohort["spots"]["key"].tolist() and counts.highly_variable.all()
+    assert counts.keys == cohort["spots"]["key"].tolist()
+    assert counts.highly_variable.tolist() == [True] * N_HVG + [False] * 2  # the Visium cohort's flags
+    ptpl = ad.read_h5ad(cohort["ptpl"])
+    assert ptpl.var["protein_coding"].all() and ptpl.uns["gene_set"]["name"] == "protein_coding"
+    assert ptpl.uns["gene_set"]["version"] == "v1" and ptpl.uns["gene_set"]["n_genes"] == N_PROTEIN_CODING
     out = tmp_path / "cancerfoundation.zarr"
     assert main(["features", "--encoder", "cancerfoundation", "--impl", "smoke", "--expression", str(cohort["ptpl"]),
                  "--out", str(out), "--max-genes", "5", "--device", "cpu"]) == 0
@@ -335,19 +386,25 @@ def test_bad_input_names_the_file(cohort, tmp_path):
         load_spot_features(short, spots)
     assert err.value.path == str(short)
 
-    one_donor = ad.read_h5ad(cohort["expression"])
-    one_donor.obs["donor"] = "A"
-    path = tmp_path / "one_donor.h5ad"
-    one_donor.write_h5ad(path)
-    args = ["deepspot-train", "--expression", str(path), "--features", str(cohort["store"]), "--spots",
-            *map(str, cohort["spots_paths"]), "--out-model", str(tmp_path / "m"), "--out-lodo", str(tmp_path / "l.json")]
+    # one training donor left (B and C held out): no fold can label A without learning from A
+    one_donor = tmp_path / "one_training_donor.parquet"
+    write_parquet(assign_splits(spots, ["B", "C"], 0.2, seed=42), one_donor, provenance("split", {}, []))
+    args = ["deepspot-train", "--expression", str(cohort["expression"]), "--features", str(cohort["store"]),
+            "--spots", *map(str, cohort["spots_paths"]), "--split", str(one_donor), "--out-model", str(tmp_path / "m"),
+            "--out-lodo", str(tmp_path / "l.json")]
     assert stmdit(args) == 2
     assert not (tmp_path / "m").exists() and not (tmp_path / "l.json").exists()
-    with pytest.raises(InputError, match="at least 2 donors") as err:
-        from stmdit.deepspot import donor_folds
-
-        donor_folds(one_donor.obs["donor"], path)
-    assert err.value.path == str(path)
+    training = read_training_cohort(cohort["expression"])
+    with pytest.raises(InputError, match="at least 2 training donors") as err:
+        donor_folds(training.donors, read_split_roles(one_donor, training.keys, training.donors))
+    assert err.value.path == str(one_donor)
+    # a split whose donors disagree with the expression file's is refused
+    relabelled = pd.read_parquet(cohort["split"]).assign(donor="A")
+    wrong = tmp_path / "wrong_donors.parquet"
+    relabelled.to_parquet(wrong)
+    with pytest.raises(InputError, match="belongs to donor 'A' here") as err:
+        read_split_roles(wrong, training.keys, training.donors)
+    assert err.value.path == str(wrong)
     # an H&E store from another encoder is refused before predicting
     models = load_model_dir(cohort["model_dir"])
     models.config["encoder"]["model"] = "another backbone"
@@ -364,6 +421,62 @@ def test_register_adds_both_subcommands():
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["deepspot-predict", "--model", "m", "--features", "f", "--spots", "a", "b", "--out", "o"])
     assert args.batch_size == 1024 and [str(s) for s in args.spots] == ["a", "b"]
-    args = parser.parse_args(["deepspot-train", "--expression", "e", "--features", "f", "--spots", "a",
+    args = parser.parse_args(["deepspot-train", "--expression", "e", "--features", "f", "--spots", "a", "--split", "s",
                               "--out-model", "m", "--out-lodo", "l", "--no-standardize"])
     assert args.standardize is False and args.n_ensemble == 10 and args.dropout == 0.3 and args.lr == 1e-4
+
+
+def test_the_fold_plan_keeps_the_test_donor_out_of_every_training_set(cohort):
+    report = json.loads(cohort["lodo"].read_text())
+    plan = report["fold_plan"]
+    assert plan["test_donors"] == [TEST_DONOR] and plan["training_donors"] == ["A", "B"]
+    assert plan["split"] == str(cohort["split"]) and str(cohort["split"]) in json.dumps(report["stmdit"]["inputs"])
+    split = pd.read_parquet(cohort["split"]).set_index("key")
+    donors = cohort["spots"].set_index("key")["donor"]
+    for fold in plan["folds"]:
+        d = fold["held_out_donor"]
+        assert fold["train_donors"] == sorted({"A", "B"} - {d}) and fold["train_splits"] == ["train"]
+        assert fold["n_train_spots"] == int(((split["split"] == "train") & (split["donor"] != d)).sum())
+        assert fold["labels"]["donors"] == [d] and fold["labels"]["n_spots"] == int((donors == d).sum())
+        assert set(fold["labels"]["n_by_split"]) == {"train", "val"}
+    final = plan["all_training_donors"]
+    assert final["train_donors"] == ["A", "B"] and final["train_splits"] == ["train"]
+    assert final["n_train_spots"] == int((split["split"] == "train").sum())
+    assert final["labels"]["donors"] == [TEST_DONOR] and final["labels"]["n_by_split"] == {
+        "test": int((donors == TEST_DONOR).sum())}
+    assert TEST_DONOR not in {d for f in [*plan["folds"], final] for d in f["train_donors"]}
+    # the PTPL h5ad carries the same plan
+    assert json.loads(ad.read_h5ad(cohort["ptpl"]).uns["fold_plan"]) == plan
+
+
+def test_the_test_donors_data_moves_no_training_donors_pseudo_label(cohort, tmp_path):
+    other = build_cohort(tmp_path, other_test_donor=True)
+    before, after = ad.read_h5ad(cohort["ptpl"]), ad.read_h5ad(other["ptpl"])
+    test = (before.obs["donor"] == TEST_DONOR).to_numpy()
+    # the inputs did change: the test donor's features and counts
+    assert not np.array_equal(ad.read_h5ad(cohort["expression"]).layers["counts"][test].toarray(),
+                              ad.read_h5ad(other["expression"]).layers["counts"][test].toarray())
+    assert not np.array_equal(after.X[test], before.X[test])
+    assert np.array_equal(after.X[~test], before.X[~test])  # bit-identical
+    assert np.array_equal(ad.read_h5ad(other["he_ptpl"]).X, ad.read_h5ad(cohort["he_ptpl"]).X)
+    lodo_before, lodo_after = json.loads(cohort["lodo"].read_text()), json.loads(other["lodo"].read_text())
+    assert lodo_after["pearson"] == lodo_before["pearson"] and lodo_after["per_gene"] == lodo_before["per_gene"]
+    assert lodo_after["test_donors_pearson"] != lodo_before["test_donors_pearson"]
+
+
+def test_target_gene_sets(cohort, tmp_path):
+    protein_coding = read_training_cohort(cohort["expression"])
+    assert list(protein_coding.genes.index) == [f"G{i}" for i in range(N_HVG)] + ["O0", "O1"]
+    assert protein_coding.genes["highly_variable_rank"].isna().tolist() == [False] * N_HVG + [True] * 2
+    hvg = read_training_cohort(cohort["expression"], "hvg")
+    assert list(hvg.genes.index) == ["G1", "G2", "G3", "G0", "G6", "G5", "G7", "G4"]  # HVG rank order
+    assert hvg.gene_set["name"] == "hvg" and hvg.gene_set["n_genes"] == N_HVG
+    np.testing.assert_array_equal(hvg.targets[:, 3], protein_coding.targets[:, 0])  # G0, same library sizes
+    unannotated = ad.read_h5ad(cohort["expression"])
+    del unannotated.var["protein_coding"]
+    path = tmp_path / "no_list.h5ad"
+    unannotated.write_h5ad(path)
+    with pytest.raises(InputError, match='protein_coding.. is missing') as err:
+        read_training_cohort(path)
+    assert err.value.path == str(path)
+    assert read_training_cohort(path, "hvg").targets.shape == hvg.targets.shape

@@ -72,6 +72,8 @@ def cohort(tmp_path_factory):
                        var=pd.DataFrame({"highly_variable": np.arange(N_GENES) % 4 != 3},
                                         index=[f"G{j}" for j in range(N_GENES)]))
     adata.layers["counts"] = sp.csr_matrix(counts)
+    adata.var["protein_coding"] = PROTEIN_CODING
+    adata.uns["gene_sets"] = {"protein_coding": {"source": "test list", "version": "v1", "list_genes": 100}}
     adata.write_h5ad(root / "expr.h5ad")
     pd.DataFrame({"key": keys, "sample": obs["sample"], "donor": obs["sample"], "split": splits}).to_parquet(
         root / "split.parquet")
@@ -94,6 +96,9 @@ def cohort(tmp_path_factory):
             generated[regime, name] = (path, values.astype(np.float32))
     return {"root": root, "keys": keys, "labels": labels, "splits": np.array(splits), "counts": counts,
             "real": real, "row": row, "test": test, "gen_order": gen_order, "generated": generated}
+
+
+PROTEIN_CODING = np.arange(N_GENES) % 5 != 0  # Midnight+MLP's genes (paper D.4)
 
 
 def real_rows(cohort, name, keys):
@@ -266,6 +271,18 @@ def test_auc_json_equals_a_direct_recomputation_and_renders_table_2(cohort, tmp_
     assert doc["regressors"]["oracle"]["ks"] == [5, 10, 20]
     assert doc["regressors"]["oracle"]["real"]["auc"] > 0.1  # the features carry expression signal
     assert "uni_ge" in doc["regressors"]["midnight_mlp"]["generated"]
+    # Midnight+MLP regresses the protein-coding genes only, and says which list they came from
+    assert doc["regressors"]["midnight_mlp"]["genes"] == doc["provenance"]["params"]["midnight_genes"] == {"name": "protein_coding", "source": "test list", "version": "v1",
+                                               "list_genes": 100, "n_genes": int(PROTEIN_CODING.sum())}
+    all_expr = [metrics.log1p_cp10k(cohort["counts"][[cohort["row"][k] for k in keys]]) for keys in (train, test)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning at 30 iterations, as above
+        mlp = metrics.fit_midnight_mlp(real_rows(cohort, "midnight", train), all_expr[0][:, PROTEIN_CODING],
+                                       ks=(5, 10, 20), hidden_layer_sizes=(8,), max_iter=30, seed=3)
+    assert len(mlp.gene_rank) == PROTEIN_CODING.sum()
+    truth = {k: all_expr[1][:, PROTEIN_CODING][:, mlp.gene_rank[:k]] for k in mlp.ks}
+    expected = metrics.fidelity_curve(mlp.predict_by_k(real_rows(cohort, "midnight", test)), truth)
+    assert doc["regressors"]["midnight_mlp"]["real"]["auc"] == pytest.approx(expected["auc"], rel=1e-5, abs=1e-7)
     assert doc["encoders"]["uni2h"] == "smoke" and doc["encoders"]["midnight"] == "real"
 
     table = report.build_table(2, [doc], [{"model": MODEL, "name": "AdaLN"}])

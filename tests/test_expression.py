@@ -33,7 +33,8 @@ def two_slide_cohort(visium_folders, tmp_path_factory):
     matrix = folder / "filtered_feature_bc_matrix.h5"
     out = tmp / "c.h5ad"
     code = main(["expression", "--cohort", "c", "--spots", *map(str, spots_paths), "--matrices", str(matrix),
-                 str(matrix), "--out", str(out), "--n-hvg", "500", "--min-spots-per-gene", "10"])
+                 str(matrix), "--out", str(out), "--n-hvg", "500", "--min-spots-per-gene", "10",
+                 "--protein-coding", "none"])  # a mouse matrix: see test_genesets for the lists
     assert code == 0
     return out, spots_paths, matrix
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -64,6 +65,12 @@ def test_bad_sample_sheet_stops_before_any_job(tmp_path):
     assert f"{sheet}: duplicate sample name(s) ['A']" in result.stderr
 
 
+def test_a_gene_set_without_its_list_stops_before_any_job():
+    result = snakemake("-n", "--config", "gene_sets={protein_coding: none, deepspot: hvg}")
+    assert result.returncode != 0
+    assert "gene_sets.protein_coding = 'none', but gene_sets.midnight_mlp = 'protein_coding' needs a list" in result.stderr
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, demo_image):
     """The default config, copied into a scratch checkout, runs every planned job."""
@@ -87,6 +94,12 @@ def test_demo_runs_end_to_end(tmp_path, demo_image):
         table = (results / "tables" / f"table{n}.md").read_text()
         assert "made with smoke (weight-free) encoders" in table, n
         assert (results / "tables" / f"table{n}.tsv").exists()
+    # PTPL: the test donor trains no DeepSpot model; the demo's genes are HGNC symbols, 594 of 600 protein-coding
+    plan = json.loads((results / "ptpl" / "demo_lodo.json").read_text())["fold_plan"]
+    assert plan["test_donors"] == ["donor_C"] and [f["held_out_donor"] for f in plan["folds"]] == ["donor_A", "donor_B"]
+    assert all("donor_C" not in f["train_donors"] for f in [*plan["folds"], plan["all_training_donors"]])
+    gene_sets = json.loads((results / "expression" / "demo_gene_sets.json").read_text())["gene_sets"]
+    assert gene_sets["protein_coding"]["protein_coding"] == 594 and gene_sets["protein_coding"]["list_genes"] == 19281
     model = results / "models" / "XAttn-PMA-p05"
     assert (model / "ema.safetensors").exists() and (model / "train_log.csv").exists()
     assert (results / "figures" / "per_tissue_fid.png").exists()

@@ -1,7 +1,8 @@
 """Pseudo-labels (PTPL): DeepSpot (Nonchev et al., 2025) predicts spot expression from morphology.
 
     stmdit deepspot-train --expression E.h5ad --features F.zarr --spots S.parquet ... --out-model DIR
-        --out-lodo results/ptpl/{cohort}_lodo.json [--epochs 20 --batch-size 512 --seed 0 ...]
+        --split results/splits/{cohort}.parquet --out-lodo results/ptpl/{cohort}_lodo.json
+        [--genes protein_coding|hvg --epochs 20 --batch-size 512 --seed 0 ...]
     stmdit deepspot-predict --model DIR --features F.zarr --spots S.parquet ... --out results/ptpl/{cohort}.h5ad
 
 Inputs per spot come from the cohort's `deepspot_fm` feature store: the tile embedding, the 3x3
@@ -14,23 +15,35 @@ Model (DeepSpot's "spot_subspot_neighbors" context): one ensemble of phi = Linea
 DeepSpot); the sub-tiles are sum-pooled, the neighbours max-pooled; the three are concatenated and an
 ensemble of rho heads (Dropout -> Linear -> Dropout 0.1, DeepSpot's Rho) is averaged.
 
-Targets: the training cohort's HVGs (var["highly_variable"], in highly_variable_rank order) as
-log1p(CP10k) of layers["counts"], library size over all genes; standardised per gene on each model's
-training spots when asked. The model keeps that mean and scale as buffers and `DeepSpot.predict`
-un-standardises, so no caller does it again. AdamW, MSE; every model is trained with the same seed.
+Targets (--genes): every protein-coding gene of the training cohort (var["protein_coding"] of the
+expression file, from the list of stmdit.genesets; paper A.2), in the file's gene order, or its HVGs
+(var["highly_variable"], in highly_variable_rank order), as log1p(CP10k) of layers["counts"], library
+size over all genes; standardised per gene on each model's training spots when asked. The model keeps
+that mean and scale as buffers and `DeepSpot.predict` un-standardises, so no caller does it again.
+AdamW, MSE; every model is trained with the same seed. The gene set, its source list and counts go to
+the lodo JSON, the model config and the PTPL h5ad (uns["gene_set"]).
 
-deepspot-train: one model per donor on the other donors (leave-one-donor-out) and one on all donors.
-Out-of-fold Pearson r per gene, with two baselines on the same folds and features (RidgeCV and an
-MLPRegressor on [tile, mean sub-tile, mean neighbour]), goes to --out-lodo and a table in the log.
-Model directory: config.json, all_donors.safetensors, lodo-NN.safetensors (one per held-out donor).
+deepspot-train reads the cohort's split (--split, results/splits/{cohort}.parquet): no model ever
+learns from a validation or test spot. The fold plan: one model per training donor (a donor with
+train/val spots), trained on the train-split spots of the other training donors, labels every spot of
+that donor; one model trained on the train-split spots of all training donors labels the test donors
+and every other cohort. Nothing of a test donor reaches a model that labels a training donor.
+The plan (per model: training donors, splits and spot counts, the donors and spots it labels), the
+out-of-fold Pearson r per gene over the training donors' spots, with two baselines on the same folds
+and features (RidgeCV and an MLPRegressor on [tile, mean sub-tile, mean neighbour]), and the
+all-training-donor model's r on the test donors go to --out-lodo and a table in the log.
+Model directory: config.json (with the fold plan), all_donors.safetensors (all training donors),
+lodo-NN.safetensors (one per training donor).
 
 deepspot-predict: the kept spots of the spots tables (the feature store's rows). A spot of a training
-donor is predicted by the model that never saw that donor; any other spot (an H&E-only cohort) by the
-all-donor model. Negatives are clipped to 0. Output h5ad: obs = spot key (sample, donor, cohort,
-ptpl_model, fold_donor, out_of_fold), var = predicted genes (highly_variable, highly_variable_rank of
-the training cohort, so the CancerFoundation step picks the same gene list as on Visium counts),
-X = predictions (log1p CP10k, float32), layers["counts"] = expm1(X) pseudo-counts (CSR float32),
-obsm["spatial"], uns["stmdit"] provenance.
+donor of the training cohort is predicted by the fold model that never saw that donor; any other spot
+(the test donors, an H&E-only cohort) by the all-training-donor model. Negatives are clipped to 0.
+Output h5ad: obs = spot key (sample, donor, cohort, ptpl_model, fold_donor, out_of_fold); var = the
+predicted genes with the training cohort's highly_variable and highly_variable_rank (so the
+CancerFoundation step picks HVGs in the same order as on Visium counts, among the predicted genes)
+and protein_coding; X = predictions (log1p CP10k, float32); layers["counts"] = expm1(X) pseudo-counts
+(CSR float32); obsm["spatial"]; uns["stmdit"] provenance, uns["gene_set"], and uns["fold_plan"], the
+plan of the models that made it (a JSON string).
 """
 
 from __future__ import annotations
@@ -56,6 +69,7 @@ from stmdit.errors import InputError
 from stmdit.expression import read_cohort_h5ad
 from stmdit.expression import read_kept_spots
 from stmdit.features import open_feature_store, read_feature_rows
+from stmdit.genesets import protein_coding_columns
 from stmdit.provenance import atomic_path, provenance, write_json
 
 log = logging.getLogger(__name__)
@@ -68,6 +82,8 @@ TARGET_SUM = 1e4
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 4, 6))
 MODEL_CONFIG = "config.json"
 ALL_DONORS = "all_donors"
+PROTEIN_CODING, HVG = "protein_coding", "hvg"
+TARGET_GENE_SETS = (PROTEIN_CODING, HVG)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,8 +210,9 @@ class TrainingCohort:
     path: Path
     keys: list[str]
     donors: np.ndarray
-    genes: pd.DataFrame  # index gene symbol; highly_variable_rank (and gene_ids when present)
+    genes: pd.DataFrame  # index gene symbol; highly_variable, highly_variable_rank (and gene_ids when present)
     targets: np.ndarray
+    gene_set: dict[str, Any]  # which gene set the targets are, its source and counts
 
 
 def log1p_cp10k(counts, columns: np.ndarray, target_sum: float = TARGET_SUM) -> np.ndarray:
@@ -205,39 +222,53 @@ def log1p_cp10k(counts, columns: np.ndarray, target_sum: float = TARGET_SUM) -> 
     counts = sp.csr_matrix(counts)
     library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
     scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
-    selected = counts[:, columns].toarray().astype(np.float64)
-    return np.log1p(selected * scale[:, None]).astype(np.float32)
+    # sparse until the end: at paper scale (~1e5 spots x 19k genes) a dense float64 copy is 15 GB
+    selected = sp.csr_matrix(sp.diags(scale) @ counts[:, columns].astype(np.float64))
+    selected.data = np.log1p(selected.data)
+    return selected.astype(np.float32).toarray()
 
 
-def read_training_cohort(path: str | Path) -> TrainingCohort:
+def read_training_cohort(path: str | Path, genes: str = PROTEIN_CODING) -> TrainingCohort:
+    """The targets: every protein-coding gene of the cohort (var["protein_coding"], paper A.2) in the
+    file's gene order, or with genes="hvg" the HVGs in highly_variable_rank order."""
     path = Path(path)
+    if genes not in TARGET_GENE_SETS:
+        raise InputError(None, f"--genes must be one of {list(TARGET_GENE_SETS)}, got {genes!r}")
     adata = read_cohort_h5ad(path)
     if "highly_variable" not in adata.var:
-        raise InputError(path, 'var["highly_variable"] is missing (it chooses the target genes)')
+        raise InputError(path, 'var["highly_variable"] is missing (the PTPL genes carry the HVG flags)')
     if "donor" not in adata.obs:
         raise InputError(path, 'obs["donor"] is missing (leave-one-donor-out needs it)')
     if not adata.obs_names.is_unique:
         raise InputError(path, "spot keys (obs names) are not unique")
-    flagged = np.flatnonzero(adata.var["highly_variable"].to_numpy(dtype=bool))
-    if flagged.size == 0:
-        raise InputError(path, "no gene is flagged highly_variable: nothing to predict")
+    hv = adata.var["highly_variable"].to_numpy(dtype=bool)
     if "highly_variable_rank" in adata.var:
         ranks = adata.var["highly_variable_rank"].to_numpy(dtype=np.float64)
     else:
         ranks = np.arange(adata.n_vars, dtype=np.float64)
-    columns = flagged[np.argsort(ranks[flagged], kind="stable")]
+    if genes == HVG:
+        flagged = np.flatnonzero(hv)
+        if flagged.size == 0:
+            raise InputError(path, "no gene is flagged highly_variable: nothing to predict")
+        columns = flagged[np.argsort(ranks[flagged], kind="stable")]
+        gene_set = {"name": HVG}
+    else:
+        columns, gene_set = protein_coding_columns(adata.var, adata.uns, path, "train DeepSpot on --genes hvg")
     counts = adata.layers["counts"]
     data = counts.data if hasattr(counts, "data") and not isinstance(counts, np.ndarray) else np.asarray(counts)
     if data.size and (not np.isfinite(data).all() or data.min() < 0):
         raise InputError(path, 'layers["counts"] has negative or non-finite values: raw counts expected')
-    genes = pd.DataFrame({"highly_variable_rank": ranks[columns]}, index=adata.var_names[columns].astype(str))
+    table = pd.DataFrame({"highly_variable": hv[columns], "highly_variable_rank": np.where(hv, ranks, np.nan)[columns]},
+                         index=adata.var_names[columns].astype(str))
     if "gene_ids" in adata.var:
-        genes["gene_ids"] = adata.var["gene_ids"].to_numpy()[columns].astype(str)
+        table["gene_ids"] = adata.var["gene_ids"].to_numpy()[columns].astype(str)
+    gene_set.update(n_genes=int(columns.size), n_hvgs=int(hv[columns].sum()), hvgs_not_predicted=int(hv.sum() - hv[columns].sum()))
     targets = log1p_cp10k(counts, columns)
     donors = adata.obs["donor"].astype(str).to_numpy()
-    log.info("read %s: %d spots of %d donors, %d target genes (HVGs, first %s)", path, adata.n_obs,
-             len(set(donors)), len(columns), list(genes.index[:3]))
-    return TrainingCohort(path, [str(k) for k in adata.obs_names], donors, genes, targets)
+    log.info("read %s: %d spots of %d donors, %d target genes (%s, first %s); %d of the %d HVGs among them", path,
+             adata.n_obs, len(set(donors)), len(columns), genes, list(table.index[:3]), int(hv[columns].sum()),
+             int(hv.sum()))
+    return TrainingCohort(path, [str(k) for k in adata.obs_names], donors, table, targets, gene_set)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,18 +408,120 @@ def predict_log1p(model: DeepSpot, features: SpotFeatures, rows: np.ndarray, bat
 
 @dataclass(frozen=True)
 class Fold:
+    """One model of the fold plan: it trains on `train_rows` and labels `label_rows`.
+    `held_out_donor` is "" for the model trained on all training donors."""
+
     held_out_donor: str
     train_rows: np.ndarray
-    test_rows: np.ndarray
+    label_rows: np.ndarray
 
 
-def donor_folds(donors: Sequence[str], source: str | Path | None) -> list[Fold]:
-    """One fold per donor (sorted): train on the other donors, test on it. Needs >= 2 donors."""
-    donors = np.asarray(donors, dtype=object)
-    names = sorted(set(donors.tolist()))
-    if len(names) < 2:
-        raise InputError(source, f"leave-one-donor-out needs at least 2 donors, found {names}")
-    return [Fold(d, np.flatnonzero(donors != d), np.flatnonzero(donors == d)) for d in names]
+TRAIN_SPLIT = "train"
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitRoles:
+    """What the cohort's split (results/splits/{cohort}.parquet) allows DeepSpot: only spots of
+    split "train" are trained on; validation and test spots are labelled, never learnt from."""
+
+    path: Path
+    split: np.ndarray  # per cohort spot: train / val / test, "" where the split does not list it
+    training_donors: list[str]  # donors with train or val spots
+    test_donors: list[str]
+
+    @property
+    def trainable(self) -> np.ndarray:
+        return self.split == TRAIN_SPLIT
+
+
+def read_split_roles(path: str | Path, keys: Sequence[str], donors: Sequence[str]) -> SplitRoles:
+    """The split of each spot of the training cohort (`keys`, `donors` in the expression file's order)."""
+    path = Path(path)
+    try:
+        table = pd.read_parquet(path, columns=["key", "donor", "split"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(path, f"cannot read split table (columns key, donor, split): {exc}") from None
+    unknown = sorted(set(table["split"].astype(str)) - set(SPLIT_NAMES))
+    if unknown:
+        raise InputError(path, f"unknown split name(s) {unknown}; expected {list(SPLIT_NAMES)}")
+    table = table.astype({"key": str, "donor": str, "split": str}).set_index("key")
+    if not table.index.is_unique:
+        raise InputError(path, f"spot key {table.index[table.index.duplicated()][0]} appears twice")
+    donors = np.asarray(donors, dtype=object).astype(str)
+    rows = table.index.get_indexer(pd.Index(keys))
+    listed = rows >= 0
+    if not listed.any():
+        raise InputError(path, "none of the training cohort's spots is in this split (a split of another cohort?)")
+    split = np.where(listed, table["split"].to_numpy()[rows.clip(0)], "").astype(str)
+    mismatch = np.flatnonzero(listed & (table["donor"].to_numpy()[rows.clip(0)] != donors))
+    if mismatch.size:
+        k = mismatch[0]
+        raise InputError(path, f"spot {keys[k]} belongs to donor {table['donor'].iloc[rows[k]]!r} here but to "
+                               f"{donors[k]!r} in the expression file")
+    test_donors = sorted(set(donors[split == "test"].tolist()))
+    training_donors = sorted(set(donors[np.isin(split, ["train", "val"])].tolist()))
+    both = sorted(set(test_donors) & set(training_donors))
+    if both:
+        raise InputError(path, f"donor(s) {both} have test spots and train/val spots: the split is not donor-level")
+    unsplit = sorted(set(donors.tolist()) - set(test_donors) - set(training_donors))
+    if unsplit:
+        raise InputError(path, f"donor(s) {unsplit} of the training cohort have no spot in the split")
+    return SplitRoles(path, split, training_donors, test_donors)
+
+
+def donor_folds(donors: Sequence[str], roles: SplitRoles) -> list[Fold]:
+    """One fold per training donor (sorted): it labels every spot of that donor and trains on the
+    train-split spots of the other training donors. The test donors take part in no fold."""
+    donors = np.asarray(donors, dtype=object).astype(str)
+    if len(roles.training_donors) < 2:
+        raise InputError(roles.path, "leave-one-donor-out needs at least 2 training donors (train/val spots), "
+                                     f"found {roles.training_donors}")
+    folds = [Fold(d, np.flatnonzero(roles.trainable & (donors != d)), np.flatnonzero(donors == d))
+             for d in roles.training_donors]
+    for fold in folds:
+        if fold.train_rows.size == 0:
+            raise InputError(roles.path, f"the fold that labels donor {fold.held_out_donor} has no train-split "
+                                         "spot of another donor to learn from")
+    return folds
+
+
+def all_training_donors_fold(donors: Sequence[str], roles: SplitRoles) -> Fold:
+    """The model of all training donors (train-split spots): it labels the test donors' spots (and
+    every spot of another cohort, at prediction)."""
+    donors = np.asarray(donors, dtype=object).astype(str)
+    return Fold("", np.flatnonzero(roles.trainable), np.flatnonzero(np.isin(donors, roles.test_donors)))
+
+
+def fold_plan(folds: Sequence[Fold], final: Fold, roles: SplitRoles, donors: Sequence[str], cohort: str) -> dict:
+    """Which spots each model trains on and which it labels, derived from the rows themselves."""
+    donors = np.asarray(donors, dtype=object).astype(str)
+
+    def entry(fold: Fold, model: str, weights: str) -> dict[str, Any]:
+        labelled = roles.split[fold.label_rows]
+        return {
+            "model": model,
+            "weights": weights,
+            "held_out_donor": fold.held_out_donor,
+            "train_donors": sorted(set(donors[fold.train_rows].tolist())),
+            "train_splits": sorted(set(roles.split[fold.train_rows].tolist())),
+            "n_train_spots": int(fold.train_rows.size),
+            "labels": {"cohort": cohort, "donors": sorted(set(donors[fold.label_rows].tolist())),
+                       "n_spots": int(fold.label_rows.size),
+                       "n_by_split": {s or "unsplit": int((labelled == s).sum()) for s in sorted(set(labelled.tolist()))}},
+        }
+
+    final_entry = entry(final, ALL_DONORS, weights_name(None))
+    final_entry["labels"]["other_cohorts"] = f"every spot of a cohort other than {cohort}"
+    return {
+        "split": str(roles.path),
+        "cohort": cohort,
+        "training_donors": list(roles.training_donors),
+        "test_donors": list(roles.test_donors),
+        "trained_on": f"spots of split {TRAIN_SPLIT!r} only: validation and test spots label, never train",
+        "folds": [entry(f, f"lodo:{f.held_out_donor}", weights_name(f.held_out_donor, k)) for k, f in enumerate(folds)],
+        "all_training_donors": final_entry,
+    }
 
 
 def pearson_per_gene(predicted: np.ndarray, observed: np.ndarray) -> np.ndarray:
@@ -421,7 +554,7 @@ def baseline_predictions(pooled: np.ndarray, targets: np.ndarray, fold: Fold, se
     from sklearn.preprocessing import StandardScaler
 
     x_train, y_train = pooled[fold.train_rows], targets[fold.train_rows]
-    x_test = pooled[fold.test_rows]
+    x_test = pooled[fold.label_rows]
     ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS))
     mlp = make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(mlp_hidden,), max_iter=mlp_max_iter,
                                                        random_state=seed))
@@ -447,38 +580,51 @@ def lodo_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
 class LodoResult:
     folds: list[Fold]
     models: dict[str, DeepSpot]  # held-out donor -> model
-    predictions: dict[str, np.ndarray]  # method -> (N, G) out-of-fold, clipped
+    predictions: dict[str, np.ndarray]  # method -> (N, G) out-of-fold, clipped (zeros where no fold labels)
+    rows: np.ndarray  # the spots the folds label (the training donors'), where pearson is measured
     pearson: dict[str, np.ndarray]  # method -> (G,) r on the pooled out-of-fold spots
     per_donor: dict[str, dict[str, dict[str, Any]]]  # method -> donor -> summary
 
 
-def leave_one_donor_out(features: SpotFeatures, targets: np.ndarray, donors: np.ndarray, config: TrainingConfig,
-                        source: str | Path | None = None, baselines: bool = True, mlp_hidden: int = 256,
-                        mlp_max_iter: int = 50, predict_batch_size: int = 1024) -> LodoResult:
-    """Train one DeepSpot model per held-out donor; out-of-fold predictions and Pearson r of DeepSpot
-    and (optionally) the RidgeCV and MLP baselines on the same folds."""
-    folds = donor_folds(donors, source)
+def fold_predictions(features: SpotFeatures, targets: np.ndarray, fold: Fold, config: TrainingConfig,
+                     pooled: np.ndarray | None, mlp_hidden: int, mlp_max_iter: int, predict_batch_size: int = 1024,
+                     model: DeepSpot | None = None) -> tuple[DeepSpot, dict[str, np.ndarray]]:
+    """The fold's DeepSpot model (trained here unless given) and its predictions of the labelled spots,
+    with the baselines' on the same rows when `pooled` features are given."""
+    name = f"lodo {fold.held_out_donor}" if fold.held_out_donor else "all training donors"
+    if model is None:
+        model = train_deepspot(features, targets, fold.train_rows, config, desc=name)
+    out = {"deepspot": predict_log1p(model, features, fold.label_rows, predict_batch_size, config.device, config.bf16)}
+    if pooled is not None:
+        out.update(baseline_predictions(pooled, targets, fold, config.seed, mlp_hidden, mlp_max_iter))
+    return model, out
+
+
+def leave_one_donor_out(features: SpotFeatures, targets: np.ndarray, folds: Sequence[Fold], config: TrainingConfig,
+                        baselines: bool = True, mlp_hidden: int = 256, mlp_max_iter: int = 50,
+                        predict_batch_size: int = 1024) -> LodoResult:
+    """Train one DeepSpot model per fold; out-of-fold predictions and Pearson r of DeepSpot and
+    (optionally) the RidgeCV and MLP baselines on the same folds, over the spots the folds label."""
     methods = ["deepspot", *(("ridge", "mlp") if baselines else ())]
     predictions = {m: np.zeros_like(targets) for m in methods}
     pooled = features.pooled() if baselines else None
     models = {}
     for k, fold in enumerate(folds):
-        log.info("fold %d/%d: held-out donor %s (%d spots), training on %d spots", k + 1, len(folds),
-                 fold.held_out_donor, len(fold.test_rows), len(fold.train_rows))
-        model = train_deepspot(features, targets, fold.train_rows, config, desc=f"lodo {fold.held_out_donor}")
+        log.info("fold %d/%d: labels donor %s (%d spots), trains on %d train-split spots of the other training "
+                 "donors", k + 1, len(folds), fold.held_out_donor, len(fold.label_rows), len(fold.train_rows))
+        model, values = fold_predictions(features, targets, fold, config, pooled, mlp_hidden, mlp_max_iter,
+                                         predict_batch_size)
         models[fold.held_out_donor] = model
-        predictions["deepspot"][fold.test_rows] = predict_log1p(
-            model, features, fold.test_rows, predict_batch_size, config.device, config.bf16)
-        if baselines:
-            for name, values in baseline_predictions(pooled, targets, fold, config.seed, mlp_hidden,
-                                                     mlp_max_iter).items():
-                predictions[name][fold.test_rows] = values
-    pearson = {m: pearson_per_gene(p, targets) for m, p in predictions.items()}
+        for name, value in values.items():
+            predictions[name][fold.label_rows] = value
+    rows = np.sort(np.concatenate([f.label_rows for f in folds]))
+    pearson = {m: pearson_per_gene(p[rows], targets[rows]) for m, p in predictions.items()}
     per_donor = {
-        m: {f.held_out_donor: summarise_pearson(pearson_per_gene(p[f.test_rows], targets[f.test_rows])) for f in folds}
+        m: {f.held_out_donor: summarise_pearson(pearson_per_gene(p[f.label_rows], targets[f.label_rows]))
+            for f in folds}
         for m, p in predictions.items()
     }
-    return LodoResult(folds, models, predictions, pearson, per_donor)
+    return LodoResult(list(folds), models, predictions, rows, pearson, per_donor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,24 +636,22 @@ def weights_name(held_out_donor: str | None, index: int = 0) -> str:
 
 
 def save_model_dir(path: str | Path, all_donors: DeepSpot, folds: Sequence[Fold], fold_models: Mapping[str, DeepSpot],
-                   donors: np.ndarray, info: Mapping[str, Any]) -> Path:
-    """Write config.json and the weights (safetensors) of the all-donor and fold models atomically."""
+                   plan: Mapping[str, Any], info: Mapping[str, Any]) -> Path:
+    """Write config.json (with the fold plan) and the weights (safetensors) of the all-training-donor and
+    fold models atomically."""
     from safetensors.torch import save_file
 
     def state(model: DeepSpot) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
     path = Path(path)
-    all_names = sorted(set(np.asarray(donors).tolist()))
     config = {
         **info,
         "architecture": all_donors.config,
-        "all_donors": {"weights": weights_name(None), "donors": all_names},
-        "folds": [
-            {"held_out_donor": f.held_out_donor, "weights": weights_name(f.held_out_donor, k),
-             "train_donors": [d for d in all_names if d != f.held_out_donor]}
-            for k, f in enumerate(folds)
-        ],
+        "fold_plan": dict(plan),
+        "all_donors": {"weights": weights_name(None), "donors": plan["all_training_donors"]["train_donors"]},
+        "folds": [{"held_out_donor": f["held_out_donor"], "weights": f["weights"], "train_donors": f["train_donors"]}
+                  for f in plan["folds"]],
     }
     with atomic_path(path) as tmp:
         tmp.mkdir()
@@ -516,7 +660,7 @@ def save_model_dir(path: str | Path, all_donors: DeepSpot, folds: Sequence[Fold]
             save_file(state(fold_models[fold.held_out_donor]), str(tmp / weights_name(fold.held_out_donor, k)),
                       metadata={"held_out_donor": fold.held_out_donor})
         (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-    log.info("wrote %s: all-donor model and %d leave-one-donor-out models", path, len(folds))
+    log.info("wrote %s: all-training-donor model and %d leave-one-donor-out models", path, len(folds))
     return path
 
 
@@ -560,6 +704,7 @@ def load_model_dir(path: str | Path) -> ModelSet:
         architecture = config["architecture"]
         folds = config["folds"]
         config["genes"]
+        config["fold_plan"]["cohort"]
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(config_path, f"cannot read model config: {exc}") from None
     all_donors = load_model(path / config["all_donors"]["weights"], architecture)
@@ -585,18 +730,21 @@ def check_encoder_matches(models: ModelSet, features: SpotFeatures, store_path: 
                                          f"DeepSpot model was trained on ({trained.get(field)!r})")
 
 
-def predict_cohort(models: ModelSet, features: SpotFeatures, donors: Sequence[str], batch_size: int = 1024,
-                   device: str = "auto", bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Clipped predictions (N, G) and the held-out donor of the model used per spot ("" = all donors):
-    a training donor's spots come from the model that never saw that donor."""
-    donors = np.asarray(donors, dtype=object)
+def predict_cohort(models: ModelSet, features: SpotFeatures, donors: Sequence[str], cohorts: Sequence[str],
+                   batch_size: int = 1024, device: str = "auto", bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Clipped predictions (N, G) and the held-out donor of the model used per spot ("" = all training
+    donors): a training donor's spots come from the fold model that never saw that donor; the test
+    donors' spots and every spot of another cohort from the model of all training donors."""
+    donors = np.asarray(donors, dtype=object).astype(str)
+    in_training_cohort = np.asarray(cohorts, dtype=object).astype(str) == models.config["fold_plan"]["cohort"]
     predictions = np.zeros((len(features), models.config["architecture"]["n_genes"]), dtype=np.float32)
-    fold_donor = np.where(np.isin(donors, list(models.by_held_out_donor)), donors, "").astype(object)
+    labelled_by_fold = in_training_cohort & np.isin(donors, list(models.by_held_out_donor))
+    fold_donor = np.where(labelled_by_fold, donors, "").astype(object)
     for held_out in tqdm(sorted(set(fold_donor.tolist())), desc="deepspot predict", unit="model", file=sys.stderr):
         rows = np.flatnonzero(fold_donor == held_out)
         model = models.by_held_out_donor[held_out] if held_out else models.all_donors
         log.info("%d spots predicted by the %s model", len(rows),
-                 f"leave-{held_out}-out" if held_out else "all-donor")
+                 f"leave-{held_out}-out" if held_out else "all-training-donor")
         predictions[rows] = predict_log1p(model, features, rows, batch_size, device, bf16)
     return predictions, fold_donor
 
@@ -613,7 +761,8 @@ def h5ad_safe(value: Any) -> Any:
 
 
 def ptpl_anndata(spots: pd.DataFrame, predictions: np.ndarray, genes: pd.DataFrame, fold_donor: np.ndarray,
-                 meta: Mapping[str, Any]):
+                 meta: Mapping[str, Any], fold_plan: Mapping[str, Any] | None = None,
+                 gene_set: Mapping[str, Any] | None = None):
     """The PTPL AnnData: see the module docstring."""
     import anndata as ad
     import scipy.sparse as sp
@@ -626,7 +775,7 @@ def ptpl_anndata(spots: pd.DataFrame, predictions: np.ndarray, genes: pd.DataFra
     obs["fold_donor"] = fold_donor
     obs["out_of_fold"] = fold_donor != ""
     var = pd.DataFrame(index=pd.Index(genes.index.astype(str), name=None))
-    var["highly_variable"] = True
+    var["highly_variable"] = genes["highly_variable"].to_numpy(dtype=bool) if "highly_variable" in genes else True
     var["highly_variable_rank"] = genes["highly_variable_rank"].to_numpy(dtype=np.float64)
     if "gene_ids" in genes:
         var["gene_ids"] = genes["gene_ids"].astype(str).to_numpy()
@@ -636,6 +785,12 @@ def ptpl_anndata(spots: pd.DataFrame, predictions: np.ndarray, genes: pd.DataFra
     if {"pxl_col", "pxl_row"} <= set(spots.columns):
         adata.obsm["spatial"] = spots[["pxl_col", "pxl_row"]].to_numpy(dtype=np.float64)
     adata.uns["stmdit"] = h5ad_safe(dict(meta))
+    if gene_set is not None:
+        adata.uns["gene_set"] = h5ad_safe(dict(gene_set))
+        if gene_set.get("name") == PROTEIN_CODING:
+            adata.var["protein_coding"] = True
+    if fold_plan is not None:
+        adata.uns["fold_plan"] = json.dumps(fold_plan, sort_keys=True)  # h5ad stores no list of mappings
     return adata
 
 
@@ -676,36 +831,61 @@ def training_spots(cohort: TrainingCohort, spots: pd.DataFrame, spots_paths: Seq
     return table.loc[cohort.keys].reset_index(drop=True)
 
 
+def cohort_name(spots: pd.DataFrame, source: str | Path) -> str:
+    names = sorted(set(spots["cohort"].astype(str)))
+    if len(names) != 1:
+        raise InputError(source, f"the training spots belong to {len(names)} cohorts {names}; expected one")
+    return names[0]
+
+
 def run_train(args: argparse.Namespace) -> Path:
     config = training_config(args)
-    cohort = read_training_cohort(args.expression)
-    folds = donor_folds(cohort.donors, cohort.path)  # fails before any reading of features
+    cohort = read_training_cohort(args.expression, args.genes)
+    roles = read_split_roles(args.split, cohort.keys, cohort.donors)
+    folds = donor_folds(cohort.donors, roles)  # fails before any reading of features
+    final = all_training_donors_fold(cohort.donors, roles)
     spots = training_spots(cohort, read_cohort_spots(args.spots), args.spots)
+    name = cohort_name(spots, args.spots[0])
+    plan = fold_plan(folds, final, roles, cohort.donors, name)
     features = load_spot_features(args.features, spots)
-    params = {**asdict(config), "baselines": not args.no_baselines, "mlp_hidden": args.mlp_hidden,
+    params = {**asdict(config), "genes": args.genes, "baselines": not args.no_baselines, "mlp_hidden": args.mlp_hidden,
               "mlp_max_iter": args.mlp_max_iter, "target_sum": TARGET_SUM, "ridge_alphas": list(RIDGE_ALPHAS)}
-    inputs = [args.expression, args.features, *args.spots]
-    log.info("leave-one-donor-out over %d donors: %s", len(folds), [f.held_out_donor for f in folds])
-    lodo = leave_one_donor_out(features, cohort.targets, cohort.donors, config, cohort.path,
-                               baselines=not args.no_baselines, mlp_hidden=args.mlp_hidden,
-                               mlp_max_iter=args.mlp_max_iter)
+    inputs = [args.expression, args.features, args.split, *args.spots]
+    log.info("cohort %s: training donors %s (leave-one-donor-out), test donors %s (labelled by the model of all "
+             "training donors); models learn from the %d train-split spots only", name, roles.training_donors,
+             roles.test_donors, int(roles.trainable.sum()))
+    lodo = leave_one_donor_out(features, cohort.targets, folds, config, baselines=not args.no_baselines,
+                               mlp_hidden=args.mlp_hidden, mlp_max_iter=args.mlp_max_iter)
     summary = {m: summarise_pearson(r) for m, r in lodo.pearson.items()}
-    log.info("leave-one-donor-out Pearson r per gene (out-of-fold spots of all donors):\n%s", lodo_table(summary))
+    log.info("leave-one-donor-out Pearson r per gene (out-of-fold spots of the training donors):\n%s",
+             lodo_table(summary))
+    log.info("training the all-training-donor model on %d spots", len(final.train_rows))
+    test_pearson = {}
+    if final.label_rows.size == 0:
+        all_donors = train_deepspot(features, cohort.targets, final.train_rows, config, desc="all training donors")
+    else:
+        pooled = features.pooled() if not args.no_baselines else None
+        all_donors, test_predictions = fold_predictions(features, cohort.targets, final, config, pooled,
+                                                        args.mlp_hidden, args.mlp_max_iter)
+        truth = cohort.targets[final.label_rows]
+        test_pearson = {m: summarise_pearson(pearson_per_gene(p, truth)) for m, p in test_predictions.items()}
+        log.info("Pearson r per gene of the all-training-donor model on the test donors %s (reported only; "
+                 "nothing of them trains a model):\n%s", roles.test_donors, lodo_table(test_pearson))
     report = {
         "stmdit": provenance("deepspot-train", params, inputs),
         "n_spots": len(cohort.keys),
         "genes": list(cohort.genes.index),
-        "folds": [{"held_out_donor": f.held_out_donor, "n_train": len(f.train_rows), "n_test": len(f.test_rows)}
-                  for f in lodo.folds],
+        "gene_set": cohort.gene_set,
+        "fold_plan": plan,
         "pearson": {m: {**summary[m], "per_donor": lodo.per_donor[m]} for m in lodo.pearson},
         "per_gene": {m: [None if not np.isfinite(v) else float(v) for v in r] for m, r in lodo.pearson.items()},
+        "test_donors_pearson": test_pearson,
     }
-    log.info("training the all-donor model on %d spots", len(cohort.keys))
-    all_donors = train_deepspot(features, cohort.targets, np.arange(len(cohort.keys)), config, desc="all donors")
     genes = cohort.genes.reset_index(names="gene")
+    genes = genes.astype(object).where(genes.notna(), None)  # JSON has no NaN
     info = {"stmdit": provenance("deepspot-train", params, inputs), "encoder": features.encoder,
-            "genes": genes.to_dict(orient="list"), "training_cohort": str(cohort.path)}
-    save_model_dir(args.out_model, all_donors, lodo.folds, lodo.models, cohort.donors, info)
+            "genes": genes.to_dict(orient="list"), "gene_set": cohort.gene_set, "training_cohort": str(cohort.path)}
+    save_model_dir(args.out_model, all_donors, lodo.folds, lodo.models, plan, info)
     write_json(args.out_lodo, report)
     log.info("wrote %s", args.out_lodo)
     return Path(args.out_model)
@@ -719,11 +899,13 @@ def run_predict(args: argparse.Namespace) -> Path:
     features = load_spot_features(args.features, spots)
     check_encoder_matches(models, features, args.features)
     predictions, fold_donor = predict_cohort(models, features, spots["donor"].astype(str).to_numpy(),
-                                             args.batch_size, args.device, args.bf16)
+                                             spots["cohort"].astype(str).to_numpy(), args.batch_size, args.device,
+                                             args.bf16)
     params = {"batch_size": args.batch_size, "device": args.device, "bf16": args.bf16,
               "model_params_hash": models.config["stmdit"]["params_hash"]}
     meta = provenance("deepspot-predict", params, [args.model, args.features, *args.spots])
-    adata = ptpl_anndata(spots, predictions, models.genes, fold_donor, meta)
+    adata = ptpl_anndata(spots, predictions, models.genes, fold_donor, meta, models.config["fold_plan"],
+                         models.config.get("gene_set"))
     log.info("%d of %d spots predicted out-of-fold (their donor was held out of the model)",
              int(adata.obs["out_of_fold"].sum()), adata.n_obs)
     return write_h5ad(adata, args.out)
@@ -737,8 +919,13 @@ def register(subparsers) -> None:
     train.add_argument("--expression", required=True, type=Path, help="training cohort h5ad (Visium)")
     train.add_argument("--features", required=True, type=Path, help="deepspot_fm feature store of that cohort")
     train.add_argument("--spots", nargs="+", required=True, type=Path, help="spots tables of the cohort (array positions)")
+    train.add_argument("--split", required=True, type=Path,
+                       help="the cohort's split (results/splits/{cohort}.parquet): only train-split spots train a model")
     train.add_argument("--out-model", required=True, type=Path, help="output model directory")
-    train.add_argument("--out-lodo", required=True, type=Path, help="output JSON: leave-one-donor-out Pearson r")
+    train.add_argument("--out-lodo", required=True, type=Path,
+                       help="output JSON: the fold plan and leave-one-donor-out Pearson r")
+    train.add_argument("--genes", choices=TARGET_GENE_SETS, default=PROTEIN_CODING,
+                       help="targets: the cohort's protein-coding genes (paper A.2) or its HVGs")
     train.add_argument("--hidden-dim", type=int, default=512)
     train.add_argument("--n-ensemble", type=int, default=10)
     train.add_argument("--dropout", type=float, default=0.3)

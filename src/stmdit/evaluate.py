@@ -8,8 +8,8 @@
         --model M --cohort C --kind fid|ood|swap --out eval/M/C/{fid,ood_fid,swap_fid}.json
     stmdit auc --expression C.h5ad --split S.parquet --real-uni features/C/uni2h.zarr --gen-uni uni_ge=...
         [--real-midnight features/C/midnight.zarr --gen-midnight uni_ge=...] [--ks 50,100,200,500,1000]
-        [--pca 256] [--mlp-hidden 1024,1024] [--mlp-max-iter 200] [--n-boot 1000] [--seed 42]
-        --model M --cohort C --out eval/M/C/auc.json
+        [--pca 256] [--mlp-hidden 1024,1024] [--mlp-max-iter 200] [--midnight-genes protein_coding|all]
+        [--n-boot 1000] [--seed 42] --model M --cohort C --out eval/M/C/auc.json
     stmdit perturbation --features eval/M/C/perturbation_h0mini.zarr --samples samples/M/C/perturbation.zarr
         --real features/C/h0mini.zarr --expression C.h5ad --split S.parquet [--weight 1.0]
         --model M --cohort C [--variant default|uni_null] --out eval/M/C/perturbation.json
@@ -47,6 +47,7 @@ import zarr
 from stmdit import metrics, report
 from stmdit.errors import InputError
 from stmdit.expression import read_cohort_h5ad, read_cohort_obs
+from stmdit.genesets import protein_coding_columns
 from stmdit.features import (
     SamplePatches,
     encode_batches,
@@ -395,6 +396,26 @@ def hvg_columns(path: str | Path) -> np.ndarray:
     return np.flatnonzero(var["highly_variable"].to_numpy(dtype=bool))
 
 
+MIDNIGHT_GENE_SETS = ("protein_coding", "all")
+
+
+def midnight_columns(path: str | Path, gene_set: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The genes Midnight+MLP regresses: the cohort's protein-coding genes (paper D.4; var["protein_coding"]
+    and the list's record from the expression step) or all of them; with the record of the choice."""
+    import anndata as ad
+
+    if gene_set not in MIDNIGHT_GENE_SETS:
+        raise InputError(None, f"--midnight-genes must be one of {list(MIDNIGHT_GENE_SETS)}, got {gene_set!r}")
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        var, uns = adata.var.copy(), dict(adata.uns)
+    finally:
+        adata.file.close()
+    if gene_set == "all":
+        return np.arange(len(var)), {"name": "all", "n_genes": len(var)}
+    return protein_coding_columns(var, uns, path, "use --midnight-genes all")
+
+
 def read_expression_log1p(path: str | Path, keys: Sequence[str]) -> sp.csr_matrix:
     """log1p CP10k of all genes of layers["counts"] for `keys`, rows in that order."""
     path = Path(path)
@@ -425,11 +446,15 @@ def auc_document(
     mlp_max_iter: int = 200,
     n_boot: int = 1000,
     seed: int = 42,
+    midnight_genes: str = "protein_coding",
 ) -> dict:
     """auc.json: the Oracle (and Midnight+MLP when given) fitted on real train spots, scored on the
     generated test tiles, the real test tiles (ceiling) and a shuffled null."""
     if (real_midnight is None) != (not gen_midnight):
         raise InputError(None, "Midnight+MLP needs both --real-midnight and --gen-midnight")
+    if real_midnight is not None:  # before the regressors: a missing gene annotation fails fast
+        midnight_cols, midnight_gene_set = midnight_columns(expression, midnight_genes)
+        log.info("Midnight+MLP regresses %d genes (%s)", len(midnight_cols), midnight_genes)
     test_keys, uni_stores = read_generated(gen_uni)
     check_in_split(test_keys, read_split_keys(split, TEST), split, TEST, next(iter(uni_stores.values())).path)
     train_keys = read_split_keys(split, TRAIN)
@@ -440,7 +465,7 @@ def auc_document(
 
     regressors, features, impls = {}, {}, []
     train_uni = read_features(real_uni, train_keys)
-    hvgs = hvg_columns(expression)  # the Oracle: top-k HVGs; Midnight+MLP: all genes
+    hvgs = hvg_columns(expression)  # the Oracle: top-k HVGs; Midnight+MLP: protein-coding (or all) genes
     oracle = metrics.fit_oracle(train_uni.embedding, train_expression[:, hvgs], ks=ks, n_components=n_components,
                                 seed=seed)
     regressors["oracle"] = score_regressor(oracle, real_uni, test_keys, uni_stores, test_expression[:, hvgs],
@@ -454,17 +479,20 @@ def auc_document(
             raise InputError(next(iter(gen_midnight.values())), "the Midnight stores do not hold the spots of the UNI stores")
         midnight_stores = {r: read_features(s.path, test_keys) for r, s in midnight_stores.items()}
         train_midnight = read_features(real_midnight, train_keys)
-        mlp = metrics.fit_midnight_mlp(train_midnight.embedding, train_expression, ks=ks, hidden_layer_sizes=mlp_hidden,
-                                       max_iter=mlp_max_iter, seed=seed)
-        regressors["midnight_mlp"] = score_regressor(mlp, real_midnight, test_keys, midnight_stores, test_expression,
-                                                     n_boot, seed)
+        mlp = metrics.fit_midnight_mlp(train_midnight.embedding, train_expression[:, midnight_cols], ks=ks,
+                                       hidden_layer_sizes=mlp_hidden, max_iter=mlp_max_iter, seed=seed)
+        regressors["midnight_mlp"] = score_regressor(mlp, real_midnight, test_keys, midnight_stores,
+                                                     test_expression[:, midnight_cols], n_boot, seed)
+        regressors["midnight_mlp"]["genes"] = midnight_gene_set
         features["midnight"] = {"real": str(real_midnight), "generated": {r: str(p) for r, p in gen_midnight.items()}}
         impls += [train_midnight.impls, *(store.impls for store in midnight_stores.values())]
 
     params = {"ks": list(ks), "pca": n_components, "mlp_hidden": list(mlp_hidden), "mlp_max_iter": mlp_max_iter,
               "n_boot": n_boot, "seed": seed, "alpha": 0.05, "genes": "log1p CP10k of layers['counts'] (library size over all genes); Oracle: HVGs "
-                       "ranked by train variance; Midnight+MLP: all genes",
+                       f"ranked by train variance; Midnight+MLP: {midnight_genes} genes ranked by train variance",
               "n_train": len(train_keys), "n_test": len(test_keys)}
+    if real_midnight is not None:
+        params["midnight_genes"] = midnight_gene_set
     inputs = [expression, split, real_uni, *gen_uni.values()]
     inputs += [real_midnight, *gen_midnight.values()] if real_midnight is not None else []
     return report.auc_json(model=model, cohort=cohort, regressors=regressors, features=features,
@@ -636,7 +664,7 @@ def run_auc(args: argparse.Namespace) -> dict:
                        real_midnight=args.real_midnight, gen_midnight=gen_midnight,
                        ks=parse_int_list(args.ks, "--ks"), n_components=args.pca,
                        mlp_hidden=parse_int_list(args.mlp_hidden, "--mlp-hidden"), mlp_max_iter=args.mlp_max_iter,
-                       n_boot=args.n_boot, seed=args.seed)
+                       n_boot=args.n_boot, seed=args.seed, midnight_genes=args.midnight_genes)
     read = [args.expression, args.split, args.real_uni, *gen_uni.values()]
     _finish(args.out, doc, started, read + ([args.real_midnight, *gen_midnight.values()] if args.real_midnight else []))
     return doc
@@ -699,6 +727,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pca", type=int, default=256, help="Oracle PCA components")
     p.add_argument("--mlp-hidden", default="1024,1024", help="Midnight+MLP hidden layer sizes, comma-separated")
     p.add_argument("--mlp-max-iter", type=int, default=200)
+    p.add_argument("--midnight-genes", choices=MIDNIGHT_GENE_SETS, default="protein_coding",
+                   help="genes Midnight+MLP regresses: protein-coding (paper D.4, var['protein_coding']) or all")
     _add_common(p)
     p.set_defaults(func=run_auc)
 

@@ -3,11 +3,13 @@
 Kept spots of all slides of a cohort are concatenated; genes seen in fewer than
 `min_spots_per_gene` spots are dropped; `n_hvg` highly variable genes are selected with scanpy's
 `seurat_v3` on raw counts with `batch_key="sample"`; counts are normalised to `target_sum`,
-log1p-transformed and scaled.
+log1p-transformed and scaled. Genes are flagged protein-coding from a gene list (stmdit.genesets:
+the bundled HGNC list, a user's file, or none).
 
 Layout of `results/expression/{cohort}.h5ad`:
 - obs index: spot key; obs columns sample, donor, cohort, barcode, label
-- var index: gene symbol; var gene_ids, n_cells, highly_variable, highly_variable_rank, mean, std
+- var index: gene symbol; var gene_ids, n_cells, highly_variable, highly_variable_rank, mean, std,
+  protein_coding (when a list is given)
 - layers["counts"]: raw counts (CSR, int32), all kept genes
 - X: log1p of counts normalised to `target_sum` (CSR float32), all kept genes; what DeepSpot and
   the Midnight regressor use
@@ -15,7 +17,8 @@ Layout of `results/expression/{cohort}.h5ad`:
   only, dense float32, columns in `uns["hvg_genes"]` order (a dense scaled copy of every gene would
   not fit in memory at paper scale)
 - obsm["spatial"]: (x, y) = (pxl_col, pxl_row) full-resolution pixels, scanpy's convention
-- uns["stmdit"]: provenance
+- uns["stmdit"]: provenance; uns["gene_sets"]["protein_coding"]: the list's source, version, sha256
+  and gene count, and how many of the cohort's genes (and HVGs) are in it (also --gene-sets-json)
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from stmdit.errors import InputError
-from stmdit.provenance import atomic_path, provenance
+from stmdit.genesets import BUNDLED, NONE, GeneList, annotate_cohort, load_gene_list
+from stmdit.provenance import atomic_path, provenance, write_json
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,7 @@ def build_expression(
     n_hvg: int = 3000,
     target_sum: float = 1e4,
     scale_max: float | None = None,
+    protein_coding: GeneList | None = None,
 ) -> ad.AnnData:
     import scanpy as sc
 
@@ -145,6 +150,12 @@ def build_expression(
     if adata.n_vars == 0:
         raise InputError(matrix_paths[0], f"no gene is detected in >= {min_spots_per_gene} spots of cohort {cohort!r}")
     adata.layers["counts"] = sp.csr_matrix(adata.X, dtype=np.int32)
+    gene_sets = {}
+    if protein_coding is not None:  # before the HVGs: a list of another species stops here
+        gene_ids = adata.var["gene_ids"].astype(str).to_numpy() if "gene_ids" in adata.var else None
+        mask, gene_sets["protein_coding"] = annotate_cohort(adata.var_names, gene_ids, None, protein_coding, cohort,
+                                                            matrix_paths[0])
+        adata.var["protein_coding"] = mask
 
     n_top = min(n_hvg, adata.n_vars)
     if n_top < n_hvg:
@@ -169,6 +180,12 @@ def build_expression(
     adata.var.loc[order, "std"] = hvg.var["std"].to_numpy()
     adata.uns.pop("log1p", None)
     adata.uns.pop("hvg", None)
+    if gene_sets:
+        record = gene_sets["protein_coding"]
+        record["hvgs"] = int(len(order))
+        record["protein_coding_hvgs"] = int(adata.var.loc[order, "protein_coding"].sum())
+        log.info("%d of the %d HVGs are protein-coding", record["protein_coding_hvgs"], record["hvgs"])
+        adata.uns["gene_sets"] = gene_sets
     log.info("cohort %s: %d spots x %d genes, %d HVGs", cohort, adata.n_obs, adata.n_vars, len(order))
     return adata
 
@@ -180,17 +197,24 @@ def run(args: argparse.Namespace) -> None:
         "n_hvg": args.n_hvg,
         "target_sum": args.target_sum,
         "scale_max": args.scale_max,
+        "protein_coding": args.protein_coding,
     }
     adata = build_expression(
-        args.cohort, args.spots, args.matrices, args.min_spots_per_gene, args.n_hvg, args.target_sum, args.scale_max
+        args.cohort, args.spots, args.matrices, args.min_spots_per_gene, args.n_hvg, args.target_sum, args.scale_max,
+        protein_coding=load_gene_list(args.protein_coding),
     )
     # h5ad cannot store None: record an unset clip as the string "none"
     recorded = {k: ("none" if v is None else v) for k, v in params.items()}
-    adata.uns["stmdit"] = provenance("expression", recorded, [*args.spots, *args.matrices])
+    gene_list = [] if args.protein_coding in (BUNDLED, NONE) else [args.protein_coding]
+    adata.uns["stmdit"] = provenance("expression", recorded, [*args.spots, *args.matrices, *gene_list])
     with atomic_path(args.out) as tmp:
         adata.write_h5ad(tmp.with_suffix(".h5ad"))
         tmp.with_suffix(".h5ad").rename(tmp)
     log.info("wrote %s", args.out)
+    if args.gene_sets_json is not None:
+        write_json(args.gene_sets_json, {"stmdit": adata.uns["stmdit"], "cohort": args.cohort,
+                                         "gene_sets": adata.uns.get("gene_sets", {})})
+        log.info("wrote %s", args.gene_sets_json)
 
 
 def _optional_float(value: str) -> float | None:
@@ -207,4 +231,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-hvg", type=int, default=3000)
     p.add_argument("--target-sum", type=float, default=1e4)
     p.add_argument("--scale-max", type=_optional_float, default=None)
+    p.add_argument("--protein-coding", default="hgnc",
+                   help="protein-coding gene list: hgnc (bundled HGNC list, human), a file, or none (stmdit.genesets)")
+    p.add_argument("--gene-sets-json", type=Path, help="also write the gene-set counts and provenance to this JSON")
     p.set_defaults(func=run)

@@ -9,8 +9,8 @@ FID (Tables 1, 3, 4, 6)
     for the exact resampling and RNG stream); `fid_per_label` splits by tissue label.
 
 Transcriptomic fidelity (Table 2)
-    `fit_oracle` (UNI2-h -> PCA -> Ridge per k) and `fit_midnight_mlp` (Midnight -> MLP on all
-    genes) are fitted on REAL train spots; `transcriptomic_fidelity` applies one to the features
+    `fit_oracle` (UNI2-h -> PCA -> Ridge per k) and `fit_midnight_mlp` (Midnight -> MLP on every
+    gene it is given: the protein-coding genes in the pipeline, paper D.4) are fitted on REAL train spots; `transcriptomic_fidelity` applies one to the features
     of real and generated TEST tiles and scores them against the real test expression:
     - genes are ranked once by variance over the TRAIN spots; the k grid is capped at the number
       of genes (the k actually used are reported);
@@ -283,7 +283,7 @@ class OracleRegressor:
 
 @dataclass
 class MidnightMLPRegressor:
-    """Midnight features -> (standardise) -> MLPRegressor on all genes; negatives clipped."""
+    """Midnight features -> (standardise) -> MLPRegressor on every given gene; negatives clipped."""
 
     model: Any
     gene_rank: np.ndarray
@@ -340,7 +340,8 @@ def fit_midnight_mlp(
 ) -> MidnightMLPRegressor:
     """Fit Midnight+MLP on REAL train spots.
 
-    `train_expression` (n, genes): log1p CP10k of ALL genes (see `log1p_cp10k`). Features are
+    `train_expression` (n, genes): log1p CP10k (library size over all genes, see `log1p_cp10k`) of
+    the genes to regress (the evaluate stage passes the protein-coding ones). Features are
     standardised with the train mean/std first when `standardize` (sklearn's MLP is sensitive
     to feature scale). Extra keyword arguments go to `sklearn.neural_network.MLPRegressor`.
     """

@@ -69,6 +69,13 @@ OOD_COHORTS = config["train"]["ood_cohorts"]
 for _cohort in [TRAIN_COHORT, *OOD_COHORTS]:
     if _cohort not in COHORTS:
         sys.exit(f"stmdit: error: config key train: cohort {_cohort!r} is not in the sample sheet {config['samples']}")
+PROTEIN_CODING_LIST = config["gene_sets"]["protein_coding"]
+_needs_list = [k for k in ("midnight_mlp", "deepspot") if config["gene_sets"][k] == "protein_coding"]
+if PROTEIN_CODING_LIST == "none" and _needs_list:
+    sys.exit(f"stmdit: error: config key gene_sets.protein_coding = 'none', but gene_sets.{_needs_list[0]} = "
+             "'protein_coding' needs a list: give hgnc or a file, or set midnight_mlp: all and deepspot: hvg")
+if PROTEIN_CODING_LIST not in ("hgnc", "none") and not Path(PROTEIN_CODING_LIST).is_file():
+    sys.exit(f"stmdit: error: config key gene_sets.protein_coding = {PROTEIN_CODING_LIST!r}: file not found")
 if TRAIN_COHORT not in EXPRESSION_COHORTS:
     sys.exit(f"stmdit: error: config key train.cohort = {TRAIN_COHORT!r}: not a Visium cohort")
 GE_MODELS = [m for m in MODELS.values() if m.uses_ge]

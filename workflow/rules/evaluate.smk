@@ -131,6 +131,7 @@ rule auc:
         pca=config["evaluate"]["pca"],
         mlp_hidden=",".join(map(str, config["evaluate"]["mlp_hidden"])),
         mlp_max_iter=config["evaluate"]["mlp_max_iter"],
+        midnight_genes=config["gene_sets"]["midnight_mlp"],
         n_boot=config["evaluate"]["n_boot"],
         seed=config["evaluate"]["seed"],
     log:
@@ -147,7 +148,7 @@ rule auc:
         "python -m stmdit auc --expression {input.expression} --split {input.split} --real-uni {input.real_uni}"
         " --gen-uni {params.gen_uni} --real-midnight {input.real_midnight} --gen-midnight {params.gen_midnight}"
         " --ks {params.ks} --pca {params.pca} --mlp-hidden {params.mlp_hidden} --mlp-max-iter {params.mlp_max_iter}"
-        " --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort}"
+        " --midnight-genes {params.midnight_genes} --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort}"
         " --out {output} > {log} 2>&1"
 
 

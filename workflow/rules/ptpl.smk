@@ -1,5 +1,6 @@
-# DeepSpot pseudo-labels (PTPL): trained on the training cohort (leave-one-donor-out for its own
-# spots), predicted for every cohort whose GE must come from DeepSpot, then embedded by CancerFoundation.
+# DeepSpot pseudo-labels (PTPL): trained on the training cohort's train split (leave-one-donor-out over
+# its training donors; the test donors and other cohorts get the model of all training donors), predicted
+# for every cohort whose GE must come from DeepSpot, then embedded by CancerFoundation.
 
 
 rule deepspot_train:
@@ -7,11 +8,13 @@ rule deepspot_train:
         expression=f"results/expression/{TRAIN_COHORT}.h5ad",
         features=f"results/features/{TRAIN_COHORT}/deepspot_fm.zarr",
         spots=spots_of(TRAIN_COHORT),
+        split=f"results/splits/{TRAIN_COHORT}.parquet",
     output:
         model=directory(f"results/ptpl/{TRAIN_COHORT}_deepspot"),
         lodo=f"results/ptpl/{TRAIN_COHORT}_lodo.json",
     params:
         settings=" ".join([
+            f"--genes {config['gene_sets']['deepspot']}",
             f"--epochs {config['deepspot']['epochs']} --batch-size {config['deepspot']['batch_size']}",
             f"--n-ensemble {config['deepspot']['n_ensemble']} --hidden-dim {config['deepspot']['hidden_dim']}",
             f"--dropout {config['deepspot']['dropout']} --lr {config['deepspot']['lr']}",
@@ -29,13 +32,13 @@ rule deepspot_train:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 32000 * attempt,
+        mem_mb=lambda wildcards, attempt: 64000 * attempt,
         runtime=lambda wildcards, attempt: 240 * attempt,
     conda:
         CONDA_GPU
     shell:
         "python -m stmdit deepspot-train --expression {input.expression} --features {input.features}"
-        " --spots {input.spots} --out-model {output.model} --out-lodo {output.lodo} {params.settings} > {log} 2>&1"
+        " --spots {input.spots} --split {input.split} --out-model {output.model} --out-lodo {output.lodo} {params.settings} > {log} 2>&1"
 
 
 rule deepspot_predict:
@@ -55,7 +58,7 @@ rule deepspot_predict:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        mem_mb=lambda wildcards, attempt: 48000 * attempt,
         runtime=lambda wildcards, attempt: 60 * attempt,
     conda:
         CONDA_GPU
