@@ -28,7 +28,7 @@ COMMANDS = {
     "deepspot-predict": "stmdit.deepspot",
     "models-json": "stmdit.models_config",
     "sample": "stmdit.sample",
-    "perturb-sample": "stmdit.sample",
+    "perturb-sample": "stmdit.perturb",
     "sample-grid": "stmdit.sample",
     "eval-features": "stmdit.evaluate",
     "fid": "stmdit.evaluate",
