@@ -4,12 +4,16 @@ import re
 import sys
 from pathlib import Path
 
+from snakemake.logging import logger
+
 from stmdit.config import (
     check_cohorts,
+    check_test_donors,
     cohort_samples,
     cohorts,
     expression_cohorts,
     load_sample_sheet,
+    resolve_cohorts,
     validate_config,
 )
 from stmdit.errors import InputError
@@ -25,13 +29,19 @@ CONDA_CPU = "../../envs/cpu.yaml"
 CONDA_GPU = "../../envs/gpu.yaml"
 DEMO_ROOT = "results/resources/demo"
 
+CONFIG_SOURCE = "config (config.yaml, or the --configfile files, and --config)"
 try:
-    config = validate_config(config, source="config (config.yaml and --config/--configfile)")
+    config = validate_config(config, source=CONFIG_SOURCE)
     SAMPLES = load_sample_sheet(config["samples"])
     check_cohorts(SAMPLES, config["samples"])
+    TRAIN_COHORT, OOD_COHORTS, _notes = resolve_cohorts(config, SAMPLES, config["samples"])
+    config["train"]["cohort"], config["train"]["ood_cohorts"] = TRAIN_COHORT, OOD_COHORTS
+    check_test_donors(config, SAMPLES, TRAIN_COHORT, CONFIG_SOURCE)
     MODELS = resolve_models(config)
 except InputError as err:
     sys.exit(f"stmdit: error: {err}")
+for _note in _notes:
+    logger.info(f"stmdit: {_note}")
 
 COHORTS = cohorts(SAMPLES)
 EXPRESSION_COHORTS = expression_cohorts(SAMPLES)
@@ -42,13 +52,6 @@ IMAGE_ENCODER_PATTERN = "|".join(IMAGE_ENCODERS)
 CONFIG_HASH = params_hash(config)
 
 # --- models, sampling, evaluation -------------------------------------------------------------
-TRAIN_COHORT = config["train"]["cohort"]
-OOD_COHORTS = config["train"]["ood_cohorts"]
-for _cohort in [TRAIN_COHORT, *OOD_COHORTS]:
-    if _cohort not in COHORTS:
-        sys.exit(f"stmdit: error: config key train: cohort {_cohort!r} is not in the sample sheet {config['samples']}")
-if TRAIN_COHORT not in EXPRESSION_COHORTS:
-    sys.exit(f"stmdit: error: config key train.cohort = {TRAIN_COHORT!r}: not a Visium cohort")
 GE_MODELS = [m for m in MODELS.values() if m.uses_ge]
 PTPL_COHORTS = list(dict.fromkeys(
     ([TRAIN_COHORT] if any(m.ptpl for m in MODELS.values()) else []) + (OOD_COHORTS if GE_MODELS else [])
