@@ -30,6 +30,7 @@ COMMANDS = {
     "sample": "stmdit.sample",
     "perturb-sample": "stmdit.perturb",
     "sample-grid": "stmdit.sample",
+    "matched-spots": "stmdit.matched",
     "eval-features": "stmdit.evaluate",
     "fid": "stmdit.evaluate",
     "auc": "stmdit.evaluate",

@@ -275,8 +275,20 @@ def eval_encoder_args(wildcards):
     return " ".join(args)
 
 
+def matched_spot_stores():
+    """model -> the samples store of the matched-spot figure: every column conditioned on the same
+    Visium GE (PTPL models: their uni_ge_visium samples), UNI-only models in their uni regime."""
+    stores = {}
+    for model, m in MODELS.items():
+        store = "uni" if not m.uses_ge else ("uni_ge_visium" if m.ptpl else "uni_ge")
+        stores[model] = f"results/samples/{model}/{TRAIN_COHORT}/{store}.zarr"
+    return stores
+
+
 def report_figures():
     figures = expand("results/figures/grid_{model}_{cohort}.png", model=list(MODELS), cohort=[TRAIN_COHORT])
+    if MODELS:
+        figures.append("results/figures/matched_spots.png")
     if table_evals(1) or table_evals(4):
         figures.append("results/figures/per_tissue_fid.png")
     if table_evals(2):
