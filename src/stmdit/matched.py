@@ -40,7 +40,7 @@ MATCHED_SAMPLER_KEYS = ("seed", "s_uni", "s_ge", "steps")
 class Cluster:
     """One row of the figure."""
 
-    index: int  # k-means label
+    index: int  # 1 = the largest cluster
     size: int
     key: str  # the test spot nearest the cluster centre
     genes: list[str]
@@ -117,8 +117,8 @@ def matched_clusters(ge_store: Path, split: Path, expression: Path, keys_everywh
     counts = adata[test].layers["counts"]
     genes = distinctive_genes(log1p_cp10k_sparse(counts), adata.var_names, labels)
     sizes = np.bincount(labels)
-    clusters = [Cluster(c, int(sizes[c]), test[nearest[c]], genes[c]) for c in range(len(nearest))]
-    return sorted(clusters, key=lambda c: (-c.size, c.index))
+    order = sorted(range(len(nearest)), key=lambda c: (-sizes[c], c))
+    return [Cluster(row + 1, int(sizes[c]), test[nearest[c]], genes[c]) for row, c in enumerate(order)]
 
 
 def plot_matched(clusters: Sequence[Cluster], real: np.ndarray, generated: Mapping[str, np.ndarray],
