@@ -4,6 +4,7 @@ test donor."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from concurrent.futures import ThreadPoolExecutor
 
 from stmdit.bench import paper_sheet
 
@@ -34,16 +34,35 @@ def readme_commands() -> list[str]:
     return list(dict.fromkeys(span.split("#")[0].strip() for span in spans))
 
 
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return run_all([args], cwd)[0]
+# Runs snakemake's own entry point (snakemake.cli.main, what the `snakemake` executable calls) once
+# per argument list in one interpreter: each plan then costs its parsing and DAG, not a fresh
+# start-up and import of snakemake (which is most of a dry run's time).
+DRIVER = """
+import contextlib, io, json, sys
+from snakemake.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+            if isinstance(exc.code, str):
+                out.write(exc.code)
+    results.append({"returncode": code or 0, "output": out.getvalue()})
+print(json.dumps(results))
+"""
 
 
-def run_all(commands: list[list[str]], cwd: Path, parallel: int = 4) -> list[subprocess.CompletedProcess]:
-    """snakemake with each argument list, `parallel` at a time (planning is mostly interpreter start-up)."""
+def run_all(commands: list[list[str]], cwd: Path) -> list[dict]:
+    """{"returncode", "output"} of snakemake with each argument list, run in `cwd` on its own `src`."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(cwd / "src")}
-    with ThreadPoolExecutor(parallel) as pool:
-        return list(pool.map(lambda args: subprocess.run([str(SNAKEMAKE), *args], cwd=cwd, env=env, capture_output=True,
-                                                         text=True, timeout=600), commands))
+    result = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(commands)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -87,22 +106,25 @@ def test_readme_commands_plan_on_a_fresh_clone(fresh_clone, tmp_path):
     outputs = {}
     for command, result in zip(commands, run_all(argv, fresh_clone)):
         if command in NEEDS_RESULTS:
-            assert result.returncode != 0 and NEEDS_RESULTS[command] in result.stdout + result.stderr, result.stderr
+            assert result["returncode"] != 0 and NEEDS_RESULTS[command] in result["output"], result["output"]
             continue
-        assert result.returncode == 0, f"`{command} -n` failed:\n{result.stderr[-3000:]}"
-        outputs[command] = result.stdout + result.stderr
+        assert result["returncode"] == 0, f"`{command} -n` failed:\n{result['output'][-3000:]}"
+        outputs[command] = result["output"]
     # plain snakemake on a fresh clone fetches the demo image first
     assert re.search(r"^fetch_demo_image\s+1$", outputs["snakemake"], re.MULTILINE), outputs["snakemake"]
     # the user's sheet: the cohorts default to its only Visium and H&E-only ones, and the log says so
     own = outputs["snakemake all --config samples=my_samples.tsv"]
     assert "using the sheet's only Visium cohort 'mine'" in own and "only H&E-only cohort 'mine_he'" in own
+    # one command's --config does not reach the next (they share an interpreter)
+    assert "'mine'" not in outputs["snakemake -n all"] and "cohort 'demo'" in outputs["snakemake -n all"]
 
 
 def test_paper_configuration_fails_at_parse_time_without_a_test_donor(fresh_clone, tmp_path):
     sheet = paper_sheet(tmp_path, 6, 3, 1, "10x_TuPro", "TCGA_SKCM")
     overlay = tmp_path / "site.yaml"
     overlay.write_text(yaml.safe_dump({"samples": str(sheet)}))
-    result = run(["all", "-n", "--configfile", PAPER, str(overlay)], fresh_clone)
+    result = subprocess.run([str(SNAKEMAKE), "all", "-n", "--configfile", PAPER, str(overlay)], cwd=fresh_clone,
+                            env={**os.environ, "PYTHONPATH": str(fresh_clone / "src")}, capture_output=True, text=True)
     assert result.returncode != 0
     assert "split.test_donors: this configuration requires the held-out test donor of cohort '10x_TuPro'" in \
         result.stderr and "D0, D1, D2" in result.stderr
