@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 from stmdit.errors import InputError
 from stmdit.features import read_array_rows
