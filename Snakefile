@@ -5,7 +5,9 @@ min_version("9.0")
 
 
 # config.yaml is the default configuration. A --configfile replaces it rather than merging into
-# it (merged, the demo's models would join yours); give both files to layer one on the other.
+# it (merged, the demo's models would join yours); keys it leaves out take the defaults of
+# workflow/schemas/config.schema.yaml. To layer one file on the other, give both after one flag:
+# `snakemake all --configfile config.yaml my.yaml`. (`--config KEY=VALUE` alone layers on config.yaml.)
 if not workflow.overwrite_configfiles:
 
     configfile: "config.yaml"

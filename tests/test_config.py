@@ -66,3 +66,65 @@ def test_bad_sample_sheets(tmp_path, rows, header, expected):
     with pytest.raises(InputError) as err:
         load_sample_sheet(path)
     assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def sheet_of(rows) -> "pd.DataFrame":
+    import pandas as pd
+
+    table = pd.DataFrame(rows, columns=["sample", "donor", "cohort", "kind"])
+    return table.set_index("sample", drop=False)
+
+
+def test_unset_cohorts_default_to_the_sheets_only_visium_and_he_cohorts():
+    from stmdit.config import resolve_cohorts
+
+    config = validate_config({"samples": "s.tsv"})
+    one = sheet_of([("a", "d1", "mine", "visium"), ("b", "d2", "mine", "visium"), ("t", "x", "tcga", "he")])
+    cohort, ood, notes = resolve_cohorts(config, one, "s.tsv")
+    assert (cohort, ood) == ("mine", ["tcga"]) and "only Visium cohort 'mine'" in notes[0] and "'tcga'" in notes[1]
+    two = sheet_of([("a", "d1", "mine", "visium"), ("b", "d2", "yours", "visium"), ("t", "x", "tcga", "he"),
+                    ("u", "y", "cptac", "he")])
+    with pytest.raises(InputError, match=r"train.cohort is not set .* 2 Visium cohorts \(Visium: mine, yours"):
+        resolve_cohorts(config, two, "s.tsv")
+    config["train"]["cohort"] = "mine"
+    with pytest.raises(InputError, match=r"ood_cohorts is not set .* H&E-only: tcga, cptac"):
+        resolve_cohorts(config, two, "s.tsv")
+    config["train"]["ood_cohorts"] = []
+    assert resolve_cohorts(config, two, "s.tsv")[:2] == ("mine", [])
+    config["train"]["cohort"] = "demo"
+    with pytest.raises(InputError, match=r"train.cohort = 'demo': no such cohort in the sample sheet \(Visium: mine, yours") as err:
+        resolve_cohorts(config, two, "s.tsv")
+    assert err.value.path == "s.tsv"
+
+
+def test_required_test_donor_and_unknown_test_donors():
+    from stmdit.config import check_test_donors
+
+    sheet = sheet_of([("a", "d1", "mine", "visium"), ("b", "d2", "mine", "visium")])
+    config = validate_config({"samples": "s.tsv", "split": {"require_test_donors": True}})
+    with pytest.raises(InputError, match=r"requires the held-out test donor of cohort 'mine' .* one of d1, d2"):
+        check_test_donors(config, sheet, "mine", "config")
+    config["split"]["test_donors"] = {"mine": ["d3"]}
+    with pytest.raises(InputError, match=r"split.test_donors.mine: \['d3'\] are not donors"):
+        check_test_donors(config, sheet, "mine", "config")
+    config["split"]["test_donors"] = {"mine": ["d2"]}
+    check_test_donors(config, sheet, "mine", "config")
+
+
+def test_paper_configuration_budget_labels_and_test_donor(repo_root):
+    from stmdit.models_config import resolve_models
+
+    config = load_config(repo_root / "workflow" / "paper" / "config.yaml")
+    assert config["split"]["require_test_donors"] is True and config["evaluate"]["perturbation"]["mode"] == "centroid"
+    config["train"]["cohort"] = "10x_TuPro"
+    models = resolve_models(config)
+    assert all(m.settings["epochs"] == 1000 and "steps" not in m.settings for m in models.values())
+    named = [m for m in models.values() if m.name == "PTPL-XAttn-PMA-B"]
+    assert [(m.model, m.p, m.tables) for m in named] == [("PTPL-XAttn-PMA-B-p05", 0.5, (3,))]
+    # a model's own budget replaces the inherited one; both at once is refused
+    config["models"]["PixCell-B"]["settings"] = {"steps": 10}
+    assert resolve_models(config)["PixCell-B"].settings["steps"] == 10
+    assert "epochs" not in resolve_models(config)["PixCell-B"].settings
+    config["models"]["PixCell-B"]["settings"] = {"steps": 10, "epochs": 2}
+    with pytest.raises(InputError, match="models.PixCell-B.settings: give the training budget as steps or as epochs"):
+        resolve_models(config)

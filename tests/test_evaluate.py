@@ -301,7 +301,7 @@ def test_sparse_log1p_cp10k_matches_the_dense_metric(cohort):
 # Perturbation
 
 
-def perturbation_stores(cohort, tmp_path, drop_last=False):
+def perturbation_stores(cohort, tmp_path, drop_last=False, mode="centroid"):
     """Features along alpha built from the real train centroids: T->S walks onto the Stroma
     centroid, T->I walks away from the Immune centroid, I->T does not move."""
     train = cohort["splits"] == "train"
@@ -324,6 +324,7 @@ def perturbation_stores(cohort, tmp_path, drop_last=False):
         keys, pair, ref_key, alpha, features = keys[:-1], pair[:-1], ref_key[:-1], alpha[:-1], features[:-1]
     images = np.zeros((len(keys), 8, 8, 3), np.uint8)
     samples = image_store(tmp_path / "perturbation.zarr", keys, images, pair=pair, ref_key=ref_key, alpha=alpha)
+    zarr.open_group(str(samples), mode="r+").attrs["perturbation"] = {"mode": mode}
     order = np.random.default_rng(5).permutation(len(keys))
     feats = feature_store(tmp_path / "perturbation_h0mini.zarr", [keys[i] for i in order],
                           np.asarray(features, np.float32)[order], encoders=SMOKE_UPSTREAM)
@@ -354,10 +355,28 @@ def test_perturbation_scores_constructed_walks_and_renders_table_5(cohort, tmp_p
     uni_null = report.load_eval_json(tmp_path / "uni_null.json")
     assert uni_null["model"] == f"{MODEL}@uni_null" and uni_null["variant"] == "uni_null"
     assert uni_null["pairs"]["T->S"]["composite"] == pytest.approx(1.5, abs=1e-5)
+    assert doc["mode"] == "centroid" and doc["provenance"]["params"]["mode"] == "centroid"
     table = report.build_table(5, [doc, uni_null], [{"model": MODEL, "name": "AdaLN", "p": 0.5},
                                                     {"model": f"{MODEL}@uni_null", "name": "AdaLN (UNI-null)"}])
     assert list(table["T->S"]) == pytest.approx([2.0, 1.5], abs=1e-5)
     assert table.loc[0, "mean"] == pytest.approx(0.0, abs=1e-5)
+    assert "Perturbation mode centroid: GE interpolated between the source and target class centroids" in \
+        " ".join(table.attrs["notes"])
+
+    # a spot-wise series is labelled as such, row by row when the table mixes modes
+    spotwise_dir = tmp_path / "spotwise"
+    spotwise_dir.mkdir()
+    samples, feats = perturbation_stores(cohort, spotwise_dir, mode="spotwise")
+    run_cli(*perturbation_args(cohort, samples, feats, spotwise_dir / "p.json", "--model", "spot"))
+    spotwise = report.load_eval_json(spotwise_dir / "p.json")
+    assert spotwise["mode"] == "spotwise"
+    mixed = report.build_table(5, [doc, spotwise], [{"model": MODEL, "name": "AdaLN", "p": 0.5},
+                                                    {"model": "spot", "name": "AdaLN spot-wise"}])
+    assert "spotwise (each reference spot's own GE interpolated toward the target class centroid (not the " \
+           "paper's)): AdaLN spot-wise" in " ".join(mixed.attrs["notes"])
+    with pytest.raises(InputError, match="mode must be one of"):
+        report.perturbation_json(model="m", cohort="c", pairs=doc["pairs"], alphas=doc["alphas"],
+                                 monotonicity_weight=1.0, mode="nearest", encoders={}, params={}, inputs=[])
 
 
 def test_perturbation_with_a_missing_alpha_names_the_samples_store(cohort, tmp_path):

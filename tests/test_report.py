@@ -76,9 +76,10 @@ def eval_docs():
              "T->I": {"source": "Tumor", "target": "Immune", "transition": 0.1, "monotonicity": 0.2, "composite": 0.280, "n_ref": 100},
              "I->T": {"source": "Immune", "target": "Tumor", "transition": 0.1, "monotonicity": 0.2, "composite": 0.287, "n_ref": 100}}
     docs.append(report.perturbation_json(cohort=COHORT, pairs=pairs, alphas=[0, 0.25, 0.5, 0.75, 1],
-                                         monotonicity_weight=1.0, **common("adaln_p01")))
+                                         monotonicity_weight=1.0, mode="centroid", **common("adaln_p01")))
     docs.append(report.perturbation_json(cohort=COHORT, pairs={k: pairs[k] for k in ("T->S", "T->I")},
-                                         alphas=[0, 0.25, 0.5, 0.75, 1], monotonicity_weight=1.0, **common("ptpl_adaln_p06")))
+                                         alphas=[0, 0.25, 0.5, 0.75, 1], monotonicity_weight=1.0, mode="centroid",
+                                         **common("ptpl_adaln_p06")))
     docs.append(report.swap_fid_json(cohort=COHORT, deepspot=fid_entry(277.5, 270.1, 284.0), visium=fid_entry(285.6),
                                      features={}, **common("ptpl_adaln_p06")))
     return docs

@@ -19,7 +19,6 @@ from stmdit import sample as sampling
 from stmdit.errors import InputError
 from stmdit.features import string_values, write_feature_store
 from stmdit.loader import GeBatch
-from stmdit.metrics import class_centroids
 from stmdit.model import DiTConfig, STMDiT, get_objective
 from stmdit.provenance import provenance, write_json
 from stmdit.train_utils import sample_generator
@@ -279,84 +278,6 @@ def test_bad_inputs_name_the_file(cohort, models, tmp_path):
         cli(*args)
     assert error.value.path == str(partial) and "not in the store" in str(error.value)
     assert not (tmp_path / "x.zarr").exists()
-
-
-# --- perturbation ----------------------------------------------------------------------------------
-
-
-def perturb_args(cohort, model: Path, out: Path, *extra) -> list:
-    root = cohort["root"]
-    return ["perturb-sample", "--model-dir", model, "--split", root / "split.parquet", "--expression",
-            root / "expr.h5ad", "--uni", root / "uni2h.zarr", "--ge", root / "cf.zarr",
-            "--pairs", "Tumor:Stroma,Immune:Tumor,Necrosis:Tumor", "--alphas", "0,0.5,1", "--n-ref", 2,
-            "--seed", 42, "--vae-impl", "smoke", "--steps", STEPS, "--batch-size", 4, "--device", "cpu",
-            "--out", out, *extra]
-
-
-def test_perturbation_store_layout_shared_noise_and_alpha_zero(cohort, models, uni_ge_samples, tmp_path):
-    out = tmp_path / "perturbation.zarr"
-    cli(*perturb_args(cohort, models["xattn"], out))
-    store = read_store(out)
-    group, attrs = store["group"], store["attrs"]
-    pairs, refs = string_values(group["pair"][:]), string_values(group["ref_key"][:])
-    alphas = np.asarray(group["alpha"][:])
-    # Tumor->Stroma and Immune->Tumor: 2 reference spots x 3 alphas each; Necrosis has no spots
-    assert len(store["spot_key"]) == 12 and store["images"].shape == (12, 256, 256, 3)
-    assert sorted(set(pairs)) == ["Immune->Tumor", "Tumor->Stroma"]
-    assert list(attrs["perturbation"]["skipped_pairs"]) == ["Necrosis->Tumor"]
-    assert attrs["perturbation"]["alphas"] == [0.0, 0.5, 1.0] and attrs["sampler"]["regime"] == "uni_ge"
-    assert store["spot_key"][0] == f"{pairs[0]}|{refs[0]}|0" and alphas.tolist()[:3] == [0.0, 0.5, 1.0]
-    test = cohort["table"].query("split == 'test'").set_index("key")["label"]
-    assert all(test[r] == p.split("->")[0] for p, r in zip(pairs, refs))
-    # alpha = 0 with the spot's own GE is the plain uni_ge sample of that reference spot
-    plain = dict(zip(uni_ge_samples["spot_key"], uni_ge_samples["latent"]))
-    for row in np.flatnonzero(alphas == 0):
-        np.testing.assert_array_equal(store["latent"][row], plain[refs[row]])
-    # GE reaches the model: alpha 1 differs from alpha 0
-    assert np.abs(store["latent"][2] - store["latent"][0]).max() > 1e-3
-
-    # a model on which GE has no effect: every alpha of a reference spot gives the same sample iff the
-    # noise (and UNI) are shared across alphas; different reference spots still differ
-    inert = tmp_path / "inert.zarr"
-    cli(*perturb_args(cohort, models["inert"], inert))
-    latents = read_store(inert)["latent"].reshape(4, 3, *LATENT_SHAPE)
-    for per_ref in latents:
-        np.testing.assert_array_equal(per_ref[1], per_ref[0])
-        np.testing.assert_array_equal(per_ref[2], per_ref[0])
-    assert np.abs(latents[0, 0] - latents[1, 0]).max() > 1e-3
-
-
-def test_uni_null_perturbation_uses_ge_guidance(cohort, models, tmp_path):
-    out = tmp_path / "uni_null.zarr"
-    cli(*perturb_args(cohort, models["xattn"], out, "--uni-null"))
-    store = read_store(out)
-    assert store["attrs"]["sampler"]["regime"] == "ge" and store["attrs"]["perturbation"]["uni_null"] is True
-    ge_regime = tmp_path / "ge.zarr"
-    cli(*sample_args(cohort, models["xattn"], ge_regime, regime="ge"))
-    ge_store = read_store(ge_regime)
-    plain = dict(zip(ge_store["spot_key"], ge_store["latent"]))
-    refs = string_values(store["group"]["ref_key"][:])
-    np.testing.assert_array_equal(store["latent"][0], plain[refs[0]])  # alpha 0, UNI nulled = ge regime
-
-
-def test_token_centroid_matches_class_centroids(cohort):
-    group = zarr.open_group(str(cohort["root"] / "cf.zarr"), mode="r")
-    tokens, mask = np.asarray(group["tokens"][:]), np.asarray(group["token_mask"][:])
-    rows = np.array([0, 3, 5, 6])
-    centroid, valid = sampling.token_centroid(group["tokens"], group["token_mask"], rows, block=3)
-    expected = class_centroids(tokens[rows], ["x"] * 4, mask[rows])["x"]
-    np.testing.assert_allclose(centroid, expected, rtol=1e-12)
-    assert valid.all()
-    # positions only the centroid has appear once alpha > 0; alpha 0 returns the spot unchanged
-    target = sampling.GeCentroid(np.zeros(8), centroid, valid)
-    spot_tokens, spot_mask = tokens[0].astype(np.float64), mask[0]
-    assert not spot_mask.all()
-    same, same_mask = sampling.interpolate_tokens(spot_tokens, spot_mask, target, 0.0)
-    np.testing.assert_array_equal(same, spot_tokens)
-    np.testing.assert_array_equal(same_mask, spot_mask)
-    moved, moved_mask = sampling.interpolate_tokens(spot_tokens, spot_mask, target, 1.0)
-    assert moved_mask.all()
-    np.testing.assert_allclose(moved, centroid)
 
 
 # --- grid ------------------------------------------------------------------------------------------

@@ -196,3 +196,12 @@ def test_tokens_in_memory_give_the_same_batches_as_streaming(stores):
         assert torch.equal(a[name], b[name])
     assert torch.equal(a["ge"].tokens, b["ge"].tokens) and torch.equal(a["ge"].token_mask, b["ge"].token_mask)
     assert not a["ge"].token_mask[1].all()  # position 0 has padding (mask[::3, 4:] = False)
+
+
+def test_budget_in_epochs_becomes_steps_from_the_train_split(stores, tmp_path):
+    out = tmp_path / "epochs"
+    # 32 train spots / effective batch 8 = 4 steps per epoch; 1.5 epochs -> 6 steps (steps=8 ignored)
+    assert run_train(stores, out, settings(epochs=1.5))
+    assert list(pd.read_csv(out / "train_log.csv")["step"]) == list(range(1, 7))
+    budget = json.loads((out / "training.json").read_text())["budget"]
+    assert budget == {"epochs": 1.5, "steps_per_epoch": 4, "total_steps": 6, "train_spots": 32, "effective_batch": 8}

@@ -35,7 +35,8 @@ def test_dry_run_plans_every_stage():
     for rule in ("demo_data", "spots", "expression", "features_image", "features_cancerfoundation", "split",
                  "deepspot_train", "deepspot_predict", "features_cancerfoundation_ptpl", "train", "sample",
                  "perturb_sample", "sample_grid", "eval_features", "fid", "ood_fid", "swap_fid", "auc",
-                 "perturbation", "models_json", *(f"table{n}" for n in range(1, 7))):
+                 "perturbation", "models_json", "figure_matched_spots", "fetch_demo_image",
+                 *(f"table{n}" for n in range(1, 7))):
         assert f"\n{rule} " in out, f"{rule} not planned"
 
 
@@ -103,6 +104,7 @@ def test_demo_runs_end_to_end(tmp_path, demo_image):
     model = results / "models" / "XAttn-PMA-p05"
     assert (model / "ema.safetensors").exists() and (model / "train_log.csv").exists()
     assert (results / "figures" / "per_tissue_fid.png").exists()
+    assert (results / "figures" / "matched_spots.png").exists()
     # a second run has nothing to do
     again = snakemake("--cores", "2", "all", "-n", cwd=work)
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -223,8 +223,11 @@ def bench_dag(args: argparse.Namespace) -> dict[str, Any]:
     cohort, ood = config["train"]["cohort"], (config["train"].get("ood_cohorts") or ["OOD"])[0]
     with tempfile.TemporaryDirectory(prefix="stmdit-dag-") as tmp:
         sheet = paper_sheet(Path(tmp), args.slides, args.donors, args.he_slides, cohort, ood)
-        command = [str(Path(sys.executable).parent / "snakemake"), "-n", "--quiet", "rules", "all",
-                   "--configfile", str(args.configfile), "--config", f"samples={sheet}", "--cores", "1"]
+        # the generated sheet and its test donor, layered on the configuration (a second --configfile)
+        overlay = Path(tmp) / "bench.yaml"
+        overlay.write_text(yaml.safe_dump({"samples": str(sheet), "split": {"test_donors": {cohort: ["D0"]}}}))
+        command = [str(Path(sys.executable).parent / "snakemake"), "all", "-n", "--quiet", "rules",
+                   "--cores", "1", "--configfile", str(args.configfile), str(overlay)]
         started = time.perf_counter()
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         plan_s = time.perf_counter() - started

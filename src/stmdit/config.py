@@ -138,3 +138,63 @@ def check_cohorts(sheet: pd.DataFrame, path: str | Path) -> None:
         kinds = set(sheet.loc[sheet["cohort"] == cohort, "kind"])
         if len(kinds) > 1:
             raise InputError(path, f"cohort {cohort!r} mixes slide kinds {sorted(kinds)}; put H&E-only slides in their own cohort")
+
+
+def he_cohorts(sheet: pd.DataFrame) -> list[str]:
+    """Cohorts of H&E-only slides (no expression)."""
+    return [c for c in cohorts(sheet) if (sheet.loc[sheet["cohort"] == c, "kind"] == "he").all()]
+
+
+def resolve_cohorts(config: dict, sheet: pd.DataFrame, sheet_path: str | Path) -> tuple[str, list[str], list[str]]:
+    """(train cohort, OOD cohorts, log lines) from `train.cohort` / `train.ood_cohorts`.
+
+    Unset (null), train.cohort is the sheet's only Visium cohort and ood_cohorts its only H&E-only
+    cohort (none when it has none); with a choice to make, an InputError names the cohorts."""
+    train = config["train"]
+    visium, he = expression_cohorts(sheet), he_cohorts(sheet)
+    named = f"(Visium: {', '.join(visium) or 'none'}; H&E-only: {', '.join(he) or 'none'})"
+    notes = []
+    cohort = train.get("cohort")
+    if cohort is None:
+        if len(visium) != 1:
+            raise InputError(sheet_path, f"config key train.cohort is not set and the sheet has {len(visium)} Visium "
+                                         f"cohorts {named}: set train.cohort to the one models train on")
+        cohort = visium[0]
+        notes.append(f"train.cohort not set: using the sheet's only Visium cohort {cohort!r}")
+    elif cohort not in cohorts(sheet):
+        raise InputError(sheet_path, f"config key train.cohort = {cohort!r}: no such cohort in the sample sheet {named}")
+    elif cohort not in visium:
+        raise InputError(sheet_path, f"config key train.cohort = {cohort!r}: not a Visium cohort {named}")
+    ood = train.get("ood_cohorts")
+    if ood is None:
+        if len(he) > 1:
+            raise InputError(sheet_path, f"config key train.ood_cohorts is not set and the sheet has {len(he)} "
+                                         f"H&E-only cohorts {named}: list the ones Table 3 evaluates")
+        ood = list(he)
+        notes.append("train.ood_cohorts not set: " + (f"using the sheet's only H&E-only cohort {he[0]!r}" if he
+                                                      else "the sheet has no H&E-only cohort (no Table 3 OOD rows)"))
+    for name in ood:
+        if name not in cohorts(sheet):
+            raise InputError(sheet_path, f"config key train.ood_cohorts: {name!r} is not a cohort of the sample sheet {named}")
+        if name == cohort:
+            raise InputError(sheet_path, f"config key train.ood_cohorts: {name!r} is the training cohort")
+    return cohort, list(ood), notes
+
+
+def check_test_donors(config: dict, sheet: pd.DataFrame, cohort: str, source: str | Path) -> None:
+    """Named test donors must be donors of their cohort; with `split.require_test_donors` (the paper
+    configuration), the training cohort's test donor must be named."""
+    split = config["split"]
+    for name, donors in split["test_donors"].items():
+        if name not in cohorts(sheet):
+            continue  # a cohort of another sheet: unused
+        present = sorted(set(sheet.loc[sheet["cohort"] == name, "donor"]))
+        unknown = sorted(set(donors) - set(present))
+        if unknown:
+            raise InputError(source, f"config key split.test_donors.{name}: {unknown} are not donors of cohort "
+                                     f"{name!r} (its donors: {', '.join(present)})")
+    if split["require_test_donors"] and not split["test_donors"].get(cohort):
+        present = sorted(set(sheet.loc[sheet["cohort"] == cohort, "donor"]))
+        raise InputError(source, f"config key split.test_donors: this configuration requires the held-out test donor "
+                                 f"of cohort {cohort!r} to be named (split.require_test_donors is true); set "
+                                 f"split.test_donors: {{{cohort}: [DONOR]}} with DONOR one of {', '.join(present)}")

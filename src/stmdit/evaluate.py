@@ -523,6 +523,7 @@ class PerturbationRows:
     ref_key: np.ndarray
     alpha: np.ndarray
     impls: dict[str, str]
+    mode: str  # how the GE input was interpolated (stmdit.perturb.MODES)
 
 
 def read_perturbation_rows(path: str | Path) -> PerturbationRows:
@@ -541,7 +542,12 @@ def read_perturbation_rows(path: str | Path) -> PerturbationRows:
         raise InputError(path, f"spot_key, pair, ref_key, alpha need the same non-zero length, found "
                                f"{len(keys)}, {len(pair)}, {len(ref_key)}, {len(alpha)}")
     check_unique(keys, path)
-    return PerturbationRows(path, keys, pair, ref_key, alpha, encoder_impls(dict(group.attrs)))
+    attrs = dict(group.attrs)
+    mode = (attrs.get("perturbation") or {}).get("mode")
+    if mode is None:
+        raise InputError(path, "attrs perturbation.mode is missing (a store from before the centroid/spotwise "
+                               "modes): sample it again with stmdit perturb-sample")
+    return PerturbationRows(path, keys, pair, ref_key, alpha, encoder_impls(attrs), str(mode))
 
 
 def split_pair(pair: str, source: str | Path) -> tuple[str, str]:
@@ -616,10 +622,12 @@ def perturbation_document(
         log.info("perturbation %s: composite %.3f (transition %.3f, monotonicity %.3f) over %d references",
                  pair, scores["composite"], scores["transition"], scores["monotonicity"], scores["n_ref"])
 
-    params = {"weight": weight, "variant": variant, "split": TRAIN, "centroids": "H0-mini, real train tiles per label"}
+    params = {"weight": weight, "variant": variant, "split": TRAIN, "centroids": "H0-mini, real train tiles per label",
+              "mode": rows.mode}
     model_id = model if variant == "default" else f"{model}@uni_null"
     doc = report.perturbation_json(model=model_id, cohort=cohort, pairs=pairs, alphas=alphas.tolist(),
-                                   monotonicity_weight=weight, encoders=merge_impls(train.impls, generated.impls, rows.impls),
+                                   monotonicity_weight=weight, mode=rows.mode,
+                                   encoders=merge_impls(train.impls, generated.impls, rows.impls),
                                    params=params, inputs=[features, samples, real, expression, split])
     doc.update(variant=variant, sampled_model=model)
     return doc

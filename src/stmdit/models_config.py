@@ -107,11 +107,18 @@ def resolve_models(config: dict) -> dict[str, ResolvedModel]:
         uses_ge = fusion != "none"
         family = "ge" if uses_ge else "uni_only"
         arch = {**size, **entry.get("arch", {}), "ge_fusion": fusion, "ge_tokens": tokens}
+        inherited = dict(train["settings"])
+        own = entry.get("settings", {})
+        for where, values in (("train.settings", inherited), (f"models.{model}.settings", own)):
+            if "steps" in values and "epochs" in values:
+                raise InputError(None, f"config key {where}: give the training budget as steps or as epochs, not both")
+        if "steps" in own or "epochs" in own:  # a model's own budget replaces the inherited one
+            inherited.pop("steps", None), inherited.pop("epochs", None)
         settings = {
-            **train["settings"],
+            **inherited,
             "micro_batch": train["micro_batch"][family],
             "accumulation": train["accumulation"][family],
-            **entry.get("settings", {}),
+            **own,
             "arch": arch,
             "objective": entry.get("objective", "ddpm"),
             "p_drop": entry.get("p", 0.1),

@@ -28,6 +28,7 @@ results/eval/{model}/{cohort}/auc.json          Table 2
     (a regressor entry is what `stmdit.metrics.transcriptomic_fidelity` returns)
 results/eval/{model}/{cohort}/perturbation.json Table 5
     {"metric": "perturbation", "model", "cohort", "alphas": [...], "monotonicity_weight",
+     "mode": "centroid" (GE between the source and target class centroids, paper D.7) | "spotwise",
      "pairs": {"T->S": {"source", "target", "transition", "monotonicity", "composite", "n_ref"}, ...},
      "mean_composite", "encoders": {"h0mini": ..., "cancerfoundation": ...}, "provenance": {...}}
 results/eval/{model}/{ood cohort}/ood_fid.json  Table 3 (cohort = the H&E-only one)
@@ -72,7 +73,8 @@ FID_ENTRY_KEYS = ("point", "lo", "hi", "n_real", "n_gen")
 EVAL_LAYOUTS = {
     "fid": ("model", "cohort", "regimes", "per_tissue", "features", "encoders", "provenance"),
     "auc": ("model", "cohort", "regressors", "features", "encoders", "provenance"),
-    "perturbation": ("model", "cohort", "alphas", "monotonicity_weight", "pairs", "mean_composite", "encoders", "provenance"),
+    "perturbation": ("model", "cohort", "alphas", "monotonicity_weight", "mode", "pairs", "mean_composite", "encoders",
+                     "provenance"),
     "ood_fid": ("model", "cohort", "n_subsample", "seed", "regimes", "features", "encoders", "provenance"),
     "swap_fid": ("model", "cohort", "regime", "conditions", "features", "encoders", "provenance"),
 }
@@ -87,6 +89,11 @@ TABLE_TITLES = {
 }
 REGRESSORS = {"oracle": "Oracle", "midnight_mlp": "Midnight+MLP"}
 PAPER_PAIR_ORDER = ("T->S", "T->I", "I->T")
+# How a perturbation series interpolates the GE input (stmdit.perturb.MODES), as Table 5 states it.
+PERTURBATION_MODES = {
+    "centroid": "GE interpolated between the source and target class centroids (paper D.7)",
+    "spotwise": "each reference spot's own GE interpolated toward the target class centroid (not the paper's)",
+}
 SMOKE_LINE = "made with smoke (weight-free) encoders: numbers are not comparable to the paper"
 
 
@@ -146,12 +153,15 @@ def auc_json(model, cohort, regressors, features, encoders, params, inputs) -> d
                      encoders=dict(encoders))
 
 
-def perturbation_json(model, cohort, pairs, alphas, monotonicity_weight, encoders, params, inputs) -> dict:
-    """perturbation.json: `pairs` maps "T->S" etc. -> `perturbation_scores` result plus source/target."""
+def perturbation_json(model, cohort, pairs, alphas, monotonicity_weight, mode, encoders, params, inputs) -> dict:
+    """perturbation.json: `pairs` maps "T->S" etc. -> `perturbation_scores` result plus source/target;
+    `mode` is how the GE input was interpolated (PERTURBATION_MODES)."""
+    if mode not in PERTURBATION_MODES:
+        raise InputError(None, f"perturbation mode must be one of {sorted(PERTURBATION_MODES)}, got {mode!r}")
     composites = [entry["composite"] for entry in pairs.values()]
     return _document("perturbation", model, cohort, params, inputs, pairs=dict(pairs), alphas=list(alphas),
-                     monotonicity_weight=float(monotonicity_weight), mean_composite=float(np.mean(composites)),
-                     encoders=dict(encoders))
+                     monotonicity_weight=float(monotonicity_weight), mode=mode,
+                     mean_composite=float(np.mean(composites)), encoders=dict(encoders))
 
 
 def ood_fid_json(model, cohort, regimes, n_subsample, seed, features, encoders, params, inputs) -> dict:
@@ -403,7 +413,23 @@ def _perturbation_table(index: Mapping[str, dict], rows: list[ModelRow]) -> pd.D
     return _frame(5, records, ["Model", "p", *pairs, "mean"], index.values(),
                   formats={col: "+.3f" for col in [*pairs, "mean"]},
                   notes=[f"composite = transition + {weights} x monotonicity, median over reference spots; "
-                         "mean over the pairs (\"-\" when a pair is missing)."])
+                         "mean over the pairs (\"-\" when a pair is missing).",
+                         perturbation_mode_note(index, rows)])
+
+
+def perturbation_mode_note(index: Mapping[str, dict], rows: list[ModelRow]) -> str:
+    """Which GE interpolation the rows of Table 5 used: one line, naming the rows when modes differ."""
+    by_mode: dict[str, list[str]] = {}
+    for row in rows:
+        if row.model in index:
+            by_mode.setdefault(index[row.model]["mode"], []).append(row.name)
+    if not by_mode:
+        return f"Perturbation mode: - (no rows); the paper's is centroid: {PERTURBATION_MODES['centroid']}."
+    if len(by_mode) == 1:
+        mode = next(iter(by_mode))
+        return f"Perturbation mode {mode}: {PERTURBATION_MODES[mode]}."
+    return "Perturbation modes differ between rows: " + "; ".join(
+        f"{mode} ({PERTURBATION_MODES[mode]}): {', '.join(names)}" for mode, names in sorted(by_mode.items())) + "."
 
 
 def _swap_table(index: Mapping[str, dict], rows: list[ModelRow]) -> pd.DataFrame:

@@ -1,14 +1,11 @@
-"""Sampling from trained STMDiT models (paper 2.2, D.3), perturbation sampling (Table 5 inputs) and
-the real/generated grid.
+"""Sampling from trained STMDiT models (paper 2.2, D.3) and the real/generated grid (perturbation
+sampling, the Table 5 inputs, is `stmdit.perturb`).
 
     stmdit sample --model-dir results/models/M --split results/splits/C.parquet --split-name test
         [--max-spots N --subsample-seed 42] --uni U.zarr [--ge G.zarr] --vae-impl smoke|real
         [--vae-weights P] [--vae-arch-json J] [--allow-hub] --regime uni_ge|uni|ge|uncond
         --steps 50 --seed 42 --s-uni 4.0 --s-ge 3.0 --batch-size 32 [--device auto] [--bf16]
         --out results/samples/M/C/REGIME.zarr
-    stmdit perturb-sample --model-dir M --split S --expression C.h5ad --uni U --ge G
-        --pairs Tumor:Stroma,Tumor:Immune,Immune:Tumor --alphas 0,0.25,0.5,0.75,1 --n-ref 100
-        --seed 42 [--uni-null] --vae-impl ... --out results/samples/M/C/perturbation.zarr
     stmdit sample-grid --spots S1.parquet ... --patches S1.zarr ... --samples uni_ge=A.zarr uni=B.zarr
         --per-class 4 --seed 0 --out results/samples/M/C/grid.png
 
@@ -30,13 +27,6 @@ kernel, and with it the float summation order, by row count for small row counts
 1-3 rows, and with 2 threads any count below 12 that is not a multiple of 4, differ from larger
 batches in the last bit). With the padding a spot's latents are bit-identical whatever the batch
 size and whichever other spots are sampled (on the same device and thread count).
-
-Perturbation: target centroids are means over the TRAIN spots of the target label, of the CLS and,
-for token models, of each token position over the spots where it is a real token (token_mask).
-Reference spots are up to n-ref TEST spots of the source label. A reference spot's GE moves as
-`interpolate_ge(spot, centroid, alpha)` (CLS, and tokens position-wise where both are real;
-`interpolate_tokens` says what happens to the other positions); its UNI (or the null UNI) and its
-noise (seed, reference key) are the same at every alpha, so alpha = 0 is the plain sample of the spot.
 """
 
 from __future__ import annotations
@@ -58,7 +48,7 @@ import zarr
 from stmdit.errors import InputError
 from stmdit.features import parse_arch, read_array_rows, string_values
 from stmdit.loader import GeBatch, open_store, split_keys, store_rows
-from stmdit.metrics import choose_reference_spots, class_centroids, interpolate_ge, subsample_keys
+from stmdit.metrics import subsample_keys
 from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, get_objective, guided_prediction, regime_spec
 from stmdit.provenance import atomic_path, params_hash, provenance
 from stmdit.train_utils import sample_generator
@@ -483,205 +473,6 @@ def run_sample(args: argparse.Namespace) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# stmdit perturb-sample
-
-
-def parse_pairs(text: str) -> list[tuple[str, str]]:
-    """"Tumor:Stroma,Immune:Tumor" -> [("Tumor", "Stroma"), ("Immune", "Tumor")]."""
-    pairs = []
-    for item in (part.strip() for part in text.split(",")):
-        source, sep, target = item.partition(":")
-        if not sep or not source.strip() or not target.strip():
-            raise InputError(None, f"--pairs: {item!r} is not SOURCE:TARGET")
-        pairs.append((source.strip(), target.strip()))
-    return pairs
-
-
-def parse_alphas(text: str) -> list[float]:
-    try:
-        alphas = sorted({float(a) for a in text.split(",")})
-    except ValueError:
-        raise InputError(None, f"--alphas: {text!r} is not a comma-separated list of numbers") from None
-    if not alphas or alphas[0] < 0 or alphas[-1] > 1:
-        raise InputError(None, f"--alphas must lie in [0, 1], got {text!r}")
-    return alphas
-
-
-def read_spot_labels(expression: str | Path, keys: Sequence[str]) -> np.ndarray:
-    """obs["label"] of `keys` from the cohort h5ad (obs names are spot keys)."""
-    from stmdit.expression import read_cohort_obs
-
-    expression = Path(expression)
-    obs = read_cohort_obs(expression)
-    if "label" not in obs:
-        raise InputError(expression, 'obs["label"] (tissue labels) is missing')
-    labels = obs["label"].astype(str).reindex([str(k) for k in keys])
-    if labels.isna().any():
-        raise InputError(expression, f"{int(labels.isna().sum())} spot(s) of the split have no row, "
-                                     f"e.g. {labels.index[labels.isna()][0]}")
-    return labels.to_numpy(dtype=object)
-
-
-@dataclass
-class GeCentroid:
-    """A class centroid in CancerFoundation space: CLS (d,) and, for token models, tokens (T, d) with
-    `valid` (T,) = the position holds a real token in at least one spot of the class."""
-
-    cls: np.ndarray
-    tokens: np.ndarray | None = None
-    valid: np.ndarray | None = None
-
-
-def token_centroid(tokens: zarr.Array, mask: zarr.Array, rows: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Per-position mean of the tokens over the spots where the position is a real token
-    (`metrics.class_centroids` with a mask), accumulated in blocks so a class is never in memory."""
-    sums = np.zeros(tokens.shape[1:], np.float64)
-    counts = np.zeros(tokens.shape[1], np.float64)
-    for start in range(0, len(rows), block):
-        chunk = np.sort(rows[start:start + block])
-        weights = read_array_rows(mask, chunk).astype(np.float64)
-        sums += np.einsum("nt,ntd->td", weights, read_array_rows(tokens, chunk).astype(np.float64))
-        counts += weights.sum(axis=0)
-    return sums / np.maximum(counts, 1.0)[:, None], counts > 0
-
-
-def ge_centroids(ge_store: str | Path, keys: Sequence[str], labels: np.ndarray, wanted: Iterable[str],
-                 tokens: bool) -> dict[str, GeCentroid]:
-    """Centroids of the `wanted` labels over `keys` (the train spots)."""
-    group = open_store(ge_store)
-    rows = store_rows(group, keys, ge_store)
-    cls = read_array_rows(group["embedding"], rows)
-    wanted = [w for w in dict.fromkeys(wanted) if np.any(labels == w)]
-    if not wanted:
-        return {}
-    selected = np.isin(labels, wanted)
-    centroids = {label: GeCentroid(c) for label, c in class_centroids(cls[selected], labels[selected]).items()}
-    if tokens:
-        token_array, mask_array = token_arrays(group, ge_store)
-        for label in wanted:
-            centroids[label].tokens, centroids[label].valid = token_centroid(token_array, mask_array,
-                                                                             rows[labels == label])
-    return centroids
-
-
-def interpolate_tokens(tokens: np.ndarray, mask: np.ndarray, centroid: GeCentroid, alpha: float
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Position-wise interpolation of one spot's token sequence toward a class centroid.
-
-    Positions real in both move linearly; positions the centroid lacks keep the spot's token;
-    positions only the centroid has appear (with the centroid's token) once alpha > 0. At alpha = 0
-    the spot's own sequence and mask come back unchanged."""
-    both = mask & centroid.valid
-    moved = np.where(both[:, None], interpolate_ge(tokens, centroid.tokens, alpha), tokens)
-    appear = ~mask & centroid.valid & (alpha > 0)
-    return np.where(appear[:, None], centroid.tokens, moved), mask | appear
-
-
-class PerturbationConditions:
-    """Rows (pair, reference spot, alpha): the reference spot's UNI (or the null UNI) and its GE
-    moved toward the target class centroid; the noise of a row is its reference spot's."""
-
-    def __init__(self, rows: pd.DataFrame, uni_store: str | Path, ge_store: str | Path,
-                 centroids: Mapping[str, GeCentroid], config, uni_null: bool):
-        self.rows = rows.reset_index(drop=True)
-        self.keys = self.rows["spot_key"].tolist()
-        self.noise_keys = self.rows["ref_key"].tolist()
-        self.centroids = centroids
-        refs = list(dict.fromkeys(self.noise_keys))
-        self.ref_index = {k: i for i, k in enumerate(refs)}
-        uni_group = open_store(uni_store)
-        self.uni = read_array_rows(uni_group["embedding"], store_rows(uni_group, refs, uni_store))
-        check_width(uni_store, "UNI embedding", self.uni.shape[-1], config.uni_dim)
-        self.uni_null = uni_null
-        group = open_store(ge_store)
-        self.ge_rows = store_rows(group, refs, ge_store)
-        self.ge_cls = read_array_rows(group["embedding"], self.ge_rows)
-        check_width(ge_store, "GE embedding", self.ge_cls.shape[-1], config.ge_dim)
-        self.ge_tokens = self.ge_mask = None
-        if config.uses_ge_tokens:
-            self.ge_tokens, self.ge_mask = token_arrays(group, ge_store)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor | None, GeBatch]:
-        part = self.rows.iloc[positions]
-        refs = np.array([self.ref_index[k] for k in part["ref_key"]])
-        alphas, targets = part["alpha"].to_numpy(), part["target"].tolist()
-        cls = np.stack([interpolate_ge(self.ge_cls[r], self.centroids[t].cls, a)
-                        for r, t, a in zip(refs, targets, alphas)])
-        ge = GeBatch(torch.from_numpy(cls.astype(np.float32)))
-        if self.ge_tokens is not None:
-            tokens = read_array_rows(self.ge_tokens, self.ge_rows[refs]).astype(np.float64)
-            masks = read_array_rows(self.ge_mask, self.ge_rows[refs]).astype(bool)
-            moved = [interpolate_tokens(tok, m, self.centroids[t], a)
-                     for tok, m, t, a in zip(tokens, masks, targets, alphas)]
-            ge.tokens = torch.from_numpy(np.stack([m[0] for m in moved]).astype(np.float32))
-            ge.token_mask = torch.from_numpy(np.stack([m[1] for m in moved]))
-        uni = None if self.uni_null else torch.from_numpy(self.uni[refs].astype(np.float32))
-        return uni, ge
-
-
-def perturbation_rows(pairs: Sequence[tuple[str, str]], alphas: Sequence[float], test_keys: Sequence[str],
-                      test_labels: np.ndarray, train_labels: np.ndarray, n_ref: int, seed: int
-                      ) -> tuple[pd.DataFrame, dict[str, str]]:
-    """One row per (pair, reference spot, alpha), and the skipped pairs with their reason."""
-    rows, skipped = [], {}
-    for source, target in pairs:
-        pair = f"{source}->{target}"
-        if not np.any(train_labels == target):
-            skipped[pair] = f"no train spots labelled {target!r} (no target centroid)"
-        elif not np.any(test_labels == source):
-            skipped[pair] = f"no test spots labelled {source!r} (no reference spots)"
-        if pair in skipped:
-            log.warning("perturbation pair %s skipped: %s", pair, skipped[pair])
-            continue
-        for ref in choose_reference_spots(test_keys, test_labels, source, n_ref, seed):
-            rows.extend({"spot_key": f"{pair}|{ref}|{alpha:g}", "pair": pair, "source": source, "target": target,
-                         "ref_key": ref, "alpha": float(alpha)} for alpha in alphas)
-    return pd.DataFrame(rows, columns=["spot_key", "pair", "source", "target", "ref_key", "alpha"]), skipped
-
-
-def run_perturb_sample(args: argparse.Namespace) -> Path:
-    pairs, alphas = parse_pairs(args.pairs), parse_alphas(args.alphas)
-    regime = GE if args.uni_null else UNI_GE
-    settings = sampler_settings(args, regime)
-    device = resolve_device(args.device)
-    trained = load_trained_model(args.model_dir, device)
-    if not trained.config.uses_ge:
-        raise InputError(trained.path, "perturbation sampling needs a GE model; this model is UNI-only")
-    train_keys = split_keys(args.split, "train")
-    test_keys = split_keys(args.split, "test")
-    train_labels = read_spot_labels(args.expression, train_keys)
-    test_labels = read_spot_labels(args.expression, test_keys)
-    rows, skipped = perturbation_rows(pairs, alphas, test_keys, test_labels, train_labels, args.n_ref, args.seed)
-    if rows.empty:
-        raise InputError(args.expression, f"no perturbation pair can be sampled: {skipped}")
-    centroids = ge_centroids(args.ge, train_keys, train_labels, rows["target"].unique(), trained.config.uses_ge_tokens)
-    conditions = PerturbationConditions(rows, args.uni, args.ge, centroids, trained.config, args.uni_null)
-    codec = load_codec(args.vae_impl, args.vae_weights, args.vae_arch_json, args.allow_hub, device, args.bf16)
-    check_codec(trained, codec)
-    log.info("perturbation: %d rows (%d pairs x refs x %d alphas), regime %s%s -> %s", len(rows),
-             rows["pair"].nunique(), len(alphas), regime, " (UNI nulled)" if args.uni_null else "", args.out)
-    inputs = [trained.path / WEIGHTS_NAME, args.split, args.expression, args.uni, args.ge]
-    attrs = common_attrs(trained, settings, args.vae_impl, "perturb-sample", cli_params(args), inputs)
-    attrs["perturbation"] = {
-        "pairs": [f"{s}->{t}" for s, t in pairs],
-        "sampled_pairs": rows["pair"].unique().tolist(),
-        "skipped_pairs": skipped,
-        "alphas": alphas,
-        "n_ref": args.n_ref,
-        "uni_null": bool(args.uni_null),
-        "centroids": "mean CancerFoundation CLS (and per-position mean of real tokens) of the TRAIN spots "
-                     "of the target label",
-        "noise": "per reference spot: sample_generator(seed, 'sample', ref_key), the same at every alpha",
-    }
-    extra = {"pair": rows["pair"].to_numpy(dtype=object), "ref_key": rows["ref_key"].to_numpy(dtype=object),
-             "alpha": rows["alpha"].to_numpy(dtype=np.float64)}
-    return generate(trained, conditions, settings, codec, args.out, attrs, device, extra_arrays=extra)
-
-
-# ---------------------------------------------------------------------------------------------
 # stmdit sample-grid
 
 GRID_LABEL_WIDTH = 96  # px left of the tiles for the row labels
@@ -805,7 +596,7 @@ def read_image(stores: Sequence[tuple[zarr.Group, dict[str, int]]], key: str) ->
 # CLI
 
 
-def _add_sampler_options(p: argparse.ArgumentParser) -> None:
+def add_sampler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, required=True, help="finished model folder (ema.safetensors)")
     p.add_argument("--split", type=Path, required=True, help="split table (key, split)")
     p.add_argument("--uni", type=Path, required=True, help="uni2h feature store")
@@ -825,23 +616,13 @@ def _add_sampler_options(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     sample = subparsers.add_parser("sample", help="sample latents and images of a split from a trained model")
-    _add_sampler_options(sample)
+    add_sampler_options(sample)
     sample.add_argument("--split-name", default="test")
     sample.add_argument("--max-spots", type=int, default=None, help="seeded subsample of at most this many spots")
     sample.add_argument("--subsample-seed", type=int, default=42)
     sample.add_argument("--ge", type=Path, default=None, help="cancerfoundation feature store (GE regimes)")
     sample.add_argument("--regime", choices=REGIMES, default=UNI_GE)
     sample.set_defaults(func=run_sample)
-
-    perturb = subparsers.add_parser("perturb-sample", help="GE interpolated toward class centroids (Table 5)")
-    _add_sampler_options(perturb)
-    perturb.add_argument("--expression", type=Path, required=True, help='cohort h5ad with obs["label"]')
-    perturb.add_argument("--ge", type=Path, required=True, help="cancerfoundation feature store")
-    perturb.add_argument("--pairs", default="Tumor:Stroma,Tumor:Immune,Immune:Tumor")
-    perturb.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
-    perturb.add_argument("--n-ref", type=int, default=100)
-    perturb.add_argument("--uni-null", action="store_true", help="null the UNI condition (ge guidance)")
-    perturb.set_defaults(func=run_perturb_sample)
 
     grid = subparsers.add_parser("sample-grid", help="PNG grid of real vs generated tiles per tissue class")
     grid.add_argument("--spots", type=Path, nargs="+", required=True, help="spots tables (labels)")

@@ -10,7 +10,11 @@ function of (settings, step): the epoch's shuffle comes from (seed, epoch), each
 timestep and dropout draws from (seed, step, spot key). So a run that stops (wall-clock budget,
 SIGKILL) and restarts from its last checkpoint replays exactly the steps an uninterrupted run takes.
 
-Outputs in `--out-dir`: `training.json` (resolved settings + provenance), `train_log.csv` (one row
+The budget is `steps` optimizer steps, or `epochs` passes over the train split (the paper trains
+"up to 1,000 epochs", D.2), converted to ceil(epochs x steps per epoch) with steps per epoch =
+train spots // effective batch (~723 in the paper).
+
+Outputs in `--out-dir`: `training.json` (resolved settings, the budget in steps, provenance), `train_log.csv` (one row
 per logged step), `checkpoints/step_N.pt` (model, EMA, optimizer, schedule, RNG, step), and, only
 when the configured number of steps is reached, `config.json` + `ema.safetensors` (EMA weights,
 the ones every later stage uses). A run that reaches its wall-clock budget saves a checkpoint and
@@ -70,7 +74,8 @@ class TrainSettings:
     arch: dict = field(default_factory=dict)  # DiTConfig fields (B size when empty)
     objective: str = "ddpm"  # ddpm | flow
     p_drop: float = 0.1  # modality dropout of UNI and of GE, each independently
-    steps: int = 100_000  # optimizer steps
+    steps: int = 100_000  # optimizer steps (ignored when `epochs` is set)
+    epochs: float | None = None  # budget in passes over the train split: steps = ceil(epochs x steps/epoch)
     micro_batch: int = 32
     accumulation: int = 4  # effective batch = micro_batch x accumulation (x processes)
     lr: float = 2e-5
@@ -151,6 +156,15 @@ def resolve_device(name: str) -> torch.device:
 # --------------------------------------------------------------------------------------------
 
 
+def total_steps(settings: TrainSettings, steps_per_epoch: int) -> int:
+    """The run's optimizer steps: `epochs` x steps per epoch (rounded up) when epochs is set, else `steps`."""
+    if settings.epochs is None:
+        return settings.steps
+    if settings.epochs <= 0:
+        raise InputError(None, f"training setting epochs must be positive, got {settings.epochs}")
+    return max(1, math.ceil(settings.epochs * steps_per_epoch))
+
+
 @functools.lru_cache(maxsize=2)
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng(sample_seed(seed, "epoch", epoch)).permutation(n)
@@ -177,6 +191,7 @@ class Trainer:
             raise InputError(split, f"{len(self.train_data)} train spots, fewer than one effective batch "
                                     f"({self.per_step}); lower micro_batch or accumulation")
         self.steps_per_epoch = len(self.train_data) // self.per_step
+        self.total_steps = total_steps(settings, self.steps_per_epoch)
         self.objective = get_objective(settings.objective)
         self.latent_shape = tuple(self.train_data.latents.shape[1:])
 
@@ -186,7 +201,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, betas=settings.betas,
                                            weight_decay=settings.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, settings.warmup_steps, settings.steps, settings.final_lr_fraction))
+            self.optimizer, lambda s: lr_factor(s, settings.warmup_steps, self.total_steps, settings.final_lr_fraction))
         self.step = 0
         self.forward_model = self._wrap(self.model)
         self.autocast = torch.bfloat16 if settings.bf16 and self.device.type == "cuda" else None
@@ -196,7 +211,10 @@ class Trainer:
                  self.device, self.dist.world)
         log.info("%d train spots, %d val spots; effective batch %d (%d x %d x %d); %d steps/epoch; %d steps",
                  len(self.train_data), len(self.val_data), self.per_step, settings.micro_batch, settings.accumulation,
-                 self.dist.world, self.steps_per_epoch, settings.steps)
+                 self.dist.world, self.steps_per_epoch, self.total_steps)
+        if settings.epochs is not None:
+            log.info("budget: %g epochs x %d steps/epoch = %d steps", settings.epochs, self.steps_per_epoch,
+                     self.total_steps)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         wrapped = model
@@ -251,7 +269,7 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
-        log.info("resumed from %s (step %d of %d)", path, self.step, self.settings.steps)
+        log.info("resumed from %s (step %d of %d)", path, self.step, self.total_steps)
 
     # --- one optimizer step ----------------------------------------------------------------------
 
@@ -267,8 +285,8 @@ class Trainer:
     def batches_from(self, step: int):
         """(positions, batches) of every optimizer step from `step` on, read ahead on threads one
         epoch at a time."""
-        while step < self.settings.steps:
-            epoch_end = min((step // self.steps_per_epoch + 1) * self.steps_per_epoch, self.settings.steps)
+        while step < self.total_steps:
+            epoch_end = min((step // self.steps_per_epoch + 1) * self.steps_per_epoch, self.total_steps)
             plans = [self.micro_batches(s) for s in range(step, epoch_end)]
             flat = [rows for plan in plans for rows in plan]
             stream = self.train_data.iterate(flat, prefetch=self.settings.loader_prefetch * self.settings.accumulation)
@@ -333,7 +351,7 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------
 
     def run(self, clock: WallClock, stop_after: int | None = None) -> bool:
-        """Train until `settings.steps`; True when done, False when stopped for the wall clock."""
+        """Train until `total_steps`; True when done, False when stopped for the wall clock."""
         from tqdm import tqdm
 
         self.resume()
@@ -341,7 +359,7 @@ class Trainer:
         if self.dist.main:
             truncate_log(log_path, self.step)
         started_steps, seconds_per_step, run_steps = self.step, 0.0, 0
-        progress = tqdm(total=self.settings.steps, initial=self.step, desc="train", unit="step",
+        progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                         disable=not self.dist.main, mininterval=5)
         for plan, batches in self.batches_from(self.step):
             tick = time.perf_counter()
@@ -352,7 +370,7 @@ class Trainer:
             progress.update(1)
             if not math.isfinite(loss):
                 raise RuntimeError(f"loss is {loss} at step {self.step}; lower lr or check the feature stores")
-            done = self.step == self.settings.steps
+            done = self.step == self.total_steps
             row = None
             if self.step % self.settings.log_every == 0 or done or self.step == started_steps + 1:
                 row = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, "loss": loss,
@@ -452,6 +470,9 @@ def train(settings: TrainSettings, split: Path, latents: Path, uni: Path, ge: Pa
             "settings": dataclasses.asdict(settings),
             "model_config": trainer.config.to_dict(),
             "processes": trainer.dist.world,
+            "budget": {"epochs": settings.epochs, "steps_per_epoch": trainer.steps_per_epoch,
+                       "total_steps": trainer.total_steps, "train_spots": len(trainer.train_data),
+                       "effective_batch": trainer.per_step},
             "provenance": provenance("train", dataclasses.asdict(settings), inputs),
         })
     clock = WallClock(settings.budget_s, settings.margin_s)

@@ -5,13 +5,16 @@ import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 from stmdit.config import (
     check_cohorts,
+    check_test_donors,
     cohort_samples,
     cohorts,
     expression_cohorts,
     load_sample_sheet,
+    resolve_cohorts,
     validate_config,
 )
 from stmdit.errors import InputError
@@ -27,10 +30,14 @@ CONDA_CPU = "../../envs/cpu.yaml"
 CONDA_GPU = "../../envs/gpu.yaml"
 DEMO_ROOT = "results/resources/demo"
 
+CONFIG_SOURCE = "config (config.yaml, or the --configfile files, and --config)"
 try:
-    config = validate_config(config, source="config (config.yaml and --config/--configfile)")
+    config = validate_config(config, source=CONFIG_SOURCE)
     SAMPLES = load_sample_sheet(config["samples"])
     check_cohorts(SAMPLES, config["samples"])
+    TRAIN_COHORT, OOD_COHORTS, _notes = resolve_cohorts(config, SAMPLES, config["samples"])
+    config["train"]["cohort"], config["train"]["ood_cohorts"] = TRAIN_COHORT, OOD_COHORTS
+    check_test_donors(config, SAMPLES, TRAIN_COHORT, CONFIG_SOURCE)
     MODELS = resolve_models(config)
 except InputError as err:
     sys.exit(f"stmdit: error: {err}")
@@ -55,6 +62,10 @@ def preflight_weights():
 onstart:
     preflight_weights()
 
+
+for _note in _notes:
+    logger.info(f"stmdit: {_note}")
+
 COHORTS = cohorts(SAMPLES)
 EXPRESSION_COHORTS = expression_cohorts(SAMPLES)
 IMAGE_ENCODERS = config["features"]["image_encoders"]
@@ -64,11 +75,6 @@ IMAGE_ENCODER_PATTERN = "|".join(IMAGE_ENCODERS)
 CONFIG_HASH = params_hash(config)
 
 # --- models, sampling, evaluation -------------------------------------------------------------
-TRAIN_COHORT = config["train"]["cohort"]
-OOD_COHORTS = config["train"]["ood_cohorts"]
-for _cohort in [TRAIN_COHORT, *OOD_COHORTS]:
-    if _cohort not in COHORTS:
-        sys.exit(f"stmdit: error: config key train: cohort {_cohort!r} is not in the sample sheet {config['samples']}")
 PROTEIN_CODING_LIST = config["gene_sets"]["protein_coding"]
 _needs_list = [k for k in ("midnight_mlp", "deepspot") if config["gene_sets"][k] == "protein_coding"]
 if PROTEIN_CODING_LIST == "none" and _needs_list:
@@ -317,8 +323,20 @@ def eval_encoder_args(wildcards):
     return " ".join(args)
 
 
+def matched_spot_stores():
+    """model -> the samples store of the matched-spot figure: every column conditioned on the same
+    Visium GE (PTPL models: their uni_ge_visium samples), UNI-only models in their uni regime."""
+    stores = {}
+    for model, m in MODELS.items():
+        store = "uni" if not m.uses_ge else ("uni_ge_visium" if m.ptpl else "uni_ge")
+        stores[model] = f"results/samples/{model}/{TRAIN_COHORT}/{store}.zarr"
+    return stores
+
+
 def report_figures():
     figures = expand("results/figures/grid_{model}_{cohort}.png", model=list(MODELS), cohort=[TRAIN_COHORT])
+    if MODELS:
+        figures.append("results/figures/matched_spots.png")
     if table_evals(1) or table_evals(4):
         figures.append("results/figures/per_tissue_fid.png")
     if table_evals(2):

