@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 EXIT_RESUBMIT = 75  # EX_TEMPFAIL: stopped for the wall clock, resume in a new job
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "val_loss"]
+STALL_FRACTION = 0.5  # a final loss above this fraction of the trivial loss: the model has not learned
 
 
 @dataclass
@@ -457,13 +458,64 @@ def train(settings: TrainSettings, split: Path, latents: Path, uni: Path, ge: Pa
     clock = WallClock(settings.budget_s, settings.margin_s)
     previous = signal.signal(signal.SIGTERM, trainer.on_terminate)
     try:
-        return trainer.run(clock, stop_after)
+        finished = trainer.run(clock, stop_after)
+        if finished and trainer.dist.main:
+            record_loss_check(out_dir / "training.json", loss_check(
+                out_dir / "train_log.csv", trivial_loss(settings.objective, trainer.train_data.latents), trainer.config))
+        return finished
     finally:
         signal.signal(signal.SIGTERM, previous)
         if trainer.dist.world > 1:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def trivial_loss(objective: str, latents: np.ndarray) -> float:
+    """The loss of predicting the target's mean whatever the input (the floor a model that learned
+    nothing sits at): ddpm E[eps^2] = 1; flow E|v - E v|^2 with v = noise - x0, = 1 + the mean
+    per-element variance of the training latents."""
+    if objective == "ddpm":
+        return 1.0
+    return 1.0 + float(np.asarray(latents, dtype=np.float64).var(axis=0).mean())
+
+
+def loss_check(log_path: Path, trivial: float, config: DiTConfig) -> dict:
+    """Whether the finished run's loss stalled near the trivial floor: the mean training loss of the
+    last quarter of the logged steps above STALL_FRACTION x `trivial`. For a bottlenecked size the
+    floor it stalls at, 1 - hidden / (p^2 C) of the epsilon loss, is reported too."""
+    with open(log_path) as fh:
+        rows = list(csv.DictReader(fh))
+    losses = [float(r["loss"]) for r in rows if r.get("loss") not in (None, "")]
+    val = [float(r["val_loss"]) for r in rows if r.get("val_loss") not in (None, "")]
+    recent = losses[-max(1, len(losses) // 4):] if losses else []
+    final = float(np.mean(recent)) if recent else float("nan")
+    per_token = config.patch_size**2 * config.in_channels
+    check = {
+        "trivial_loss": trivial,
+        "final_train_loss": final,
+        "final_val_loss": val[-1] if val else None,
+        "ratio": final / trivial,
+        "stall_fraction": STALL_FRACTION,
+        "stalled": bool(final > STALL_FRACTION * trivial),
+        "bottleneck_floor": (1 - config.hidden_size / per_token) if config.hidden_size < per_token else None,
+    }
+    if check["stalled"]:
+        hint = (f"; the size is bottlenecked (hidden {config.hidden_size} < {per_token} values per token, "
+                f"epsilon floor ~{check['bottleneck_floor']:.2f})" if check["bottleneck_floor"] is not None else "")
+        log.warning("WARNING: the loss stalled near the trivial floor: final training loss %.4f is %.0f%% of %.4f, "
+                    "the loss of predicting the mean (threshold %.0f%%)%s. The model has not learned its data: "
+                    "check the size, lr, steps and the feature stores.", final, 100 * check["ratio"], trivial,
+                    100 * STALL_FRACTION, hint)
+    else:
+        log.info("final training loss %.4f = %.0f%% of the trivial loss %.4f", final, 100 * check["ratio"], trivial)
+    return check
+
+
+def record_loss_check(training_json: Path, check: dict) -> None:
+    document = json.loads(Path(training_json).read_text())
+    document["loss_check"] = check
+    write_json(training_json, document)
 
 
 def drop_option(argv: list[str], name: str) -> list[str]:
