@@ -34,7 +34,7 @@ def test_dry_run_plans_every_stage():
     for rule in ("demo_data", "spots", "expression", "features_image", "features_cancerfoundation", "split",
                  "deepspot_train", "deepspot_predict", "features_cancerfoundation_ptpl", "train", "sample",
                  "perturb_sample", "sample_grid", "eval_features", "fid", "ood_fid", "swap_fid", "auc",
-                 "perturbation", "models_json", *(f"table{n}" for n in range(1, 7))):
+                 "perturbation", "models_json", "figure_loss_curve", *(f"table{n}" for n in range(1, 7))):
         assert f"\n{rule} " in out, f"{rule} not planned"
 
 
@@ -54,6 +54,14 @@ def test_bad_config_stops_before_any_job(tmp_path):
     result = snakemake("-n", "--configfile", str(bad))
     assert result.returncode != 0
     assert "spots.min_foreground = 'lots'" in result.stderr
+
+
+def test_bottlenecked_size_stops_before_any_job(tmp_path):
+    bad = tmp_path / "bottleneck.yaml"
+    bad.write_text("train:\n  sizes:\n    tiny: {allow_bottleneck: false}\n")
+    result = snakemake("-n", "--configfile", "config.yaml", str(bad))
+    assert result.returncode != 0
+    assert "config key train.sizes.tiny" in result.stderr and "bottlenecked denoiser" in result.stderr
 
 
 def test_bad_sample_sheet_stops_before_any_job(tmp_path):
