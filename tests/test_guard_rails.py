@@ -13,14 +13,15 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from stmdit.cli import main
 from stmdit.config import load_config
 from stmdit.errors import InputError
-from stmdit.model import DiTConfig
+from stmdit.model import DiTConfig, GaussianConfig, GaussianDenoiser, get_objective
 from stmdit.models_config import ARCH_DEFAULTS, resolve_models
 from stmdit.report import plot_loss_curve
-from stmdit.train import STALL_FRACTION, loss_check, trivial_loss
+from stmdit.train import STALL_FRACTION, loss_check, moment_loss, trivial_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,31 +65,51 @@ def write_log(path: Path, losses, val_every: int = 4) -> Path:
     return path
 
 
-def test_trivial_loss_is_the_loss_of_predicting_the_mean():
+def test_trivial_and_moment_losses_are_the_losses_of_their_predictors():
+    """trivial_loss: predicting the target's mean; moment_loss: the exact predictor of Gaussian data
+    with the latents' per-element moments (`GaussianDenoiser`), both measured here by Monte Carlo
+    through the training objectives' own noising."""
     assert trivial_loss("ddpm", np.zeros((4, 2, 2, 2))) == 1.0
-    rng = np.random.default_rng(0)
-    latents = 0.5 * rng.standard_normal((4000, 2, 3, 3)) + 3.0
-    noise = rng.standard_normal(latents.shape)
-    v = noise - latents
-    assert trivial_loss("flow", latents) == pytest.approx(((v - v.mean(0)) ** 2).mean(), rel=0.02)
+    for objective in ("ddpm", "flow"):
+        model = GaussianDenoiser(GaussianConfig(objective=objective, in_channels=2, latent_size=4,
+                                                std_range=(0.1, 1.0), ge_fusion="none"))
+        generator = torch.Generator().manual_seed(0)
+        n = 20000
+        x0 = model.base + model.std * torch.randn(n, *model.config.latent_shape, generator=generator, dtype=torch.float64)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        noised = get_objective(objective).prepare(x0, noise, u)
+        exact = model(noised.x_t, noised.timestep, None, None).to(torch.float64)
+        target = noised.target.to(torch.float64)
+        latents = x0.numpy()
+        assert moment_loss(objective, latents) == pytest.approx(((exact - target) ** 2).mean().item(), rel=0.02)
+        assert trivial_loss(objective, latents) == pytest.approx(((target - target.mean(0)) ** 2).mean().item(),
+                                                                 rel=0.02)
 
 
 def test_stalled_loss_is_flagged_with_a_warning(tmp_path, caplog):
+    latents = np.sqrt(0.1) * np.random.default_rng(0).standard_normal((500, 4, 4, 4))
     config = DiTConfig(hidden_size=64, num_heads=4, patch_size=4, allow_bottleneck=True)
     stalled_log = write_log(tmp_path / "stalled.csv", np.linspace(1.0, 0.755, 40))
     with caplog.at_level(logging.WARNING, logger="stmdit.train"):
-        check = loss_check(stalled_log, 1.0, config)
+        check = loss_check(stalled_log, "ddpm", latents, config)
     assert check["stalled"] and check["bottleneck_floor"] == pytest.approx(0.75)
     assert check["final_train_loss"] == pytest.approx(np.linspace(1.0, 0.755, 40)[-10:].mean())
-    assert check["stall_fraction"] == STALL_FRACTION
+    assert check["moment_loss"] == pytest.approx(0.12, abs=0.01)
+    assert check["stall_threshold"] == pytest.approx(0.12 + STALL_FRACTION * 0.88, abs=0.01)
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1 and "WARNING: the loss stalled near the trivial floor" in warning[0]
     assert "bottlenecked" in warning[0]
     caplog.clear()
-    learning_log = write_log(tmp_path / "learning.csv", np.geomspace(1.0, 0.04, 40))
+    wide = DiTConfig(hidden_size=64, num_heads=4, patch_size=2, in_channels=4)
     with caplog.at_level(logging.WARNING, logger="stmdit.train"):
-        check = loss_check(learning_log, 1.0, DiTConfig(hidden_size=64, num_heads=4, patch_size=2, in_channels=4))
+        check = loss_check(write_log(tmp_path / "learning.csv", np.geomspace(1.0, 0.04, 40)), "ddpm", latents, wide)
     assert not check["stalled"] and check["bottleneck_floor"] is None and not caplog.records
+    # flow: a loss at 45% of the trivial one is what per-element moments give (learning, not
+    # stalled); 95% is stalled
+    trivial = trivial_loss("flow", latents)
+    assert not loss_check(write_log(tmp_path / "f1.csv", np.full(20, 0.45 * trivial)), "flow", latents, wide)["stalled"]
+    assert loss_check(write_log(tmp_path / "f2.csv", np.full(20, 0.95 * trivial)), "flow", latents, wide)["stalled"]
 
 
 def test_loss_curve_figure(tmp_path):

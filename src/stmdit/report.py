@@ -637,9 +637,10 @@ def read_train_log(path: str | Path) -> pd.DataFrame:
 
 
 def plot_loss_curve(log_path: str | Path, png_path: str | Path, name: str,
-                    trivial_loss: float | None = None) -> None:
+                    trivial_loss: float | None = None, stall_threshold: float | None = None) -> None:
     """Training loss (each logged step) and EMA validation loss against the optimizer step, log y,
-    with the trivial loss (predicting the mean) as a dashed line when known."""
+    with the trivial loss (predicting the mean) and the stall threshold of `train.loss_check` as
+    horizontal lines when known."""
     plt = _pyplot()
     table = read_train_log(log_path)
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -650,6 +651,8 @@ def plot_loss_curve(log_path: str | Path, png_path: str | Path, name: str,
         ax.plot(val_rows["step"], val_rows["val_loss"], "o-", ms=3, label="validation (EMA)")
     if trivial_loss is not None:
         ax.axhline(trivial_loss, color="grey", ls="--", lw=1, label="trivial (predict the mean)")
+    if stall_threshold is not None:
+        ax.axhline(stall_threshold, color="tab:red", ls=":", lw=1, label="stalled above")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (MSE)")
@@ -659,13 +662,13 @@ def plot_loss_curve(log_path: str | Path, png_path: str | Path, name: str,
 
 
 def run_loss_curve(args: argparse.Namespace) -> None:
-    trivial = None
+    check = {}
     if args.training_json is not None:
         try:
-            trivial = (json.loads(Path(args.training_json).read_text()).get("loss_check") or {}).get("trivial_loss")
+            check = json.loads(Path(args.training_json).read_text()).get("loss_check") or {}
         except (OSError, ValueError) as exc:
             raise InputError(args.training_json, f"cannot read training.json: {exc}") from None
-    plot_loss_curve(args.train_log, args.out, args.name, trivial)
+    plot_loss_curve(args.train_log, args.out, args.name, check.get("trivial_loss"), check.get("stall_threshold"))
     log.info("wrote %s", args.out)
 
 
