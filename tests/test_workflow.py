@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -97,6 +98,8 @@ def test_demo_runs_end_to_end(tmp_path, demo_image):
         assert (results / "tables" / f"table{n}.tsv").exists()
     model = results / "models" / "XAttn-PMA-p05"
     assert (model / "ema.safetensors").exists() and (model / "train_log.csv").exists()
+    assert "stalled" in json.loads((model / "training.json").read_text())["loss_check"]
+    assert (results / "figures" / "loss_curves" / "XAttn-PMA-p05.png").stat().st_size > 0
     assert (results / "figures" / "per_tissue_fid.png").exists()
     # a second run has nothing to do
     again = snakemake("--cores", "2", "all", "-n", cwd=work)
