@@ -33,7 +33,8 @@ torch.set_num_threads(1)
 
 S_UNI, S_GE = 4.0, 3.0  # the paper's scales
 N_COND, DRAWS = 3, 4  # conditions per test, noise draws per condition
-SOLVER_TOL = 2e-4  # project sampler vs the closed-form solver, in units of the data std (float32 rounding)
+SOLVER_TOL = 5e-4  # project sampler vs the closed-form solver, in data-std units: float32 rounding of
+# outputs up to ~9 in elements of std 0.02 (measured 0.4-1.2e-4); every mutation below is >= 0.14
 T = 1000
 
 
