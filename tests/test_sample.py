@@ -27,6 +27,7 @@ torch.set_num_threads(1)
 
 # patch 8 on 16 x 32 x 32 latents: 16 tokens, and the smoke VAE decodes to 256 px
 TINY = {"hidden_size": 32, "depth": 2, "num_heads": 2, "patch_size": 8, "in_channels": 16, "latent_size": 32,
+        "allow_bottleneck": True,  # 1,024 values per token through 32: fine for untrained plumbing tests
         "uni_dim": 16, "ge_dim": 8, "ge_source_heads": 2, "n_ge_queries": 4, "max_ge_tokens": 6}
 LATENT_SHAPE = (16, 32, 32)
 LABELS = {"train": ["Tumor"] * 4 + ["Stroma"] * 3 + ["Immune"] * 3, "test": ["Tumor", "Tumor", "Tumor", "Stroma",

@@ -68,9 +68,10 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-def test_training_writes_model_log_and_config(stores, tmp_path):
+def test_training_writes_model_log_and_config(stores, tmp_path, caplog):
     out = tmp_path / "m"
-    assert run_train(stores, out, settings())
+    with caplog.at_level("INFO", logger="stmdit.train"):
+        assert run_train(stores, out, settings())
     model = STMDiT.from_pretrained(out, weights_name="ema.safetensors")
     assert model.config.ge_tokens == "pma"
     log = pd.read_csv(out / "train_log.csv")
@@ -80,6 +81,11 @@ def test_training_writes_model_log_and_config(stores, tmp_path):
     assert log["lr"].iloc[0] == pytest.approx(1e-3 * 0.5)  # warm-up: step 1 of 2
     meta = json.loads((out / "training.json").read_text())
     assert meta["settings"]["p_drop"] == 0.3 and meta["provenance"]["params_hash"]
+    # 8 steps leave the epsilon loss near 1: the run is flagged as stalled at the trivial floor
+    check = meta["loss_check"]
+    assert check["trivial_loss"] == 1.0 and check["stalled"] and check["final_train_loss"] > check["stall_threshold"]
+    assert check["final_train_loss"] == pytest.approx(log["loss"].iloc[-2:].mean())
+    assert any(r.levelname == "WARNING" and "stalled near the trivial floor" in r.getMessage() for r in caplog.records)
     # EMA weights differ from the live ones (decay 0.9 over 8 steps)
     state = torch.load(sorted((out / "checkpoints").rglob("step_8.pt"))[-1], weights_only=True)
     assert any(not torch.equal(state["model"][k], v) for k, v in weights(out).items())

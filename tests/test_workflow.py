@@ -35,7 +35,7 @@ def test_dry_run_plans_every_stage():
     for rule in ("demo_data", "spots", "expression", "features_image", "features_cancerfoundation", "split",
                  "deepspot_train", "deepspot_predict", "features_cancerfoundation_ptpl", "train", "sample",
                  "perturb_sample", "sample_grid", "eval_features", "fid", "ood_fid", "swap_fid", "auc",
-                 "perturbation", "models_json", "figure_matched_spots", "fetch_demo_image",
+                 "perturbation", "models_json", "figure_matched_spots", "fetch_demo_image", "figure_loss_curve",
                  *(f"table{n}" for n in range(1, 7))):
         assert f"\n{rule} " in out, f"{rule} not planned"
 
@@ -56,6 +56,14 @@ def test_bad_config_stops_before_any_job(tmp_path):
     result = snakemake("-n", "--configfile", str(bad))
     assert result.returncode != 0
     assert "spots.min_foreground = 'lots'" in result.stderr
+
+
+def test_bottlenecked_size_stops_before_any_job(tmp_path):
+    bad = tmp_path / "bottleneck.yaml"
+    bad.write_text("train:\n  sizes:\n    tiny: {allow_bottleneck: false}\n")
+    result = snakemake("-n", "--configfile", "config.yaml", str(bad))
+    assert result.returncode != 0
+    assert "config key train.sizes.tiny" in result.stderr and "bottlenecked denoiser" in result.stderr
 
 
 def test_bad_sample_sheet_stops_before_any_job(tmp_path):
@@ -103,6 +111,8 @@ def test_demo_runs_end_to_end(tmp_path, demo_image):
     assert gene_sets["protein_coding"]["protein_coding"] == 594 and gene_sets["protein_coding"]["list_genes"] == 19281
     model = results / "models" / "XAttn-PMA-p05"
     assert (model / "ema.safetensors").exists() and (model / "train_log.csv").exists()
+    assert "stalled" in json.loads((model / "training.json").read_text())["loss_check"]
+    assert (results / "figures" / "loss_curves" / "XAttn-PMA-p05.png").stat().st_size > 0
     assert (results / "figures" / "per_tissue_fid.png").exists()
     assert (results / "figures" / "matched_spots.png").exists()
     # a second run has nothing to do

@@ -647,6 +647,57 @@ def plot_auc_curves(auc_docs: Sequence[Mapping], png_path: str | Path, regressor
     _save_figure(fig, png_path)
 
 
+def read_train_log(path: str | Path) -> pd.DataFrame:
+    """step, loss, val_loss (NaN where not logged) of a `stmdit train` log."""
+    path = Path(path)
+    try:
+        log_table = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read the training log: {exc}") from None
+    missing = {"step", "loss", "val_loss"} - set(log_table.columns)
+    if missing:
+        raise InputError(path, f"not a train_log.csv: no column(s) {', '.join(sorted(missing))}")
+    if log_table["loss"].notna().sum() == 0:
+        raise InputError(path, "the training log has no loss rows")
+    return log_table[["step", "loss", "val_loss"]].apply(pd.to_numeric, errors="coerce")
+
+
+def plot_loss_curve(log_path: str | Path, png_path: str | Path, name: str,
+                    trivial_loss: float | None = None, stall_threshold: float | None = None) -> None:
+    """Training loss (each logged step) and EMA validation loss against the optimizer step, log y,
+    with the trivial loss (predicting the mean) and the stall threshold of `train.loss_check` as
+    horizontal lines when known."""
+    plt = _pyplot()
+    table = read_train_log(log_path)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    train_rows = table.dropna(subset=["loss"])
+    ax.plot(train_rows["step"], train_rows["loss"], lw=1, label="train (batch)")
+    val_rows = table.dropna(subset=["val_loss"])
+    if len(val_rows):
+        ax.plot(val_rows["step"], val_rows["val_loss"], "o-", ms=3, label="validation (EMA)")
+    if trivial_loss is not None:
+        ax.axhline(trivial_loss, color="grey", ls="--", lw=1, label="trivial (predict the mean)")
+    if stall_threshold is not None:
+        ax.axhline(stall_threshold, color="tab:red", ls=":", lw=1, label="stalled above")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (MSE)")
+    ax.set_title(name)
+    ax.legend(fontsize="small")
+    _save_figure(fig, png_path)
+
+
+def run_loss_curve(args: argparse.Namespace) -> None:
+    check = {}
+    if args.training_json is not None:
+        try:
+            check = json.loads(Path(args.training_json).read_text()).get("loss_check") or {}
+        except (OSError, ValueError) as exc:
+            raise InputError(args.training_json, f"cannot read training.json: {exc}") from None
+    plot_loss_curve(args.train_log, args.out, args.name, check.get("trivial_loss"), check.get("stall_threshold"))
+    log.info("wrote %s", args.out)
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 
@@ -689,3 +740,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     figure.add_argument("--regime", default="uni_ge", choices=list(REGIMES))
     figure.add_argument("--regressor", default="oracle", choices=sorted(REGRESSORS))
     figure.set_defaults(func=run_figure)
+
+    loss = subparsers.add_parser("loss-curve", help="training and validation loss of one model against the step")
+    loss.add_argument("--train-log", required=True, type=Path, help="the model's train_log.csv")
+    loss.add_argument("--training-json", type=Path, default=None, help="its training.json (trivial-loss line)")
+    loss.add_argument("--name", required=True, help="title (the model's row label)")
+    loss.add_argument("--out", required=True, type=Path)
+    loss.set_defaults(func=run_loss_curve)

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 EXIT_RESUBMIT = 75  # EX_TEMPFAIL: stopped for the wall clock, resume in a new job
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "samples_per_s", "val_loss"]
+STALL_FRACTION = 0.5  # stalled: still above moment_loss + this x (trivial_loss - moment_loss) at the end
 
 
 @dataclass
@@ -478,13 +479,101 @@ def train(settings: TrainSettings, split: Path, latents: Path, uni: Path, ge: Pa
     clock = WallClock(settings.budget_s, settings.margin_s)
     previous = signal.signal(signal.SIGTERM, trainer.on_terminate)
     try:
-        return trainer.run(clock, stop_after)
+        finished = trainer.run(clock, stop_after)
+        if finished and trainer.dist.main:
+            record_loss_check(out_dir / "training.json", loss_check(
+                out_dir / "train_log.csv", settings.objective, trainer.train_data.latents, trainer.config))
+        return finished
     finally:
         signal.signal(signal.SIGTERM, previous)
         if trainer.dist.world > 1:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def trivial_loss(objective: str, latents: np.ndarray) -> float:
+    """The loss of predicting the target's mean whatever the input (the floor a model that learned
+    nothing sits at): ddpm E[eps^2] = 1; flow E|v - E v|^2 with v = noise - x0, = 1 + the mean
+    per-element variance of the training latents."""
+    if objective == "ddpm":
+        return 1.0
+    return 1.0 + float(element_variance(latents).mean())
+
+
+def element_variance(latents: np.ndarray, block: int = 1024) -> np.ndarray:
+    """Per-element variance over the spots (axis 0), accumulated in float64 blocks of rows (the
+    latents of a full cohort stay float16 in memory)."""
+    n = len(latents)
+    total = np.zeros(latents.shape[1:], np.float64)
+    squares = np.zeros(latents.shape[1:], np.float64)
+    for start in range(0, n, block):
+        rows = np.asarray(latents[start:start + block], dtype=np.float64)
+        total += rows.sum(0)
+        squares += (rows**2).sum(0)
+    mean = total / max(n, 1)
+    return np.maximum(squares / max(n, 1) - mean**2, 0.0)
+
+
+def moment_loss(objective: str, latents: np.ndarray) -> float:
+    """The expected loss (timesteps drawn as in training) of the best predictor that knows only each
+    latent element's mean and variance s2: the exact predictor for Gaussian data, ddpm
+    mean_t a^2 s2 / (a^2 s2 + 1 - a^2), flow mean_t 1 + s2 - (t - (1 - t) s2)^2 / (t^2 + (1 - t)^2 s2).
+    A model that learns the spots' structure goes below it. It can sit well below the trivial loss
+    (ddpm 0.12 for variance 0.1, 0.28 for 1) or close to it (flow: 0.45 and 0.79 of it): a fixed
+    fraction of the trivial loss would not tell a stalled flow model from a learning one."""
+    variance = np.maximum(element_variance(latents).ravel(), 1e-12)
+    if objective == "ddpm":
+        t = get_objective("ddpm").scheduler.alphas_cumprod.double().numpy()[:, None]  # alpha_bar
+        loss = lambda v: t * v / (t * v + 1 - t)  # noqa: E731
+    else:
+        t = ((np.arange(1000) + 0.5) / 1000)[:, None]
+        loss = lambda v: 1 + v - (t - (1 - t) * v) ** 2 / (t**2 + (1 - t) ** 2 * v)  # noqa: E731
+    return float(sum(loss(variance[i:i + 1024]).sum() for i in range(0, len(variance), 1024)) / (len(t) * len(variance)))
+
+
+def loss_check(log_path: Path, objective: str, latents: np.ndarray, config: DiTConfig) -> dict:
+    """Whether the finished run's loss stalled near the trivial floor: the mean training loss of the
+    last quarter of the logged steps is still above the midpoint between the trivial loss
+    (predicting the mean) and the per-element-moment loss (`moment_loss`), i.e. the model has not
+    gone half the way to what per-element statistics alone give. A bottlenecked size stalls at
+    ~1 - hidden / (p^2 C) of the epsilon loss, reported too."""
+    with open(log_path) as fh:
+        rows = list(csv.DictReader(fh))
+    losses = [float(r["loss"]) for r in rows if r.get("loss") not in (None, "")]
+    val = [float(r["val_loss"]) for r in rows if r.get("val_loss") not in (None, "")]
+    recent = losses[-max(1, len(losses) // 4):] if losses else []
+    final = float(np.mean(recent)) if recent else float("nan")
+    trivial, moments = trivial_loss(objective, latents), moment_loss(objective, latents)
+    threshold = moments + STALL_FRACTION * (trivial - moments)
+    per_token = config.patch_size**2 * config.in_channels
+    check = {
+        "trivial_loss": trivial,
+        "moment_loss": moments,
+        "stall_threshold": threshold,
+        "final_train_loss": final,
+        "final_val_loss": val[-1] if val else None,
+        "ratio": final / trivial,
+        "stalled": bool(final > threshold),
+        "bottleneck_floor": (1 - config.hidden_size / per_token) if config.hidden_size < per_token else None,
+    }
+    if check["stalled"]:
+        hint = (f"; the size is bottlenecked (hidden {config.hidden_size} < {per_token} values per token, "
+                f"epsilon floor ~{check['bottleneck_floor']:.2f})" if check["bottleneck_floor"] is not None else "")
+        log.warning("WARNING: the loss stalled near the trivial floor: final training loss %.4f is %.0f%% of %.4f, "
+                    "the loss of predicting the mean (stall threshold %.4f, per-element-moment loss %.4f)%s. "
+                    "The model has not learned its data: check the size, lr, steps and the feature stores.",
+                    final, 100 * check["ratio"], trivial, threshold, moments, hint)
+    else:
+        log.info("final training loss %.4f = %.0f%% of the trivial loss %.4f (stall threshold %.4f)", final,
+                 100 * check["ratio"], trivial, threshold)
+    return check
+
+
+def record_loss_check(training_json: Path, check: dict) -> None:
+    document = json.loads(Path(training_json).read_text())
+    document["loss_check"] = check
+    write_json(training_json, document)
 
 
 def drop_option(argv: list[str], name: str) -> list[str]:

@@ -337,6 +337,7 @@ def report_figures():
     figures = expand("results/figures/grid_{model}_{cohort}.png", model=list(MODELS), cohort=[TRAIN_COHORT])
     if MODELS:
         figures.append("results/figures/matched_spots.png")
+    figures += expand("results/figures/loss_curves/{model}.png", model=trained_models())
     if table_evals(1) or table_evals(4):
         figures.append("results/figures/per_tissue_fid.png")
     if table_evals(2):

@@ -108,3 +108,26 @@ rule figure_matched_spots:
         "python -m stmdit matched-spots --ge {input.ge} --split {input.split} --expression {input.expression}"
         " --patches {input.patches} --samples {params.samples} --n-clusters 8 --seed {params.seed}"
         " --out {output} > {log} 2>&1"
+
+
+rule figure_loss_curve:
+    input:
+        weights="results/models/{model}/ema.safetensors",
+    output:
+        report("results/figures/loss_curves/{model}.png", category="Figures", subcategory="Training",
+               caption="../report/loss_curve.rst"),
+    params:
+        train_log=lambda wildcards: f"results/models/{wildcards.model}/train_log.csv",
+        training_json=lambda wildcards: f"results/models/{wildcards.model}/training.json",
+        name=lambda wildcards: MODELS[wildcards.model].name,
+    log:
+        "results/figures/loss_curves/{model}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit loss-curve --train-log {params.train_log} --training-json {params.training_json}"
+        " --name '{params.name}' --out {output} > {log} 2>&1"

@@ -1,5 +1,6 @@
 """The STMDiT denoiser, its GE fusion variants, training objectives and guidance."""
 
+from stmdit.model.analytic import GaussianConfig, GaussianDenoiser
 from stmdit.model.dit import DiTConfig, STMDiT, count_parameters
 from stmdit.model.fusion import GE_FUSIONS, TOKEN_SOURCES, GeFusion, TokenSource, register_fusion, register_token_source
 from stmdit.model.guidance import (
@@ -23,7 +24,7 @@ from stmdit.model.objectives import (
 )
 
 __all__ = [
-    "DiTConfig", "STMDiT", "count_parameters",
+    "DiTConfig", "STMDiT", "count_parameters", "GaussianConfig", "GaussianDenoiser",
     "GE_FUSIONS", "TOKEN_SOURCES", "GeFusion", "TokenSource", "register_fusion", "register_token_source",
     "GE", "REGIMES", "REGIME_SPECS", "UNCOND", "UNI", "UNI_GE",
     "dual_guidance", "guided_prediction", "regime_spec", "single_guidance",

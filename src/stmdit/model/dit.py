@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stmdit.errors import InputError
+from stmdit.models_config import bottleneck_error
 from stmdit.loader import GeBatch
 from stmdit.model.fusion import (
     GeContext,
@@ -63,8 +64,12 @@ class DiTConfig:
     # output (2 x in_channels, PixArt's IDDPM head) of which the first in_channels are epsilon
     interpolation_scale: float = 1.0
     learned_sigma: bool = False
+    allow_bottleneck: bool = False  # accept hidden_size < patch_size^2 x in_channels (see bottleneck_error)
 
     def __post_init__(self):
+        problem = bottleneck_error(self.hidden_size, self.patch_size, self.in_channels)
+        if problem and not self.allow_bottleneck:
+            raise ValueError(problem)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.latent_size % self.patch_size:

@@ -1,0 +1,365 @@
+"""Ground truth for the samplers and the guidance, without training: for data that is Gaussian per
+condition (`stmdit.model.analytic`) the exact predictor is known, so is what every sampler must make
+of it.
+
+Two references, both closed form, both independent of diffusers and of `guidance.py`:
+- the solver's own answer: DDIM (eta 0) on the intended timesteps t_k = 999 - k 1000/N ending at
+  alpha_bar = 1, and Euler on sigma = linspace(1, 1/1000, N) then 0, written out below in float64
+  from the papers' update rules and fed the exact prediction of the guided Gaussian;
+- the continuous answer: the data distribution N(mean, std^2) of the regime's formula (for DDPM the
+  probability-flow limit from N(0, I) at t = 999, `GaussianDenoiser.sampler_limit`).
+
+For an affine predictor the sampler is an affine map of the noise in every element, so the project's
+sampler (`sample_latents` -> `guided_predictor` -> `guided_prediction` -> `denoise`) is measured
+exactly: a few noise draws per condition give its slope (the output std) and offset (the mean).
+The mutation tests at the end break the sampler the ways the issue names and show the checks fail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from stmdit import sample as sampling
+from stmdit.features import string_values, write_feature_store
+from stmdit.loader import GeBatch
+from stmdit.model import guidance
+from stmdit.model.analytic import GaussianConfig, GaussianDenoiser, ddpm_coefficients, elementwise_affine_fit
+from stmdit.sample import SamplerSettings, initial_noise, sample_latents
+
+torch.set_num_threads(1)
+
+S_UNI, S_GE = 4.0, 3.0  # the paper's scales
+N_COND, DRAWS = 3, 4  # conditions per test, noise draws per condition
+SOLVER_TOL = 5e-4  # project sampler vs the closed-form solver, in data-std units: float32 rounding of
+# outputs up to ~9 in elements of std 0.02 (measured 0.4-1.2e-4); every mutation below is >= 0.14
+T = 1000
+
+
+# --- conditions and the exact answer of each regime --------------------------------------------
+
+
+def conditions(config: GaussianConfig, n: int = N_COND, seed: int = 1) -> tuple[torch.Tensor, GeBatch]:
+    generator = torch.Generator().manual_seed(seed)
+    uni = torch.randn(n, config.uni_dim, generator=generator)
+    ge = GeBatch(torch.randn(n, config.ge_dim, generator=generator))
+    if config.uses_ge_tokens:
+        ge.tokens = torch.randn(n, 5, config.ge_dim, generator=generator)
+        ge.token_mask = torch.ones(n, 5, dtype=torch.bool)
+        ge.token_mask[::2, 3:] = False
+    return uni, ge
+
+
+def regime_mean(model: GaussianDenoiser, uni, ge: GeBatch, regime: str, s_uni: float, s_ge: float) -> torch.Tensor:
+    """The mean of the Gaussian that `regime`'s guidance formula samples (paper 2.2):
+    uni_ge: m00 + s_uni (m_u0 - m00) + s_ge (m_ug - m_u0); uni: m00 + s_uni (m_u0 - m00);
+    ge: m00 + s_ge (m_0g - m00); uncond: m00."""
+    n = len(uni)
+    m = {(ku, kg): model.condition_mean(n, uni, ge, ku, kg) for ku in (False, True) for kg in (False, True)}
+    m00 = m[False, False]
+    return {
+        "uni_ge": m00 + s_uni * (m[True, False] - m00) + s_ge * (m[True, True] - m[True, False]),
+        "uni": m00 + s_uni * (m[True, False] - m00),
+        "ge": m00 + s_ge * (m[False, True] - m00),
+        "uncond": m00,
+    }[regime]
+
+
+def sampler_map(model, uni, ge, regime: str, steps: int, s_uni=S_UNI, s_ge=S_GE, seed: int = 42):
+    """(slope, offset) per condition and element of the project's sampler, from DRAWS noise draws of
+    each condition through `sample_latents`; the largest residual of the affine fit."""
+    n = len(uni)
+    keys = [f"cond{c}:draw{d}" for c in range(n) for d in range(DRAWS)]
+    repeat = lambda v: None if v is None else v.repeat_interleave(DRAWS, 0)  # noqa: E731
+    ge_rows = None if ge is None else GeBatch(repeat(ge.cls), repeat(ge.tokens), repeat(ge.token_mask))
+    settings = SamplerSettings(regime=regime, steps=steps, seed=seed, s_uni=s_uni, s_ge=s_ge)
+    samples = sample_latents(model, model.config.objective, keys, repeat(uni), ge_rows, settings)
+    noise = initial_noise(keys, seed, model.config.latent_shape)
+    fits = [elementwise_affine_fit(noise[c * DRAWS:(c + 1) * DRAWS], samples[c * DRAWS:(c + 1) * DRAWS])
+            for c in range(n)]
+    return (torch.stack([f[0] for f in fits]), torch.stack([f[1] for f in fits]), max(f[2] for f in fits), samples)
+
+
+# --- the solvers, written out from their update rules ------------------------------------------
+
+
+def ddim_reference(model: GaussianDenoiser, mean: torch.Tensor, steps: int, noise: torch.Tensor) -> torch.Tensor:
+    """DDIM, eta = 0 (Song et al. 2021, eq. 12) on t_k = 999 - k 1000/N, the last step to
+    alpha_bar = 1: x0_hat = (x - s_t eps) / a_t, x <- a_prev x0_hat + s_prev eps."""
+    assert T % steps == 0
+    timesteps = [T - 1 - k * (T // steps) for k in range(steps)]
+    x = noise.to(torch.float64)
+    for k, t in enumerate(timesteps):
+        eps = model.exact_prediction(x, float(t), mean).to(torch.float64)
+        a, s = ddpm_coefficients(model.alphas_cumprod, torch.tensor(float(t), dtype=torch.float64))
+        if k + 1 < steps:
+            a_prev, s_prev = ddpm_coefficients(model.alphas_cumprod, torch.tensor(float(timesteps[k + 1]),
+                                                                                  dtype=torch.float64))
+        else:
+            a_prev, s_prev = 1.0, 0.0
+        x = a_prev * (x - s * eps) / a + s_prev * eps
+    return x
+
+
+def euler_reference(model: GaussianDenoiser, mean: torch.Tensor, steps: int, noise: torch.Tensor) -> torch.Tensor:
+    """Euler on the flow ODE dx/dsigma = v, sigma = linspace(1, 1/1000, N) then 0, the model
+    evaluated at timestep 1000 sigma."""
+    sigmas = np.append(np.linspace(1.0, 1.0 / T, steps), 0.0)
+    x = noise.to(torch.float64)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (sigma_next - sigma) * model.exact_prediction(x, T * sigma, mean).to(torch.float64)
+    return x
+
+
+def reference_map(model: GaussianDenoiser, mean: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slope, offset) of the closed-form solver: its outputs for noise 0 and noise 1."""
+    solver = ddim_reference if model.config.objective == "ddpm" else euler_reference
+    zero = solver(model, mean, steps, torch.zeros_like(mean))
+    return solver(model, mean, steps, torch.ones_like(mean)) - zero, zero
+
+
+def errors(model, slope, offset, ref_slope, ref_offset) -> tuple[float, float]:
+    """Largest error of the mean and of the std over elements and conditions, in data-std units."""
+    return (((offset - ref_offset) / model.std).abs().max().item(),
+            ((slope - ref_slope) / model.std).abs().max().item())
+
+
+def solver_error(model, regime: str, steps: int, s_uni=S_UNI, s_ge=S_GE) -> float:
+    """max(mean error, std error) of the project's sampler against the closed-form solver."""
+    uni, ge = conditions(model.config)
+    slope, offset, _, _ = sampler_map(model, uni, ge, regime, steps, s_uni, s_ge)
+    ref_slope, ref_offset = reference_map(model, regime_mean(model, uni, ge, regime, s_uni, s_ge), steps)
+    return max(errors(model, slope, offset, ref_slope, ref_offset))
+
+
+def make_model(objective: str, **overrides) -> GaussianDenoiser:
+    return GaussianDenoiser(GaussianConfig(objective=objective, **overrides))
+
+
+# --- 1. the project's samplers are the intended solvers ------------------------------------------
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+@pytest.mark.parametrize("regime", ["uni_ge", "uni", "ge", "uncond"])
+def test_every_regime_samples_its_formula(objective, regime):
+    """At the paper's scales each regime's samples are the solver's answer for the Gaussian its
+    guidance formula describes, and not the answer of any other regime. Std 0.02..1 per element."""
+    model = make_model(objective)
+    uni, ge = conditions(model.config)
+    slope, offset, residual, _ = sampler_map(model, uni, ge, regime, 50)
+    assert residual < 1e-4  # the sampler is affine in its noise, as it must be for an affine predictor
+    for other in ("uni_ge", "uni", "ge", "uncond"):
+        ref_slope, ref_offset = reference_map(model, regime_mean(model, uni, ge, other, S_UNI, S_GE), 50)
+        mean_error, std_error = errors(model, slope, offset, ref_slope, ref_offset)
+        if other == regime:
+            assert mean_error < SOLVER_TOL and std_error < SOLVER_TOL, (other, mean_error, std_error)
+        else:
+            assert mean_error > 0.5, (other, mean_error)  # the regimes' answers are far apart
+
+
+def test_token_conditions_reach_the_sampler():
+    """A token model (xattn): the GE tokens and their mask move the mean; the ge regime follows them."""
+    model = make_model("flow", ge_fusion="xattn", ge_tokens="pma")
+    uni, ge = conditions(model.config)
+    slope, offset, _, _ = sampler_map(model, uni, ge, "ge", 50)
+    ref_slope, ref_offset = reference_map(model, regime_mean(model, uni, ge, "ge", S_UNI, S_GE), 50)
+    assert max(errors(model, slope, offset, ref_slope, ref_offset)) < SOLVER_TOL
+    unmasked = GeBatch(ge.cls, ge.tokens, torch.ones_like(ge.token_mask))
+    moved = regime_mean(model, uni, unmasked, "ge", S_UNI, S_GE) - regime_mean(model, uni, ge, "ge", S_UNI, S_GE)
+    assert ((moved[::2] / model.std).abs().max() > 0.1) and moved[1].abs().max() == 0  # only masked rows moved
+
+
+def test_unit_guidance_is_the_full_conditional():
+    """s_uni = s_ge = 1: dual guidance is the conditional model itself, sample for sample."""
+    model = make_model("ddpm")
+    uni, ge = conditions(model.config)
+    keys = [f"spot{i}" for i in range(len(uni))]
+    guided = sample_latents(model, "ddpm", keys, uni, ge, SamplerSettings(steps=50, s_uni=1.0, s_ge=1.0))
+    noise = initial_noise(keys, 42, model.config.latent_shape)
+    plain = sampling.denoise(lambda x, t: model(x, t, uni, ge), noise, "ddpm", 50)
+    torch.testing.assert_close(guided, plain, rtol=0, atol=2e-6)
+    ref_slope, ref_offset = reference_map(model, model.condition_mean(len(uni), uni, ge), 50)
+    slope, offset, _, _ = sampler_map(model, uni, ge, "uni_ge", 50, 1.0, 1.0)
+    assert max(errors(model, slope, offset, ref_slope, ref_offset)) < SOLVER_TOL
+
+
+# --- 2. convergence to the data, at the solver's order -------------------------------------------
+
+CONVERGENCE_STEPS = (50, 100, 200, 1000)
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_samplers_converge_to_the_data_at_first_order(objective):
+    """DDIM and Euler are first-order solvers: the error of the output mean/std against the exact
+    continuous answer halves when the steps double, and at 1,000 steps it is within 1% of the data
+    std (flow's answer is the data; DDPM's is the data short of its terminal-SNR gap). Std 0.25..1
+    per element, as latents: DDIM's last step, from t = 19 (50 steps) or t = 0 (1,000) to
+    alpha_bar = 1, makes an element's std too small by 1 - std / sqrt(std^2 + r^2), r = sqrt(1 - a^2) / a
+    at that t (0.076 at t = 19): 1.1% at std 0.5 but 45% at std 0.05 with 50 steps."""
+    model = make_model(objective, std_range=(0.25, 1.0))
+    uni, ge = conditions(model.config)
+    mean = regime_mean(model, uni, ge, "uni_ge", S_UNI, S_GE)
+    limit_mean, limit_std = model.sampler_limit(mean)
+    errs = {}
+    for steps in CONVERGENCE_STEPS:
+        slope, offset, _, _ = sampler_map(model, uni, ge, "uni_ge", steps)
+        errs[steps] = max(errors(model, slope, offset, limit_std, limit_mean))
+        if steps == 1000:
+            data_error = max(errors(model, slope, offset, model.std.expand_as(mean), mean))
+    ratios = [errs[a] / errs[b] for a, b in ((50, 100), (100, 200))]
+    assert all(1.6 < r < 2.5 for r in ratios), (errs, ratios)  # first order: 2 per doubling
+    assert 12 < errs[50] / errs[1000] < 30, errs  # ~20 for 20x the steps
+    assert errs[1000] < 0.01, errs  # (halving errors also say the limit is the right one: a wrong one stalls them)
+    # flow starts at the data's own noise level: the limit is the data. DDPM's limit misses the data
+    # by the terminal-SNR gap only (up to 5.7% of the std here, for guided means up to ~9).
+    gap = ((mean - limit_mean) / model.std).abs().max().item()
+    assert (gap == 0) == (objective == "flow")
+    assert abs(data_error - gap) < errs[1000] + 1e-6 and (objective == "ddpm" or data_error < 0.01), (data_error, gap)
+
+
+# --- 3. guidance moves the mean monotonically -------------------------------------------------
+
+
+@pytest.mark.parametrize("regime,scale", [("uni", "s_uni"), ("ge", "s_ge"), ("uni_ge", "s_ge")])
+def test_guided_mean_moves_monotonically_with_the_scale(regime, scale):
+    """Along the direction the condition moves the mean, the sampled mean moves further, step by
+    step, as the scale grows past 1 (linearly: the exact answer is affine in s)."""
+    model = make_model("flow", std_range=(0.25, 1.0))
+    uni, ge = conditions(model.config)
+    scales = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    means = []
+    for s in scales:
+        kwargs = {"s_uni": S_UNI, "s_ge": S_GE, scale: s}
+        _, offset, _, _ = sampler_map(model, uni, ge, regime, 200, **kwargs)
+        means.append(offset)
+    direction = means[-1] - means[0]
+    projections = [((m - means[0]) * direction).sum().item() / (direction**2).sum().item() for m in means]
+    assert all(b > a for a, b in zip(projections, projections[1:])), projections
+    expected = [(s - 1) / (scales[-1] - 1) for s in scales]
+    np.testing.assert_allclose(projections, expected, atol=0.01)
+
+
+# --- 4. batch size and seed, through the stores and the sample-store writer -------------------------
+
+
+def test_store_sampling_is_batch_and_seed_independent(tmp_path):
+    """`generate` with `StoreConditions` on Zarr stores (UNI, GE CLS + tokens) and the smoke VAE
+    codec class at 4 x 8 x 8: a spot's latents do not depend on the batch size; every spot's sample
+    is the exact answer's transform of its own noise (so the stores' conditions reach the right
+    rows); another seed gives other samples of the same distribution (pooled standardised samples
+    have mean 0, variance 1 and uncorrelated neighbours)."""
+    from stmdit.encoders.smoke import SmokeVae
+
+    codec = SmokeVae(torch.device("cpu"), latent_channels=4, input_size=64)
+    channels, side = codec.latent_shape[0], codec.latent_shape[1]
+    config = GaussianConfig(objective="ddpm", in_channels=channels, latent_size=side, ge_fusion="xattn",
+                            ge_tokens="pma", std_range=(0.25, 1.0))
+    model = GaussianDenoiser(config)
+    n = 48
+    keys = [f"s{i % 2}:bc{i:03d}" for i in range(n)]
+    uni, ge = conditions(config, n)
+    write_feature_store(tmp_path / "uni.zarr", keys, [{"embedding": uni.numpy()}], {"embedding": (config.uni_dim,)}, {})
+    write_feature_store(tmp_path / "ge.zarr", keys, [{"embedding": ge.cls.numpy(), "tokens": ge.tokens.numpy(),
+                                                      "token_mask": ge.token_mask.numpy()}],
+                        {"embedding": (config.ge_dim,), "tokens": tuple(ge.tokens.shape[1:]),
+                         "token_mask": (ge.tokens.shape[1],)}, {})
+    order = list(reversed(keys))  # sampled in another order than stored
+    store = sampling.StoreConditions(order, tmp_path / "uni.zarr", tmp_path / "ge.zarr", config)
+    trained = sampling.TrainedModel(tmp_path, model, "ddpm", {}, "analytic")
+
+    def run(batch_size: int, seed: int, name: str) -> np.ndarray:
+        settings = SamplerSettings(steps=1000, seed=seed, batch_size=batch_size)
+        attrs = sampling.common_attrs(trained, settings, "smoke", "sample", {}, [])
+        out = sampling.generate(trained, store, settings, codec, tmp_path / f"{name}.zarr", attrs, torch.device("cpu"))
+        group = zarr.open_group(str(out), mode="r")
+        assert list(string_values(group["spot_key"][:])) == order
+        return np.asarray(group["latent"][:])
+
+    whole, in_fives = run(64, 42, "whole"), run(5, 42, "fives")
+    np.testing.assert_array_equal(whole, in_fives)
+    other_seed = run(64, 7, "seed7")
+    rows = [keys.index(k) for k in order]
+    ordered_ge = GeBatch(ge.cls[rows], ge.tokens[rows], ge.token_mask[rows])
+    limit_mean, limit_std = model.sampler_limit(regime_mean(model, uni[rows], ordered_ge, "uni_ge", S_UNI, S_GE))
+    limit_mean, limit_std, std = limit_mean.numpy(), limit_std.numpy(), model.std.numpy()
+    for latents, seed in ((whole, 42), (other_seed, 7)):
+        noise = initial_noise(order, seed, config.latent_shape).numpy()
+        expected = limit_mean + limit_std * noise
+        assert np.abs((latents - expected) / std).max() < 0.01 * (1 + np.abs(noise).max())
+        z = (latents - limit_mean) / limit_std
+        assert abs(z.mean()) < 0.03 and abs(z.var() - 1) < 0.05, (z.mean(), z.var())
+        neighbours = np.corrcoef(z[..., :-1].ravel(), z[..., 1:].ravel())[0, 1]
+        assert abs(neighbours) < 0.03, neighbours
+    assert np.abs(other_seed - whole).mean() > 0.1
+
+
+def test_analytic_model_rejects_timesteps_outside_training():
+    """An off-by-one mapping that reaches t = 1000 (ddpm) fails at once instead of being clamped."""
+    model = make_model("ddpm")
+    x = torch.zeros(1, *model.config.latent_shape)
+    with pytest.raises(ValueError, match="outside"):
+        model(x, torch.tensor([1000.0]), None, None)
+
+
+# --- 5. mutations: each breaks the checks above, loudly ------------------------------------------
+
+
+def shift_model_timestep(monkeypatch, shift: float) -> None:
+    """The denoiser sees the scheduler's timestep + shift (a wrong timestep mapping)."""
+    original = sampling.guided_predictor
+
+    def mutated(*args, **kwargs):
+        predict = original(*args, **kwargs)
+        return lambda x, t: predict(x, (t + shift).clamp(min=0))
+
+    monkeypatch.setattr(sampling, "guided_predictor", mutated)
+
+
+def flip_guidance_term(monkeypatch, term: str) -> None:
+    """The dual guidance with its UNI or its GE difference subtracted instead of added."""
+    def mutated(model, x, t, uni, ge, s_uni=4.0, s_ge=3.0):
+        e00, eu0, eug = guidance.batched_predictions(model, x, t, uni, ge,
+                                                     [guidance.BOTH_NULL, guidance.UNI_ONLY, guidance.BOTH_KEPT])
+        if term == "uni":
+            return e00 - s_uni * (eu0 - e00) + s_ge * (eug - eu0)
+        return e00 + s_uni * (eu0 - e00) - s_ge * (eug - eu0)
+
+    monkeypatch.setattr(guidance, "dual_guidance", mutated)
+
+
+def flow_sigma_one_step_late(monkeypatch) -> None:
+    """Euler integrates from sigma_k while the model is told the next sigma's timestep."""
+    original = sampling.build_scheduler
+
+    def mutated(objective, steps, device=None):
+        scheduler = original(objective, steps, device)
+        if objective == "flow":
+            scheduler.timesteps = torch.cat([scheduler.timesteps[1:], scheduler.timesteps.new_zeros(1)])
+        return scheduler
+
+    monkeypatch.setattr(sampling, "build_scheduler", mutated)
+
+
+MUTATIONS = {
+    "ddim_leading_spacing": ("ddpm", lambda mp: mp.setitem(sampling.DDIM_OPTIONS, "timestep_spacing", "leading")),
+    "ddim_model_t_minus_1": ("ddpm", lambda mp: shift_model_timestep(mp, -1.0)),
+    "ddim_no_alpha_to_one": ("ddpm", lambda mp: mp.setitem(sampling.DDIM_OPTIONS, "set_alpha_to_one", False)),
+    "flipped_uni_term": ("ddpm", lambda mp: flip_guidance_term(mp, "uni")),
+    "flipped_ge_term": ("flow", lambda mp: flip_guidance_term(mp, "ge")),
+    "flow_sigma_one_step_late": ("flow", flow_sigma_one_step_late),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_mutations_break_exactness(name, monkeypatch):
+    """The exactness check of test_every_regime_samples_its_formula (uni_ge, paper scales, 50 steps)
+    passes for the sampler as shipped and fails, by a wide margin, for each mutation."""
+    objective, apply = MUTATIONS[name]
+    model = make_model(objective)
+    assert solver_error(model, "uni_ge", 50) < SOLVER_TOL
+    apply(monkeypatch)
+    error = solver_error(model, "uni_ge", 50)
+    print(f"{name}: error {error:.3g} (tolerance {SOLVER_TOL:g})")
+    assert error > 20 * SOLVER_TOL, (name, error)
