@@ -35,7 +35,8 @@ def fidelity_entry(auc, lo=None, hi=None):
 def regressor_entry(real_auc, generated):
     return {"ks": [50, 100], "real": fidelity_entry(real_auc, real_auc - 0.01, real_auc + 0.01),
             "generated": generated,
-            "null": {"by_construction": 0.0, "empirical": fidelity_entry(0.004)}}
+            "null": {"by_construction": 0.0, "empirical": {**fidelity_entry(0.004, -0.030, 0.031), "n_perm": 1000},
+                     "empirical_method": "spot correspondence permuted, 1000 permutations"}}
 
 
 def common(model, smoke=False):
@@ -129,12 +130,12 @@ def test_table2_ceiling_null_and_percent(docs):
     cells = report.markdown_cells(df).set_index("Model")
     assert list(cells.columns) == ["Oracle", "Midnight+MLP"]
     assert cells.loc["Upper bound (real tiles)", "Oracle"] == "0.325 [0.315, 0.335] (100%)"
-    assert cells.loc["Null", "Oracle"] == "0.000"
+    assert cells.loc["Null", "Oracle"] == "0.004 [-0.030, 0.031]"  # measured, with its interval
     assert cells.loc["PixCell-GE-B (AdaLN DDPM)", "Oracle"] == "0.243 [0.231, 0.252] (75%)"  # its UNI+GE regime
     assert cells.loc["PixCell-B", "Oracle"] == "0.229 [0.220, 0.240] (70%)"  # baseline: UNI regime
     assert cells.loc["PixCell-GE-B (AdaLN DDPM)", "Midnight+MLP"] == "-"
     assert row(df, "PixCell-B")["Midnight+MLP %"] == pytest.approx(100 * 0.118 / 0.130)
-    assert any("empirical null" in note and "0.004" in note for note in df.attrs["notes"])
+    assert any("null: spot correspondence permuted, 1000 permutations" in note for note in df.attrs["notes"])
 
 
 def test_table3_deltas(docs):

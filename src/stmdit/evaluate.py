@@ -8,7 +8,7 @@
         --model M --cohort C --kind fid|ood|swap --out eval/M/C/{fid,ood_fid,swap_fid}.json
     stmdit auc --expression C.h5ad --split S.parquet --real-uni features/C/uni2h.zarr --gen-uni uni_ge=...
         [--real-midnight features/C/midnight.zarr --gen-midnight uni_ge=...] [--ks 50,100,200,500,1000]
-        [--pca 256] [--mlp-hidden 1024,1024] [--mlp-max-iter 200] [--n-boot 1000] [--seed 42]
+        [--pca 256] [--mlp-hidden 1024,1024] [--mlp-max-iter 200] [--n-boot 1000] [--n-perm 1000] [--seed 42]
         --model M --cohort C --out eval/M/C/auc.json
     stmdit perturbation --features eval/M/C/perturbation_h0mini.zarr --samples samples/M/C/perturbation.zarr
         --real features/C/h0mini.zarr --expression C.h5ad --split S.parquet [--weight 1.0]
@@ -425,9 +425,11 @@ def auc_document(
     mlp_max_iter: int = 200,
     n_boot: int = 1000,
     seed: int = 42,
+    n_perm: int = 1000,
 ) -> dict:
     """auc.json: the Oracle (and Midnight+MLP when given) fitted on real train spots, scored on the
-    generated test tiles, the real test tiles (ceiling) and a shuffled null."""
+    generated test tiles, the real test tiles (ceiling) and the permutation null (`n_perm` shuffles
+    of the spot correspondence)."""
     if (real_midnight is None) != (not gen_midnight):
         raise InputError(None, "Midnight+MLP needs both --real-midnight and --gen-midnight")
     test_keys, uni_stores = read_generated(gen_uni)
@@ -444,7 +446,7 @@ def auc_document(
     oracle = metrics.fit_oracle(train_uni.embedding, train_expression[:, hvgs], ks=ks, n_components=n_components,
                                 seed=seed)
     regressors["oracle"] = score_regressor(oracle, real_uni, test_keys, uni_stores, test_expression[:, hvgs],
-                                           n_boot, seed)
+                                           n_boot, seed, n_perm)
     features["uni2h"] = {"real": str(real_uni), "generated": {r: str(p) for r, p in gen_uni.items()}}
     impls += [train_uni.impls, *(store.impls for store in uni_stores.values())]
 
@@ -457,12 +459,12 @@ def auc_document(
         mlp = metrics.fit_midnight_mlp(train_midnight.embedding, train_expression, ks=ks, hidden_layer_sizes=mlp_hidden,
                                        max_iter=mlp_max_iter, seed=seed)
         regressors["midnight_mlp"] = score_regressor(mlp, real_midnight, test_keys, midnight_stores, test_expression,
-                                                     n_boot, seed)
+                                                     n_boot, seed, n_perm)
         features["midnight"] = {"real": str(real_midnight), "generated": {r: str(p) for r, p in gen_midnight.items()}}
         impls += [train_midnight.impls, *(store.impls for store in midnight_stores.values())]
 
     params = {"ks": list(ks), "pca": n_components, "mlp_hidden": list(mlp_hidden), "mlp_max_iter": mlp_max_iter,
-              "n_boot": n_boot, "seed": seed, "alpha": 0.05, "genes": "log1p CP10k of layers['counts'] (library size over all genes); Oracle: HVGs "
+              "n_boot": n_boot, "n_perm": n_perm, "seed": seed, "alpha": 0.05, "genes": "log1p CP10k of layers['counts'] (library size over all genes); Oracle: HVGs "
                        "ranked by train variance; Midnight+MLP: all genes",
               "n_train": len(train_keys), "n_test": len(test_keys)}
     inputs = [expression, split, real_uni, *gen_uni.values()]
@@ -472,12 +474,15 @@ def auc_document(
 
 
 def score_regressor(regressor, real_path, test_keys, generated: Mapping[str, FeatureSet], test_expression,
-                    n_boot: int, seed: int) -> dict[str, Any]:
+                    n_boot: int, seed: int, n_perm: int = 1000) -> dict[str, Any]:
     real_test = read_features(real_path, test_keys)
     scored = metrics.transcriptomic_fidelity(regressor, test_expression, real_test.embedding,
-                                             {r: s.embedding for r, s in generated.items()}, n_boot=n_boot, seed=seed)
-    log.info("%s AUC: real %.4f, %s", regressor.name, scored["real"]["auc"],
-             ", ".join(f"{r} {v['auc']:.4f}" for r, v in scored["generated"].items()))
+                                             {r: s.embedding for r, s in generated.items()}, n_boot=n_boot, seed=seed,
+                                             n_perm=n_perm)
+    null = scored["null"]["empirical"]
+    log.info("%s AUC: real %.4f, %s; null %.4f [%.4f, %.4f] over %d permutations", regressor.name,
+             scored["real"]["auc"], ", ".join(f"{r} {v['auc']:.4f}" for r, v in scored["generated"].items()),
+             null["auc"], null["lo"], null["hi"], null["n_perm"])
     return scored
 
 
@@ -636,7 +641,7 @@ def run_auc(args: argparse.Namespace) -> dict:
                        real_midnight=args.real_midnight, gen_midnight=gen_midnight,
                        ks=parse_int_list(args.ks, "--ks"), n_components=args.pca,
                        mlp_hidden=parse_int_list(args.mlp_hidden, "--mlp-hidden"), mlp_max_iter=args.mlp_max_iter,
-                       n_boot=args.n_boot, seed=args.seed)
+                       n_boot=args.n_boot, seed=args.seed, n_perm=args.n_perm)
     read = [args.expression, args.split, args.real_uni, *gen_uni.values()]
     _finish(args.out, doc, started, read + ([args.real_midnight, *gen_midnight.values()] if args.real_midnight else []))
     return doc
@@ -699,6 +704,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pca", type=int, default=256, help="Oracle PCA components")
     p.add_argument("--mlp-hidden", default="1024,1024", help="Midnight+MLP hidden layer sizes, comma-separated")
     p.add_argument("--mlp-max-iter", type=int, default=200)
+    p.add_argument("--n-perm", type=int, default=1000,
+                   help="permutations of the spot correspondence for the measured null (Table 2 'Null' row)")
     _add_common(p)
     p.set_defaults(func=run_auc)
 
