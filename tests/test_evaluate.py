@@ -167,8 +167,9 @@ def test_fid_json_equals_an_independent_recomputation_and_renders_table_1(cohort
         gen = cohort["generated"][regime, "h0mini"][1]
         expected = metrics.fid_bootstrap(real, gen, n_boot=20, seed=7)
         got = doc["regimes"][regime]
-        for field in ("point", "lo", "hi"):
+        for field in ("point", "mean", "lo", "hi"):
             assert got[field] == pytest.approx(expected[field], rel=1e-12)
+        assert got["lo"] <= got["mean"] <= got["hi"] and got["n_boot"] == 20
         assert got["n_real"] == got["n_gen"] == len(cohort["test"])
         assert got["point"] == pytest.approx(independent_frechet(real.astype(np.float64), gen.astype(np.float64)), rel=1e-6)
         tissue = metrics.fid_per_label(real, gen, labels, min_spots=5, n_boot=5, seed=7)
@@ -178,8 +179,10 @@ def test_fid_json_equals_an_independent_recomputation_and_renders_table_1(cohort
     assert doc["features"]["real"].endswith("h0mini.zarr")
     assert doc["encoders"] == {"cancerfoundation": "real", "h0mini": "smoke", "sd3_vae": "smoke", "uni2h": "smoke"}
     table = report.build_table(1, [doc], [{"model": MODEL, "name": "AdaLN p0.5"}])
-    assert table.loc[0, "UNI+GE"] == pytest.approx(doc["regimes"]["uni_ge"]["point"])
-    assert table.loc[0, "Delta"] == pytest.approx(doc["regimes"]["uni_ge"]["point"] - doc["regimes"]["uni"]["point"])
+    # the table prints the bootstrap mean (the paper's statistic) with the point beside it
+    assert table.loc[0, "UNI+GE"] == pytest.approx(doc["regimes"]["uni_ge"]["mean"])
+    assert table.loc[0, "UNI+GE point"] == pytest.approx(doc["regimes"]["uni_ge"]["point"])
+    assert table.loc[0, "Delta"] == pytest.approx(doc["regimes"]["uni_ge"]["mean"] - doc["regimes"]["uni"]["mean"])
     assert table.attrs["smoke"]
 
 
@@ -190,13 +193,15 @@ def test_ood_and_swap_jsons_render_tables_3_and_6(cohort, tmp_path):
     assert ood["n_subsample"] == len(cohort["test"]) and ood["seed"] == 7
     rows = [{"model": MODEL, "name": "AdaLN", "architecture": "PTPL-AdaLN"}]
     table3 = report.build_table(3, [ood], rows)
-    assert table3.loc[0, "FID"] == pytest.approx(ood["regimes"]["uni_ge"]["point"])
-    assert table3.loc[0, "Delta_OOD(GE)"] == pytest.approx(ood["regimes"]["uni"]["point"] - ood["regimes"]["uni_ge"]["point"])
+    assert table3.loc[0, "FID"] == pytest.approx(ood["regimes"]["uni_ge"]["mean"])
+    assert table3.loc[0, "FID point"] == pytest.approx(ood["regimes"]["uni_ge"]["point"])
+    assert table3.loc[0, "Delta_OOD(GE)"] == pytest.approx(ood["regimes"]["uni"]["mean"] - ood["regimes"]["uni_ge"]["mean"])
     table6 = report.build_table(6, [swap], rows)
     real = real_rows(cohort, "h0mini", cohort["gen_order"])
     visium = metrics.fid(real, cohort["generated"]["visium", "h0mini"][1])
-    assert table6.loc[0, "Visium-cond"] == pytest.approx(visium)
-    assert table6.loc[0, "Delta"] == pytest.approx(visium - swap["conditions"]["deepspot"]["point"])
+    assert table6.loc[0, "Visium-cond point"] == pytest.approx(visium)
+    assert table6.loc[0, "Visium-cond"] == pytest.approx(swap["conditions"]["visium"]["mean"])
+    assert table6.loc[0, "Delta"] == pytest.approx(swap["conditions"]["visium"]["mean"] - swap["conditions"]["deepspot"]["mean"])
 
 
 def test_fid_bad_inputs_name_the_file(cohort, tmp_path):

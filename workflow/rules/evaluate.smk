@@ -131,7 +131,8 @@ rule auc:
         pca=config["evaluate"]["pca"],
         mlp_hidden=",".join(map(str, config["evaluate"]["mlp_hidden"])),
         mlp_max_iter=config["evaluate"]["mlp_max_iter"],
-        n_boot=config["evaluate"]["n_boot"],
+        n_boot=config["evaluate"]["auc_n_boot"],
+        n_perm=config["evaluate"]["null_n_perm"],
         seed=config["evaluate"]["seed"],
     log:
         "results/eval/{model}/{cohort}/auc.log",
@@ -147,7 +148,8 @@ rule auc:
         "python -m stmdit auc --expression {input.expression} --split {input.split} --real-uni {input.real_uni}"
         " --gen-uni {params.gen_uni} --real-midnight {input.real_midnight} --gen-midnight {params.gen_midnight}"
         " --ks {params.ks} --pca {params.pca} --mlp-hidden {params.mlp_hidden} --mlp-max-iter {params.mlp_max_iter}"
-        " --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort}"
+        " --n-boot {params.n_boot} --n-perm {params.n_perm} --seed {params.seed} --model {wildcards.model}"
+        " --cohort {wildcards.cohort}"
         " --out {output} > {log} 2>&1"
 
 
