@@ -518,26 +518,34 @@ def transcriptomic_fidelity(
     seed: int = 42,
     alpha: float = 0.05,
     n_perm: int = 1000,
+    controls: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Score a fitted regressor on test spots (all inputs row-aligned by spot key).
 
     `test_expression`: real test expression in the space the regressor was fitted on (HVGs for
     the Oracle, log1p CP10k of all genes for Midnight+MLP). `real_features`: encoder features of
     the real test tiles (the ceiling); `generated_features`: regime -> features of the generated
-    tiles of the same spots. Returns the `regressors[name]` entry of auc.json:
+    tiles of the same spots; `controls`: name -> features of tiles without information about
+    their spot (e.g. "noise_tiles"), scored like generated tiles and stored under "null".
+    Returns the `regressors[name]` entry of auc.json:
     {"ks", "real": {curve, auc, lo, hi, ...}, "generated": {regime: ...},
      "null": {"by_construction": 0.0, "empirical": `permutation_null` of the real features'
-     predictions ({curve, auc, lo, hi, sd, n_perm, ...}), "empirical_method"}}.
+     predictions ({curve, auc, lo, hi, sd, n_perm, ...}), "empirical_method",
+     control name: {curve, auc, lo, hi, ...}}}.
     """
     real = as_feature_matrix(real_features, name="real test features")
     if test_expression.shape[0] != len(real):
         raise InputError(None, f"fidelity: {test_expression.shape[0]} expression rows for {len(real)} test spots")
     true_by_k = {k: _dense_columns(test_expression, regressor.gene_rank[:k]) for k in regressor.ks}
-    generated = {}
-    for regime, features in generated_features.items():
-        features = as_feature_matrix(features, name=f"generated features ({regime})")
-        _check_paired(real, features, f"fidelity ({regime})")
-        generated[regime] = _score_features(regressor, features, true_by_k, n_boot, seed, alpha)
+    def score(inputs: Mapping[str, np.ndarray], what: str) -> dict[str, Any]:
+        scored = {}
+        for name, features in inputs.items():
+            features = as_feature_matrix(features, name=f"{what} features ({name})")
+            _check_paired(real, features, f"fidelity ({name})")
+            scored[name] = _score_features(regressor, features, true_by_k, n_boot, seed, alpha)
+        return scored
+
+    generated = score(generated_features, "generated")
     real_predictions = regressor.predict_by_k(real)
     scored_real = fidelity_curve(real_predictions, true_by_k)
     scored_real.update(bootstrap_auc(real_predictions, true_by_k, n_boot=n_boot, seed=seed, alpha=alpha))
@@ -550,6 +558,7 @@ def transcriptomic_fidelity(
             "empirical": permutation_null(real_predictions, true_by_k, n_perm=n_perm, seed=seed, alpha=alpha),
             "empirical_method": f"predictions of the real test features scored with the spot correspondence "
                                 f"permuted, {n_perm} permutations (seed {seed}): mean and percentile interval",
+            **score(controls or {}, "control"),
         },
     }
 

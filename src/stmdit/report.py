@@ -26,7 +26,8 @@ results/eval/{model}/{cohort}/auc.json          Table 2
          "generated": {regime: {"curve", "auc", "lo", "hi"}},
          "null": {"by_construction": 0.0,
                   "empirical": {"curve", "auc", "lo", "hi", "sd", "n_perm"},   (permutation null)
-                  "empirical_method": text}}},
+                  "empirical_method": text,
+                  "noise_tiles": {"curve", "auc", "lo", "hi"}}}},   (when noise tiles were scored)
      "features": {...}, "encoders": {"uni2h": ..., "midnight": ...}, "provenance": {...}}
     (a regressor entry is what `stmdit.metrics.transcriptomic_fidelity` returns)
 results/eval/{model}/{cohort}/perturbation.json Table 5
@@ -368,15 +369,20 @@ def _auc_table(index: Mapping[str, dict], rows: list[ModelRow]) -> pd.DataFrame:
              "2.5-97.5 percentiles, i.e. the range a regressor without information about the spot scores "
              "on these test spots."]
     ceiling, null = {"Model": "Upper bound (real tiles)"}, {"Model": "Null"}
+    noise = {"Model": "Null (noise tiles)"}
     for name, column in REGRESSORS.items():
         entry = (ceiling_doc or {}).get("regressors", {}).get(name)
         ceiling.update(_auc_cells(column, entry["real"] if entry else None, entry["real"]["auc"] if entry else None))
-        empirical = entry["null"]["empirical"] if entry else None
-        null.update(_auc_cells(column, empirical, None))
+        null.update(_auc_cells(column, entry["null"]["empirical"] if entry else None, None))
+        noise.update(_auc_cells(column, entry["null"].get("noise_tiles") if entry else None, None))
         if entry:
             method = entry["null"].get("empirical_method", "shuffled test features")
             notes.append(f"{column}: k = {entry['ks']}; null: {method}; ceiling and null from {ceiling_doc['model']}.")
     records = [ceiling, null]
+    if any(noise[column] is not None for column in REGRESSORS.values()):
+        records.append(noise)
+        notes.append("Null (noise tiles): uniform-noise RGB tiles of the test spots through the same encoders and "
+                     "regressors, with their bootstrap CI.")
     for row in rows:
         regressors = index.get(row.model, {}).get("regressors", {})
         record = {"Model": row.name}
