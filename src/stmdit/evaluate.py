@@ -379,7 +379,8 @@ def fid_document(
     scores = {name: metrics.fid_bootstrap(real_set.embedding, store.embedding, n_boot=n_boot, seed=seed)
               for name, store in stores.items()}
     for name, entry in scores.items():
-        log.info("%s FID %s: %.3f [%s, %s] on %d spots", kind, name, entry["point"], entry["lo"], entry["hi"], len(keys))
+        log.info("%s FID %s: bootstrap mean %s [%s, %s], point %.3f, on %d spots", kind, name, entry["mean"],
+                 entry["lo"], entry["hi"], entry["point"], len(keys))
 
     features = {"real": str(real), "generated": {name: str(path) for name, path in generated.items()}}
     encoders = merge_impls(real_set.impls, *(store.impls for store in stores.values()))

@@ -311,9 +311,9 @@ def _fid_note(docs: Iterable[Mapping[str, Any]]) -> str:
     entries = [e for doc in docs for e in (doc.get("regimes") or doc.get("conditions") or {}).values()]
     n_boot = sorted({int(e["n_boot"]) for e in entries if e.get("mean") is not None and e.get("n_boot")})
     note = ("FID on H0-mini features: bootstrap mean [95% percentile interval] over "
-            f"{'/'.join(map(str, n_boot)) or 'N'} spot-level resamples, as the paper reports, then "
-            "(point = FID on all spots once). Resampling with replacement duplicates spots, which inflates "
-            "FID, so the point estimate can lie below the interval; the mean lies inside it. Deltas use the "
+            f"{'/'.join(map(str, n_boot)) or 'N'} spot-level resamples (the paper's statistic); (point x) = FID "
+            "of all spots, shown where it differs. Resampling with replacement duplicates spots, which inflates "
+            "FID, so the point can lie below the interval, while the mean lies inside it. Deltas use the "
             "bootstrap means.")
     if any(e.get("mean") is None and e.get("point") is not None for e in entries):
         note += " Cells without resamples show the point estimate alone."
