@@ -502,11 +502,14 @@ def permutation_null(
             "alpha": float(alpha)}
 
 
-def _score_features(regressor, features, true_by_k, n_boot, seed, alpha) -> dict[str, Any]:
-    predictions = regressor.predict_by_k(features)
+def _score_predictions(predictions, true_by_k, n_boot, seed, alpha) -> dict[str, Any]:
     scored = fidelity_curve(predictions, true_by_k)
     scored.update(bootstrap_auc(predictions, true_by_k, n_boot=n_boot, seed=seed, alpha=alpha))
     return scored
+
+
+def _score_features(regressor, features, true_by_k, n_boot, seed, alpha) -> dict[str, Any]:
+    return _score_predictions(regressor.predict_by_k(features), true_by_k, n_boot, seed, alpha)
 
 
 def transcriptomic_fidelity(
@@ -537,6 +540,7 @@ def transcriptomic_fidelity(
     if test_expression.shape[0] != len(real):
         raise InputError(None, f"fidelity: {test_expression.shape[0]} expression rows for {len(real)} test spots")
     true_by_k = {k: _dense_columns(test_expression, regressor.gene_rank[:k]) for k in regressor.ks}
+
     def score(inputs: Mapping[str, np.ndarray], what: str) -> dict[str, Any]:
         scored = {}
         for name, features in inputs.items():
@@ -547,11 +551,9 @@ def transcriptomic_fidelity(
 
     generated = score(generated_features, "generated")
     real_predictions = regressor.predict_by_k(real)
-    scored_real = fidelity_curve(real_predictions, true_by_k)
-    scored_real.update(bootstrap_auc(real_predictions, true_by_k, n_boot=n_boot, seed=seed, alpha=alpha))
     return {
         "ks": list(regressor.ks),
-        "real": scored_real,
+        "real": _score_predictions(real_predictions, true_by_k, n_boot, seed, alpha),
         "generated": generated,
         "null": {
             "by_construction": 0.0,

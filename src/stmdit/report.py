@@ -628,7 +628,8 @@ def plot_per_tissue_fid(fid_docs: Sequence[Mapping], png_path: str | Path, regim
     for i, doc in enumerate(docs):
         entries = doc["per_tissue"][regime]["labels"]
         x = np.arange(len(labels)) + (i - (len(docs) - 1) / 2) * width
-        heights = [np.nan if fid_shown(entries.get(label)) is None else fid_shown(entries.get(label)) for label in labels]
+        heights = [fid_shown(entries.get(label)) for label in labels]
+        heights = [np.nan if height is None else height for height in heights]
         errors = [[_err(entries.get(label), "lo") for label in labels], [_err(entries.get(label), "hi") for label in labels]]
         ax.bar(x, heights, width, yerr=errors, capsize=2, label=names.get(doc["model"], doc["model"]))
     ax.set_xticks(np.arange(len(labels)), labels, rotation=30, ha="right")
