@@ -367,7 +367,7 @@ def _auc_table(index: Mapping[str, dict], rows: list[ModelRow]) -> pd.DataFrame:
              "Null = measured, not assumed (the paper's null is 0 by construction): the real test tiles' "
              "predictions scored with the spot correspondence permuted; mean over permutations and their "
              "2.5-97.5 percentiles, i.e. the range a regressor without information about the spot scores "
-             "on these test spots."]
+             "on these test spots: a model whose AUC lies inside it is indistinguishable from no information."]
     ceiling, null = {"Model": "Upper bound (real tiles)"}, {"Model": "Null"}
     noise = {"Model": "Null (noise tiles)"}
     for name, column in REGRESSORS.items():
