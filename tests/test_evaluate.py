@@ -172,8 +172,9 @@ def test_fid_json_equals_an_independent_recomputation_and_renders_table_1(cohort
         gen = cohort["generated"][regime, "h0mini"][1]
         expected = metrics.fid_bootstrap(real, gen, n_boot=20, seed=7)
         got = doc["regimes"][regime]
-        for field in ("point", "lo", "hi"):
+        for field in ("point", "mean", "lo", "hi"):
             assert got[field] == pytest.approx(expected[field], rel=1e-12)
+        assert got["lo"] <= got["mean"] <= got["hi"] and got["n_boot"] == 20
         assert got["n_real"] == got["n_gen"] == len(cohort["test"])
         assert got["point"] == pytest.approx(independent_frechet(real.astype(np.float64), gen.astype(np.float64)), rel=1e-6)
         tissue = metrics.fid_per_label(real, gen, labels, min_spots=5, n_boot=5, seed=7)
@@ -183,8 +184,10 @@ def test_fid_json_equals_an_independent_recomputation_and_renders_table_1(cohort
     assert doc["features"]["real"].endswith("h0mini.zarr")
     assert doc["encoders"] == {"cancerfoundation": "real", "h0mini": "smoke", "sd3_vae": "smoke", "uni2h": "smoke"}
     table = report.build_table(1, [doc], [{"model": MODEL, "name": "AdaLN p0.5"}])
-    assert table.loc[0, "UNI+GE"] == pytest.approx(doc["regimes"]["uni_ge"]["point"])
-    assert table.loc[0, "Delta"] == pytest.approx(doc["regimes"]["uni_ge"]["point"] - doc["regimes"]["uni"]["point"])
+    # the table prints the bootstrap mean (the paper's statistic) with the point beside it
+    assert table.loc[0, "UNI+GE"] == pytest.approx(doc["regimes"]["uni_ge"]["mean"])
+    assert table.loc[0, "UNI+GE point"] == pytest.approx(doc["regimes"]["uni_ge"]["point"])
+    assert table.loc[0, "Delta"] == pytest.approx(doc["regimes"]["uni_ge"]["mean"] - doc["regimes"]["uni"]["mean"])
     assert table.attrs["smoke"]
 
 
@@ -195,13 +198,15 @@ def test_ood_and_swap_jsons_render_tables_3_and_6(cohort, tmp_path):
     assert ood["n_subsample"] == len(cohort["test"]) and ood["seed"] == 7
     rows = [{"model": MODEL, "name": "AdaLN", "architecture": "PTPL-AdaLN"}]
     table3 = report.build_table(3, [ood], rows)
-    assert table3.loc[0, "FID"] == pytest.approx(ood["regimes"]["uni_ge"]["point"])
-    assert table3.loc[0, "Delta_OOD(GE)"] == pytest.approx(ood["regimes"]["uni"]["point"] - ood["regimes"]["uni_ge"]["point"])
+    assert table3.loc[0, "FID"] == pytest.approx(ood["regimes"]["uni_ge"]["mean"])
+    assert table3.loc[0, "FID point"] == pytest.approx(ood["regimes"]["uni_ge"]["point"])
+    assert table3.loc[0, "Delta_OOD(GE)"] == pytest.approx(ood["regimes"]["uni"]["mean"] - ood["regimes"]["uni_ge"]["mean"])
     table6 = report.build_table(6, [swap], rows)
     real = real_rows(cohort, "h0mini", cohort["gen_order"])
     visium = metrics.fid(real, cohort["generated"]["visium", "h0mini"][1])
-    assert table6.loc[0, "Visium-cond"] == pytest.approx(visium)
-    assert table6.loc[0, "Delta"] == pytest.approx(visium - swap["conditions"]["deepspot"]["point"])
+    assert table6.loc[0, "Visium-cond point"] == pytest.approx(visium)
+    assert table6.loc[0, "Visium-cond"] == pytest.approx(swap["conditions"]["visium"]["mean"])
+    assert table6.loc[0, "Delta"] == pytest.approx(swap["conditions"]["visium"]["mean"] - swap["conditions"]["deepspot"]["mean"])
 
 
 def test_fid_bad_inputs_name_the_file(cohort, tmp_path):
@@ -289,6 +294,40 @@ def test_auc_json_equals_a_direct_recomputation_and_renders_table_2(cohort, tmp_
     assert table.loc[0, "Oracle"] == pytest.approx(ceiling["auc"], rel=1e-6)
     assert table.loc[2, "Oracle"] == pytest.approx(doc["regressors"]["oracle"]["generated"]["uni_ge"]["auc"])
     assert table.loc[2, "Midnight+MLP"] == pytest.approx(doc["regressors"]["midnight_mlp"]["generated"]["uni_ge"]["auc"])
+
+
+def test_noise_tiles_are_scored_as_a_null_that_covers_zero(cohort, tmp_path):
+    root = cohort["root"]
+    split_test = evaluate.read_split_keys(root / "split.parquet", "test")
+    for batch_size in ("3", "64"):  # the tiles depend on (seed, row) only, not on the batching
+        run_cli("eval-features", "--encoder", "uni2h", "--impl", "smoke", "--noise-tiles-for", root / "split.parquet",
+                "--tile-size", "16", "--seed", "5", "--batch-size", batch_size, "--device", "cpu",
+                "--out", tmp_path / f"noise{batch_size}.zarr")
+    noise = evaluate.read_features(tmp_path / "noise3.zarr")
+    assert noise.keys == split_test and noise.impls == {"uni2h": "smoke"}
+    tiles = np.stack([evaluate.noise_tile(5, row, 16) for row in range(len(split_test))])
+    expected = load_encoder("uni2h", "smoke", device="cpu").encode(tiles)["embedding"]
+    np.testing.assert_allclose(noise.embedding, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(evaluate.read_features(tmp_path / "noise64.zarr").embedding, noise.embedding)
+
+    # The fixture's UNI2-h features are 12-d (the smoke encoder's are 1536-d): noise features of that size.
+    dim = evaluate.read_features(root / "uni2h.zarr").embedding.shape[1]
+    noise_store = feature_store(tmp_path / "noise_uni2h.zarr", split_test[::-1],
+                                np.random.default_rng(8).normal(size=(len(split_test), dim)), name="uni2h")
+    out = tmp_path / "auc.json"
+    run_cli("auc", "--expression", root / "expr.h5ad", "--split", root / "split.parquet", "--real-uni", root / "uni2h.zarr",
+            "--gen-uni", f"uni_ge={cohort['generated']['uni_ge', 'uni2h'][0]}", "--noise-uni", noise_store,
+            "--ks", "5,10,20", "--pca", "4", "--n-boot", "100", "--n-perm", "100", "--seed", "3",
+            "--model", MODEL, "--cohort", COHORT, "--out", out)
+    doc = report.load_eval_json(out)
+    null = doc["regressors"]["oracle"]["null"]
+    assert null["noise_tiles"]["lo"] <= 0.0 <= null["noise_tiles"]["hi"]
+    assert null["empirical"]["lo"] <= 0.0 <= null["empirical"]["hi"] and null["empirical"]["n_perm"] == 100
+    assert doc["features"]["uni2h"]["noise_tiles"] == str(noise_store)
+    table = report.build_table(2, [doc], [{"model": MODEL, "name": "AdaLN"}])
+    assert list(table["Model"])[:3] == ["Upper bound (real tiles)", "Null", "Null (noise tiles)"]
+    assert table.loc[2, "Oracle"] == pytest.approx(null["noise_tiles"]["auc"])
+    assert table.loc[1, "Oracle lo"] == pytest.approx(null["empirical"]["lo"])
 
 
 def test_sparse_log1p_cp10k_matches_the_dense_metric(cohort):

@@ -90,7 +90,18 @@ def test_fid_bootstrap_matches_direct_reimplementation(paired):
     assert result["lo"] == pytest.approx(lo, rel=1e-6)
     assert result["hi"] == pytest.approx(hi, rel=1e-6)
     assert result["point"] == pytest.approx(fid_via_sqrtm(real, gen), rel=1e-6)
+    assert result["mean"] == pytest.approx(np.mean(values), rel=1e-6)
     assert (result["n_boot"], result["seed"], result["paired"], result["n_real"]) == (40, 7, paired, 60)
+
+
+def test_fid_bootstrap_mean_lies_in_its_interval_where_the_point_does_not():
+    # Few spots in many dimensions (the demo's case): duplicated spots inflate every replicate's FID.
+    rng = np.random.default_rng(5)
+    real, gen = correlated_features(rng, 40, 30), correlated_features(rng, 40, 30, shift=0.2)
+    result = metrics.fid_bootstrap(real, gen, n_boot=50, seed=42)
+    assert result["point"] < result["lo"]  # the percentile interval misses the point estimate ...
+    assert result["lo"] <= result["mean"] <= result["hi"]  # ... and covers the bootstrap mean
+    assert metrics.fid_bootstrap(real, gen, n_boot=0)["mean"] is None
 
 
 def test_fid_bootstrap_paired_needs_aligned_rows():
@@ -171,6 +182,54 @@ def test_oracle_recovers_planted_signal_and_nothing_from_noise():
     noise_oracle = metrics.fit_oracle(noise_features[:250], noise_expression[:250], ks=(10, 30, 60), n_components=20)
     on_noise = metrics.transcriptomic_fidelity(noise_oracle, noise_expression[250:], noise_features[250:], {}, n_boot=0)
     assert abs(on_noise["real"]["auc"]) < 0.1
+
+
+def count_cohort(rng, n_train=150, n_test=60, n_features=20, n_genes=80, signal=0.1):
+    """log1p Poisson counts whose rates depend on the features (a Visium-like test set: ~60 spots)."""
+    features = rng.normal(size=(n_train + n_test, n_features))
+    rate = np.exp(0.5 + features @ (signal * rng.normal(size=(n_features, n_genes))))
+    expression = np.log1p(rng.poisson(rate)).astype(np.float64)
+    return features[:n_train], expression[:n_train], features[n_train:], expression[n_train:]
+
+
+def test_no_information_scores_within_its_interval_of_zero_and_real_features_above_it():
+    train_x, train_y, test_x, test_y = count_cohort(np.random.default_rng(0))
+    oracle = metrics.fit_oracle(train_x, train_y, ks=(10, 40, 80), n_components=16)
+    true_by_k = {k: test_y[:, oracle.gene_rank[:k]] for k in oracle.ks}
+    predictions = oracle.predict_by_k(test_x)
+    # the spread of a no-information AUC on these 60 spots, measured independently: 40 shuffles
+    shuffled_aucs = [metrics.fidelity_curve({k: p[np.random.default_rng(100 + s).permutation(60)] for k, p in
+                                             predictions.items()}, true_by_k)["auc"] for s in range(40)]
+    spread = np.std(shuffled_aucs)
+    assert 0.005 < spread < 0.1
+    # At seed 13 the single fixed shuffle that used to be the null drew 0.076 [0.003, 0.133]: it excluded 0.
+    for seed in (13, 3):
+        noise = np.random.default_rng(seed).normal(size=test_x.shape)  # features of pure-noise tiles
+        result = metrics.transcriptomic_fidelity(oracle, test_y, test_x, {"noise": noise}, n_boot=200, seed=seed,
+                                                 n_perm=200)
+        null, on_noise, real = result["null"]["empirical"], result["generated"]["noise"], result["real"]
+        assert null["lo"] <= 0.0 <= null["hi"] and null["n_perm"] == 200
+        assert abs(null["auc"]) < 0.3 * spread  # the null's own AUC is the distribution's mean, not one draw
+        assert null["hi"] - null["lo"] == pytest.approx(2 * 1.96 * spread, rel=0.35)
+        assert on_noise["lo"] <= 0.0 <= on_noise["hi"]
+        assert real["lo"] > null["hi"] + 2 * spread  # an informative input scores clearly above the null
+        assert real["lo"] <= real["auc"] <= real["hi"]
+
+
+def test_permutation_null_equals_scoring_permuted_predictions():
+    rng = np.random.default_rng(11)
+    predicted = {k: rng.normal(size=(30, k)) for k in (2, 5)}
+    predicted[5][:, 4] = 1.5  # a constant prediction: r = 0 in every permutation, as in pearson_per_gene
+    true_by_k = {k: predicted[k] + rng.normal(size=(30, k)) for k in (2, 5)}
+    null = metrics.permutation_null(predicted, true_by_k, n_perm=25, seed=4)
+    stream = np.random.default_rng(4)
+    aucs = []
+    for _ in range(25):
+        order = stream.permutation(30)
+        aucs.append(metrics.fidelity_curve({k: p[order] for k, p in predicted.items()}, true_by_k)["auc"])
+    assert null["auc"] == pytest.approx(np.mean(aucs), abs=1e-12)
+    assert (null["lo"], null["hi"]) == pytest.approx(tuple(np.percentile(aucs, [2.5, 97.5])), abs=1e-12)
+    assert null["sd"] == pytest.approx(np.std(aucs, ddof=1), abs=1e-12)
 
 
 def test_bootstrap_auc_matches_direct_resampling():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 
 import pandas as pd
@@ -35,7 +36,8 @@ def fidelity_entry(auc, lo=None, hi=None):
 def regressor_entry(real_auc, generated):
     return {"ks": [50, 100], "real": fidelity_entry(real_auc, real_auc - 0.01, real_auc + 0.01),
             "generated": generated,
-            "null": {"by_construction": 0.0, "empirical": fidelity_entry(0.004)}}
+            "null": {"by_construction": 0.0, "empirical": {**fidelity_entry(0.004, -0.030, 0.031), "n_perm": 1000},
+                     "empirical_method": "spot correspondence permuted, 1000 permutations"}}
 
 
 def common(model, smoke=False):
@@ -115,6 +117,36 @@ def test_table1_rows_columns_delta_and_missing(docs, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def test_fid_tables_print_the_bootstrap_mean_inside_its_interval_and_keep_the_old_fields(tmp_path):
+    import re
+
+    import numpy as np
+
+    from stmdit import metrics
+
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(40, 24))
+    regimes = {"uni": metrics.fid_bootstrap(real, real + 0.3 * rng.normal(size=real.shape), n_boot=30),
+               "uncond": metrics.fid_bootstrap(real, rng.normal(size=real.shape) + 1.0, n_boot=30)}
+    assert regimes["uni"]["point"] < regimes["uni"]["lo"]  # what Table 1 used to print outside its interval
+    path = tmp_path / "fid.json"
+    report.write_eval_json(path, report.fid_json(model="m", cohort=COHORT, regimes=regimes, per_tissue={},
+                                                 features={}, **{k: v for k, v in common("m").items() if k != "model"}))
+    stored = json.loads(path.read_text())["regimes"]
+    for entry in stored.values():  # the fields older readers (and the before-stop hook) use
+        assert {"point", "mean", "lo", "hi", "n_boot", "n_real", "n_gen"} <= set(entry)
+    assert stored["uni"]["hi"] < stored["uncond"]["lo"]  # a disjoint-interval comparison still reads the same keys
+
+    df = report.build_table(1, [report.load_eval_json(path)], [{"model": "m", "name": "M"}])
+    cell = report.markdown_cells(df).loc[0, "UNI"]
+    shown, lo, hi, point = map(float, re.fullmatch(r"([\d.]+) \[([\d.]+), ([\d.]+)\] \(point ([\d.]+)\)", cell).groups())
+    assert lo <= shown <= hi
+    assert shown == pytest.approx(stored["uni"]["mean"], abs=0.05) and point == pytest.approx(stored["uni"]["point"], abs=0.05)
+    assert any("bootstrap mean [95% percentile interval] over 30" in note for note in df.attrs["notes"])
+    tsv = pd.read_csv(io.StringIO(report.render_tsv(df)), sep="\t", dtype=str)
+    assert {"UNI", "UNI lo", "UNI hi", "UNI point"} <= set(tsv.columns)
+
+
 def test_table4_has_the_full_sweep_and_the_smoke_footer(docs, tmp_path):
     df = report.build_table(4, docs, MODELS)
     assert list(df["Model"]) == ["PixCell-B", "PixCell-GE-B (AdaLN DDPM)", "PixCell-GE-B", "PTPL-AdaLN-B-p06"]
@@ -130,12 +162,12 @@ def test_table2_ceiling_null_and_percent(docs):
     cells = report.markdown_cells(df).set_index("Model")
     assert list(cells.columns) == ["Oracle", "Midnight+MLP"]
     assert cells.loc["Upper bound (real tiles)", "Oracle"] == "0.325 [0.315, 0.335] (100%)"
-    assert cells.loc["Null", "Oracle"] == "0.000"
+    assert cells.loc["Null", "Oracle"] == "0.004 [-0.030, 0.031]"  # measured, with its interval
     assert cells.loc["PixCell-GE-B (AdaLN DDPM)", "Oracle"] == "0.243 [0.231, 0.252] (75%)"  # its UNI+GE regime
     assert cells.loc["PixCell-B", "Oracle"] == "0.229 [0.220, 0.240] (70%)"  # baseline: UNI regime
     assert cells.loc["PixCell-GE-B (AdaLN DDPM)", "Midnight+MLP"] == "-"
     assert row(df, "PixCell-B")["Midnight+MLP %"] == pytest.approx(100 * 0.118 / 0.130)
-    assert any("empirical null" in note and "0.004" in note for note in df.attrs["notes"])
+    assert any("null: spot correspondence permuted, 1000 permutations" in note for note in df.attrs["notes"])
 
 
 def test_table3_deltas(docs):

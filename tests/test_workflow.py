@@ -44,7 +44,7 @@ def test_one_table_plans_only_its_own_chain():
     result = snakemake("-n", "--forceall", "results/tables/table2.md")
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
-    for rule in ("auc", "train", "sample", "eval_features", "table2"):
+    for rule in ("auc", "train", "sample", "eval_features", "noise_features", "table2"):
         assert f"\n{rule} " in out, f"{rule} not planned"
     for rule in ("fid", "ood_fid", "swap_fid", "perturb_sample", "perturbation", "deepspot_train", "table1"):
         assert f"\n{rule} " not in out, f"{rule} planned for table 2"

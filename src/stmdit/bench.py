@@ -1,4 +1,5 @@
-"""`stmdit bench <name> ...`: timing benchmarks of pipeline stages, one per registry entry.
+"""`stmdit bench <name> ...`: timing benchmarks of pipeline stages (and `auc-null`, a measurement
+of Table 2's nulls), one per registry entry.
 
 A benchmark is a function taking the parsed arguments and returning a dict of measurements (also
 printed); `@benchmark(name, arguments)` adds it to `BENCHMARKS` (name -> function) together with a
@@ -243,6 +244,92 @@ def bench_dag(args: argparse.Namespace) -> dict[str, Any]:
     print(f"  planned {result_dict['jobs']} jobs in {plan_s:.2f} s (goal < 10 s)")
     print(json.dumps(result_dict))
     return result_dict
+
+
+# --------------------------------------------------------------------------------------------
+# auc-null: what inputs without information score in Table 2, on a cohort's real-tile features
+# --------------------------------------------------------------------------------------------
+
+
+def _auc_null_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expression", required=True, type=Path, help="cohort h5ad (layers['counts'])")
+    p.add_argument("--split", required=True, type=Path)
+    p.add_argument("--uni", required=True, type=Path, help="UNI2-h features of the real tiles")
+    p.add_argument("--midnight", required=True, type=Path, help="Midnight features of the real tiles")
+    p.add_argument("--impl", choices=("smoke", "real"), default="smoke", help="encoders of the noise tiles")
+    p.add_argument("--weights-uni", default=None)
+    p.add_argument("--weights-midnight", default=None)
+    p.add_argument("--tile-size", type=int, default=256)
+    p.add_argument("--mlp-hidden", default="64,64")
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples and null permutations")
+    p.add_argument("--n-shuffles", type=int, default=100, help="shuffles whose CI coverage of 0 is counted")
+    p.add_argument("--seed", type=int, default=42)
+
+
+@benchmark("auc-null", _auc_null_arguments)
+def bench_auc_null(args: argparse.Namespace) -> dict[str, Any]:
+    """Table 2's nulls on real-tile features: noise tiles, one fixed shuffle, the permutation null.
+
+    Fits the Oracle and Midnight+MLP on the train spots as `stmdit auc` does, then scores the real
+    test tiles, pure-noise tiles of the test spots (through the encoders), the single shuffle at
+    --seed (the null before it was measured as a distribution) and the permutation null; and
+    counts how often the bootstrap CI of a fresh shuffle covers 0 over --n-shuffles shuffles."""
+    import numpy as np
+
+    from stmdit import evaluate, metrics
+    from stmdit.encoders import load_encoder
+
+    train_keys = evaluate.read_split_keys(args.split, evaluate.TRAIN)
+    test_keys = evaluate.read_split_keys(args.split, evaluate.TEST)
+    train_expression = evaluate.read_expression_log1p(args.expression, train_keys)
+    test_expression = evaluate.read_expression_log1p(args.expression, test_keys)
+    hvgs = evaluate.hvg_columns(args.expression)
+    tiles = np.stack([evaluate.noise_tile(args.seed, row, args.tile_size) for row in range(len(test_keys))])
+
+    def fit_oracle(features):
+        return metrics.fit_oracle(features, train_expression[:, hvgs], seed=args.seed)
+
+    def fit_mlp(features):
+        hidden = evaluate.parse_int_list(args.mlp_hidden, "--mlp-hidden")
+        return metrics.fit_midnight_mlp(features, train_expression, hidden_layer_sizes=hidden, seed=args.seed)
+
+    def interval(entry):
+        return {"auc": round(entry["auc"], 4), "lo": round(entry["lo"], 4), "hi": round(entry["hi"], 4)}
+
+    results: dict[str, Any] = {"benchmark": "auc-null", "n_train": len(train_keys), "n_test": len(test_keys),
+                               "n_boot": args.n_boot, "impl": args.impl}
+    for name, encoder, path, weights, fit, truth in (
+        ("oracle", "uni2h", args.uni, args.weights_uni, fit_oracle, test_expression[:, hvgs]),
+        ("midnight_mlp", "midnight", args.midnight, args.weights_midnight, fit_mlp, test_expression),
+    ):
+        regressor = fit(evaluate.read_features(path, train_keys).embedding)
+        real = evaluate.read_features(path, test_keys).embedding
+        noise = load_encoder(encoder, args.impl, weights=weights, device="cpu").encode(tiles)["embedding"]
+        shuffled = real[np.random.default_rng(args.seed).permutation(len(real))]
+        scored = metrics.transcriptomic_fidelity(regressor, truth, real, {"fixed_shuffle": shuffled},
+                                                 n_boot=args.n_boot, seed=args.seed, n_perm=args.n_boot,
+                                                 controls={"noise_tiles": noise})
+        true_by_k = {k: metrics._dense_columns(truth, regressor.gene_rank[:k]) for k in regressor.ks}
+        predictions = regressor.predict_by_k(real)
+        covered, aucs = 0, []
+        for s in range(args.n_shuffles):
+            order = np.random.default_rng(10_000 + s).permutation(len(real))
+            permuted = {k: p[order] for k, p in predictions.items()}
+            entry = metrics.fidelity_curve(permuted, true_by_k)
+            entry.update(metrics.bootstrap_auc(permuted, true_by_k, n_boot=args.n_boot, seed=s))
+            covered += entry["lo"] <= 0.0 <= entry["hi"]
+            aucs.append(entry["auc"])
+        null = scored["null"]["empirical"]
+        results[name] = {
+            "real": interval(scored["real"]), "noise_tiles": interval(scored["null"]["noise_tiles"]),
+            "fixed_shuffle": interval(scored["generated"]["fixed_shuffle"]),
+            "permutation_null": {**interval(null), "sd": round(null["sd"], 4)},
+            "shuffles": {"n": args.n_shuffles, "mean_auc": round(float(np.mean(aucs)), 4),
+                         "sd_auc": round(float(np.std(aucs)), 4), "ci_covers_0": covered},
+        }
+        print(f"{name}: " + "; ".join(f"{key} {value}" for key, value in results[name].items()))
+    print(json.dumps(results))
+    return results
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 
     stmdit eval-features --encoder h0mini|uni2h|midnight --impl smoke|real [--weights P] [--arch-json J]
         [--allow-hub] --images X.zarr --out Y.zarr [--batch-size 32] [--device auto] [--bf16]
+    stmdit eval-features ... --noise-tiles-for S.parquet [--split-name test] [--tile-size 256]
+        [--seed 42] --out controls/C/noise_{encoder}.zarr      (Table 2's noise-tile null)
     stmdit fid --real features/C/h0mini.zarr --generated uni_ge=G1.zarr uni=G2.zarr ...
         --split S.parquet [--split-name test] [--expression C.h5ad | --spots A.parquet ...]
         [--n-boot 1000] [--n-boot-per-tissue N] [--seed 42] [--min-spots-per-tissue 50]
         --model M --cohort C --kind fid|ood|swap --out eval/M/C/{fid,ood_fid,swap_fid}.json
     stmdit auc --expression C.h5ad --split S.parquet --real-uni features/C/uni2h.zarr --gen-uni uni_ge=...
         [--real-midnight features/C/midnight.zarr --gen-midnight uni_ge=...] [--ks 50,100,200,500,1000]
+        [--noise-uni controls/C/noise_uni2h.zarr] [--noise-midnight controls/C/noise_midnight.zarr]
         [--pca 256] [--mlp-hidden 1024,1024] [--mlp-max-iter 200] [--midnight-genes protein_coding|all]
-        [--n-boot 1000] [--seed 42] --model M --cohort C --out eval/M/C/auc.json
+        [--n-boot 1000] [--n-perm 1000] [--seed 42] --model M --cohort C --out eval/M/C/auc.json
     stmdit perturbation --features eval/M/C/perturbation_h0mini.zarr --samples samples/M/C/perturbation.zarr
         --real features/C/h0mini.zarr --expression C.h5ad --split S.parquet [--weight 1.0]
         --model M --cohort C [--variant default|uni_null] --out eval/M/C/perturbation.json
@@ -258,6 +261,55 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
 # eval-features
 
 
+def load_eval_encoder(encoder: str, impl: str, *, weights: str | None = None, arch: Mapping[str, Any] | None = None,
+                      allow_hub: bool = False, batch_size: int = 32, device: str = "auto",
+                      bf16: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The evaluation encoder and the parameters that go into its stores' provenance."""
+    from stmdit.encoders import load_encoder
+
+    if encoder not in EVAL_ENCODERS:
+        raise InputError(None, f"eval-features: encoder must be one of {list(EVAL_ENCODERS)}, got {encoder!r}")
+    if batch_size < 1:
+        raise InputError(None, f"--batch-size must be at least 1, got {batch_size}")
+    model = load_encoder(encoder, impl, weights=weights, allow_hub=allow_hub, arch=dict(arch or {}),
+                         device=device, bf16=bf16)
+    params = {"encoder": encoder, "impl": impl, "weights": weights, "arch": dict(arch or {}), "allow_hub": allow_hub,
+              "batch_size": batch_size, "device": device, "bf16": bf16}
+    return model, params
+
+
+def noise_tile(seed: int, row: int, size: int) -> np.ndarray:
+    """Uniform uint8 RGB noise of one spot: a function of (seed, row) only, whatever the batching."""
+    return np.random.default_rng((seed, row)).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+
+
+def extract_noise_features(
+    split: str | Path,
+    out_path: str | Path,
+    encoder: str = "h0mini",
+    impl: str = "smoke",
+    *,
+    split_name: str = TEST,
+    tile_size: int = 256,
+    seed: int = 42,
+    batch_size: int = 32,
+    **encoder_options: Any,
+) -> Path:
+    """Features of pure-noise tiles, one per spot of a split (keys in split order): a control that
+    carries no information about its spot, scored by `auc` like generated tiles (Table 2)."""
+    if tile_size < 8:
+        raise InputError(None, f"--tile-size must be at least 8 px, got {tile_size}")
+    keys = read_split_keys(split, split_name)
+    model, params = load_eval_encoder(encoder, impl, batch_size=batch_size, **encoder_options)
+    params.update(split_name=split_name, tile_size=tile_size, seed=seed)
+    control = f"uniform uint8 RGB noise, {tile_size} x {tile_size} px; row i from default_rng(({seed}, i))"
+    attrs = {"stmdit": provenance("eval-features", params, [split]), "encoder": model.describe(), "control": control}
+    batches = (np.stack([noise_tile(seed, row, tile_size) for row in range(start, min(start + batch_size, len(keys)))])
+               for start in range(0, len(keys), batch_size))
+    encoded = encode_batches(model, batches, math.ceil(len(keys) / batch_size), f"{encoder} noise tiles")
+    return write_feature_store(out_path, keys, encoded, model.output_shapes, attrs)
+
+
 def extract_features(
     images_path: str | Path,
     out_path: str | Path,
@@ -272,17 +324,9 @@ def extract_features(
     bf16: bool = False,
 ) -> Path:
     """Encode every row of an image store into a feature store with the same rows and keys."""
-    from stmdit.encoders import load_encoder
-
-    if encoder not in EVAL_ENCODERS:
-        raise InputError(None, f"eval-features: encoder must be one of {list(EVAL_ENCODERS)}, got {encoder!r}")
-    if batch_size < 1:
-        raise InputError(None, f"--batch-size must be at least 1, got {batch_size}")
     group, keys = open_image_store(images_path)
-    model = load_encoder(encoder, impl, weights=weights, allow_hub=allow_hub, arch=dict(arch or {}),
-                         device=device, bf16=bf16)
-    params = {"encoder": encoder, "impl": impl, "weights": weights, "arch": dict(arch or {}), "allow_hub": allow_hub,
-              "batch_size": batch_size, "device": device, "bf16": bf16}
+    model, params = load_eval_encoder(encoder, impl, weights=weights, arch=arch, allow_hub=allow_hub,
+                                      batch_size=batch_size, device=device, bf16=bf16)
     source_attrs = dict(group.attrs)
     attrs = {"stmdit": provenance("eval-features", params, [images_path]), "encoder": model.describe()}
     attrs.update({name: source_attrs[name] for name in ("encoders", "sampler") if name in source_attrs})
@@ -336,7 +380,8 @@ def fid_document(
     scores = {name: metrics.fid_bootstrap(real_set.embedding, store.embedding, n_boot=n_boot, seed=seed)
               for name, store in stores.items()}
     for name, entry in scores.items():
-        log.info("%s FID %s: %.3f [%s, %s] on %d spots", kind, name, entry["point"], entry["lo"], entry["hi"], len(keys))
+        log.info("%s FID %s: bootstrap mean %s [%s, %s], point %.3f, on %d spots", kind, name, entry["mean"],
+                 entry["lo"], entry["hi"], entry["point"], len(keys))
 
     features = {"real": str(real), "generated": {name: str(path) for name, path in generated.items()}}
     encoders = merge_impls(real_set.impls, *(store.impls for store in stores.values()))
@@ -447,14 +492,21 @@ def auc_document(
     n_boot: int = 1000,
     seed: int = 42,
     midnight_genes: str = "protein_coding",
+    n_perm: int = 1000,
+    noise_uni: str | Path | None = None,
+    noise_midnight: str | Path | None = None,
 ) -> dict:
     """auc.json: the Oracle (and Midnight+MLP when given) fitted on real train spots, scored on the
-    generated test tiles, the real test tiles (ceiling) and a shuffled null."""
+    generated test tiles, the real test tiles (ceiling) and the nulls: the permutation null (`n_perm`
+    shuffles of the spot correspondence) and, when given, pure-noise tiles of the same spots
+    (`noise_uni` / `noise_midnight`: `eval-features --noise-tiles-for` stores), as null["noise_tiles"]."""
     if (real_midnight is None) != (not gen_midnight):
         raise InputError(None, "Midnight+MLP needs both --real-midnight and --gen-midnight")
     if real_midnight is not None:  # before the regressors: a missing gene annotation fails fast
         midnight_cols, midnight_gene_set = midnight_columns(expression, midnight_genes)
         log.info("Midnight+MLP regresses %d genes (%s)", len(midnight_cols), midnight_genes)
+    if noise_midnight is not None and real_midnight is None:
+        raise InputError(noise_midnight, "--noise-midnight needs the Midnight+MLP inputs (--real-midnight, --gen-midnight)")
     test_keys, uni_stores = read_generated(gen_uni)
     check_in_split(test_keys, read_split_keys(split, TEST), split, TEST, next(iter(uni_stores.values())).path)
     train_keys = read_split_keys(split, TRAIN)
@@ -468,10 +520,12 @@ def auc_document(
     hvgs = hvg_columns(expression)  # the Oracle: top-k HVGs; Midnight+MLP: protein-coding (or all) genes
     oracle = metrics.fit_oracle(train_uni.embedding, train_expression[:, hvgs], ks=ks, n_components=n_components,
                                 seed=seed)
+    noise = read_noise_control(noise_uni, test_keys)
     regressors["oracle"] = score_regressor(oracle, real_uni, test_keys, uni_stores, test_expression[:, hvgs],
-                                           n_boot, seed)
-    features["uni2h"] = {"real": str(real_uni), "generated": {r: str(p) for r, p in gen_uni.items()}}
-    impls += [train_uni.impls, *(store.impls for store in uni_stores.values())]
+                                           n_boot, seed, n_perm, noise)
+    features["uni2h"] = {"real": str(real_uni), "generated": {r: str(p) for r, p in gen_uni.items()},
+                         "noise_tiles": str(noise_uni) if noise_uni else None}
+    impls += [train_uni.impls, *(store.impls for store in [*uni_stores.values(), *noise.values()])]
 
     if real_midnight is not None:
         midnight_keys, midnight_stores = read_generated(gen_midnight)
@@ -481,31 +535,46 @@ def auc_document(
         train_midnight = read_features(real_midnight, train_keys)
         mlp = metrics.fit_midnight_mlp(train_midnight.embedding, train_expression[:, midnight_cols], ks=ks,
                                        hidden_layer_sizes=mlp_hidden, max_iter=mlp_max_iter, seed=seed)
+        noise = read_noise_control(noise_midnight, test_keys)
         regressors["midnight_mlp"] = score_regressor(mlp, real_midnight, test_keys, midnight_stores,
-                                                     test_expression[:, midnight_cols], n_boot, seed)
+                                                     test_expression[:, midnight_cols], n_boot, seed, n_perm, noise)
         regressors["midnight_mlp"]["genes"] = midnight_gene_set
-        features["midnight"] = {"real": str(real_midnight), "generated": {r: str(p) for r, p in gen_midnight.items()}}
-        impls += [train_midnight.impls, *(store.impls for store in midnight_stores.values())]
+        features["midnight"] = {"real": str(real_midnight), "generated": {r: str(p) for r, p in gen_midnight.items()},
+                                "noise_tiles": str(noise_midnight) if noise_midnight else None}
+        impls += [train_midnight.impls, *(store.impls for store in [*midnight_stores.values(), *noise.values()])]
 
     params = {"ks": list(ks), "pca": n_components, "mlp_hidden": list(mlp_hidden), "mlp_max_iter": mlp_max_iter,
-              "n_boot": n_boot, "seed": seed, "alpha": 0.05, "genes": "log1p CP10k of layers['counts'] (library size over all genes); Oracle: HVGs "
+              "n_boot": n_boot, "n_perm": n_perm, "seed": seed, "alpha": 0.05, "genes": "log1p CP10k of layers['counts'] (library size over all genes); Oracle: HVGs "
                        f"ranked by train variance; Midnight+MLP: {midnight_genes} genes ranked by train variance",
               "n_train": len(train_keys), "n_test": len(test_keys)}
     if real_midnight is not None:
         params["midnight_genes"] = midnight_gene_set
     inputs = [expression, split, real_uni, *gen_uni.values()]
     inputs += [real_midnight, *gen_midnight.values()] if real_midnight is not None else []
+    inputs += [path for path in (noise_uni, noise_midnight) if path is not None]
     return report.auc_json(model=model, cohort=cohort, regressors=regressors, features=features,
                            encoders=merge_impls(*impls), params=params, inputs=inputs)
 
 
+def read_noise_control(path: str | Path | None, test_keys: Sequence[str]) -> dict[str, FeatureSet]:
+    """{"noise_tiles": the noise-tile features of the test spots}, or {} without a store."""
+    return {} if path is None else {"noise_tiles": read_features(path, test_keys)}
+
+
 def score_regressor(regressor, real_path, test_keys, generated: Mapping[str, FeatureSet], test_expression,
-                    n_boot: int, seed: int) -> dict[str, Any]:
+                    n_boot: int, seed: int, n_perm: int = 1000,
+                    controls: Mapping[str, FeatureSet] | None = None) -> dict[str, Any]:
     real_test = read_features(real_path, test_keys)
     scored = metrics.transcriptomic_fidelity(regressor, test_expression, real_test.embedding,
-                                             {r: s.embedding for r, s in generated.items()}, n_boot=n_boot, seed=seed)
-    log.info("%s AUC: real %.4f, %s", regressor.name, scored["real"]["auc"],
-             ", ".join(f"{r} {v['auc']:.4f}" for r, v in scored["generated"].items()))
+                                             {r: s.embedding for r, s in generated.items()}, n_boot=n_boot, seed=seed,
+                                             n_perm=n_perm, controls={c: s.embedding for c, s in (controls or {}).items()})
+    null = scored["null"]["empirical"]
+    log.info("%s AUC: real %.4f, %s; null %.4f [%.4f, %.4f] over %d permutations", regressor.name,
+             scored["real"]["auc"], ", ".join(f"{r} {v['auc']:.4f}" for r, v in scored["generated"].items()),
+             null["auc"], null["lo"], null["hi"], null["n_perm"])
+    if "noise_tiles" in scored["null"]:
+        noise = scored["null"]["noise_tiles"]
+        log.info("%s AUC of noise tiles: %.4f [%.4f, %.4f]", regressor.name, noise["auc"], noise["lo"], noise["hi"])
     return scored
 
 
@@ -645,10 +714,14 @@ def _finish(out: Path, doc: Mapping[str, Any] | None, started: float, read: Iter
 
 def run_eval_features(args: argparse.Namespace) -> Path:
     started = time.perf_counter()
-    out = extract_features(args.images, args.out, args.encoder, args.impl, weights=args.weights,
-                           arch=parse_arch(args.arch_json), allow_hub=args.allow_hub, batch_size=args.batch_size,
-                           device=args.device, bf16=args.bf16)
-    _finish(args.out, None, started, [args.images])
+    options = dict(weights=args.weights, arch=parse_arch(args.arch_json), allow_hub=args.allow_hub,
+                   batch_size=args.batch_size, device=args.device, bf16=args.bf16)
+    if args.noise_tiles_for is not None:
+        out = extract_noise_features(args.noise_tiles_for, args.out, args.encoder, args.impl, split_name=args.split_name,
+                                     tile_size=args.tile_size, seed=args.seed, **options)
+    else:
+        out = extract_features(args.images, args.out, args.encoder, args.impl, **options)
+    _finish(args.out, None, started, [args.images or args.noise_tiles_for])
     return out
 
 
@@ -672,8 +745,10 @@ def run_auc(args: argparse.Namespace) -> dict:
                        real_midnight=args.real_midnight, gen_midnight=gen_midnight,
                        ks=parse_int_list(args.ks, "--ks"), n_components=args.pca,
                        mlp_hidden=parse_int_list(args.mlp_hidden, "--mlp-hidden"), mlp_max_iter=args.mlp_max_iter,
-                       n_boot=args.n_boot, seed=args.seed, midnight_genes=args.midnight_genes)
+                       n_boot=args.n_boot, seed=args.seed, midnight_genes=args.midnight_genes, n_perm=args.n_perm,
+                       noise_uni=args.noise_uni, noise_midnight=args.noise_midnight)
     read = [args.expression, args.split, args.real_uni, *gen_uni.values()]
+    read += [path for path in (args.noise_uni, args.noise_midnight) if path is not None]
     _finish(args.out, doc, started, read + ([args.real_midnight, *gen_midnight.values()] if args.real_midnight else []))
     return doc
 
@@ -702,7 +777,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="local weights path, or a hub id (needs --allow-hub)")
     p.add_argument("--arch-json", help="JSON object of architecture overrides (tests, custom sizes)")
     p.add_argument("--allow-hub", action="store_true", help="allow loading weights from the Hugging Face hub")
-    p.add_argument("--images", required=True, type=Path, help="store with spot_key and uint8 images")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="store with spot_key and uint8 images")
+    source.add_argument("--noise-tiles-for", type=Path, metavar="SPLIT",
+                        help="split parquet: encode a pure-noise tile for every spot of --split-name instead")
+    p.add_argument("--split-name", default=TEST, help="with --noise-tiles-for: the split whose spots get noise tiles")
+    p.add_argument("--tile-size", type=int, default=256, help="with --noise-tiles-for: tile side in px")
+    p.add_argument("--seed", type=int, default=42, help="with --noise-tiles-for: noise seed")
     p.add_argument("--out", required=True, type=Path, help="output feature store (.zarr)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -737,6 +818,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mlp-max-iter", type=int, default=200)
     p.add_argument("--midnight-genes", choices=MIDNIGHT_GENE_SETS, default="protein_coding",
                    help="genes Midnight+MLP regresses: protein-coding (paper D.4, var['protein_coding']) or all")
+    p.add_argument("--n-perm", type=int, default=1000,
+                   help="permutations of the spot correspondence for the measured null (Table 2 'Null' row)")
+    p.add_argument("--noise-uni", type=Path, help="UNI2-h features of noise tiles of the test spots (eval-features "
+                                                  "--noise-tiles-for): Table 2's noise-tile null")
+    p.add_argument("--noise-midnight", type=Path, help="Midnight features of the same noise tiles")
     _add_common(p)
     p.set_defaults(func=run_auc)
 

@@ -10,7 +10,8 @@ Evaluation JSON layouts (one file per model, cohort and metric; build them with 
 functions below and write them with `write_eval_json`, which checks the layout, so the producer
 and this report cannot drift). Regimes are "uni_ge", "uni", "ge", "uncond"; a model has the
 regimes it can be sampled in (a UNI-only baseline: "uni" only). An FID entry is what
-`stmdit.metrics.fid_bootstrap` returns: {"point", "lo", "hi", "n_real", "n_gen", ...}.
+`stmdit.metrics.fid_bootstrap` returns: {"point", "mean", "lo", "hi", "n_boot", "n_real", "n_gen",
+...}; tables print the bootstrap mean with its percentile interval and the point next to it.
 
 results/eval/{model}/{cohort}/fid.json          Tables 1 and 4
     {"metric": "fid", "model", "cohort",
@@ -23,7 +24,10 @@ results/eval/{model}/{cohort}/auc.json          Table 2
      "regressors": {"oracle" | "midnight_mlp": {"ks": [k...],
          "real": {"curve": [r per k], "auc", "lo", "hi"},      (real test tiles: the ceiling)
          "generated": {regime: {"curve", "auc", "lo", "hi"}},
-         "null": {"by_construction": 0.0, "empirical": {"curve", "auc", "lo", "hi"}}}},
+         "null": {"by_construction": 0.0,
+                  "empirical": {"curve", "auc", "lo", "hi", "sd", "n_perm"},   (permutation null)
+                  "empirical_method": text,
+                  "noise_tiles": {"curve", "auc", "lo", "hi"}}}},   (when noise tiles were scored)
      "features": {...}, "encoders": {"uni2h": ..., "midnight": ...}, "provenance": {...}}
     (a regressor entry is what `stmdit.metrics.transcriptomic_fidelity` returns)
 results/eval/{model}/{cohort}/perturbation.json Table 5
@@ -295,9 +299,35 @@ def primary_regime(regimes: Iterable[str]) -> str | None:
     return next((r for r in ("uni_ge", "uni") if r in regimes), None)
 
 
+def fid_shown(entry: Mapping[str, Any] | None) -> float | None:
+    """The FID a table prints: the bootstrap mean (the paper's tables), or the point estimate for
+    an entry without resamples (or from before "mean" was written)."""
+    entry = entry or {}
+    return entry["mean"] if entry.get("mean") is not None else entry.get("point")
+
+
 def _fid_cells(prefix: str, entry: Mapping[str, Any] | None) -> dict[str, Any]:
     entry = entry or {}
-    return {prefix: entry.get("point"), f"{prefix} lo": entry.get("lo"), f"{prefix} hi": entry.get("hi")}
+    return {prefix: fid_shown(entry), f"{prefix} lo": entry.get("lo"), f"{prefix} hi": entry.get("hi"),
+            f"{prefix} point": entry.get("point")}
+
+
+def _fid_columns(prefix: str) -> list[str]:
+    return [prefix, f"{prefix} lo", f"{prefix} hi", f"{prefix} point"]
+
+
+def _fid_note(docs: Iterable[Mapping[str, Any]]) -> str:
+    """What the FID cells of a table are, from its documents' entries."""
+    entries = [e for doc in docs for e in (doc.get("regimes") or doc.get("conditions") or {}).values()]
+    n_boot = sorted({int(e["n_boot"]) for e in entries if e.get("mean") is not None and e.get("n_boot")})
+    note = ("FID on H0-mini features: bootstrap mean [95% percentile interval] over "
+            f"{'/'.join(map(str, n_boot)) or 'N'} spot-level resamples (the paper's statistic); (point x) = FID "
+            "of all spots, shown where it differs. Resampling with replacement duplicates spots, which inflates "
+            "FID, so the point can lie below the interval, while the mean lies inside it. Deltas use the "
+            "bootstrap means.")
+    if any(e.get("mean") is None and e.get("point") is not None for e in entries):
+        note += " Cells without resamples show the point estimate alone."
+    return note
 
 
 def _difference(a, b):
@@ -315,6 +345,7 @@ def _frame(n: int, records: list[dict], columns: list[str], docs: Iterable[dict]
         sources=[doc.get("source", f"{doc['model']}/{doc['cohort']}/{doc['metric']}") for doc in docs],
         notes=[],
         ci_columns=[],
+        point_columns=[],
         percent_columns={},
         formats={},
     )
@@ -332,26 +363,36 @@ def _fid_regime_table(n: int, index: Mapping[str, dict], rows: list[ModelRow]) -
             record.update(_fid_cells(column, regimes.get(regime)))
         record["Delta"] = _difference(record["UNI+GE"], record["UNI"])
         records.append(record)
-    columns = ["Model", "p"] + [c for col in regime_columns.values() for c in (col, f"{col} lo", f"{col} hi")] + ["Delta"]
+    columns = ["Model", "p"] + [c for col in regime_columns.values() for c in _fid_columns(col)] + ["Delta"]
     formats = {col: ".1f" for col in regime_columns.values()} | {"Delta": "+.1f"}
     return _frame(n, records, columns, index.values(), ci_columns=list(regime_columns.values()), formats=formats,
-                  notes=["Delta = FID(UNI+GE) - FID(UNI); FID on H0-mini features, 95% spot-level bootstrap CI."])
+                  point_columns=list(regime_columns.values()),
+                  notes=["Delta = FID(UNI+GE) - FID(UNI).", _fid_note(index.values())])
 
 
 def _auc_table(index: Mapping[str, dict], rows: list[ModelRow]) -> pd.DataFrame:
     ceiling_doc = next((index[row.model] for row in rows if row.model in index), None)
     notes = ["AUC = mean over k of the median per-gene Pearson r of the top-k genes (by train variance); "
-             "% = AUC / real-tile AUC."]
+             "% = AUC / real-tile AUC; [lo, hi] = 95% spot-level percentile bootstrap CI.",
+             "Null = measured, not assumed (the paper's null is 0 by construction): the real test tiles' "
+             "predictions scored with the spot correspondence permuted; mean over permutations and their "
+             "2.5-97.5 percentiles, i.e. the range a regressor without information about the spot scores "
+             "on these test spots: a model whose AUC lies inside it is indistinguishable from no information."]
     ceiling, null = {"Model": "Upper bound (real tiles)"}, {"Model": "Null"}
+    noise = {"Model": "Null (noise tiles)"}
     for name, column in REGRESSORS.items():
         entry = (ceiling_doc or {}).get("regressors", {}).get(name)
         ceiling.update(_auc_cells(column, entry["real"] if entry else None, entry["real"]["auc"] if entry else None))
-        null[column] = 0.0 if entry else None
+        null.update(_auc_cells(column, entry["null"]["empirical"] if entry else None, None))
+        noise.update(_auc_cells(column, entry["null"].get("noise_tiles") if entry else None, None))
         if entry:
-            empirical = entry["null"]["empirical"]
-            notes.append(f"{column}: k = {entry['ks']}; empirical null (shuffled test features) AUC "
-                         f"{empirical['auc']:.3f}; ceiling and null from {ceiling_doc['model']}.")
+            method = entry["null"].get("empirical_method", "shuffled test features")
+            notes.append(f"{column}: k = {entry['ks']}; null: {method}; ceiling and null from {ceiling_doc['model']}.")
     records = [ceiling, null]
+    if any(noise[column] is not None for column in REGRESSORS.values()):
+        records.append(noise)
+        notes.append("Null (noise tiles): uniform-noise RGB tiles of the test spots through the same encoders and "
+                     "regressors, with their bootstrap CI.")
     for row in rows:
         regressors = index.get(row.model, {}).get("regressors", {})
         record = {"Model": row.name}
@@ -378,7 +419,7 @@ def _ood_table(index: Mapping[str, dict], rows: list[ModelRow]) -> pd.DataFrame:
     def point(model: str | None, regime: str | None = None):
         regimes = index.get(model, {}).get("regimes", {}) if model else {}
         regime = regime or primary_regime(regimes)
-        return regimes.get(regime, {}).get("point") if regime else None
+        return fid_shown(regimes.get(regime)) if regime else None
 
     records = []
     for row in rows:
@@ -388,12 +429,12 @@ def _ood_table(index: Mapping[str, dict], rows: list[ModelRow]) -> pd.DataFrame:
         record["Delta_baseline"] = _difference(point(row.baseline), record["FID"]) if row.baseline else None
         record["Delta_OOD(GE)"] = _difference(point(row.model, "uni"), point(row.model, "uni_ge"))
         records.append(record)
-    columns = ["Model", "FID", "FID lo", "FID hi", "Delta_baseline", "Delta_OOD(GE)"]
+    columns = ["Model", *_fid_columns("FID"), "Delta_baseline", "Delta_OOD(GE)"]
     cohorts = sorted({doc["cohort"] for doc in index.values()})
-    return _frame(3, records, columns, index.values(), ci_columns=["FID"],
+    return _frame(3, records, columns, index.values(), ci_columns=["FID"], point_columns=["FID"],
                   formats={"FID": ".1f", "Delta_baseline": "+.1f", "Delta_OOD(GE)": "+.1f"},
                   notes=[f"Cohort {', '.join(cohorts) or '-'}; Delta_baseline = FID(sampler-matched no-GE baseline) - "
-                         "FID(model); Delta_OOD = FID(UNI) - FID(UNI+GE)."])
+                         "FID(model); Delta_OOD = FID(UNI) - FID(UNI+GE).", _fid_note(index.values())])
 
 
 def _perturbation_table(index: Mapping[str, dict], rows: list[ModelRow]) -> pd.DataFrame:
@@ -441,11 +482,11 @@ def _swap_table(index: Mapping[str, dict], rows: list[ModelRow]) -> pd.DataFrame
         record.update(_fid_cells("Visium-cond", conditions.get("visium")))
         record["Delta"] = _difference(record["Visium-cond"], record["DeepSpot-cond"])
         records.append(record)
-    columns = ["Architecture", "DeepSpot-cond", "DeepSpot-cond lo", "DeepSpot-cond hi",
-               "Visium-cond", "Visium-cond lo", "Visium-cond hi", "Delta"]
+    columns = ["Architecture", *_fid_columns("DeepSpot-cond"), *_fid_columns("Visium-cond"), "Delta"]
     return _frame(6, records, columns, index.values(), ci_columns=["DeepSpot-cond", "Visium-cond"],
+                  point_columns=["DeepSpot-cond", "Visium-cond"],
                   formats={"DeepSpot-cond": ".1f", "Visium-cond": ".1f", "Delta": "+.1f"},
-                  notes=["Delta = FID(Visium-cond) - FID(DeepSpot-cond)."])
+                  notes=["Delta = FID(Visium-cond) - FID(DeepSpot-cond).", _fid_note(index.values())])
 
 
 def build_table(n: int, eval_jsons: Iterable, model_rows: Iterable, cohort: str | None = None) -> pd.DataFrame:
@@ -493,9 +534,13 @@ def _format_p(value) -> str:
 
 
 def markdown_cells(df: pd.DataFrame) -> pd.DataFrame:
-    """Display strings: CI columns as `291.5 [285.0, 298.1]`, percentages appended, "-" if missing."""
+    """Display strings: CI columns as `291.5 [285.0, 298.1]`, FID columns with their point estimate
+    appended when it differs from the shown value (`292.4 [285.0, 298.1] (point 291.5)`),
+    percentages appended, "-" if missing."""
     attrs = df.attrs
+    point_columns = attrs.get("point_columns", [])
     hidden = {f"{c} {suffix}" for c in attrs["ci_columns"] for suffix in ("lo", "hi")}
+    hidden |= {f"{c} point" for c in point_columns}
     hidden |= set(attrs["percent_columns"].values())
     out = pd.DataFrame(index=df.index)
     for column in df.columns:
@@ -513,6 +558,10 @@ def markdown_cells(df: pd.DataFrame) -> pd.DataFrame:
                 lo, hi = df.at[i, f"{column} lo"], df.at[i, f"{column} hi"]
                 if not (_is_missing(lo) or _is_missing(hi)):
                     text += f" [{_format_number(lo, spec)}, {_format_number(hi, spec)}]"
+            if text != "-" and column in point_columns:
+                point = df.at[i, f"{column} point"]
+                if not _is_missing(point) and _format_number(point, spec) != _format_number(value, spec):
+                    text += f" (point {_format_number(point, spec)})"
             percent_column = attrs["percent_columns"].get(column)
             if text != "-" and percent_column and not _is_missing(df.at[i, percent_column]):
                 text += f" ({df.at[i, percent_column]:.0f}%)"
@@ -592,7 +641,8 @@ def _display_names(model_rows: Iterable | None) -> dict[str, str]:
 
 def plot_per_tissue_fid(fid_docs: Sequence[Mapping], png_path: str | Path, regime: str = "uni_ge",
                         model_rows: Iterable | None = None) -> None:
-    """Grouped bars: FID per tissue label (x) and model (bars), with bootstrap CIs when present."""
+    """Grouped bars: FID per tissue label (x) and model (bars): the bootstrap mean with its
+    percentile interval when resampled (else the point estimate), as in the tables."""
     plt = _pyplot()
     names = _display_names(model_rows)
     docs = [d for d in fid_docs if regime in d.get("per_tissue", {})]
@@ -604,7 +654,8 @@ def plot_per_tissue_fid(fid_docs: Sequence[Mapping], png_path: str | Path, regim
     for i, doc in enumerate(docs):
         entries = doc["per_tissue"][regime]["labels"]
         x = np.arange(len(labels)) + (i - (len(docs) - 1) / 2) * width
-        heights = [entries.get(label, {}).get("point", np.nan) for label in labels]
+        heights = [fid_shown(entries.get(label)) for label in labels]
+        heights = [np.nan if height is None else height for height in heights]
         errors = [[_err(entries.get(label), "lo") for label in labels], [_err(entries.get(label), "hi") for label in labels]]
         ax.bar(x, heights, width, yerr=errors, capsize=2, label=names.get(doc["model"], doc["model"]))
     ax.set_xticks(np.arange(len(labels)), labels, rotation=30, ha="right")
@@ -616,7 +667,7 @@ def plot_per_tissue_fid(fid_docs: Sequence[Mapping], png_path: str | Path, regim
 def _err(entry: Mapping | None, side: str) -> float:
     if not entry or entry.get(side) is None:
         return 0.0
-    return abs(entry["point"] - entry[side])
+    return abs(fid_shown(entry) - entry[side])
 
 
 def plot_auc_curves(auc_docs: Sequence[Mapping], png_path: str | Path, regressor: str = "oracle",
@@ -631,7 +682,7 @@ def plot_auc_curves(auc_docs: Sequence[Mapping], png_path: str | Path, regressor
     fig, ax = plt.subplots(figsize=(5, 3.5))
     first = docs[0]["regressors"][regressor]
     ax.plot(first["ks"], first["real"]["curve"], "k--", marker="o", label="real tiles")
-    ax.plot(first["ks"], first["null"]["empirical"]["curve"], ":", color="grey", label="null (shuffled)")
+    ax.plot(first["ks"], first["null"]["empirical"]["curve"], ":", color="grey", label="null (permuted spots)")
     for doc in docs:
         entry = doc["regressors"][regressor]
         regime = primary_regime(entry["generated"])

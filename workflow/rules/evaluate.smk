@@ -30,6 +30,37 @@ rule eval_features:
         " --out {output} --batch-size {params.batch_size} --device {params.device} > {log} 2>&1"
 
 
+rule noise_features:
+    # Table 2's noise-tile null: pure-noise tiles of the test spots through an evaluation encoder.
+    input:
+        split="results/splits/{cohort}.parquet",
+    output:
+        directory("results/controls/{cohort}/noise_{encoder}.zarr"),
+    params:
+        encoder_args=eval_encoder_args,
+        tile_size=config["spots"]["patch_size"],
+        seed=config["evaluate"]["seed"],
+        batch_size=config["features"]["batch_size"],
+        device=config["features"]["device"],
+    wildcard_constraints:
+        encoder="|".join(EVAL_ENCODERS),
+    log:
+        "results/controls/{cohort}/noise_{encoder}.log",
+    benchmark:
+        "results/benchmarks/controls/{cohort}/noise_{encoder}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        runtime=lambda wildcards, attempt: 60 * attempt,
+    conda:
+        CONDA_GPU
+    shell:
+        "python -m stmdit eval-features --encoder {wildcards.encoder} {params.encoder_args}"
+        " --noise-tiles-for {input.split} --split-name test --tile-size {params.tile_size} --seed {params.seed}"
+        " --out {output} --batch-size {params.batch_size} --device {params.device} > {log} 2>&1"
+
+
 rule fid:
     input:
         real="results/features/{cohort}/h0mini.zarr",
@@ -120,6 +151,8 @@ rule auc:
         split="results/splits/{cohort}.parquet",
         real_uni="results/features/{cohort}/uni2h.zarr",
         real_midnight="results/features/{cohort}/midnight.zarr",
+        noise_uni="results/controls/{cohort}/noise_uni2h.zarr",
+        noise_midnight="results/controls/{cohort}/noise_midnight.zarr",
         gen_uni=lambda wildcards: list(regime_stores(wildcards.model, wildcards.cohort, "uni2h").values()),
         gen_midnight=lambda wildcards: list(regime_stores(wildcards.model, wildcards.cohort, "midnight").values()),
     output:
@@ -132,7 +165,8 @@ rule auc:
         mlp_hidden=",".join(map(str, config["evaluate"]["mlp_hidden"])),
         mlp_max_iter=config["evaluate"]["mlp_max_iter"],
         midnight_genes=config["gene_sets"]["midnight_mlp"],
-        n_boot=config["evaluate"]["n_boot"],
+        n_boot=config["evaluate"]["auc_n_boot"],
+        n_perm=config["evaluate"]["null_n_perm"],
         seed=config["evaluate"]["seed"],
     log:
         "results/eval/{model}/{cohort}/auc.log",
@@ -147,8 +181,10 @@ rule auc:
     shell:
         "python -m stmdit auc --expression {input.expression} --split {input.split} --real-uni {input.real_uni}"
         " --gen-uni {params.gen_uni} --real-midnight {input.real_midnight} --gen-midnight {params.gen_midnight}"
+        " --noise-uni {input.noise_uni} --noise-midnight {input.noise_midnight}"
         " --ks {params.ks} --pca {params.pca} --mlp-hidden {params.mlp_hidden} --mlp-max-iter {params.mlp_max_iter}"
-        " --midnight-genes {params.midnight_genes} --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort}"
+        " --midnight-genes {params.midnight_genes} --n-boot {params.n_boot} --n-perm {params.n_perm} --seed {params.seed}"
+        " --model {wildcards.model} --cohort {wildcards.cohort}"
         " --out {output} > {log} 2>&1"
 
 
