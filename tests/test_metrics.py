@@ -352,3 +352,17 @@ def test_subsample_keys_and_deltas():
     assert metrics.subsample_keys(keys[:50]) == keys[:50]
     assert metrics.delta_baseline(747.1, 663.8) == pytest.approx(83.3)
     assert metrics.delta_ood(fid_uni=783.3 - 10.5, fid_uni_ge=783.3) == pytest.approx(-10.5)
+
+
+@pytest.mark.parametrize("n, m", [(40, 55), (300, 250)])
+def test_fid_from_features_equals_fid_from_covariances(n, m):
+    """Fewer spots than dimensions takes the n x m path, more the d x d path: one distance."""
+    rng = np.random.default_rng(3)
+    mixing = rng.standard_normal((64, 64))
+    real = rng.standard_normal((n, 64)) @ mixing
+    gen = rng.standard_normal((m, 64)) @ mixing * 1.3 + 0.5
+    statistics = metrics.feature_statistics
+    from_covariances = metrics.frechet_distance(*statistics(real), *statistics(gen))
+    assert metrics.frechet_distance_of_features(real, gen) == pytest.approx(from_covariances, rel=1e-6)
+    assert metrics.fid(real, gen) == pytest.approx(from_covariances, rel=1e-6)
+    assert metrics.fid(real, real) == pytest.approx(0.0, abs=1e-6 * from_covariances)

@@ -41,6 +41,7 @@ OOD (Table 3)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Hashable, Mapping, Sequence
 
@@ -135,11 +136,29 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(max(distance, 0.0))
 
 
+def frechet_distance_of_features(real: np.ndarray, gen: np.ndarray) -> float:
+    """The Frechet distance of the two sets' Gaussians, computed from the centred features A, B
+    instead of their d x d covariances: S1 S2 has the same non-zero eigenvalues as
+    (A B^T)(A B^T)^T / ((n-1)(m-1)), so Tr sqrt(S1 S2) is the sum of the singular values of
+    A B^T / sqrt((n-1)(m-1)). Exact, and an n x m problem instead of a d x d one."""
+    real, gen = np.asarray(real, np.float64), np.asarray(gen, np.float64)
+    n, m = len(real), len(gen)
+    a, b = real - real.mean(axis=0), gen - gen.mean(axis=0)
+    diff = real.mean(axis=0) - gen.mean(axis=0)
+    singular_values = np.linalg.svd(a @ b.T / math.sqrt((n - 1) * (m - 1)), compute_uv=False)
+    distance = diff @ diff + (a * a).sum() / (n - 1) + (b * b).sum() / (m - 1) - 2.0 * singular_values.sum()
+    return float(max(distance, 0.0))
+
+
 def fid(real_features: np.ndarray, gen_features: np.ndarray) -> float:
-    """Frechet Inception-style distance between two feature sets (any dim; H0-mini: 768)."""
+    """Frechet Inception-style distance between two feature sets (any dim; H0-mini: 768). With
+    fewer spots than dimensions (the demo, per-tissue FID, bootstrap replicates of small test
+    sets) it is computed from the features themselves, else from the covariances; both exact."""
     real = as_feature_matrix(real_features, name="real features")
     gen = as_feature_matrix(gen_features, name="generated features")
     _check_same_dim(real, gen, "FID")
+    if min(len(real), len(gen)) <= real.shape[1]:
+        return frechet_distance_of_features(real, gen)
     return frechet_distance(*feature_statistics(real), *feature_statistics(gen))
 
 
