@@ -97,6 +97,7 @@ def gpus_in(tres: str) -> int:
 
 
 TARGET = "results/tables/table6.md"  # every stage kind: data half, PTPL, train, sample, eval, report
+E2E_CONFIG = ("--configfile", "config.yaml", "tests/e2e/config.yaml")  # the demo at plumbing size
 
 
 def run_snakemake(work: Path, *args: str) -> tuple[subprocess.CompletedProcess, str]:
@@ -129,7 +130,7 @@ def slurm_demo(tmp_path_factory, demo_image):
     assert (work / "slurm").is_symlink()
     (work / "resources").mkdir(exist_ok=True)
     shutil.copy(demo_image, work / "resources" / "cmu_small_region.svs")
-    _, log = run_snakemake(work, TARGET)
+    _, log = run_snakemake(work, TARGET, *E2E_CONFIG)
     return work, log
 
 
@@ -174,9 +175,9 @@ def test_training_longer_than_a_job_finishes_across_resubmissions(slurm_demo):
     work, _ = slurm_demo
     override = work / "chained.yaml"
     override.write_text("train:\n  settings: {steps: 800, margin_s: 90, checkpoint_every: 1000, val_every: 1000}\n")
-    model = work / "results" / "models" / "PixCell-B"
+    model = work / "results" / "models" / "PixCell-Flow-B"
     _, log = run_snakemake(
-        work, str(model.relative_to(work) / "ema.safetensors"), "--configfile", "config.yaml", str(override),
+        work, str(model.relative_to(work) / "ema.safetensors"), *E2E_CONFIG, str(override),
         "--set-resources", "train:runtime=2", "train:slurm_partition=gpu",
     )
     run_id = re.search(r"SLURM run ID: (\S+)", log)[1]

@@ -18,6 +18,7 @@ from stmdit.visium import read_rgb_image, read_space_ranger
 
 REPO = Path(__file__).resolve().parents[1]
 ROOT = "results/resources/demo"
+REGION_PX = 1600  # the end-to-end tests' cohort (tests/e2e/); `make demo` uses whole-image slides
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -29,11 +30,11 @@ def _digest(folder: Path) -> dict[str, str]:
 def demo(tmp_path_factory, demo_image):
     work = tmp_path_factory.mktemp("demo")
     sheet = work / "samples.tsv"
-    shutil.copy(REPO / "workflow" / "demo" / "samples.tsv", sheet)
+    shutil.copy(REPO / "tests" / "e2e" / "samples.tsv", sheet)
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        build_demo(sheet, demo_image, seed=0, n_genes=600)
+        build_demo(sheet, demo_image, seed=0, n_genes=600, region_px=REGION_PX)
     finally:
         os.chdir(cwd)
     return work
@@ -59,7 +60,7 @@ def test_every_sheet_file_exists_and_layouts_alternate(demo):
 def test_same_seed_same_files(demo, tmp_path, demo_image, monkeypatch):
     shutil.copy(demo / "samples.tsv", tmp_path / "samples.tsv")
     monkeypatch.chdir(tmp_path)
-    build_demo(tmp_path / "samples.tsv", demo_image, seed=0, n_genes=600)
+    build_demo(tmp_path / "samples.tsv", demo_image, seed=0, n_genes=600, region_px=REGION_PX)
     assert _digest(tmp_path / ROOT) == _digest(demo / ROOT)
 
 

@@ -82,12 +82,14 @@ def test_a_gene_set_without_its_list_stops_before_any_job():
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, demo_image):
-    """The default config, copied into a scratch checkout, runs every planned job."""
+    """The demo's stages and models at plumbing size (tests/e2e/config.yaml over config.yaml), in a
+    scratch checkout, run every planned job."""
     work = tmp_path / "repo"
     shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(".venv", "results", ".snakemake", ".git", "*.svs"))
     (work / "resources").mkdir(exist_ok=True)
     shutil.copy(demo_image, work / "resources" / "cmu_small_region.svs")
-    result = snakemake("--cores", "2", "all", cwd=work)
+    layered = ("--configfile", "config.yaml", "tests/e2e/config.yaml")
+    result = snakemake("--cores", "2", "all", *layered, cwd=work)
     assert result.returncode == 0, result.stderr[-5000:]
     results = work / "results"
 
@@ -109,12 +111,12 @@ def test_demo_runs_end_to_end(tmp_path, demo_image):
     assert all("donor_C" not in f["train_donors"] for f in [*plan["folds"], plan["all_training_donors"]])
     gene_sets = json.loads((results / "expression" / "demo_gene_sets.json").read_text())["gene_sets"]
     assert gene_sets["protein_coding"]["protein_coding"] == 594 and gene_sets["protein_coding"]["list_genes"] == 19281
-    model = results / "models" / "XAttn-PMA-p05"
+    model = results / "models" / "XAttn-PMA-Flow-p05"
     assert (model / "ema.safetensors").exists() and (model / "train_log.csv").exists()
     assert "stalled" in json.loads((model / "training.json").read_text())["loss_check"]
-    assert (results / "figures" / "loss_curves" / "XAttn-PMA-p05.png").stat().st_size > 0
+    assert (results / "figures" / "loss_curves" / "XAttn-PMA-Flow-p05.png").stat().st_size > 0
     assert (results / "figures" / "per_tissue_fid.png").exists()
     assert (results / "figures" / "matched_spots.png").exists()
     # a second run has nothing to do
-    again = snakemake("--cores", "2", "all", "-n", cwd=work)
+    again = snakemake("--cores", "2", "all", "-n", *layered, cwd=work)
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 SOURCE_MPP = 0.499  # um/px of CMU-1-Small-Region
 SPOT_DIAMETER_UM = 55.0
 SPOT_SPACING_UM = 100.0
-REGION_SIDE = 1600  # full-resolution px of one demo slide (about 0.8 x 0.8 mm, ~70 spots)
+SCALE_RANGE = (0.9, 1.1)  # tissue magnification jitter of a slide (the Visium geometry stays 55/100 um)
 HIRES_SIDE = 1000  # longest side of tissue_hires_image.png
 LOWRES_SIDE = 300  # longest side of tissue_lowres_image.png
 MIXED_FRACTION = 0.05
@@ -119,20 +119,37 @@ def from_concentrations(conc: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).reshape(conc.shape)
 
 
-def transformed_region(source: np.ndarray, rng: np.random.Generator, side: int) -> np.ndarray:
-    """A side x side crop of a rotated/flipped copy of `source`, with a mild stain jitter."""
+def transformed_region(source: np.ndarray, rng: np.random.Generator, side: int | None) -> np.ndarray:
+    """A rotated/flipped, slightly rescaled copy of `source` with a mild stain jitter: the whole
+    image when `side` is None, else a random side x side crop of it."""
     image = np.rot90(source, k=int(rng.integers(4)))
     if rng.random() < 0.5:
         image = image[:, ::-1]
+    scale = rng.uniform(*SCALE_RANGE)
     height, width = image.shape[:2]
-    if height < side or width < side:
-        raise ValueError(f"source image {width} x {height} is smaller than a {side} px demo region")
-    top, left = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
-    region = np.ascontiguousarray(image[top:top + side, left:left + side])
-    conc = stain_concentrations(region)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    height, width = image.shape[:2]
+    if side is not None:
+        if height < side or width < side:
+            raise ValueError(f"source image {width} x {height} is smaller than a {side} px demo region")
+        top, left = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
+        image = image[top:top + side, left:left + side]
+    conc = stain_concentrations(np.ascontiguousarray(image))
     conc[..., 0] *= rng.uniform(0.9, 1.1)  # hematoxylin intensity
     conc[..., 1] *= rng.uniform(0.9, 1.1)  # eosin intensity
     return from_concentrations(conc)
+
+
+def offset_grid(height: int, width: int, rng: np.random.Generator) -> pd.DataFrame:
+    """The Visium grid of a height x width slide, its origin shifted by a random lattice offset (so
+    slides of the same tissue sample different spot positions)."""
+    diameter_px, spacing_px = SPOT_DIAMETER_UM / SOURCE_MPP, SPOT_SPACING_UM / SOURCE_MPP
+    dy, dx = rng.uniform(0, spacing_px * math.sqrt(3)), rng.uniform(0, spacing_px)
+    grid = hex_grid(int(height - dy), int(width - dx), diameter_px, spacing_px)
+    grid["pxl_row"] += dy
+    grid["pxl_col"] += dx
+    return grid
 
 
 def downscaled(image: np.ndarray, longest_side: int) -> tuple[np.ndarray, float]:
@@ -273,28 +290,29 @@ def write_positions(path: Path, positions: pd.DataFrame, with_header: bool) -> N
 # --------------------------------------------------------------------------------------------
 
 
-def slide_region(row: pd.Series, source: np.ndarray, seed: int):
+def slide_region(row: pd.Series, source: np.ndarray, seed: int, region_px: int | None):
     """(image, spot grid, morphology scores, rng) of one demo slide; the same every call."""
     rng = _rng(seed, "slide", row["sample"])
-    image = transformed_region(source, rng, REGION_SIDE)
+    image = transformed_region(source, rng, region_px)
     diameter_px = SPOT_DIAMETER_UM / SOURCE_MPP
-    grid = hex_grid(REGION_SIDE, REGION_SIDE, diameter_px, SPOT_SPACING_UM / SOURCE_MPP)
+    grid = offset_grid(*image.shape[:2], rng)
     grid["barcode"] = barcodes(len(grid), rng)
     return image, grid, morphology_scores(image, grid, diameter_px), rng
 
 
-def cohort_reference(rows: pd.DataFrame, source: np.ndarray, seed: int) -> tuple[pd.Series, pd.Series]:
+def cohort_reference(rows: pd.DataFrame, source: np.ndarray, seed: int,
+                     region_px: int | None) -> tuple[pd.Series, pd.Series]:
     """Mean and std of the morphology scores over the in-tissue spots of all demo Visium slides:
     expression follows the same image features on every slide (not slide-relative ones)."""
-    scores = [slide_region(row, source, seed)[2] for _, row in rows.iterrows()]
+    scores = [slide_region(row, source, seed, region_px)[2] for _, row in rows.iterrows()]
     tissue = pd.concat([s[s["background"] < IN_TISSUE_BACKGROUND] for s in scores])[list(SCORES)]
     return tissue.mean(), tissue.std(ddof=0)
 
 
 def make_visium_slide(row: pd.Series, index: int, source: np.ndarray, model: GeneModel,
-                      donor_effect: np.ndarray, seed: int,
+                      donor_effect: np.ndarray, seed: int, region_px: int | None,
                       reference: tuple[pd.Series, pd.Series] | None = None) -> dict[str, int]:
-    image, grid, scores, rng = slide_region(row, source, seed)
+    image, grid, scores, rng = slide_region(row, source, seed, region_px)
     diameter_px = SPOT_DIAMETER_UM / SOURCE_MPP
     in_tissue = scores["background"].to_numpy() < IN_TISSUE_BACKGROUND
     grid["in_tissue"] = in_tissue.astype(int)
@@ -334,9 +352,9 @@ def make_visium_slide(row: pd.Series, index: int, source: np.ndarray, model: Gen
     return {"spots": int(len(grid)), "in_tissue": int(len(tissue))}
 
 
-def make_he_slide(row: pd.Series, source: np.ndarray, seed: int) -> None:
+def make_he_slide(row: pd.Series, source: np.ndarray, seed: int, region_px: int | None) -> None:
     rng = _rng(seed, "slide", row["sample"])
-    image = transformed_region(source, rng, REGION_SIDE)
+    image = transformed_region(source, rng, region_px)
     write_rgb(Path(row["path"]), image)
     log.info("%s: H&E-only slide %s (%d x %d px)", row["sample"], row["path"], image.shape[1], image.shape[0])
 
@@ -352,7 +370,9 @@ def demo_rows(sheet: pd.DataFrame, root: str) -> pd.DataFrame:
 
 
 def build_demo(sheet_path: Path, source_image: Path, seed: int, n_genes: int,
-               root: str = "results/resources/demo") -> dict:
+               root: str = "results/resources/demo", region_px: int | None = None) -> dict:
+    """Every demo file of the sheet; `region_px` None makes each slide the whole (transformed)
+    source image, an integer a random square crop of that side."""
     sheet = load_sample_sheet(sheet_path)
     rows = demo_rows(sheet, root)
     if rows.empty:
@@ -363,18 +383,19 @@ def build_demo(sheet_path: Path, source_image: Path, seed: int, n_genes: int,
     model = GeneModel.make(genes, _rng(seed, "genes"))
     donors = sorted(set(rows.loc[rows["kind"] == "visium", "donor"]))
     donor_effects = {d: _rng(seed, "donor", d).normal(0.0, DONOR_EFFECT_SD, len(genes)) for d in donors}
-    reference = cohort_reference(rows[rows["kind"] == "visium"], source, seed)
+    reference = cohort_reference(rows[rows["kind"] == "visium"], source, seed, region_px)
     summary = {}
     visium_index = 0
     for _, row in rows.iterrows():
         if row["kind"] == "visium":
             summary[row["sample"]] = make_visium_slide(row, visium_index, source, model, donor_effects[row["donor"]],
-                                                       seed, reference)
+                                                       seed, region_px, reference)
             visium_index += 1
         else:
-            make_he_slide(row, source, seed)
+            make_he_slide(row, source, seed, region_px)
             summary[row["sample"]] = {"kind": "he"}
-    meta = provenance("demo-data", {"seed": seed, "n_genes": n_genes}, [sheet_path, source_image])
+    meta = provenance("demo-data", {"seed": seed, "n_genes": n_genes, "region_px": region_px},
+                      [sheet_path, source_image])
     meta["slides"] = summary
     with atomic_path(Path(root) / "demo.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -388,4 +409,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-genes", type=int, default=600)
     p.add_argument("--root", default="results/resources/demo", help="the demo's files lie under this folder")
-    p.set_defaults(func=lambda a: build_demo(a.samples, a.source_image, a.seed, a.n_genes, a.root))
+    p.add_argument("--region-px", type=int, default=None,
+                   help="side of a random square crop per slide (default: the whole transformed image)")
+    p.set_defaults(func=lambda a: build_demo(a.samples, a.source_image, a.seed, a.n_genes, a.root, a.region_px))

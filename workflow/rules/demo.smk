@@ -28,6 +28,7 @@ if demo_outputs():
         params:
             seed=config["demo"]["seed"],
             n_genes=config["demo"]["n_genes"],
+            region=(f"--region-px {config['demo']['region_px']}" if config["demo"]["region_px"] else ""),
         log:
             "results/resources/demo/demo_data.log",
         benchmark:
@@ -36,4 +37,4 @@ if demo_outputs():
             CONDA_CPU
         shell:
             "python -m stmdit demo-data --samples {input.sheet} --source-image {input.source_image}"
-            " --seed {params.seed} --n-genes {params.n_genes} > {log} 2>&1"
+            " --seed {params.seed} --n-genes {params.n_genes} {params.region} > {log} 2>&1"
