@@ -19,7 +19,10 @@ $(DEMO_IMAGE): | $(STAMP)
 	$(PY) -m stmdit fetch-demo-image --out $(DEMO_IMAGE)
 
 demo: $(STAMP) $(DEMO_IMAGE)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake --cores $(CORES) all
+	start=$$(date +%s); \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake --cores $(CORES) all && \
+	$(PY) -m stmdit demo-checks --results results && \
+	echo "make demo: the workflow took $$(( $$(date +%s) - start )) s"
 
 test: $(STAMP) $(DEMO_IMAGE)
 	$(VENV)/bin/python -m pytest

@@ -39,6 +39,8 @@ COMMANDS = {
     "figure": "stmdit.report",
     "bench": "stmdit.bench",
     "preflight": "stmdit.preflight",
+    "loss-curve": "stmdit.report",
+    "demo-checks": "stmdit.demo_checks",
 }
 
 log = logging.getLogger("stmdit")

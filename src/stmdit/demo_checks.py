@@ -1,0 +1,137 @@
+"""What `make demo` prints at the end: whether the demo's own numbers show the models learning,
+and how long each stage took.
+
+    stmdit demo-checks --results results --cohort demo [--strict]
+
+The checks read the evaluation JSONs the workflow wrote (`eval/{model}/{cohort}/fid.json`,
+`auc.json`); each names the numbers it compared. FID intervals are the spot-level bootstrap's
+95% percentile intervals; "below" means the two intervals are disjoint. `--strict` exits 1 when a
+check fails. Stage times are the sums of the jobs' wall-clock seconds from
+`benchmarks/` (jobs may have run side by side, so they add up to more than the run took).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def _interval(entry: dict) -> str:
+    centre = entry.get("mean", entry.get("auc", entry.get("point")))
+    return f"{centre:.3f} [{entry['lo']:.3f}, {entry['hi']:.3f}]"
+
+
+def _below(a: dict, b: dict) -> bool:
+    """a's interval lies entirely below b's."""
+    return a["hi"] < b["lo"]
+
+
+def fid_checks(fid_files: dict[str, Path]) -> list[Check]:
+    checks = []
+    ge_beats_uncond = []
+    for model, path in sorted(fid_files.items()):
+        regimes = json.loads(path.read_text())["regimes"]
+        uncond = regimes["uncond"]
+        for regime in ("uni", "uni_ge"):
+            if regime in regimes:
+                checks.append(Check(f"{model}: FID({regime}) below FID(uncond)", _below(regimes[regime], uncond),
+                                    f"{_interval(regimes[regime])} vs {_interval(uncond)}"))
+        if "ge" in regimes:
+            ge_beats_uncond.append((model, _below(regimes["ge"], uncond), f"{_interval(regimes['ge'])}"))
+        for regime, entry in regimes.items():
+            if entry.get("mean") is not None:
+                inside = entry["lo"] <= entry["mean"] <= entry["hi"]
+                checks.append(Check(f"{model}: reported FID({regime}) lies in its interval", inside, _interval(entry)))
+    if ge_beats_uncond:
+        winners = [m for m, ok, _ in ge_beats_uncond if ok]
+        checks.append(Check("a GE model's FID(ge) below its FID(uncond)", bool(winners),
+                            "; ".join(f"{m}: {d}" for m, _, d in ge_beats_uncond)))
+    return checks
+
+
+def auc_checks(auc_files: dict[str, Path]) -> list[Check]:
+    checks = []
+    oracle_above_zero = []
+    for model, path in sorted(auc_files.items()):
+        regressors = json.loads(path.read_text())["regressors"]
+        oracle = regressors["oracle"]
+        if "uni_ge" in oracle["generated"]:
+            entry = oracle["generated"]["uni_ge"]
+            oracle_above_zero.append((model, entry["lo"] > 0, _interval(entry)))
+        for name, scored in regressors.items():
+            for null_name in ("empirical", "noise_tiles"):
+                null = scored.get("null", {}).get(null_name)
+                if null is None:
+                    continue
+                covers = null["lo"] <= 0 <= null["hi"]
+                checks.append(Check(f"{model}: {name} null ({null_name}) covers 0", covers, _interval(null)))
+    if oracle_above_zero:
+        checks.append(Check("a GE model's Oracle AUC of UNI+GE tiles above 0",
+                            any(ok for _, ok, _ in oracle_above_zero),
+                            "; ".join(f"{m}: {d}" for m, _, d in oracle_above_zero)))
+    return checks
+
+
+def learning_checks(results: Path, cohort: str) -> list[Check]:
+    fid_files = {p.parts[-3]: p for p in results.glob(f"eval/*/{cohort}/fid.json")}
+    auc_files = {p.parts[-3]: p for p in results.glob(f"eval/*/{cohort}/auc.json")}
+    if not fid_files:
+        return [Check("evaluation JSONs exist", False, f"no {results}/eval/*/{cohort}/fid.json")]
+    return fid_checks(fid_files) + auc_checks(auc_files)
+
+
+def stage_times(benchmarks: Path) -> pd.DataFrame:
+    """Jobs and summed wall-clock seconds per stage (the benchmark file's folder, or its name)."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for path in sorted(benchmarks.rglob("*.tsv")):
+        relative = path.relative_to(benchmarks)
+        stage = relative.parts[0] if len(relative.parts) > 1 and relative.parts[0] != "eval" else path.stem
+        try:
+            seconds = float(pd.read_csv(path, sep="\t")["s"].iloc[-1])
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+        totals[stage][0] += 1
+        totals[stage][1] += seconds
+    table = pd.DataFrame([(s, int(n), t) for s, (n, t) in totals.items()], columns=["stage", "jobs", "seconds"])
+    return table.sort_values("seconds", ascending=False, ignore_index=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    results = Path(args.results)
+    times = stage_times(results / "benchmarks")
+    print("\nTime per stage (sum of its jobs' wall-clock seconds):")
+    for row in times.itertuples():
+        print(f"  {row.stage:<32} {row.jobs:>4} jobs {row.seconds:>8.1f} s")
+    print(f"  {'all jobs':<32} {int(times['jobs'].sum()):>4} jobs {times['seconds'].sum():>8.1f} s")
+    checks = learning_checks(results, args.cohort)
+    print(f"\nDo the demo's models learn? ({args.cohort}: eval JSONs under {results}/eval/)")
+    for check in checks:
+        print(f"  [{'PASS' if check.passed else 'FAIL'}] {check.name}: {check.detail}")
+    failed = sum(not c.passed for c in checks)
+    print(f"  {len(checks) - failed} of {len(checks)} checks pass")
+    print(f"  Look at the grids too: {results}/figures/grid_*_{args.cohort}.png")
+    return 1 if failed and args.strict else 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo-checks", help="print whether the demo's numbers show learning, and stage times")
+    p.add_argument("--results", default="results")
+    p.add_argument("--cohort", default="demo")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a check fails")
+    p.set_defaults(func=lambda a: sys.exit(run(a)))
