@@ -60,7 +60,7 @@ def test_bad_config_stops_before_any_job(tmp_path):
 
 def test_bottlenecked_size_stops_before_any_job(tmp_path):
     bad = tmp_path / "bottleneck.yaml"
-    bad.write_text("train:\n  sizes:\n    tiny: {allow_bottleneck: false}\n")
+    bad.write_text("train:\n  size: tiny\n  sizes:\n    tiny: {allow_bottleneck: false}\n")
     result = snakemake("-n", "--configfile", "config.yaml", str(bad))
     assert result.returncode != 0
     assert "config key train.sizes.tiny" in result.stderr and "bottlenecked denoiser" in result.stderr
