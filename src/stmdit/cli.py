@@ -41,6 +41,8 @@ COMMANDS = {
     "preflight": "stmdit.preflight",
     "loss-curve": "stmdit.report",
     "demo-checks": "stmdit.demo_checks",
+    "virtual-sample": "stmdit.virtual.experiment",
+    "virtual-report": "stmdit.virtual.report",
 }
 
 log = logging.getLogger("stmdit")
