@@ -165,7 +165,7 @@ def experiment(tmp_path_factory):
     adata.var["highly_variable_rank"] = rank
     adata.var["highly_variable"] = True
     adata.write_h5ad(root / "expr.h5ad")
-    direct(features, "--encoder", "cancerfoundation", "--impl", "smoke", "--expression", root / "expr.h5ad",
+    direct(features, "features", "--encoder", "cancerfoundation", "--impl", "smoke", "--expression", root / "expr.h5ad",
            "--out", root / "cf.zarr", "--max-genes", 30, "--device", "cpu")
     write_feature_store(root / "uni2h.zarr", keys, [{"embedding": rng.standard_normal((n, 16)).astype(np.float32)}],
                         {"embedding": (16,)}, {})
@@ -219,7 +219,7 @@ def test_experiment_end_to_end(experiment, tmp_path):
     assert group.attrs["virtual"]["encoder"]["reencode_deviation"] < 1e-6
 
     out = tmp_path / "report"
-    direct(vrep, "--tiles", tiles, "--spots", *experiment["spots"], "--patches", *experiment["patches"],
+    direct(vrep, "virtual-report", "--tiles", tiles, "--spots", *experiment["spots"], "--patches", *experiment["patches"],
            "--h0mini-impl", "smoke", "--device", "cpu", "--n-boot", 100, "--summary", out / "summary.json",
            "--mosaics", out / "mosaics", "--montage", out / "montage.png", "--tile-px", 16, "--montage-tile-px", 32)
     summary = json.loads((out / "summary.json").read_text())
@@ -242,9 +242,16 @@ def test_bad_experiments_stop_with_one_line_and_no_output(experiment, tmp_path):
         ({"edit": "PTPRC*4", "spots": {"region": {"rows": [50, 60], "cols": [0, 1]}}}, None, "selection is empty"),
         ({"edit": "PTPRC**4"}, None, "malformed edit term"),
     ]
-    for spec, model, message in cases:
-        done = run_cli(*sample_argv(experiment, out, spec, model))
-        assert done.returncode == 2, done.stderr
-        error_lines = [line for line in done.stderr.splitlines() if "error:" in line]
-        assert len(error_lines) == 1 and message in error_lines[0], done.stderr
+    from stmdit.virtual import experiment as vexp
+
+    for i, (spec, model, message) in enumerate(cases):
+        if i == 0:  # through the CLI once: exit code 2 and one line on stderr
+            done = run_cli(*sample_argv(experiment, out, spec, model))
+            assert done.returncode == 2, done.stderr
+            error_lines = [line for line in done.stderr.splitlines() if "error:" in line]
+            assert len(error_lines) == 1 and message in error_lines[0], done.stderr
+        else:
+            with pytest.raises(InputError) as err:
+                direct(vexp, *sample_argv(experiment, out, spec, model))
+            assert message in str(err.value) and "\n" not in str(err.value)
         assert not out.exists() and not list(tmp_path.iterdir())

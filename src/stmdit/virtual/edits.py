@@ -151,27 +151,31 @@ def apply_edit(edit: Edit, counts: np.ndarray, genes: Sequence[str],
     `centroids`: label -> mean log1p CP10k profile (G,) for toward terms."""
     counts = np.asarray(counts, np.float64)
     x, totals = log1p_cp10k(counts)
+    edited = counts.copy()
     column = {g: i for i, g in enumerate(genes)}
-    touched = np.zeros(counts.shape[1], bool)
+
+    def counts_of(values: np.ndarray) -> np.ndarray:
+        return np.maximum(np.expm1(values) * totals / TARGET_SUM, 0.0)
+
     for term in edit.terms:
         if term.op == "toward":
             target = np.asarray(centroids[term.target], np.float64)
             x = x + term.amount * (target[None, :] - x)
-            touched[:] = True
+            edited = counts_of(x)
             continue
         cols = np.array([column[g] for g in term.genes])
-        touched[cols] = True
-        if term.op == "*":
-            x[:, cols] = np.log1p(np.expm1(x[:, cols]) * term.amount)
-        elif term.op == "+":
+        if term.op == "*":  # on the counts themselves: *1 is exact, so rank ties stay ties
+            edited[:, cols] = edited[:, cols] * term.amount
+            x[:, cols] = np.log1p(edited[:, cols] * TARGET_SUM / np.where(totals > 0, totals, 1.0))
+            continue
+        if term.op == "+":
             x[:, cols] = x[:, cols] + term.amount
         elif term.op == "-":
             x[:, cols] = np.maximum(x[:, cols] - term.amount, 0.0)
         else:
             x[:, cols] = term.amount
-    edited = counts.copy()
-    edited[:, touched] = np.expm1(x[:, touched]) * totals / TARGET_SUM
-    return np.maximum(edited, 0.0)
+        edited[:, cols] = counts_of(x[:, cols])
+    return edited
 
 
 def control_edit(edit: Edit, encoder_genes: Sequence[str], cohort_genes: Sequence[str], kind: str,
