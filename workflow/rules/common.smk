@@ -204,6 +204,7 @@ def all_targets():
     targets += expand("results/models/{model}/ema.safetensors", model=trained_models())
     targets += expand("results/tables/table{n}.md", n=TABLES)
     targets += report_figures()
+    targets += virtual_targets()
     return targets
 
 

@@ -312,7 +312,7 @@ def build_arms(spec: ExperimentSpec, cohort_genes: Sequence[str], encoder_genes:
             label = term.target.removesuffix("~shuffled")
             centroids[term.target] = shuffled_centroid(centroids[label], encoder_columns, spec.seed)
     arms.append(Arm(CONTROL, strongest.dose, control, control.text()))
-    return arms, {"kind": spec.control, "edit": control.text(), "description": description,
+    return arms, {"kind": spec.control, "edit": control.text(), "genes": list(control.genes), "description": description,
                   "of_arm": strongest.name}
 
 

@@ -266,8 +266,10 @@ def run_virtual_report(args: argparse.Namespace) -> None:
     attrs = dict(group.attrs)
     virtual = attrs["virtual"]
     arms = virtual["arms"]
+    from stmdit.features import parse_arch
+
     encoder = load_encoder("h0mini", args.h0mini_impl, weights=args.h0mini_weights, allow_hub=args.allow_hub,
-                           device=args.device)
+                           arch=parse_arch(args.h0mini_arch_json), device=args.device)
     embeddings = embed_tiles(group, encoder)
     changes = changes_by_arm(rows, embeddings)
     numbers = summarise(rows, changes, arms, args.n_boot, args.seed)
@@ -334,7 +336,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--spots", type=Path, nargs="+", required=True, help="spots tables of the cohort")
     p.add_argument("--patches", type=Path, nargs="+", required=True, help="patches stores of the cohort")
     p.add_argument("--h0mini-impl", choices=("smoke", "real"), default="smoke")
-    p.add_argument("--h0mini-weights")
+    p.add_argument("--h0mini-weights", help="H0-mini weights: local path, or hub id with --allow-hub")
+    p.add_argument("--h0mini-arch-json", help="JSON object of h0mini architecture overrides")
     p.add_argument("--allow-hub", action="store_true")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--n-boot", type=int, default=200)
