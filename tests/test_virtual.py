@@ -255,3 +255,22 @@ def test_bad_experiments_stop_with_one_line_and_no_output(experiment, tmp_path):
                 direct(vexp, *sample_argv(experiment, out, spec, model))
             assert message in str(err.value) and "\n" not in str(err.value)
         assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_generate_from_keys_equals_generate_from_the_same_expression_vector(experiment, tmp_path):
+    from stmdit.virtual import generate as vgen
+
+    root, key = experiment["root"], experiment["keys"][3]
+    adata = ad.read_h5ad(root / "expr.h5ad")
+    pd.DataFrame({"gene": adata.var_names, "count": np.asarray(adata[key].layers["counts"]).ravel()}).to_csv(
+        root / "vector.tsv", sep="\t", index=False)
+    common = ["generate", "--model-dir", experiment["model"], "--ge", root / "cf.zarr", "--vae-impl", "smoke",
+              "--steps", 3, "--device", "cpu", "--regime", "ge", "--edit", "PTPRC+3"]
+    direct(vgen, *common, "--expression", root / "expr.h5ad", "--keys", key, "--out-dir", tmp_path / "keys")
+    direct(vgen, *common, "--vector", root / "vector.tsv", "--noise-key", key, "--out-dir", tmp_path / "vector")
+    by_keys = zarr.open_group(str(tmp_path / "keys" / "tiles.zarr"), mode="r")
+    by_vector = zarr.open_group(str(tmp_path / "vector" / "tiles.zarr"), mode="r")
+    np.testing.assert_array_equal(by_keys["latent"][:], by_vector["latent"][:])
+    assert np.abs(by_keys["latent"][0] - by_keys["latent"][1]).max() > 1e-4  # the edit changed the tile
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["edited", "tiles.zarr", "unedited"]
+    assert (tmp_path / "vector" / "edited" / f"{key.replace(':', '_')}.png").is_file()

@@ -43,6 +43,7 @@ COMMANDS = {
     "demo-checks": "stmdit.demo_checks",
     "virtual-sample": "stmdit.virtual.experiment",
     "virtual-report": "stmdit.virtual.report",
+    "generate": "stmdit.virtual.generate",
 }
 
 log = logging.getLogger("stmdit")
