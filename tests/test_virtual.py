@@ -221,7 +221,7 @@ def test_experiment_end_to_end(experiment, tmp_path):
     out = tmp_path / "report"
     direct(vrep, "virtual-report", "--tiles", tiles, "--spots", *experiment["spots"], "--patches", *experiment["patches"],
            "--h0mini-impl", "smoke", "--device", "cpu", "--n-boot", 100, "--summary", out / "summary.json",
-           "--mosaics", out / "mosaics", "--montage", out / "montage.png", "--tile-px", 16, "--montage-tile-px", 32)
+           "--mosaics", out / "mosaics", "--mosaics-zarr", out / "mosaics.zarr", "--zarr-tile-px", 128, "--montage", out / "montage.png", "--tile-px", 16, "--montage-tile-px", 32)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["edited_arm"] == "dose=20" and summary["n_spots"] == 12
     assert summary["all_spots"]["control_mean"] == 0.0 and summary["all_spots"]["edit_mean"] > 0
@@ -231,6 +231,11 @@ def test_experiment_end_to_end(experiment, tmp_path):
     assert summary["dose_response"][0]["mean_change"] == 0.0
     assert sorted(p.name for p in (out / "mosaics").iterdir()) == ["s0.png", "s1.png"]
     assert (out / "montage.png").stat().st_size > 0
+    viewer = zarr.open_group(str(out / "mosaics.zarr"), mode="r")
+    ome = viewer["s0"].attrs["ome"]
+    levels = [viewer["s0"][d["path"]] for d in ome["multiscales"][0]["datasets"]]
+    assert ome["version"] == "0.5" and len(levels) >= 2 and levels[0].shape[0] == 3
+    assert levels[1].shape[1] == levels[0].shape[1] // 2 and levels[0].dtype == np.uint8
 
 
 def test_bad_experiments_stop_with_one_line_and_no_output(experiment, tmp_path):

@@ -121,6 +121,7 @@ rule virtual_report:
         mosaics=report(directory("results/virtual/{experiment}/mosaics"), patterns=["{slide}.png"],
                        category="Virtual experiments", subcategory="{experiment}",
                        caption="../report/virtual_mosaic.rst"),
+        mosaics_zarr=directory("results/virtual/{experiment}/mosaics.zarr"),
         montage=report("results/virtual/{experiment}/montage.png", category="Virtual experiments",
                        subcategory="{experiment}", caption="../report/virtual_montage.rst"),
     params:
@@ -148,4 +149,5 @@ rule virtual_report:
         "python -m stmdit virtual-report --tiles {input.tiles} --spots {input.spots} --patches {input.patches}"
         " {params.h0mini} --device {params.device} --n-boot {params.n_boot} --seed {params.seed}"
         " --tile-px {params.tile_px} --montage-tile-px {params.montage_tile_px} --per-class {params.per_class}"
-        " --summary {output.summary} --mosaics {output.mosaics} --montage {output.montage} > {log} 2>&1"
+        " --summary {output.summary} --mosaics {output.mosaics} --mosaics-zarr {output.mosaics_zarr}"
+        " --montage {output.montage} > {log} 2>&1"

@@ -237,6 +237,34 @@ def montage(keys: Sequence[str], labels: pd.Series, real: np.ndarray, columns: S
     return canvas
 
 
+def write_multiscale(group, name: str, rgb: np.ndarray, min_side: int = 256) -> None:
+    """`rgb` (H, W, 3) as an OME-Zarr 0.5 multiscale image (axes c, y, x; levels halving down to
+    `min_side` px) in subgroup `name` of the Zarr v3 `group`: napari (with napari-ome-zarr) and
+    browser viewers such as vizarr open it."""
+    import cv2
+
+    image = group.create_group(name)
+    levels, level = [], np.ascontiguousarray(rgb)
+    while True:
+        levels.append(level)
+        if min(level.shape[:2]) // 2 < min_side:
+            break
+        level = cv2.resize(level, (level.shape[1] // 2, level.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    datasets = []
+    for i, data in enumerate(levels):
+        planes = np.moveaxis(data, -1, 0)
+        image.create_array(str(i), data=planes, chunks=(3, min(512, planes.shape[1]), min(512, planes.shape[2])))
+        factor = float(2 ** i)
+        datasets.append({"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [1.0, factor, factor]}]})
+    image.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "name": name,
+        "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+        "datasets": datasets,
+    }], "omero": {"channels": [{"label": c, "color": colour, "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
+                               for c, colour in (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))],
+                  "rdefs": {"model": "color"}}}
+
+
 # ---------------------------------------------------------------------------------------------
 # stmdit virtual-report
 
@@ -282,8 +310,13 @@ def run_virtual_report(args: argparse.Namespace) -> None:
     arm_rows = {arm: rows.index[rows["arm"] == arm].to_numpy() for arm in rows["arm"].unique()}
     vmax = float(max(changes.to_numpy().max(), 1e-12))
 
-    with atomic_path(args.mosaics) as tmp:
+    import zarr
+
+    with atomic_path(args.mosaics) as tmp, atomic_path(args.mosaics_zarr) as zarr_tmp:
         tmp.mkdir(parents=True)
+        viewer = zarr.open_group(str(zarr_tmp), mode="w", zarr_format=3)
+        viewer.attrs["stmdit"] = {"experiment": virtual["experiment"], "panels": "real | unedited | edited | change",
+                                  "format": "one OME-Zarr 0.5 multiscale image per slide"}
         for sample, part in base.groupby("sample", sort=True):
             context = spots[spots["sample"] == sample]
             real = real_tiles_of(args.patches, context["key"].tolist())
@@ -296,8 +329,10 @@ def run_virtual_report(args: argparse.Namespace) -> None:
             change = changes[main].reindex(part["key"]).to_numpy()
             title = (f"{virtual['experiment']}: {sample}, {len(part)} spots, edit {arms[-2]['edit']} "
                      f"(mean change {change.mean():.3g}; control {changes[CONTROL].reindex(part['key']).mean():.3g})")
-            write_png(tmp / f"{sample}.png", slide_mosaic(context, real_stack, part.loc[positions], tiles, change, vmax,
-                                                          args.tile_px, title))
+            picture = slide_mosaic(context, real_stack, part.loc[positions], tiles, change, vmax, args.tile_px, title)
+            write_png(tmp / f"{sample}.png", picture)
+            large = slide_mosaic(context, real_stack, part.loc[positions], tiles, change, vmax, args.zarr_tile_px, title)
+            write_multiscale(viewer, sample, large)
     keys = choose_montage_spots(labels, args.per_class, args.seed)
     order = {k: i for i, k in enumerate(base["key"])}
     idx = [order[k] for k in keys]
@@ -344,8 +379,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile-px", type=int, default=32, help="mosaic: px per spot")
     p.add_argument("--montage-tile-px", type=int, default=96)
+    p.add_argument("--zarr-tile-px", type=int, default=128, help="multiscale mosaic: px per spot at full resolution")
     p.add_argument("--per-class", type=int, default=2, help="montage: spots per tissue label")
     p.add_argument("--summary", type=Path, required=True)
     p.add_argument("--mosaics", type=Path, required=True, help="folder of one PNG per slide")
+    p.add_argument("--mosaics-zarr", type=Path, required=True,
+                   help="Zarr of the mosaics as OME-Zarr multiscale images, one group per slide (napari)")
     p.add_argument("--montage", type=Path, required=True)
     p.set_defaults(func=run_virtual_report)
