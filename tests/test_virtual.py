@@ -238,6 +238,22 @@ def test_experiment_end_to_end(experiment, tmp_path):
     assert levels[1].shape[1] == levels[0].shape[1] // 2 and levels[0].dtype == np.uint8
 
 
+def test_toward_a_class_at_alpha_zero_is_the_unedited_tile(experiment, tmp_path):
+    from stmdit.features import string_values
+    from stmdit.virtual import experiment as vexp
+
+    tiles = tmp_path / "tiles.zarr"
+    spec = {"edit": "toward:Stroma@{dose}", "doses": [0, 1], "spots": {"label": "Tumor"}, "max_spots": 3}
+    direct(vexp, *sample_argv(experiment, tiles, spec))
+    group = zarr.open_group(str(tiles), mode="r")
+    arms, latents = string_values(group["arm"][:]), np.asarray(group["latent"][:])
+    assert list(dict.fromkeys(arms)) == ["unedited", "dose=0", "dose=1", "control"]
+    assert set(string_values(group["label"][:])) == {"Tumor"}
+    np.testing.assert_array_equal(latents[arms == "dose=0"], latents[arms == "unedited"])
+    assert np.abs(latents[arms == "dose=1"] - latents[arms == "unedited"]).max() > 1e-4
+    assert group.attrs["virtual"]["control"]["edit"] == "toward:Stroma~shuffled@1"
+
+
 def test_bad_experiments_stop_with_one_line_and_no_output(experiment, tmp_path):
     out = tmp_path / "tiles.zarr"
     cases = [

@@ -162,6 +162,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for action in p._actions:  # generate writes a folder, and the split is only for toward: edits
         if action.dest in ("out", "split", "uni"):
             action.required = False
+        if action.dest == "out":
+            action.help = argparse.SUPPRESS
     p.add_argument("--ge", type=Path, required=True, help="cancerfoundation feature store (encoder and gene list)")
     p.add_argument("--expression", type=Path, help="cohort h5ad holding the --keys' raw counts")
     p.add_argument("--keys", nargs="+", help="spot keys (sample:barcode)")
