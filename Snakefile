@@ -33,6 +33,7 @@ include: "workflow/rules/ptpl.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/virtual.smk"
 include: "workflow/rules/report.smk"
 
 

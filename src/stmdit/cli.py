@@ -41,6 +41,9 @@ COMMANDS = {
     "preflight": "stmdit.preflight",
     "loss-curve": "stmdit.report",
     "demo-checks": "stmdit.demo_checks",
+    "virtual-sample": "stmdit.virtual.experiment",
+    "virtual-report": "stmdit.virtual.report",
+    "generate": "stmdit.virtual.generate",
 }
 
 log = logging.getLogger("stmdit")

@@ -3,6 +3,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
@@ -204,6 +205,7 @@ def all_targets():
     targets += expand("results/models/{model}/ema.safetensors", model=trained_models())
     targets += expand("results/tables/table{n}.md", n=TABLES)
     targets += report_figures()
+    targets += virtual_targets()
     return targets
 
 
@@ -343,3 +345,68 @@ def report_figures():
     if table_evals(2):
         figures.append("results/figures/auc_curves.png")
     return figures
+
+
+# --- virtual tissue experiments (rules in virtual.smk) ------------------------------------------
+VIRTUAL = config["virtual"]
+VIRTUAL_EXPERIMENTS = VIRTUAL["experiments"]
+VIRTUAL_SPEC_KEYS = ("regime", "split", "slides", "spots", "max_spots", "edit", "doses", "control", "s_uni", "s_ge")
+
+
+def check_virtual_experiments():
+    """Parse-time checks the rules need (the rest: `stmdit virtual-sample`, before any sampling)."""
+    for name, entry in VIRTUAL_EXPERIMENTS.items():
+        where = f"config key virtual.experiments.{name}"
+        if entry["model"] not in MODELS:
+            sys.exit(f"stmdit: error: {where}.model = {entry['model']!r}: not a model of this configuration "
+                     f"(models: {', '.join(MODELS)})")
+        if not MODELS[entry["model"]].uses_ge:
+            sys.exit(f"stmdit: error: {where}.model = {entry['model']!r} is UNI-only (fusion none): a gene-expression "
+                     "edit cannot reach it")
+        cohort = entry.get("cohort") or TRAIN_COHORT
+        if cohort not in EXPRESSION_COHORTS:
+            sys.exit(f"stmdit: error: {where}.cohort = {cohort!r}: not a Visium cohort (needs expression to edit)")
+
+
+check_virtual_experiments()
+
+
+def virtual_cohort(experiment):
+    return VIRTUAL_EXPERIMENTS[experiment].get("cohort") or TRAIN_COHORT
+
+
+def virtual_spec_json(experiment):
+    entry = VIRTUAL_EXPERIMENTS[experiment]
+    spec = {k: entry[k] for k in VIRTUAL_SPEC_KEYS if entry.get(k) is not None}
+    spec.update(seed=VIRTUAL["seed"], gene_sets=VIRTUAL["gene_sets"])
+    return json.dumps(spec, sort_keys=True)
+
+
+def virtual_inputs(wildcards):
+    entry = VIRTUAL_EXPERIMENTS[wildcards.experiment]
+    cohort = virtual_cohort(wildcards.experiment)
+    return {
+        "weights": model_weights(SimpleNamespace(model=entry["model"])),
+        "split": f"results/splits/{cohort}.parquet",
+        "expression": f"results/expression/{cohort}.h5ad",
+        "uni": f"results/features/{cohort}/uni2h.zarr",
+        "ge": f"results/features/{cohort}/cancerfoundation.zarr",
+        "spots": spots_of(cohort),
+    }
+
+
+def virtual_h0mini_args():
+    """The configured H0-mini (features.encoders.h0mini) as virtual-report flags."""
+    entry = encoder_entry("h0mini")
+    args = [f"--h0mini-impl {entry['impl']}"]
+    if entry.get("weights"):
+        args.append(f"--h0mini-weights '{entry['weights']}'")
+    if entry.get("arch"):
+        args.append(f"--h0mini-arch-json '{json.dumps(entry['arch'])}'")
+    if config["features"]["allow_hub"]:
+        args.append("--allow-hub")
+    return " ".join(args)
+
+
+def virtual_targets():
+    return [f"results/virtual/{e}/{f}" for e in VIRTUAL_EXPERIMENTS for f in ("summary.json", "montage.png")]

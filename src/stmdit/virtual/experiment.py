@@ -1,0 +1,437 @@
+"""Virtual tissue experiments: edit the expression of chosen spots, re-encode it with the configured
+CancerFoundation, and generate each spot unedited and edited from the same noise.
+
+    stmdit virtual-sample --name NAME --experiment-json '{...}' --model-dir M --split S
+        --expression C.h5ad --uni U.zarr --ge G.zarr --spots a.parquet ... [sampler options] --out tiles.zarr
+
+The experiment JSON holds one entry of the config's `virtual.experiments` (with `gene_sets`):
+regime (uni_ge | ge), s_uni, s_ge, split (train | val | test | all), slides (sample names or null),
+spots (all | {label: L} | {keys: [...]} | {region: {rows: [r0, r1], cols: [c0, c1]}}, array
+coordinates, inclusive), max_spots, edit (see `stmdit.virtual.edits`), doses, control, seed.
+
+Rows of the output store (`write_sample_store`): `{arm}|{spot key}` for the arms `unedited`, one per
+dose (`dose=D`, or `edited` without a dose series) and `control` (the control edit at the strongest
+dose); arrays `arm`, `ref_key` (the spot), `dose`. Every arm of a spot is sampled from the noise of
+`sample_generator(seed, "sample", spot key)` with the spot's UNI, so only the GE input differs. Each
+arm's GE is the cohort's raw counts after the edit, through the encoder recorded in the GE store
+(impl, seed, binning, gene list = its token_genes): re-encoding the unedited counts must reproduce
+the store, which is checked before sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from stmdit.errors import InputError
+from stmdit.features import read_array_rows, string_values
+from stmdit.loader import GeBatch, open_store, store_rows
+from stmdit.model import GE, UNI_GE
+from stmdit.virtual.edits import (
+    Edit,
+    apply_edit,
+    check_reaches_encoder,
+    control_edit,
+    format_dose,
+    log1p_cp10k,
+    parse_edit,
+    shuffled_centroid,
+)
+
+log = logging.getLogger(__name__)
+
+UNEDITED, CONTROL = "unedited", "control"
+SPLITS = ("train", "val", "test", "all")
+CONTROLS = ("shuffled", "absent")
+REENCODE_TOLERANCE = 1e-3  # max |re-encoded - stored| / (1 + max |stored|) of the unedited CLS
+
+
+@dataclass
+class ExperimentSpec:
+    name: str
+    edit: str
+    regime: str = UNI_GE
+    split: str = "test"
+    slides: list[str] | None = None
+    spots: Any = "all"
+    max_spots: int | None = None
+    doses: list[float] | None = None
+    control: str = "shuffled"
+    seed: int = 0
+    gene_sets: dict[str, list[str]] = field(default_factory=dict)
+    s_uni: float | None = None
+    s_ge: float | None = None
+
+    @classmethod
+    def from_json(cls, name: str, text: str) -> "ExperimentSpec":
+        try:
+            values = json.loads(text)
+        except ValueError as exc:
+            raise InputError(None, f"virtual experiment {name}: --experiment-json is not JSON: {exc}") from None
+        known = set(cls.__dataclass_fields__) - {"name"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(None, f"virtual experiment {name}: unknown keys {unknown} (known: {sorted(known)})")
+        spec = cls(name=name, **values)
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        where = f"virtual experiment {self.name}"
+        if self.regime not in (UNI_GE, GE):
+            raise InputError(None, f"{where}: regime {self.regime!r} does not use GE, so no edit can reach the "
+                                   f"model; use {UNI_GE} or {GE}")
+        if self.split not in SPLITS:
+            raise InputError(None, f"{where}: split {self.split!r} is not one of {SPLITS}")
+        if self.control not in CONTROLS:
+            raise InputError(None, f"{where}: control {self.control!r} is not one of {CONTROLS}")
+        has_placeholder = "{dose}" in self.edit
+        if self.doses and not has_placeholder:
+            raise InputError(None, f"{where}: doses are given but the edit {self.edit!r} has no {{dose}} placeholder")
+        if has_placeholder and not self.doses:
+            raise InputError(None, f"{where}: the edit {self.edit!r} has a {{dose}} placeholder but no doses")
+        if self.max_spots is not None and self.max_spots < 1:
+            raise InputError(None, f"{where}: max_spots must be at least 1")
+
+    @property
+    def dose_arms(self) -> list[tuple[str, float | None, str]]:
+        """(arm, dose, edit text) of every edited arm, weakest first."""
+        if not self.doses:
+            return [("edited", None, self.edit)]
+        return [(f"dose={d:g}", float(d), format_dose(self.edit, d)) for d in sorted(self.doses)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Spots
+
+
+def read_spot_tables(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Kept spots of the spots tables: key, sample, label, array_row, array_col, pxl_row, pxl_col."""
+    parts = []
+    for path in paths:
+        try:
+            table = pd.read_parquet(path)
+        except (OSError, ValueError) as exc:
+            raise InputError(path, f"cannot read spots table: {exc}") from None
+        missing = {"key", "sample", "array_row", "array_col", "pxl_row", "pxl_col"} - set(table.columns)
+        if missing:
+            raise InputError(path, f"spots table lacks column(s) {sorted(missing)}")
+        if "keep" in table:
+            table = table[table["keep"].astype(bool)]
+        if "label" not in table:
+            table = table.assign(label="")
+        parts.append(table[["key", "sample", "label", "array_row", "array_col", "pxl_row", "pxl_col"]])
+    spots = pd.concat(parts, ignore_index=True)
+    spots["key"] = spots["key"].astype(str)
+    spots["label"] = spots["label"].fillna("").astype(str).replace("", "unlabelled")
+    return spots.set_index("key", drop=False)
+
+
+def select_spots(spots: pd.DataFrame, split: pd.DataFrame, spec: ExperimentSpec, source: str = "spots") -> pd.DataFrame:
+    """The spots of the experiment, in spots-table order; InputError when none is left."""
+    where = f"virtual experiment {spec.name}"
+    chosen = spots
+    if spec.split != "all":
+        keys = set(split.loc[split["split"] == spec.split, "key"].astype(str))
+        chosen = chosen[chosen["key"].isin(keys)]
+    if spec.slides:
+        unknown = sorted(set(spec.slides) - set(spots["sample"]))
+        if unknown:
+            raise InputError(None, f"{where}: slide(s) {unknown} are not in the cohort "
+                                   f"(slides: {', '.join(sorted(spots['sample'].unique()))})")
+        chosen = chosen[chosen["sample"].isin(spec.slides)]
+    selector = spec.spots
+    if selector == "all":
+        pass
+    elif isinstance(selector, dict) and len(selector) == 1 and "label" in selector:
+        labels = selector["label"] if isinstance(selector["label"], list) else [selector["label"]]
+        unknown = sorted(set(labels) - set(spots["label"]))
+        if unknown:
+            raise InputError(None, f"{where}: no spot is labelled {unknown[0]!r} "
+                                   f"(labels: {', '.join(sorted(spots['label'].unique()))})")
+        chosen = chosen[chosen["label"].isin(labels)]
+    elif isinstance(selector, dict) and len(selector) == 1 and "keys" in selector:
+        keys = [str(k) for k in selector["keys"]]
+        unknown = [k for k in keys if k not in spots.index]
+        if unknown:
+            raise InputError(None, f"{where}: spot key {unknown[0]!r} is not a kept spot of the cohort")
+        chosen = chosen[chosen["key"].isin(keys)]
+    elif isinstance(selector, dict) and len(selector) == 1 and "region" in selector:
+        region = selector["region"]
+        try:
+            (r0, r1), (c0, c1) = region["rows"], region["cols"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(None, f"{where}: spots.region must be {{rows: [r0, r1], cols: [c0, c1]}}") from None
+        inside = chosen["array_row"].between(r0, r1) & chosen["array_col"].between(c0, c1)
+        chosen = chosen[inside]
+    else:
+        raise InputError(None, f"{where}: spots must be all, {{label: L}}, {{keys: [...]}} or "
+                               f"{{region: {{rows: [r0, r1], cols: [c0, c1]}}}}, got {selector!r}")
+    if chosen.empty:
+        raise InputError(None, f"{where}: the spot selection is empty (split {spec.split}, slides "
+                               f"{spec.slides or 'all'}, spots {selector!r})")
+    if spec.max_spots is not None and len(chosen) > spec.max_spots:
+        rows = np.sort(np.random.default_rng(spec.seed).choice(len(chosen), size=spec.max_spots, replace=False))
+        chosen = chosen.iloc[rows]
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-encoding edited expression exactly as `stmdit features` encodes it
+
+
+class GeReencoder:
+    """The CancerFoundation of a GE feature store (impl, weights, arch, seed, gene selection,
+    normalisation and binning from its provenance; the gene list from its token_genes)."""
+
+    def __init__(self, ge_store: str | Path, cohort_genes: Sequence[str], weights: str | None = None,
+                 device: str = "cpu"):
+        from stmdit.encoders import load_encoder
+
+        self.path = Path(ge_store)
+        group = open_store(ge_store)
+        if "token_genes" not in group:
+            raise InputError(ge_store, "the GE store has no token_genes array (not written by stmdit features "
+                                       "--encoder cancerfoundation)")
+        params = dict((group.attrs.get("stmdit") or {}).get("params") or {})
+        if params.get("encoder") != "cancerfoundation":
+            raise InputError(ge_store, "the GE store's provenance does not name the cancerfoundation encoder")
+        self.params = params
+        self.genes = [str(g) for g in string_values(group["token_genes"][:])[1:]]
+        index = {g: i for i, g in enumerate(cohort_genes)}
+        missing = [g for g in self.genes if g not in index]
+        if missing:
+            raise InputError(ge_store, f"{len(missing)} encoder gene(s) are not in the cohort h5ad, e.g. {missing[0]}")
+        self.columns = np.array([index[g] for g in self.genes], dtype=np.int64)
+        self.encoder = load_encoder("cancerfoundation", params.get("impl", "smoke"),
+                                    weights=weights or params.get("weights"), allow_hub=bool(params.get("allow_hub")),
+                                    arch=params.get("arch") or {}, device=device, bf16=bool(params.get("bf16")),
+                                    seed=int(params.get("seed", 0)))
+        self.encoder.configure(gene_selection=params.get("gene_selection"), l2_normalize=params.get("l2_normalize"),
+                               binning=params.get("binning"))
+        self.encoder.genes = list(self.genes)
+
+    def encode(self, counts: np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """Outputs for raw counts (n, all cohort genes) of spots `keys` (their binning streams)."""
+        return self.encoder.encode(np.asarray(counts)[:, self.columns], list(keys))
+
+    def check_reproduces(self, group, counts: np.ndarray, keys: Sequence[str]) -> float:
+        """Relative max deviation of the re-encoded CLS from the store's; InputError beyond tolerance."""
+        stored = read_array_rows(group["embedding"], store_rows(group, keys, self.path)).astype(np.float64)
+        again = self.encode(counts, keys)["embedding"].astype(np.float64)
+        deviation = float(np.abs(again - stored).max() / (1.0 + np.abs(stored).max()))
+        if deviation > REENCODE_TOLERANCE:
+            raise InputError(self.path, f"re-encoding the unedited counts does not reproduce the store (relative "
+                                        f"deviation {deviation:.2g}): the encoder or the h5ad differ from the ones "
+                                        "that made it")
+        return deviation
+
+
+# ---------------------------------------------------------------------------------------------
+# The arms
+
+
+def class_centroids_log1p(counts: np.ndarray, labels: np.ndarray, wanted: Sequence[str]) -> dict[str, np.ndarray]:
+    x, _ = log1p_cp10k(counts)
+    return {label: x[labels == label].mean(axis=0) for label in wanted}
+
+
+@dataclass
+class Arm:
+    name: str
+    dose: float | None
+    edit: Edit | None  # None: unedited
+    text: str
+
+
+class VirtualConditions:
+    """Rows (arm, spot) for `sample.generate`: the spot's UNI (None in regime ge) and the GE of its
+    edited counts; `noise_keys` = the spot keys, so every arm of a spot starts from the same noise."""
+
+    def __init__(self, spots: Sequence[str], arms: Sequence[Arm], counts: np.ndarray, cohort_genes: Sequence[str],
+                 reencoder: GeReencoder, uni: np.ndarray | None, centroids: Mapping[str, np.ndarray], uses_tokens: bool):
+        self.spots = list(spots)
+        self.arms = list(arms)
+        self.counts = np.asarray(counts, np.float64)
+        self.cohort_genes = list(cohort_genes)
+        self.reencoder = reencoder
+        self.uni = uni
+        self.centroids = dict(centroids)
+        self.uses_tokens = uses_tokens
+        self.arm_index = np.repeat(np.arange(len(self.arms)), len(self.spots))
+        self.spot_index = np.tile(np.arange(len(self.spots)), len(self.arms))
+        self.keys = [f"{self.arms[a].name}|{self.spots[s]}" for a, s in zip(self.arm_index, self.spot_index)]
+        self.noise_keys = [self.spots[s] for s in self.spot_index]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def edited_counts(self, arm: Arm, spot_rows: np.ndarray) -> np.ndarray:
+        counts = self.counts[spot_rows]
+        if arm.edit is None:
+            return counts
+        return apply_edit(arm.edit, counts, self.cohort_genes, self.centroids)
+
+    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor | None, GeBatch]:
+        arms, spots = self.arm_index[positions], self.spot_index[positions]
+        counts = np.empty((len(positions), self.counts.shape[1]))
+        for a in np.unique(arms):
+            counts[arms == a] = self.edited_counts(self.arms[a], spots[arms == a])
+        encoded = self.reencoder.encode(counts, [self.spots[s] for s in spots])
+        ge = GeBatch(torch.from_numpy(encoded["embedding"].astype(np.float32)))
+        if self.uses_tokens:
+            ge.tokens = torch.from_numpy(encoded["tokens"].astype(np.float32))
+            ge.token_mask = torch.from_numpy(encoded["token_mask"].astype(bool))
+        uni = None if self.uni is None else torch.from_numpy(self.uni[spots].astype(np.float32))
+        return uni, ge
+
+
+def build_arms(spec: ExperimentSpec, cohort_genes: Sequence[str], encoder_genes: Sequence[str],
+               labels: Sequence[str], encoder_columns: np.ndarray, centroids: dict[str, np.ndarray]
+               ) -> tuple[list[Arm], dict[str, Any]]:
+    """The arms of an experiment (parsing every edit before any work) and the control's description.
+    Adds the shuffled centroids a toward control needs to `centroids`."""
+    source = f"virtual experiment {spec.name}"
+    arms = [Arm(UNEDITED, None, None, "")]
+    for name, dose, text in spec.dose_arms:
+        edit = parse_edit(text, cohort_genes, spec.gene_sets, labels, source)
+        check_reaches_encoder(edit, encoder_genes, source)
+        arms.append(Arm(name, dose, edit, edit.text()))
+    strongest = arms[-1]
+    control, description = control_edit(strongest.edit, encoder_genes, cohort_genes, spec.control, spec.seed)
+    for term in control.terms:
+        if term.op == "toward":
+            label = term.target.removesuffix("~shuffled")
+            centroids[term.target] = shuffled_centroid(centroids[label], encoder_columns, spec.seed)
+    arms.append(Arm(CONTROL, strongest.dose, control, control.text()))
+    return arms, {"kind": spec.control, "edit": control.text(), "genes": list(control.genes), "description": description,
+                  "of_arm": strongest.name}
+
+
+# ---------------------------------------------------------------------------------------------
+# stmdit virtual-sample
+
+
+def run_virtual_sample(args: argparse.Namespace) -> Path:
+    from stmdit.expression import read_cohort_h5ad
+    from stmdit.sample import (
+        WEIGHTS_NAME,
+        check_codec,
+        check_regime,
+        check_width,
+        cli_params,
+        common_attrs,
+        generate,
+        load_codec,
+        load_trained_model,
+        resolve_device,
+        sampler_settings,
+    )
+    import scipy.sparse as sp
+
+    spec = ExperimentSpec.from_json(args.name, args.experiment_json)
+    device = resolve_device(args.device)
+    trained = load_trained_model(args.model_dir, device)
+    if not trained.config.uses_ge:
+        raise InputError(trained.path, f"virtual experiment {spec.name}: the model is UNI-only (ge_fusion none); "
+                                       "a gene-expression edit cannot reach it")
+    check_regime(trained, spec.regime)
+    settings = sampler_settings(args, spec.regime)
+    settings.s_uni = args.s_uni if spec.s_uni is None else float(spec.s_uni)
+    settings.s_ge = args.s_ge if spec.s_ge is None else float(spec.s_ge)
+
+    try:
+        split = pd.read_parquet(args.split, columns=["key", "split"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(args.split, f"cannot read split table (needs key, split): {exc}") from None
+    adata = read_cohort_h5ad(args.expression)
+    cohort_genes = [str(g) for g in adata.var_names]
+    obs_index = pd.Index([str(k) for k in adata.obs_names])
+    spots = read_spot_tables(args.spots)
+    spots = spots[spots["key"].isin(obs_index)]
+    chosen = select_spots(spots, split, spec)
+    keys = chosen["key"].tolist()
+
+    reencoder = GeReencoder(args.ge, cohort_genes, weights=args.ge_weights, device=args.device)
+    all_labels = sorted(spots["label"].unique())
+    # toward: centroids over the train spots of each label (as Table 5's)
+    train_keys = obs_index.intersection(pd.Index(split.loc[split["split"] == "train", "key"].astype(str)))
+    train_rows = obs_index.get_indexer(train_keys)
+    train_labels = spots["label"].reindex(train_keys).fillna("unlabelled").to_numpy()
+    counts_matrix = sp.csr_matrix(adata.layers["counts"])
+    centroids: dict[str, np.ndarray] = {}
+    texts = [t for _, _, t in spec.dose_arms]
+    wanted = {lab for t in texts for lab in all_labels if f"toward:{lab}@" in t}
+    if wanted:
+        empty = [lab for lab in wanted if not np.any(train_labels == lab)]
+        if empty:
+            raise InputError(args.split, f"virtual experiment {spec.name}: no train spot is labelled {empty[0]!r} "
+                                         "(no centroid to move toward)")
+        centroids = class_centroids_log1p(counts_matrix[train_rows].toarray(), train_labels, sorted(wanted))
+    arms, control = build_arms(spec, cohort_genes, reencoder.genes, all_labels, reencoder.columns, centroids)
+
+    counts = counts_matrix[obs_index.get_indexer(keys)].toarray().astype(np.float64)
+    ge_group = open_store(args.ge)
+    deviation = reencoder.check_reproduces(ge_group, counts, keys)
+    log.info("re-encoded the unedited GE of %d spots with %s: relative deviation from %s %.2g", len(keys),
+             reencoder.params.get("impl"), args.ge, deviation)
+    uni = None
+    if spec.regime == UNI_GE:
+        uni_group = open_store(args.uni)
+        uni = read_array_rows(uni_group["embedding"], store_rows(uni_group, keys, args.uni))
+        check_width(args.uni, "UNI embedding", uni.shape[-1], trained.config.uni_dim)
+    check_width(args.ge, "GE embedding", ge_group["embedding"].shape[-1], trained.config.ge_dim)
+    conditions = VirtualConditions(keys, arms, counts, cohort_genes, reencoder, uni, centroids,
+                                   trained.config.uses_ge_tokens)
+    codec = load_codec(args.vae_impl, args.vae_weights, args.vae_arch_json, args.allow_hub, device, args.bf16)
+    check_codec(trained, codec)
+    log.info("virtual experiment %s: %d spots x %d arms (%s) with %s in regime %s -> %s", spec.name, len(keys),
+             len(arms), ", ".join(f"{a.name}: {a.text or '-'}" for a in arms), trained.path, spec.regime, args.out)
+    inputs = [trained.path / WEIGHTS_NAME, args.split, args.expression, args.uni, args.ge, *args.spots]
+    attrs = common_attrs(trained, settings, args.vae_impl, "virtual-sample", cli_params(args), inputs)
+    attrs["virtual"] = {
+        "experiment": spec.name,
+        "spec": {k: v for k, v in vars(spec).items()},
+        "arms": [{"arm": a.name, "dose": a.dose, "edit": a.text} for a in arms],
+        "control": control,
+        "n_spots": len(keys),
+        "encoder": {"store": str(args.ge), "params": reencoder.params, "genes": len(reencoder.genes),
+                    "reencode_deviation": deviation},
+        "noise": "per spot: sample_generator(seed, 'sample', spot key), the same in every arm",
+        "edit_units": "log1p CP10k (x = log1p(1e4 c / total)); * scales counts",
+    }
+    n = len(conditions)
+    spot_rows = conditions.spot_index
+    extra = {
+        "arm": np.array([arms[a].name for a in conditions.arm_index], dtype=object),
+        "ref_key": np.array(conditions.noise_keys, dtype=object),
+        "dose": np.array([np.nan if arms[a].dose is None else arms[a].dose for a in conditions.arm_index]),
+        "label": chosen["label"].to_numpy(dtype=object)[spot_rows],
+        "sample": chosen["sample"].to_numpy(dtype=object)[spot_rows],
+        "pxl_row": chosen["pxl_row"].to_numpy(np.float64)[spot_rows],
+        "pxl_col": chosen["pxl_col"].to_numpy(np.float64)[spot_rows],
+    }
+    assert all(len(v) == n for v in extra.values())
+    return generate(trained, conditions, settings, codec, args.out, attrs, device, extra_arrays=extra)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from stmdit.sample import add_sampler_options
+
+    p = subparsers.add_parser("virtual-sample", help="virtual tissue experiment: unedited and edited tiles per spot")
+    add_sampler_options(p)
+    p.add_argument("--name", required=True, help="experiment name (virtual.experiments key)")
+    p.add_argument("--experiment-json", required=True, help="the experiment's config entry as JSON")
+    p.add_argument("--expression", type=Path, required=True, help="cohort h5ad (raw counts, labels)")
+    p.add_argument("--ge", type=Path, required=True, help="the cohort's cancerfoundation feature store")
+    p.add_argument("--ge-weights", help="CancerFoundation weights (default: the path the GE store records)")
+    p.add_argument("--spots", type=Path, nargs="+", required=True, help="spots tables of the cohort")
+    p.set_defaults(func=run_virtual_sample)

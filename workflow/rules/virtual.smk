@@ -1,0 +1,84 @@
+# Virtual tissue experiments (config `virtual`, stmdit.virtual): for each named experiment, the
+# chosen spots generated unedited, edited (every dose) and with the control edit from the same
+# noise, then the change per spot, its summary, a mosaic per slide and the dose-response montage.
+
+
+rule virtual_sample:
+    input:
+        unpack(virtual_inputs),
+    output:
+        directory("results/virtual/{experiment}/tiles.zarr"),
+    params:
+        model_dir=lambda wildcards: model_dir(VIRTUAL_EXPERIMENTS[wildcards.experiment]["model"]),
+        spec=lambda wildcards: virtual_spec_json(wildcards.experiment),
+        vae=vae_args(),
+        steps=config["sample"]["steps"],
+        seed=config["sample"]["seed"],
+        s_uni=config["sample"]["s_uni"],
+        s_ge=config["sample"]["s_ge"],
+        batch_size=config["sample"]["batch_size"],
+        device=config["sample"]["device"],
+        bf16="--bf16" if config["sample"]["bf16"] else "",
+    wildcard_constraints:
+        experiment="|".join(map(re.escape, VIRTUAL_EXPERIMENTS)) or "$^",
+    log:
+        "results/virtual/{experiment}/tiles.log",
+    benchmark:
+        "results/benchmarks/virtual/{experiment}/sample.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        runtime=lambda wildcards, attempt: 120 * attempt,
+    conda:
+        CONDA_GPU
+    shell:
+        "python -m stmdit virtual-sample --name {wildcards.experiment} --experiment-json '{params.spec}'"
+        " --model-dir {params.model_dir} --split {input.split} --expression {input.expression}"
+        " --uni {input.uni} --ge {input.ge} --spots {input.spots} {params.vae}"
+        " --steps {params.steps} --seed {params.seed} --s-uni {params.s_uni} --s-ge {params.s_ge}"
+        " --batch-size {params.batch_size} --device {params.device} {params.bf16} --out {output} > {log} 2>&1"
+
+
+rule virtual_report:
+    input:
+        tiles="results/virtual/{experiment}/tiles.zarr",
+        spots=lambda wildcards: spots_of(virtual_cohort(wildcards.experiment)),
+        patches=lambda wildcards: [f"results/patches/{s}.zarr"
+                                   for s in cohort_samples(SAMPLES, virtual_cohort(wildcards.experiment))],
+    output:
+        summary=report("results/virtual/{experiment}/summary.json", category="Virtual experiments",
+                       subcategory="{experiment}", caption="../report/virtual_summary.rst"),
+        mosaics=report(directory("results/virtual/{experiment}/mosaics"), patterns=["{slide}.png"],
+                       category="Virtual experiments", subcategory="{experiment}",
+                       caption="../report/virtual_mosaic.rst"),
+        mosaics_zarr=directory("results/virtual/{experiment}/mosaics.zarr"),
+        montage=report("results/virtual/{experiment}/montage.png", category="Virtual experiments",
+                       subcategory="{experiment}", caption="../report/virtual_montage.rst"),
+    params:
+        h0mini=virtual_h0mini_args(),
+        n_boot=VIRTUAL["n_boot"],
+        seed=VIRTUAL["seed"],
+        tile_px=VIRTUAL["mosaic_tile_px"],
+        montage_tile_px=VIRTUAL["montage_tile_px"],
+        per_class=VIRTUAL["montage_per_class"],
+        device=config["sample"]["device"],
+    wildcard_constraints:
+        experiment="|".join(map(re.escape, VIRTUAL_EXPERIMENTS)) or "$^",
+    log:
+        "results/virtual/{experiment}/report.log",
+    benchmark:
+        "results/benchmarks/virtual/{experiment}/report.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wildcards, attempt: 8000 * attempt,
+        runtime=lambda wildcards, attempt: 30 * attempt,
+    conda:
+        CONDA_GPU
+    shell:
+        "python -m stmdit virtual-report --tiles {input.tiles} --spots {input.spots} --patches {input.patches}"
+        " {params.h0mini} --device {params.device} --n-boot {params.n_boot} --seed {params.seed}"
+        " --tile-px {params.tile_px} --montage-tile-px {params.montage_tile_px} --per-class {params.per_class}"
+        " --summary {output.summary} --mosaics {output.mosaics} --mosaics-zarr {output.mosaics_zarr}"
+        " --montage {output.montage} > {log} 2>&1"
