@@ -16,6 +16,7 @@ import torch
 import zarr
 
 from stmdit import sample as sampling
+from stmdit import solvers
 from stmdit.errors import InputError
 from stmdit.features import string_values, write_feature_store
 from stmdit.loader import GeBatch
@@ -148,21 +149,23 @@ class OracleEpsilon(torch.nn.Module):
         return ((x.double() - abar.sqrt() * self.x0) / (1 - abar).sqrt()).float()
 
 
-def test_euler_sampler_with_oracle_velocity_lands_on_x0():
+@pytest.mark.parametrize("solver", ["default", "heun"])
+def test_flow_solvers_with_oracle_velocity_land_on_x0(solver):
     x0 = torch.randn(2, *LATENT_SHAPE)
     noise = sampling.initial_noise(["a", "b"], 42, LATENT_SHAPE)
-    landed = sampling.denoise(OracleVelocity(x0), noise, "flow", steps=7)
+    landed = sampling.denoise(OracleVelocity(x0), noise, "flow", steps=7, solver=solver)
     torch.testing.assert_close(landed, x0, atol=1e-5, rtol=1e-5)
     assert (noise - x0).abs().mean() > 0.5  # the sampler really moved
 
 
-def test_ddim_sampler_with_oracle_epsilon_lands_on_x0():
+@pytest.mark.parametrize("solver", ["default", "dpmpp_2m"])
+def test_ddpm_solvers_with_oracle_epsilon_land_on_x0(solver):
     x0 = torch.randn(2, *LATENT_SHAPE)
     noise = sampling.initial_noise(["a", "b"], 42, LATENT_SHAPE)
-    landed = sampling.denoise(OracleEpsilon(x0), noise, "ddpm", steps=10)
+    landed = sampling.denoise(OracleEpsilon(x0), noise, "ddpm", steps=10, solver=solver)
     torch.testing.assert_close(landed, x0, atol=1e-4, rtol=1e-4)
-    scheduler = sampling.build_scheduler("ddpm", 10)
-    assert scheduler.timesteps[0] == 999 and not scheduler.config.clip_sample
+    scheduler = solvers.build_scheduler("ddpm", 10, solver=solver)
+    assert scheduler.timesteps[0] == 999 and not scheduler.config.get("clip_sample", False)
     torch.testing.assert_close(scheduler.alphas_cumprod, get_objective("ddpm").scheduler.alphas_cumprod)
 
 
