@@ -266,6 +266,14 @@ def test_uni_only_flow_model_samples_uni_and_rejects_ge_regimes(cohort, models, 
     store = read_store(out)
     assert store["attrs"]["sampler"]["name"] == "euler" and store["latent"].shape == (5, *LATENT_SHAPE)
     assert set(store["spot_key"]) <= set(cohort["table"].query("split == 'test'")["key"])
+    with pytest.raises(InputError, match="solver 'dpmpp_2m' does not sample flow models"):
+        cli(*sample_args(cohort, models["uni_only"], tmp_path / "y.zarr", "uni", 4, "--max-spots", 5,
+                         "--solver", "dpmpp_2m"))
+    assert not (tmp_path / "y.zarr").exists()
+    cli(*sample_args(cohort, models["uni_only"], tmp_path / "heun.zarr", "uni", 4, "--max-spots", 5, "--solver", "heun"))
+    sampler = read_store(tmp_path / "heun.zarr")["attrs"]["sampler"]
+    assert sampler["name"] == "heun" and sampler["scheduler"] == "FlowMatchHeunDiscreteScheduler"
+    assert sampler["predictor_calls_per_tile"] == 7 and sampler["forward_rows_per_tile"] == 14  # 2 x 4 - 1, x 2 rows
 
 
 def test_bad_inputs_name_the_file(cohort, models, tmp_path):

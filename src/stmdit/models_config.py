@@ -28,6 +28,7 @@ from stmdit.provenance import write_json
 REGIMES_GE = ("uni_ge", "uni", "ge", "uncond")
 REGIMES_UNI_ONLY = ("uni", "uncond")
 SAMPLERS = {"ddpm": "ddim", "flow": "euler"}
+OBJECTIVE_SOLVERS = {"ddpm": ("default", "dpmpp_2m"), "flow": ("default", "heun")}  # stmdit.solvers
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # DiTConfig's defaults of the fields the bottleneck check reads (tests keep the two in step); here
 # so that the Snakefile can check `train.sizes` at parse time without importing torch.
@@ -153,6 +154,11 @@ def resolve_models(config: dict) -> dict[str, ResolvedModel]:
             "objective": entry.get("objective", "ddpm"),
             "p_drop": entry.get("p", 0.1),
         }
+        solver = (config.get("sample") or {}).get("solver", "default")
+        if solver not in OBJECTIVE_SOLVERS[settings["objective"]]:
+            raise InputError(None, f"config key sample.solver = {solver!r}: does not sample {settings['objective']} "
+                                   f"models such as {model} (use one of "
+                                   f"{', '.join(OBJECTIVE_SOLVERS[settings['objective']])})")
         baseline = entry.get("baseline")
         if baseline is not None and baseline not in config["models"]:
             raise InputError(None, f"config key models.{model}.baseline = {baseline!r}: no such model")

@@ -36,10 +36,10 @@ import torch
 
 from stmdit.errors import InputError
 from stmdit.model import get_objective
+from stmdit.models_config import OBJECTIVE_SOLVERS  # without torch: the Snakefile checks sample.solver
 
 DEFAULT, DPMPP_2M, HEUN = "default", "dpmpp_2m", "heun"
 SOLVERS = (DEFAULT, DPMPP_2M, HEUN)
-OBJECTIVE_SOLVERS = {"ddpm": (DEFAULT, DPMPP_2M), "flow": (DEFAULT, HEUN)}
 SOLVER_NAMES = {("ddpm", DEFAULT): "ddim", ("flow", DEFAULT): "euler", ("ddpm", DPMPP_2M): "dpmpp_2m",
                 ("flow", HEUN): "heun"}
 DDIM_OPTIONS = {"clip_sample": False, "set_alpha_to_one": True, "timestep_spacing": "trailing", "steps_offset": 0}
