@@ -54,18 +54,8 @@ def conditions(config: GaussianConfig, n: int = N_COND, seed: int = 1) -> tuple[
 
 
 def regime_mean(model: GaussianDenoiser, uni, ge: GeBatch, regime: str, s_uni: float, s_ge: float) -> torch.Tensor:
-    """The mean of the Gaussian that `regime`'s guidance formula samples (paper 2.2):
-    uni_ge: m00 + s_uni (m_u0 - m00) + s_ge (m_ug - m_u0); uni: m00 + s_uni (m_u0 - m00);
-    ge: m00 + s_ge (m_0g - m00); uncond: m00."""
-    n = len(uni)
-    m = {(ku, kg): model.condition_mean(n, uni, ge, ku, kg) for ku in (False, True) for kg in (False, True)}
-    m00 = m[False, False]
-    return {
-        "uni_ge": m00 + s_uni * (m[True, False] - m00) + s_ge * (m[True, True] - m[True, False]),
-        "uni": m00 + s_uni * (m[True, False] - m00),
-        "ge": m00 + s_ge * (m[False, True] - m00),
-        "uncond": m00,
-    }[regime]
+    """The mean of the Gaussian that `regime`'s guidance formula samples (`GaussianDenoiser.regime_mean`)."""
+    return model.regime_mean(uni, ge, regime, s_uni, s_ge)
 
 
 def sampler_map(model, uni, ge, regime: str, steps: int, s_uni=S_UNI, s_ge=S_GE, seed: int = 42, solver="default"):
