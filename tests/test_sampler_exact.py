@@ -104,9 +104,50 @@ def euler_reference(model: GaussianDenoiser, mean: torch.Tensor, steps: int, noi
     return x
 
 
-def reference_map(model: GaussianDenoiser, mean: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dpmpp_2m_reference(model: GaussianDenoiser, mean: torch.Tensor, steps: int, noise: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Alg. 2, midpoint form) on DDIM's t_k,
+    the last step to alpha_bar = 1: with lambda = log(a / s) and x0_k = (x - s_k eps) / a_k,
+    x <- (s'/s_k) x + (a' - a_k s'/s_k) D, D = x0_k on the first and the last step, else
+    x0_k + (x0_k - x0_{k-1}) h / (2 h_prev)."""
+    assert T % steps == 0
+    timesteps = [T - 1 - k * (T // steps) for k in range(steps)]
+    coefficients = [ddpm_coefficients(model.alphas_cumprod, torch.tensor(float(t), dtype=torch.float64))
+                    for t in timesteps] + [(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))]
+    lam = [torch.log(a / s) if s > 0 else None for a, s in coefficients]
+    x, previous = noise.to(torch.float64), None
+    for k, t in enumerate(timesteps):
+        (a, s), (a_next, s_next) = coefficients[k], coefficients[k + 1]
+        x0 = (x - s * model.exact_prediction(x, float(t), mean).to(torch.float64)) / a
+        data = x0
+        if previous is not None and lam[k + 1] is not None:
+            data = x0 + (x0 - previous) * (lam[k + 1] - lam[k]) / (2 * (lam[k] - lam[k - 1]))
+        x, previous = (s_next / s) * x + (a_next - a * s_next / s) * data, x0
+    return x
+
+
+def heun_reference(model: GaussianDenoiser, mean: torch.Tensor, steps: int, noise: torch.Tensor) -> torch.Tensor:
+    """Heun (Karras et al. 2022, Alg. 1) on Euler's sigmas: each Euler step corrected by the mean
+    of the velocities at its two ends, but the last one to sigma = 0 (2N - 1 evaluations)."""
+    sigmas = np.append(np.linspace(1.0, 1.0 / T, steps), 0.0)
+    x = noise.to(torch.float64)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        v = model.exact_prediction(x, T * sigma, mean).to(torch.float64)
+        euler = x + (sigma_next - sigma) * v
+        if sigma_next > 0:
+            v_end = model.exact_prediction(euler, T * sigma_next, mean).to(torch.float64)
+            euler = x + (sigma_next - sigma) * (v + v_end) / 2
+        x = euler
+    return x
+
+
+REFERENCES = {("ddpm", "default"): ddim_reference, ("flow", "default"): euler_reference,
+              ("ddpm", "dpmpp_2m"): dpmpp_2m_reference, ("flow", "heun"): heun_reference}
+
+
+def reference_map(model: GaussianDenoiser, mean: torch.Tensor, steps: int,
+                  solver_name: str = "default") -> tuple[torch.Tensor, torch.Tensor]:
     """(slope, offset) of the closed-form solver: its outputs for noise 0 and noise 1."""
-    solver = ddim_reference if model.config.objective == "ddpm" else euler_reference
+    solver = REFERENCES[model.config.objective, solver_name]
     zero = solver(model, mean, steps, torch.zeros_like(mean))
     return solver(model, mean, steps, torch.ones_like(mean)) - zero, zero
 
@@ -211,6 +252,21 @@ def test_samplers_converge_to_the_data_at_first_order(objective):
 
 
 SECOND_ORDER = {"ddpm": "dpmpp_2m", "flow": "heun"}
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_second_order_solvers_are_the_published_updates(objective):
+    """At 20 steps the project's DPM-Solver++(2M) (ddpm) and Heun (flow) are the closed-form
+    updates above (std 0.02..1), and far from the first-order solver's answer."""
+    model = make_model(objective)
+    uni, ge = conditions(model.config)
+    mean = regime_mean(model, uni, ge, "uni_ge", S_UNI, S_GE)
+    slope, offset, residual, _ = sampler_map(model, uni, ge, "uni_ge", 20, solver=SECOND_ORDER[objective])
+    assert residual < 1e-4
+    ref_slope, ref_offset = reference_map(model, mean, 20, SECOND_ORDER[objective])
+    assert max(errors(model, slope, offset, ref_slope, ref_offset)) < SOLVER_TOL
+    first_slope, first_offset = reference_map(model, mean, 20)
+    assert max(errors(model, slope, offset, first_slope, first_offset)) > 0.05
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
