@@ -147,3 +147,12 @@ def test_paper_configuration_samples_with_ddim_and_euler_at_50_steps(repo_root):
     with pytest.raises(InputError, match=r"sample.solver = 'heun': does not sample ddpm models such as \S+ \(use one "
                                          r"of default, dpmpp_2m\)"):
         resolve_models(config)
+
+
+def test_models_table_names_the_configured_solver(repo_root):
+    from stmdit.models_config import resolve_models
+
+    config = load_config(repo_root / "config.yaml")
+    assert {m.sampler for m in resolve_models(config).values()} == {"euler"}  # the demo's flow models
+    config["sample"]["solver"] = "heun"
+    assert {m.sampler for m in resolve_models(config).values()} == {"heun"}

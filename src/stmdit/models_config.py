@@ -27,7 +27,7 @@ from stmdit.provenance import write_json
 
 REGIMES_GE = ("uni_ge", "uni", "ge", "uncond")
 REGIMES_UNI_ONLY = ("uni", "uncond")
-SAMPLERS = {"ddpm": "ddim", "flow": "euler"}
+SAMPLERS = {"ddpm": "ddim", "flow": "euler"}  # the default solver's; the others are named as their solver
 OBJECTIVE_SOLVERS = {"ddpm": ("default", "dpmpp_2m"), "flow": ("default", "heun")}  # stmdit.solvers
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # DiTConfig's defaults of the fields the bottleneck check reads (tests keep the two in step); here
@@ -73,6 +73,7 @@ class ResolvedModel:
     perturbation_uni_null: bool
     settings: dict[str, Any] = field(default_factory=dict)  # TrainSettings fields, resolved
     pretrained_format: str = "stmdit"  # stmdit | pixcell
+    solver: str = "default"  # sample.solver (stmdit.solvers)
 
     @property
     def uses_ge(self) -> bool:
@@ -88,7 +89,7 @@ class ResolvedModel:
 
     @property
     def sampler(self) -> str:
-        return SAMPLERS[self.objective]
+        return SAMPLERS[self.objective] if self.solver == "default" else self.solver
 
     @property
     def regimes(self) -> tuple[str, ...]:
@@ -177,6 +178,7 @@ def resolve_models(config: dict) -> dict[str, ResolvedModel]:
             settings=settings,
             pretrained_format=(entry["pretrained"].get("format", "stmdit")
                                if isinstance(entry.get("pretrained"), dict) else "stmdit"),
+            solver=solver,
         )
     return resolved
 
