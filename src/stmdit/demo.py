@@ -6,8 +6,9 @@ deterministically from one real H&E image (OpenSlide's CMU-1-Small-Region, human
 
 Every sample-sheet row whose files lie under the demo root (`results/resources/demo/`) is made:
 
-- `visium` rows: a region of the source image (its own crop, rotation, flip and a mild stain jitter
-  in optical-density space) written as the full-resolution `image`; `outs/spatial/` with hires and
+- `visium` rows: the source image (or, with --region-px, a square crop of it) with its own
+  rotation, flip, 0.9-1.1x rescaling and mild stain jitter in optical-density space, written as the
+  full-resolution `image`, and its own Visium lattice offset; `outs/spatial/` with hires and
   lowres PNGs, `scalefactors_json.json` and the spot positions (rows alternate between the 1.x
   headerless `tissue_positions_list.csv` and the 2.x `tissue_positions.csv`); the Visium grid at the
   image's real scale (55 um spots, 100 um centre to centre, 0.499 um/px); `outs/filtered_feature_bc_matrix.h5`
