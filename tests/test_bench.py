@@ -25,3 +25,46 @@ def test_loader_benchmark_reports_a_ratio():
     assert result["loader_samples_per_s"] > 0 and result["memory_samples_per_s"] > 0
     assert result["loader_over_memory"] == round(result["loader_samples_per_s"] / result["memory_samples_per_s"], 3) or \
         abs(result["loader_over_memory"] - result["loader_samples_per_s"] / result["memory_samples_per_s"]) < 0.01
+
+
+def sample_bench_args(**overrides) -> argparse.Namespace:
+    from stmdit.bench import _sample_arguments
+
+    parser = argparse.ArgumentParser()
+    _sample_arguments(parser)
+    args = parser.parse_args([])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_sample_benchmark_counts_evaluations_and_measures_the_analytic_error(capsys):
+    """Without a model: the analytic rows of every solver; Heun costs 2 N - 1 calls, each a forward
+    over the 3 conditionings of dual guidance, and is closer to the exact distribution than Euler."""
+    from stmdit.bench import bench_sample
+
+    result = bench_sample(sample_bench_args(steps="10,20"))
+    rows = {(r["name"], r["steps"]): r for r in result["rows"]}
+    assert set(rows) == {(n, s) for n in ("ddim", "dpmpp_2m", "euler", "heun") for s in (10, 20)}
+    assert [rows["heun", s]["predictor_calls_per_tile"] for s in (10, 20)] == [19, 39]
+    assert all(r["forward_rows_per_tile"] == 3 * r["predictor_calls_per_tile"] for r in rows.values())
+    assert all("tiles_per_s" not in r and "fid" not in r for r in rows.values())
+    for second, first in (("heun", "euler"), ("dpmpp_2m", "ddim")):
+        assert all(rows[second, s]["std_error"] < rows[first, s]["std_error"] for s in (10, 20))
+    assert "heun" in capsys.readouterr().out
+
+
+def test_fused_guidance_timing_reports_both_passes():
+    import torch
+
+    from stmdit.bench import time_fused_guidance
+    from stmdit.loader import GeBatch
+    from stmdit.model import guidance
+    from stmdit.model.analytic import GaussianConfig, GaussianDenoiser
+
+    model = GaussianDenoiser(GaussianConfig(objective="flow"))
+    x = torch.randn(8, *model.config.latent_shape)
+    uni, ge = torch.randn(8, model.config.uni_dim), GeBatch(torch.randn(8, model.config.ge_dim))
+    timing = time_fused_guidance(model, x, torch.tensor(500.0), uni, ge, guidance.REGIME_SPECS["uni_ge"].conditions, 2)
+    assert timing["fused_s"] > 0 and timing["separate_s"] > 0
+    assert timing["separate_over_fused"] == timing["separate_s"] / timing["fused_s"]

@@ -128,3 +128,31 @@ def test_paper_configuration_budget_labels_and_test_donor(repo_root):
     config["models"]["PixCell-B"]["settings"] = {"steps": 10, "epochs": 2}
     with pytest.raises(InputError, match="models.PixCell-B.settings: give the training budget as steps or as epochs"):
         resolve_models(config)
+
+
+def test_paper_configuration_samples_with_ddim_and_euler_at_50_steps(repo_root):
+    """The paper's samplers (D.3) are the paper configuration's, explicitly; a solver that cannot
+    sample one of its models is refused when the workflow is parsed, naming the model."""
+    import yaml
+
+    from stmdit.models_config import resolve_models
+
+    raw = yaml.safe_load((repo_root / "workflow" / "paper" / "config.yaml").read_text())
+    assert raw["sample"]["solver"] == "default" and raw["sample"]["steps"] == 50
+    config = load_config(repo_root / "workflow" / "paper" / "config.yaml")
+    config["train"]["cohort"] = "10x_TuPro"
+    objectives = {m.objective for m in resolve_models(config).values()}
+    assert objectives == {"ddpm", "flow"}
+    config["sample"]["solver"] = "heun"
+    with pytest.raises(InputError, match=r"sample.solver = 'heun': does not sample ddpm models such as \S+ \(use one "
+                                         r"of default, dpmpp_2m\)"):
+        resolve_models(config)
+
+
+def test_models_table_names_the_configured_solver(repo_root):
+    from stmdit.models_config import resolve_models
+
+    config = load_config(repo_root / "config.yaml")
+    assert {m.sampler for m in resolve_models(config).values()} == {"euler"}  # the demo's flow models
+    config["sample"]["solver"] = "heun"
+    assert {m.sampler for m in resolve_models(config).values()} == {"heun"}

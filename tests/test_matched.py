@@ -17,7 +17,7 @@ from stmdit.errors import InputError
 from stmdit.features import write_feature_store
 
 N_CLUSTERS, PER_CLUSTER, N_GENES = 8, 5, 30
-SAMPLER = {"seed": 42, "s_uni": 4.0, "s_ge": 3.0, "steps": 50}
+SAMPLER = {"seed": 42, "s_uni": 4.0, "s_ge": 3.0, "steps": 50, "solver": "default"}
 
 
 def run_cli(*argv):

@@ -16,6 +16,7 @@ import torch
 import zarr
 
 from stmdit import sample as sampling
+from stmdit import solvers
 from stmdit.errors import InputError
 from stmdit.features import string_values, write_feature_store
 from stmdit.loader import GeBatch
@@ -148,21 +149,23 @@ class OracleEpsilon(torch.nn.Module):
         return ((x.double() - abar.sqrt() * self.x0) / (1 - abar).sqrt()).float()
 
 
-def test_euler_sampler_with_oracle_velocity_lands_on_x0():
+@pytest.mark.parametrize("solver", ["default", "heun"])
+def test_flow_solvers_with_oracle_velocity_land_on_x0(solver):
     x0 = torch.randn(2, *LATENT_SHAPE)
     noise = sampling.initial_noise(["a", "b"], 42, LATENT_SHAPE)
-    landed = sampling.denoise(OracleVelocity(x0), noise, "flow", steps=7)
+    landed = sampling.denoise(OracleVelocity(x0), noise, "flow", steps=7, solver=solver)
     torch.testing.assert_close(landed, x0, atol=1e-5, rtol=1e-5)
     assert (noise - x0).abs().mean() > 0.5  # the sampler really moved
 
 
-def test_ddim_sampler_with_oracle_epsilon_lands_on_x0():
+@pytest.mark.parametrize("solver", ["default", "dpmpp_2m"])
+def test_ddpm_solvers_with_oracle_epsilon_land_on_x0(solver):
     x0 = torch.randn(2, *LATENT_SHAPE)
     noise = sampling.initial_noise(["a", "b"], 42, LATENT_SHAPE)
-    landed = sampling.denoise(OracleEpsilon(x0), noise, "ddpm", steps=10)
+    landed = sampling.denoise(OracleEpsilon(x0), noise, "ddpm", steps=10, solver=solver)
     torch.testing.assert_close(landed, x0, atol=1e-4, rtol=1e-4)
-    scheduler = sampling.build_scheduler("ddpm", 10)
-    assert scheduler.timesteps[0] == 999 and not scheduler.config.clip_sample
+    scheduler = solvers.build_scheduler("ddpm", 10, solver=solver)
+    assert scheduler.timesteps[0] == 999 and not scheduler.config.get("clip_sample", False)
     torch.testing.assert_close(scheduler.alphas_cumprod, get_objective("ddpm").scheduler.alphas_cumprod)
 
 
@@ -263,6 +266,14 @@ def test_uni_only_flow_model_samples_uni_and_rejects_ge_regimes(cohort, models, 
     store = read_store(out)
     assert store["attrs"]["sampler"]["name"] == "euler" and store["latent"].shape == (5, *LATENT_SHAPE)
     assert set(store["spot_key"]) <= set(cohort["table"].query("split == 'test'")["key"])
+    with pytest.raises(InputError, match="solver 'dpmpp_2m' does not sample flow models"):
+        cli(*sample_args(cohort, models["uni_only"], tmp_path / "y.zarr", "uni", 4, "--max-spots", 5,
+                         "--solver", "dpmpp_2m"))
+    assert not (tmp_path / "y.zarr").exists()
+    cli(*sample_args(cohort, models["uni_only"], tmp_path / "heun.zarr", "uni", 4, "--max-spots", 5, "--solver", "heun"))
+    sampler = read_store(tmp_path / "heun.zarr")["attrs"]["sampler"]
+    assert sampler["name"] == "heun" and sampler["scheduler"] == "FlowMatchHeunDiscreteScheduler"
+    assert sampler["predictor_calls_per_tile"] == 7 and sampler["forward_rows_per_tile"] == 14  # 2 x 4 - 1, x 2 rows
 
 
 def test_bad_inputs_name_the_file(cohort, models, tmp_path):

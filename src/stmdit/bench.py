@@ -333,6 +333,206 @@ def bench_auc_null(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# sample: solvers against network evaluations (analytic error, tiles/s, FID), fused guidance
+# --------------------------------------------------------------------------------------------
+
+
+def _sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", type=Path, default=None, help="trained model folder (timing and FID rows)")
+    p.add_argument("--split", type=Path, default=None, help="split table of the model's cohort")
+    p.add_argument("--split-name", default="test")
+    p.add_argument("--uni", type=Path, default=None, help="uni2h feature store")
+    p.add_argument("--ge", type=Path, default=None, help="cancerfoundation feature store (GE models)")
+    p.add_argument("--regime", default="uni_ge")
+    p.add_argument("--steps", default="10,20,50", help="comma-separated step counts")
+    p.add_argument("--solvers", default=None, help="comma-separated (default: every solver of the objective)")
+    p.add_argument("--s-uni", type=float, default=4.0)
+    p.add_argument("--s-ge", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--spots", type=int, default=8, help="spots of the timed batch")
+    p.add_argument("--repeats", type=int, default=5, help="repeats of the fused-guidance timing")
+    p.add_argument("--fid-h0mini", type=Path, default=None,
+                   help="H0-mini features of the real tiles: FID of every solver/steps row on the split's spots")
+    p.add_argument("--fid-spots", type=int, default=None, help="seeded subsample of the split for FID")
+    p.add_argument("--vae-impl", choices=("smoke", "real"), default="smoke")
+    p.add_argument("--vae-weights", default=None)
+    p.add_argument("--h0mini-impl", choices=("smoke", "real"), default="smoke")
+    p.add_argument("--h0mini-weights", default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+
+
+def analytic_solver_error(objective: str, solver: str, steps: int, regime: str = "uni_ge", s_uni: float = 4.0,
+                          s_ge: float = 3.0, conditions: int = 3, draws: int = 4) -> dict[str, float]:
+    """Largest error of the sampled mean and std (the covariance is diagonal) against the exact
+    answer, in data-std units, on `stmdit.model.analytic`'s Gaussian model (std 0.25..1 per element,
+    as tests/test_sampler_exact.py measures it): the sampler is affine in its noise per element, so
+    `draws` noise draws per condition give its output mean and std exactly."""
+    import torch
+
+    from stmdit.loader import GeBatch
+    from stmdit.model.analytic import GaussianConfig, GaussianDenoiser, elementwise_affine_fit
+    from stmdit.sample import SamplerSettings, initial_noise, sample_latents
+
+    model = GaussianDenoiser(GaussianConfig(objective=objective, std_range=(0.25, 1.0)))
+    generator = torch.Generator().manual_seed(1)
+    uni = torch.randn(conditions, model.config.uni_dim, generator=generator)
+    ge = GeBatch(torch.randn(conditions, model.config.ge_dim, generator=generator))
+    keys = [f"cond{c}:draw{d}" for c in range(conditions) for d in range(draws)]
+    settings = SamplerSettings(regime=regime, steps=steps, s_uni=s_uni, s_ge=s_ge, solver=solver)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors of a few KiB: more threads only wait on each other (10-100x slower when loaded)
+    try:
+        samples = sample_latents(model, objective, keys, uni.repeat_interleave(draws, 0),
+                                 GeBatch(ge.cls.repeat_interleave(draws, 0)), settings)
+    finally:
+        torch.set_num_threads(threads)
+    noise = initial_noise(keys, settings.seed, model.config.latent_shape)
+    limit_mean, limit_std = model.sampler_limit(model.regime_mean(uni, ge, regime, s_uni, s_ge))
+    mean_error = std_error = 0.0
+    for c in range(conditions):
+        rows = slice(c * draws, (c + 1) * draws)
+        slope, offset, _ = elementwise_affine_fit(noise[rows], samples[rows])
+        mean_error = max(mean_error, ((offset - limit_mean[c]) / model.std).abs().max().item())
+        std_error = max(std_error, ((slope - limit_std[c]) / model.std).abs().max().item())
+    return {"mean_error": mean_error, "std_error": std_error}
+
+
+def time_fused_guidance(model, x, t, uni, ge, conditions, repeats: int) -> dict[str, float]:
+    """Seconds of one forward over len(conditions) x B rows against len(conditions) forwards of B rows."""
+    import torch
+
+    from stmdit.model import guidance
+
+    def timed(run) -> float:
+        run()  # warm-up
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - started) / repeats
+
+    with torch.inference_mode():
+        fused = timed(lambda: guidance.batched_predictions(model, x, t, uni, ge, list(conditions)))
+        separate = timed(lambda: [guidance.batched_predictions(model, x, t, uni, ge, [c]) for c in conditions])
+    return {"fused_s": fused, "separate_s": separate, "separate_over_fused": separate / fused}
+
+
+@benchmark("sample", _sample_arguments)
+def bench_sample(args: argparse.Namespace) -> dict[str, Any]:
+    """Solvers against network evaluations: analytic error, tiles/s, FID; fused vs separate guidance.
+
+    Per solver and step count: guided-predictor calls per tile (each one batched forward over the
+    regime's conditionings) and forward rows per tile; on the analytic Gaussian model (always) the
+    error of the sampled mean and std against the exact distribution; with --model-dir, tiles/s of
+    the latents of --spots spots (sampling only, no decoding) and, with --fid-h0mini, the FID of the
+    decoded, H0-mini-encoded samples of the split's spots against the real tiles' features."""
+    import numpy as np
+    import torch
+
+    from stmdit import solvers
+    from stmdit.errors import InputError
+    from stmdit.model import regime_spec
+    from stmdit.models_config import OBJECTIVE_SOLVERS
+    from stmdit.sample import (SamplerSettings, StoreConditions, check_regime, load_codec, load_trained_model,
+                               regime_uses_ge, resolve_device, sample_latents)
+
+    steps_list = [int(v) for v in args.steps.split(",") if v.strip()]
+    trained = device = None
+    if args.model_dir is not None:
+        if args.split is None or args.uni is None:
+            raise InputError(None, "--model-dir needs --split and --uni (and --ge for GE regimes)")
+        device = resolve_device(args.device)
+        trained = load_trained_model(args.model_dir, device)
+        check_regime(trained, args.regime)
+        if regime_uses_ge(args.regime) and args.ge is None:
+            raise InputError(None, f"regime {args.regime} needs --ge")
+    objectives = [trained.objective] if trained else list(OBJECTIVE_SOLVERS)
+    conditionings = len(regime_spec(args.regime).conditions)
+    result: dict[str, Any] = {"benchmark": "sample", "model": str(args.model_dir) if trained else None,
+                              "regime": args.regime, "s_uni": args.s_uni, "s_ge": args.s_ge, "rows": []}
+
+    timing = fid_inputs = None
+    if trained is not None:
+        from stmdit.evaluate import load_eval_encoder, read_features
+        from stmdit.loader import split_keys
+        from stmdit.metrics import fid, subsample_keys
+
+        keys = split_keys(args.split, args.split_name)
+        ge_store = args.ge if regime_uses_ge(args.regime) else None
+        timed = StoreConditions(keys[:args.spots], args.uni, ge_store, trained.config)
+        timing = (timed.noise_keys, *timed.batch(np.arange(len(timed))))
+        if args.fid_h0mini is not None:
+            fid_keys = subsample_keys(keys, args.fid_spots, args.seed) if args.fid_spots else keys
+            real = read_features(args.fid_h0mini, fid_keys).embedding
+            codec = load_codec(args.vae_impl, args.vae_weights, None, False, device, False)
+            encoder, _ = load_eval_encoder("h0mini", args.h0mini_impl, weights=args.h0mini_weights, device=str(device))
+            fid_inputs = (StoreConditions(fid_keys, args.uni, ge_store, trained.config), real, codec, encoder)
+        uni, ge = timing[1].to(device), (None if timing[2] is None else timing[2].to(device))
+        x = torch.randn(len(uni), trained.config.in_channels, trained.config.latent_size, trained.config.latent_size,
+                        generator=torch.Generator().manual_seed(0)).to(device)
+        result["fused_guidance"] = time_fused_guidance(trained.model, x, torch.tensor(500.0, device=device), uni, ge,
+                                                       regime_spec(args.regime).conditions, args.repeats)
+        result["fused_guidance"]["rows"] = len(uni)
+
+    for objective in objectives:
+        names = args.solvers.split(",") if args.solvers else OBJECTIVE_SOLVERS[objective]
+        for solver in names:
+            solvers.check_solver(objective, solver)
+            for steps in steps_list:
+                calls = solvers.predictor_calls(solver, steps)
+                row = {"objective": objective, "solver": solver, "name": solvers.solver_name(objective, solver),
+                       "steps": steps, "predictor_calls_per_tile": calls,
+                       "forward_rows_per_tile": calls * conditionings,
+                       **analytic_solver_error(objective, solver, steps, args.regime, args.s_uni, args.s_ge)}
+                settings = SamplerSettings(regime=args.regime, steps=steps, seed=args.seed, s_uni=args.s_uni,
+                                           s_ge=args.s_ge, batch_size=args.batch_size, solver=solver)
+                if timing is not None:
+                    sample_latents(trained.model, objective, timing[0], timing[1], timing[2],
+                                   SamplerSettings(regime=args.regime, steps=1, solver=solver), device)  # warm-up
+                    started = time.perf_counter()
+                    sample_latents(trained.model, objective, *timing, settings, device)
+                    row["tiles_per_s"] = len(timing[0]) / (time.perf_counter() - started)
+                if fid_inputs is not None:
+                    conditions, real, codec, encoder = fid_inputs
+                    features = []
+                    for start in range(0, len(conditions), args.batch_size):
+                        positions = np.arange(start, min(start + args.batch_size, len(conditions)))
+                        latents = sample_latents(trained.model, objective, [conditions.noise_keys[p] for p in positions],
+                                                 *conditions.batch(positions), settings, device)
+                        features.append(encoder.encode(codec.decode(latents))["embedding"])
+                    row["fid"] = fid(real, np.concatenate(features))
+                    row["fid_spots"] = len(conditions)
+                result["rows"].append(row)
+    print_sample_table(result)
+    print(json.dumps(result))
+    return result
+
+
+def print_sample_table(result: dict[str, Any]) -> None:
+    print(f"sample bench: regime {result['regime']}, s_uni {result['s_uni']}, s_ge {result['s_ge']}"
+          + (f", model {result['model']}" if result["model"] else ", analytic model only"))
+    print("  analytic: largest error of the sampled mean / std against the exact distribution, in data-std units")
+    header = f"  {'objective':<9} {'solver':<9} {'steps':>5} {'calls/tile':>10} {'rows/tile':>9} {'tiles/s':>8} " \
+             f"{'mean err':>9} {'std err':>9} {'FID':>8}"
+    print(header)
+    for row in result["rows"]:
+        tiles = f"{row['tiles_per_s']:.2f}" if "tiles_per_s" in row else "-"
+        fid_text = f"{row['fid']:.2f}" if "fid" in row else "-"
+        print(f"  {row['objective']:<9} {row['name']:<9} {row['steps']:>5} {row['predictor_calls_per_tile']:>10} "
+              f"{row['forward_rows_per_tile']:>9} {tiles:>8} {row['mean_error']:>9.2e} {row['std_error']:>9.2e} "
+              f"{fid_text:>8}")
+    fused = result.get("fused_guidance")
+    if fused:
+        print(f"  guidance of {fused['rows']} spots: one forward of all conditionings {fused['fused_s'] * 1e3:.1f} ms, "
+              f"one forward per conditioning {fused['separate_s'] * 1e3:.1f} ms: separate / fused "
+              f"{fused['separate_over_fused']:.2f}")
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 

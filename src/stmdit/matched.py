@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 N_CLUSTERS = 8
 N_GENES = 3
-MATCHED_SAMPLER_KEYS = ("seed", "s_uni", "s_ge", "steps")
+MATCHED_SAMPLER_KEYS = ("seed", "s_uni", "s_ge", "steps", "solver")
 
 
 @dataclass
@@ -78,7 +78,8 @@ def distinctive_genes(log_expression, genes: Sequence[str], labels: np.ndarray, 
 
 
 def check_matched(stores: Mapping[str, Path]) -> None:
-    """InputError naming the first store whose UNI, GE, seed or guidance differ from the others'."""
+    """InputError naming the first store whose UNI, GE, seed, guidance, steps or solver differ from the
+    others'."""
     import zarr
 
     reference: dict[str, object] = {}

@@ -27,7 +27,8 @@ from stmdit.provenance import write_json
 
 REGIMES_GE = ("uni_ge", "uni", "ge", "uncond")
 REGIMES_UNI_ONLY = ("uni", "uncond")
-SAMPLERS = {"ddpm": "ddim", "flow": "euler"}
+SAMPLERS = {"ddpm": "ddim", "flow": "euler"}  # the default solver's; the others are named as their solver
+OBJECTIVE_SOLVERS = {"ddpm": ("default", "dpmpp_2m"), "flow": ("default", "heun")}  # stmdit.solvers
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # DiTConfig's defaults of the fields the bottleneck check reads (tests keep the two in step); here
 # so that the Snakefile can check `train.sizes` at parse time without importing torch.
@@ -72,6 +73,7 @@ class ResolvedModel:
     perturbation_uni_null: bool
     settings: dict[str, Any] = field(default_factory=dict)  # TrainSettings fields, resolved
     pretrained_format: str = "stmdit"  # stmdit | pixcell
+    solver: str = "default"  # sample.solver (stmdit.solvers)
 
     @property
     def uses_ge(self) -> bool:
@@ -87,7 +89,7 @@ class ResolvedModel:
 
     @property
     def sampler(self) -> str:
-        return SAMPLERS[self.objective]
+        return SAMPLERS[self.objective] if self.solver == "default" else self.solver
 
     @property
     def regimes(self) -> tuple[str, ...]:
@@ -153,6 +155,11 @@ def resolve_models(config: dict) -> dict[str, ResolvedModel]:
             "objective": entry.get("objective", "ddpm"),
             "p_drop": entry.get("p", 0.1),
         }
+        solver = (config.get("sample") or {}).get("solver", "default")
+        if solver not in OBJECTIVE_SOLVERS[settings["objective"]]:
+            raise InputError(None, f"config key sample.solver = {solver!r}: does not sample {settings['objective']} "
+                                   f"models such as {model} (use one of "
+                                   f"{', '.join(OBJECTIVE_SOLVERS[settings['objective']])})")
         baseline = entry.get("baseline")
         if baseline is not None and baseline not in config["models"]:
             raise InputError(None, f"config key models.{model}.baseline = {baseline!r}: no such model")
@@ -171,6 +178,7 @@ def resolve_models(config: dict) -> dict[str, ResolvedModel]:
             settings=settings,
             pretrained_format=(entry["pretrained"].get("format", "stmdit")
                                if isinstance(entry.get("pretrained"), dict) else "stmdit"),
+            solver=solver,
         )
     return resolved
 

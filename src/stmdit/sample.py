@@ -4,22 +4,14 @@ sampling, the Table 5 inputs, is `stmdit.perturb`).
     stmdit sample --model-dir results/models/M --split results/splits/C.parquet --split-name test
         [--max-spots N --subsample-seed 42] --uni U.zarr [--ge G.zarr] --vae-impl smoke|real
         [--vae-weights P] [--vae-arch-json J] [--allow-hub] --regime uni_ge|uni|ge|uncond
-        --steps 50 --seed 42 --s-uni 4.0 --s-ge 3.0 --batch-size 32 [--device auto] [--bf16]
+        --steps 50 [--solver default|dpmpp_2m|heun] --seed 42 --s-uni 4.0 --s-ge 3.0 --batch-size 32
+        [--device auto] [--bf16]
         --out results/samples/M/C/REGIME.zarr
     stmdit sample-grid --spots S1.parquet ... --patches S1.zarr ... --samples uni_ge=A.zarr uni=B.zarr
         --per-class 4 --seed 0 --out results/samples/M/C/grid.png
 
-Samplers follow the model's training objective:
-- ddpm: diffusers `DDIMScheduler` made from the training `DDPMScheduler`'s config (linear betas
-  1e-4..0.02, T = 1000, epsilon), eta = 0, `clip_sample=False` (latents are not bounded to [-1, 1]),
-  `set_alpha_to_one=True` (the last step goes to alpha_bar = 1, the data itself: with False it stops
-  at the first training noise level and keeps 0.01 x epsilon of noise) and `timestep_spacing=
-  "trailing"` (the first step is t = 999, the level of the pure-noise start; "leading" would start
-  at t = 980 from a pure-noise sample).
-- flow: `FlowMatchEulerDiscreteScheduler` with shift 1.0. Its sigma is the training t: the
-  scheduler's x_sigma = sigma * noise + (1 - sigma) * x0 and its Euler step
-  x <- x + (sigma_next - sigma) * v, with v = dx/dsigma = noise - x0, are exactly the trained flow;
-  its timesteps are sigma * 1000, the timestep the model was trained with.
+Samplers follow the model's training objective and `--solver` (`stmdit.solvers`: the paper's DDIM
+for ddpm and Euler for flow by default, DPM-Solver++(2M) or, for flow, Heun).
 
 The noise of a spot comes from `sample_generator(seed, "sample", key)` only. The model runs on
 batches padded (by repeating the last spot) to a multiple of PAD_MULTIPLE rows: MKL picks its GEMM
@@ -38,7 +30,7 @@ import logging
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -51,15 +43,14 @@ from stmdit.loader import GeBatch, open_store, split_keys, store_rows
 from stmdit.metrics import subsample_keys
 from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, get_objective, guided_prediction, regime_spec
 from stmdit.provenance import atomic_path, params_hash, provenance
+from stmdit.solvers import DEFAULT, SOLVERS, Predictor, check_solver, denoise, describe_scheduler, predictor_calls, solver_name
 from stmdit.train_utils import sample_generator
 
 log = logging.getLogger(__name__)
 
 PAD_MULTIPLE = 8
 WEIGHTS_NAME = "ema.safetensors"
-DDIM_OPTIONS = {"clip_sample": False, "set_alpha_to_one": True, "timestep_spacing": "trailing", "steps_offset": 0}
-FLOW_SHIFT = 1.0
-SAMPLER_NAMES = {"ddpm": "ddim", "flow": "euler"}
+OBJECTIVES = ("ddpm", "flow")
 LATENT_CHUNK_SPOTS = 8  # 8 x 64 KiB float32 latents per chunk
 IMAGE_CHUNK_SPOTS = 16  # as the patches stores: 16 x 256 x 256 x 3 = 3 MiB
 
@@ -117,8 +108,8 @@ def load_trained_model(model_dir: str | Path, device: torch.device | str = "cpu"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(training_path, f"cannot read the training settings: {exc}") from None
     objective = settings.get("objective")
-    if objective not in SAMPLER_NAMES:
-        raise InputError(training_path, f"unknown objective {objective!r} (expected one of {sorted(SAMPLER_NAMES)})")
+    if objective not in OBJECTIVES:
+        raise InputError(training_path, f"unknown objective {objective!r} (expected one of {', '.join(OBJECTIVES)})")
     if not (model_dir / WEIGHTS_NAME).is_file():
         raise InputError(model_dir / WEIGHTS_NAME, "EMA weights not found: has training finished?")
     model = STMDiT.from_pretrained(model_dir, weights_name=WEIGHTS_NAME).to(device).eval()
@@ -154,41 +145,26 @@ class SamplerSettings:
     s_ge: float = 3.0
     batch_size: int = 32
     bf16: bool = False  # bf16 autocast of the denoiser on CUDA
+    solver: str = DEFAULT  # stmdit.solvers: default (DDIM / Euler), dpmpp_2m, heun (flow)
 
     def __post_init__(self):
         if self.steps < 1:
             raise InputError(None, f"steps must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise InputError(None, f"batch size must be at least 1, got {self.batch_size}")
+        if self.solver not in SOLVERS:
+            raise InputError(None, f"unknown solver {self.solver!r} (known: {', '.join(SOLVERS)})")
 
     def describe(self, objective: str) -> dict[str, Any]:
-        scheduler = build_scheduler(objective, self.steps)
-        config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+        spec = regime_spec(self.regime)
         return {
-            "name": SAMPLER_NAMES[objective],
-            "scheduler": type(scheduler).__name__,
-            "scheduler_config": json.loads(json.dumps(config, default=str)),
-            "guidance": regime_spec(self.regime).guidance,
+            **describe_scheduler(objective, self.steps, self.solver),
+            "guidance": spec.guidance,
+            "forward_rows_per_tile": predictor_calls(self.solver, self.steps) * len(spec.conditions),
             "pad_multiple": PAD_MULTIPLE,
             "noise": 'sample_generator(seed, "sample", spot key)',
             **asdict(self),
         }
-
-
-def build_scheduler(objective: str, steps: int, device: torch.device | str | None = None):
-    """A fresh scheduler for `objective`, with its timesteps set for `steps` steps."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-
-    if objective == "ddpm":
-        training_scheduler = get_objective("ddpm").scheduler
-        scheduler = DDIMScheduler.from_config(training_scheduler.config, **DDIM_OPTIONS)
-    elif objective == "flow":
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=get_objective("flow").num_train_timesteps,
-                                                    shift=FLOW_SHIFT)
-    else:
-        raise ValueError(f"no sampler for objective {objective!r}")
-    scheduler.set_timesteps(steps, device=device)
-    return scheduler
 
 
 def initial_noise(noise_keys: Sequence[str], seed: int, latent_shape: Sequence[int]) -> torch.Tensor:
@@ -197,21 +173,6 @@ def initial_noise(noise_keys: Sequence[str], seed: int, latent_shape: Sequence[i
         raise ValueError("no spots to sample")
     return torch.stack([torch.randn(tuple(latent_shape), generator=sample_generator(seed, "sample", str(key)))
                         for key in noise_keys])
-
-
-Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@torch.inference_mode()
-def denoise(predict: Predictor, noise: torch.Tensor, objective: str, steps: int) -> torch.Tensor:
-    """Run the sampler of `objective` from `noise`; `predict(x, t)` returns the model's (guided)
-    prediction at model timestep t (epsilon for ddpm, velocity for flow). Returns float32 x0."""
-    scheduler = build_scheduler(objective, steps, noise.device)
-    x = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)
-    for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        x = scheduler.step(predict(model_input, t).float(), t, x).prev_sample
-    return x.float()
 
 
 def guided_predictor(
@@ -270,7 +231,7 @@ def sample_latents(
     ge = None if ge is None else pad_ge(ge).to(device)
     predict = guided_predictor(model, uni, ge, settings.regime, settings.s_uni, settings.s_ge,
                                autocast_dtype_for(device, settings.bf16))
-    return denoise(predict, pad_rows(noise).to(device), objective, settings.steps)[:n].cpu()
+    return denoise(predict, pad_rows(noise).to(device), objective, settings.steps, settings.solver)[:n].cpu()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +403,7 @@ def cli_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def sampler_settings(args: argparse.Namespace, regime: str) -> SamplerSettings:
     return SamplerSettings(regime=regime, steps=args.steps, seed=args.seed, s_uni=args.s_uni, s_ge=args.s_ge,
-                           batch_size=args.batch_size, bf16=args.bf16)
+                           batch_size=args.batch_size, bf16=args.bf16, solver=args.solver)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,6 +415,7 @@ def run_sample(args: argparse.Namespace) -> Path:
     device = resolve_device(args.device)
     trained = load_trained_model(args.model_dir, device)
     check_regime(trained, args.regime)
+    check_solver(trained.objective, settings.solver)
     if regime_uses_ge(args.regime) and args.ge is None:
         raise InputError(None, f"regime {args.regime} needs the GE store (--ge)")
     keys = split_keys(args.split, args.split_name)
@@ -463,7 +425,8 @@ def run_sample(args: argparse.Namespace) -> Path:
     codec = load_codec(args.vae_impl, args.vae_weights, args.vae_arch_json, args.allow_hub, device, args.bf16)
     check_codec(trained, codec)
     log.info("sampling %d %s spots of %s with %s (%s, %s sampler, %d steps) in regime %s -> %s", len(keys),
-             args.split_name, args.split, trained.path, trained.config.ge_fusion, SAMPLER_NAMES[trained.objective],
+             args.split_name, args.split, trained.path, trained.config.ge_fusion,
+             solver_name(trained.objective, settings.solver),
              settings.steps, args.regime, args.out)
     inputs = [trained.path / WEIGHTS_NAME, args.split, args.uni] + ([args.ge] if args.ge else [])
     attrs = common_attrs(trained, settings, args.vae_impl, "sample", cli_params(args), inputs)
@@ -605,6 +568,8 @@ def add_sampler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-arch-json", help="JSON object of sd3_vae overrides")
     p.add_argument("--allow-hub", action="store_true", help="allow loading the VAE from the Hugging Face hub")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--solver", choices=SOLVERS, default=DEFAULT,
+                   help="default: DDIM (ddpm) / Euler (flow), the paper's; dpmpp_2m; heun (flow only)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--s-uni", type=float, default=4.0)
     p.add_argument("--s-ge", type=float, default=3.0)

@@ -18,6 +18,7 @@ rule sample:
         ),
         vae=vae_args(),
         steps=config["sample"]["steps"],
+        solver=config["sample"]["solver"],
         seed=config["sample"]["seed"],
         s_uni=config["sample"]["s_uni"],
         s_ge=config["sample"]["s_ge"],
@@ -40,7 +41,7 @@ rule sample:
     shell:
         "python -m stmdit sample --model-dir {params.model_dir} --split {input.split} --split-name test"
         " {params.subsample} --uni {input.uni} {params.ge} {params.vae} --regime {params.regime}"
-        " --steps {params.steps} --seed {params.seed} --s-uni {params.s_uni} --s-ge {params.s_ge}"
+        " --steps {params.steps} --solver {params.solver} --seed {params.seed} --s-uni {params.s_uni} --s-ge {params.s_ge}"
         " --batch-size {params.batch_size} --device {params.device} {params.bf16} --out {output} > {log} 2>&1"
 
 
@@ -63,6 +64,7 @@ rule perturb_sample:
         mode=config["evaluate"]["perturbation"]["mode"],
         vae=vae_args(),
         steps=config["sample"]["steps"],
+        solver=config["sample"]["solver"],
         s_uni=config["sample"]["s_uni"],
         s_ge=config["sample"]["s_ge"],
         batch_size=config["sample"]["batch_size"],
@@ -86,7 +88,7 @@ rule perturb_sample:
         " --expression {input.expression} --uni {input.uni} --ge {input.ge} --pairs '{params.pairs}'"
         " --alphas {params.alphas} --n-ref {params.n_ref} --seed {params.seed} --mode {params.mode} {params.uni_null}"
         " {params.vae}"
-        " --steps {params.steps} --s-uni {params.s_uni} --s-ge {params.s_ge} --batch-size {params.batch_size}"
+        " --steps {params.steps} --solver {params.solver} --s-uni {params.s_uni} --s-ge {params.s_ge} --batch-size {params.batch_size}"
         " --device {params.device} {params.bf16} --out {output} > {log} 2>&1"
 
 

@@ -124,6 +124,20 @@ class GaussianDenoiser(nn.Module):
         ku, kg = keep_uni.to(torch.float64)[:, None, None, None], keep_ge.to(torch.float64)[:, None, None, None]
         return mean + ku * f + kg * h + ku * kg * torch.tanh(f) * torch.tanh(h)
 
+    def regime_mean(self, uni: torch.Tensor, ge: GeBatch | None, regime: str, s_uni: float, s_ge: float) -> torch.Tensor:
+        """The mean of the Gaussian that `regime`'s guidance formula samples (paper 2.2), written out
+        independently of `guidance.py`: uni_ge: m00 + s_uni (m_u0 - m00) + s_ge (m_ug - m_u0);
+        uni: m00 + s_uni (m_u0 - m00); ge: m00 + s_ge (m_0g - m00); uncond: m00."""
+        n = len(uni)
+        m = {(ku, kg): self.condition_mean(n, uni, ge, ku, kg) for ku in (False, True) for kg in (False, True)}
+        m00 = m[False, False]
+        return {
+            "uni_ge": m00 + s_uni * (m[True, False] - m00) + s_ge * (m[True, True] - m[True, False]),
+            "uni": m00 + s_uni * (m[True, False] - m00),
+            "ge": m00 + s_ge * (m[False, True] - m00),
+            "uncond": m00,
+        }[regime]
+
     def _flags(self, keep, batch: int) -> torch.Tensor:
         keep = torch.as_tensor(keep, dtype=torch.bool, device=self.base.device)
         return keep.expand(batch) if keep.ndim == 0 else keep
