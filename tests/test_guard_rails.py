@@ -38,7 +38,9 @@ def test_bottlenecked_dit_config_is_an_error_unless_allowed():
 
 def test_bottlenecked_size_stops_the_config_at_parse_time():
     config = load_config(ROOT / "config.yaml")
-    assert config["train"]["sizes"]["tiny"]["allow_bottleneck"] is True  # the demo size opts in, for now
+    assert config["train"]["sizes"]["tiny"]["allow_bottleneck"] is True  # the plumbing size opts in
+    assert "allow_bottleneck" not in config["train"]["sizes"][config["train"]["size"]]  # the demo's does not
+    config["train"]["size"] = "tiny"
     resolve_models(config)
     broken = copy.deepcopy(config)
     del broken["train"]["sizes"]["tiny"]["allow_bottleneck"]
