@@ -174,7 +174,7 @@ def test_training_longer_than_a_job_finishes_across_resubmissions(slurm_demo):
 
     work, _ = slurm_demo
     override = work / "chained.yaml"
-    override.write_text("train:\n  settings: {steps: 800, margin_s: 90, checkpoint_every: 1000, val_every: 1000}\n")
+    override.write_text("train:\n  settings: {steps: 2000, margin_s: 90, checkpoint_every: 5000, val_every: 5000}\n")
     model = work / "results" / "models" / "PixCell-Flow-B"
     _, log = run_snakemake(
         work, str(model.relative_to(work) / "ema.safetensors"), *E2E_CONFIG, str(override),
