@@ -43,6 +43,7 @@ from stmdit.loader import GeBatch, open_store, split_keys, store_rows
 from stmdit.metrics import subsample_keys
 from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, get_objective, guided_prediction, regime_spec
 from stmdit.provenance import atomic_path, params_hash, provenance
+from stmdit.spots import read_kept_spots
 from stmdit.solvers import DEFAULT, SOLVERS, Predictor, check_solver, denoise, describe_scheduler, predictor_calls, solver_name
 from stmdit.train_utils import sample_generator
 
@@ -467,20 +468,8 @@ def store_keys(path: Path) -> tuple[zarr.Group, dict[str, int]]:
 
 def read_labels_tables(spots: Sequence[Path]) -> pd.Series:
     """key -> label ("unlabelled" when empty) of the kept spots of the spots tables."""
-    parts = []
-    for path in spots:
-        try:
-            table = pd.read_parquet(path)
-        except (OSError, ValueError) as exc:
-            raise InputError(path, f"cannot read spots table: {exc}") from None
-        if "key" not in table:
-            raise InputError(path, "spots table has no key column")
-        if "keep" in table:
-            table = table[table["keep"].astype(bool)]
-        labels = table["label"] if "label" in table else pd.Series("", index=table.index)
-        parts.append(pd.Series(labels.fillna("").astype(str).replace("", "unlabelled").to_numpy(),
-                               index=table["key"].astype(str).to_numpy()))
-    return pd.concat(parts) if parts else pd.Series(dtype=str)
+    table = read_kept_spots(spots, ["key"])
+    return pd.Series(table["label"].to_numpy(), index=table["key"].to_numpy(), dtype=str)
 
 
 def choose_grid_spots(labels: pd.Series, per_class: int, seed: int) -> list[tuple[str, str]]:

@@ -316,6 +316,31 @@ def read_labels(path: str | Path, known_barcodes: pd.Index) -> pd.Series:
 # --------------------------------------------------------------------------------------------
 
 
+def read_kept_spots(paths, columns) -> pd.DataFrame:
+    """The kept spots of spots tables (all rows of a table without `keep`), as `key`, `label`
+    ("unlabelled" when empty or absent) and the other requested `columns`; InputError naming the
+    table when it cannot be read or lacks a column."""
+    wanted = ["key", "label", *[c for c in columns if c not in ("key", "label")]]
+    parts = []
+    for path in paths:
+        try:
+            table = pd.read_parquet(path)
+        except (OSError, ValueError) as exc:
+            raise InputError(path, f"cannot read spots table: {exc}") from None
+        missing = set(wanted) - {"label"} - set(table.columns)
+        if missing:
+            raise InputError(path, f"spots table lacks column(s) {sorted(missing)}")
+        if "keep" in table:
+            table = table[table["keep"].astype(bool)]
+        if "label" not in table:
+            table = table.assign(label="")
+        parts.append(table[wanted])
+    spots = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=wanted)
+    spots["key"] = spots["key"].astype(str)
+    spots["label"] = spots["label"].fillna("").astype(str).replace("", "unlabelled")
+    return spots
+
+
 def load_slide(kind: str, path: str | Path, image: str | Path | None, mpp: float | None,
                grid: GridParams, filters: FilterParams) -> Slide:
     if kind == "visium":

@@ -35,6 +35,7 @@ from stmdit.errors import InputError
 from stmdit.features import read_array_rows, string_values
 from stmdit.loader import GeBatch, open_store, store_rows
 from stmdit.model import GE, UNI_GE
+from stmdit.spots import read_kept_spots
 from stmdit.virtual.edits import (
     Edit,
     apply_edit,
@@ -114,25 +115,10 @@ class ExperimentSpec:
 
 
 def read_spot_tables(paths: Sequence[str | Path]) -> pd.DataFrame:
-    """Kept spots of the spots tables: key, sample, label, array_row, array_col, pxl_row, pxl_col."""
-    parts = []
-    for path in paths:
-        try:
-            table = pd.read_parquet(path)
-        except (OSError, ValueError) as exc:
-            raise InputError(path, f"cannot read spots table: {exc}") from None
-        missing = {"key", "sample", "array_row", "array_col", "pxl_row", "pxl_col"} - set(table.columns)
-        if missing:
-            raise InputError(path, f"spots table lacks column(s) {sorted(missing)}")
-        if "keep" in table:
-            table = table[table["keep"].astype(bool)]
-        if "label" not in table:
-            table = table.assign(label="")
-        parts.append(table[["key", "sample", "label", "array_row", "array_col", "pxl_row", "pxl_col"]])
-    spots = pd.concat(parts, ignore_index=True)
-    spots["key"] = spots["key"].astype(str)
-    spots["label"] = spots["label"].fillna("").astype(str).replace("", "unlabelled")
-    return spots.set_index("key", drop=False)
+    """Kept spots of the spots tables: key, sample, label, array_row, array_col, pxl_row, pxl_col,
+    indexed by key."""
+    spots = read_kept_spots(paths, ["sample", "array_row", "array_col", "pxl_row", "pxl_col"])
+    return spots[["key", "sample", "label", "array_row", "array_col", "pxl_row", "pxl_col"]].set_index("key", drop=False)
 
 
 def select_spots(spots: pd.DataFrame, split: pd.DataFrame, spec: ExperimentSpec, source: str = "spots") -> pd.DataFrame:
