@@ -112,10 +112,10 @@ def test_demo_runs_end_to_end(tmp_path, demo_image):
     assert all("donor_C" not in f["train_donors"] for f in [*plan["folds"], plan["all_training_donors"]])
     gene_sets = json.loads((results / "expression" / "demo_gene_sets.json").read_text())["gene_sets"]
     assert gene_sets["protein_coding"]["protein_coding"] == 594 and gene_sets["protein_coding"]["list_genes"] == 19281
-    model = results / "models" / "XAttn-PMA-Flow-p05"
+    model = results / "models" / "XAttn-PMA-Flow-p03"
     assert (model / "ema.safetensors").exists() and (model / "train_log.csv").exists()
     assert "stalled" in json.loads((model / "training.json").read_text())["loss_check"]
-    assert (results / "figures" / "loss_curves" / "XAttn-PMA-Flow-p05.png").stat().st_size > 0
+    assert (results / "figures" / "loss_curves" / "XAttn-PMA-Flow-p03.png").stat().st_size > 0
     assert (results / "figures" / "per_tissue_fid.png").exists()
     assert (results / "figures" / "matched_spots.png").exists()
     # a second run has nothing to do
