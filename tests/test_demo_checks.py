@@ -67,3 +67,15 @@ def test_stage_times_sum_jobs_per_stage(tmp_path):
     table = stage_times(bench).set_index("stage")
     assert table.loc["sample", "jobs"] == 2 and table.loc["sample", "seconds"] == pytest.approx(15.0)
     assert table.loc["fid", "seconds"] == pytest.approx(2.0) and table.loc["demo_data", "jobs"] == 1
+
+
+def test_layout_check_passes_only_above_the_other_spot_null(tmp_path):
+    write_eval(tmp_path, "Base", {"uni": interval(150), "uncond": interval(280)})
+    folder = tmp_path / "eval" / "Base" / "demo"
+    def layout(mean, follows):
+        return {"regimes": {"uni": {"mean": mean, "lo": mean - 0.02, "hi": mean + 0.02, "follows_layout": follows,
+                                    "null": {"mean": 0.0, "lo": -0.02, "hi": 0.02}}}}
+    (folder / "layout.json").write_text(json.dumps(layout(0.003, False)))
+    assert by_name(learning_checks(tmp_path, "demo"))["Base: uni tiles follow their spot's layout"] is False
+    (folder / "layout.json").write_text(json.dumps(layout(0.3, True)))
+    assert by_name(learning_checks(tmp_path, "demo"))["Base: uni tiles follow their spot's layout"] is True

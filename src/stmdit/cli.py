@@ -31,6 +31,7 @@ COMMANDS = {
     "perturb-sample": "stmdit.perturb",
     "sample-grid": "stmdit.sample",
     "matched-spots": "stmdit.matched",
+    "layout": "stmdit.layout",
     "eval-features": "stmdit.evaluate",
     "fid": "stmdit.evaluate",
     "auc": "stmdit.evaluate",

@@ -4,7 +4,7 @@ and how long each stage took.
     stmdit demo-checks --results results --cohort demo [--strict]
 
 The checks read the evaluation JSONs the workflow wrote (`eval/{model}/{cohort}/fid.json`,
-`auc.json`); each names the numbers it compared. FID intervals are the spot-level bootstrap's
+`auc.json`, `layout.json`); each names the numbers it compared. FID intervals are the spot-level bootstrap's
 95% percentile intervals; "below" means the two intervals are disjoint. `--strict` exits 1 when a
 check fails. Stage times are the sums of the jobs' wall-clock seconds from
 `benchmarks/` (jobs may have run side by side, so they add up to more than the run took).
@@ -88,12 +88,27 @@ def auc_checks(auc_files: dict[str, Path]) -> list[Check]:
     return checks
 
 
+def layout_checks(layout_files: dict[str, Path]) -> list[Check]:
+    """UNI-conditioned tiles follow their spot's coarse layout: agreement above the other-spot null."""
+    checks = []
+    for model, path in sorted(layout_files.items()):
+        regimes = json.loads(path.read_text())["regimes"]
+        for regime in ("uni", "uni_ge"):
+            if regime in regimes:
+                entry = regimes[regime]
+                checks.append(Check(f"{model}: {regime} tiles follow their spot's layout", entry["follows_layout"],
+                                    f"r {_interval(entry)} vs other spots {_interval(entry['null'])}"))
+    return checks
+
+
 def learning_checks(results: Path, cohort: str) -> list[Check]:
-    fid_files = {p.parts[-3]: p for p in results.glob(f"eval/*/{cohort}/fid.json")}
-    auc_files = {p.parts[-3]: p for p in results.glob(f"eval/*/{cohort}/auc.json")}
+    def files(name):
+        return {p.parts[-3]: p for p in results.glob(f"eval/*/{cohort}/{name}")}
+
+    fid_files = files("fid.json")
     if not fid_files:
         return [Check("evaluation JSONs exist", False, f"no {results}/eval/*/{cohort}/fid.json")]
-    return fid_checks(fid_files) + auc_checks(auc_files)
+    return fid_checks(fid_files) + auc_checks(files("auc.json")) + layout_checks(files("layout.json"))
 
 
 def stage_times(benchmarks: Path) -> pd.DataFrame:

@@ -91,6 +91,35 @@ rule fid:
         " --kind fid --out {output} > {log} 2>&1"
 
 
+rule layout:
+    input:
+        patches=cohort_patches,
+        samples=lambda wildcards: [
+            f"results/samples/{wildcards.model}/{wildcards.cohort}/{r}.zarr" for r in MODELS[wildcards.model].regimes
+        ],
+    output:
+        "results/eval/{model}/{cohort}/layout.json",
+    params:
+        samples=lambda wildcards, input: " ".join(
+            f"{r}={path}" for r, path in zip(MODELS[wildcards.model].regimes, input.samples)
+        ),
+        n_boot=config["evaluate"]["n_boot"],
+        seed=config["evaluate"]["seed"],
+    log:
+        "results/eval/{model}/{cohort}/layout.log",
+    benchmark:
+        "results/benchmarks/eval/{model}/{cohort}/layout.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=lambda wildcards, attempt: 60 * attempt,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit layout --patches {input.patches} --samples {params.samples} --n-boot {params.n_boot}"
+        " --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort} --out {output} > {log} 2>&1"
+
+
 rule ood_fid:
     input:
         real="results/features/{cohort}/h0mini.zarr",
