@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 import zarr
 
@@ -87,3 +88,44 @@ def test_cli_writes_json_and_names_a_missing_spot(tmp_path):
     with pytest.raises(InputError, match="other:0") as error:
         layout_report([patches], {"uni": stray}, cells=8, n_boot=50, seed=0)
     assert "stray.zarr" in str(error.value)
+
+
+class OracleFlow(torch.nn.Module):
+    """A flow denoiser whose UNI is the spot's clean latent, flattened: its velocity implies the
+    clean estimate `reveal(uni)` with the UNI and 0 with the null UNI."""
+
+    def __init__(self, reveal):
+        super().__init__()
+        self.reveal = reveal
+
+    def forward(self, x, t, uni, ge=None, drop_uni=None, drop_ge=None):
+        estimate = self.reveal(uni.reshape(x.shape))
+        estimate = torch.where(drop_uni[:, None, None, None], torch.zeros_like(estimate), estimate)
+        return (x - estimate) / (t / 1000.0).reshape(-1, 1, 1, 1)
+
+
+def palette_only(latents):
+    return latents.mean(dim=(2, 3), keepdim=True).expand_as(latents)
+
+
+@pytest.mark.parametrize("reveal, follows", [(lambda z: z, True), (palette_only, False)])
+def test_layout_probe_tells_a_uni_path_that_carries_layout_from_one_that_carries_palette(reveal, follows):
+    """The probe on exact answers: a model that reads the whole latent from UNI has a UNI part with
+    the spot's layout; one that reads only the spot's mean colour has the brightness and no layout."""
+    from stmdit.encoders.smoke import SmokeVae
+    from stmdit.layout import probe_split
+    from stmdit.model import get_objective
+
+    codec = SmokeVae(torch.device("cpu"))
+    latents = codec.encode(random_tiles(24, seed=5, size=256))["latent"]
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    entry = probe_split(OracleFlow(reveal), get_objective("flow"), latents, latents.reshape(len(latents), -1), noise,
+                        codec.decode, noise_level=0.98, batch_size=8, cells=8, n_boot=100, seed=0)
+    part = entry["uni_part_layout"]
+    assert part["follows_layout"] is follows
+    if follows:
+        assert part["mean"] > 0.9
+    else:
+        assert abs(part["mean"]) < 0.05
+    assert entry["brightness_r"]["with_uni"] > 0.9
+    assert abs(entry["brightness_r"]["null_uni"]) < 0.6  # 2% of the latent is left in the noised input

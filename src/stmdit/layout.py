@@ -12,6 +12,15 @@ Per regime the JSON gives the mean agreement over the spots with a 95% spot-leve
 interval, and the same for a null that pairs each generated tile with the real tile of another
 spot (a fixed random derangement): tiles that ignore their spot's layout score within the null.
 `follows_layout` is true when the regime's interval lies above the null's.
+
+    stmdit layout-probe --model-dir M --split S --latents L.zarr --uni U.zarr --out probe.json
+
+asks the trained model directly, without sampling: from a latent noised to `--noise-level` (0.98:
+almost pure noise), what does the model's clean-latent estimate take from the spot's UNI? The UNI
+part of the estimate is the decoded estimate with the spot's UNI minus the one with the null UNI.
+Its layout is scored against the spot's decoded real latent as above, and its brightness by the
+correlation over spots. A model whose UNI path carries only palette scores r ~ 0 on layout and
+well above 0 on brightness, on its own training spots as well as on test spots.
 """
 
 from __future__ import annotations
@@ -138,7 +147,150 @@ def run_layout(args: argparse.Namespace) -> Path:
     return Path(args.out)
 
 
+# ---------------------------------------------------------------------------------------------
+# stmdit layout-probe
+
+
+def brightness_r(real: np.ndarray, estimate: np.ndarray) -> float:
+    """Pearson r over spots of the mean grey level of two (N, H, W, 3) image sets."""
+    a, b = real.astype(np.float64).mean(axis=(1, 2, 3)), estimate.astype(np.float64).mean(axis=(1, 2, 3))
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+
+
+def uni_estimates(model, objective, latents, uni, noise, noise_level: float):
+    """Clean-latent estimates from the noised `latents` with each spot's UNI and with the null UNI
+    (GE dropped in both)."""
+    import torch
+
+    u = torch.full((len(latents),), noise_level, dtype=torch.float32)
+    noised = objective.prepare(latents.float(), noise, u)
+    keep, drop = torch.zeros(len(latents), dtype=torch.bool), torch.ones(len(latents), dtype=torch.bool)
+    estimates = []
+    for drop_uni in (keep, drop):
+        prediction = model(noised.x_t, noised.timestep, uni, None, drop_uni=drop_uni, drop_ge=drop).float()
+        estimates.append(objective.x0_from_prediction(noised.x_t, noised.timestep, prediction))
+    return estimates[0], estimates[1]
+
+
+def probe_split(model, objective, latents: np.ndarray, uni: np.ndarray, noise, decode,
+                noise_level: float, batch_size: int, cells: int, n_boot: int, seed: int) -> dict:
+    """The probe's entries for one set of spots: `noise` (N, C, H, W) is their fixed noise and
+    `decode` maps latents to (N, H, W, 3) uint8 tiles."""
+    import torch
+
+    with torch.inference_mode():
+        return _probe_split(model, objective, latents, uni, noise, decode, noise_level, batch_size, cells, n_boot,
+                            seed)
+
+
+def _probe_split(model, objective, latents, uni, noise, decode, noise_level, batch_size, cells, n_boot, seed):
+    import torch
+
+    real_layout, with_uni, without_uni, grey = [], [], [], {"real": [], "uni": [], "null": []}
+    for start in range(0, len(latents), batch_size):
+        rows = slice(start, start + batch_size)
+        x0 = torch.from_numpy(latents[rows].astype(np.float32))
+        estimate, null_estimate = uni_estimates(model, objective, x0, torch.from_numpy(uni[rows].astype(np.float32)),
+                                                noise[rows], noise_level)
+        images = {"real": decode(x0), "uni": decode(estimate), "null": decode(null_estimate)}
+        real_layout.append(coarse_layout(images["real"], cells))
+        with_uni.append(coarse_layout(images["uni"], cells))
+        without_uni.append(coarse_layout(images["null"], cells))
+        for name, image in images.items():
+            grey[name].append(image)
+    real_layout, with_uni, without_uni = map(np.concatenate, (real_layout, with_uni, without_uni))
+    images = {name: np.concatenate(parts) for name, parts in grey.items()}
+    uni_part = regime_layout(real_layout, with_uni - without_uni, n_boot, seed)
+    return {
+        "n": int(len(latents)),
+        "uni_part_layout": uni_part,
+        "estimate_layout": regime_layout(real_layout, with_uni, n_boot, seed),
+        "null_uni_estimate_layout": regime_layout(real_layout, without_uni, n_boot, seed),
+        "brightness_r": {"with_uni": brightness_r(images["real"], images["uni"]),
+                         "null_uni": brightness_r(images["real"], images["null"])},
+    }
+
+
+def run_layout_probe(args: argparse.Namespace) -> Path:
+    from stmdit.loader import open_store, split_keys, store_rows
+    from stmdit.metrics import subsample_keys
+    from stmdit.model import get_objective
+    from stmdit.sample import StoreConditions, check_codec, load_codec, load_trained_model, resolve_device
+    from stmdit.train_utils import sample_generator
+    import torch
+
+    if not 0.0 < args.noise_level < 1.0:
+        raise InputError(None, f"--noise-level must lie in (0, 1), got {args.noise_level}")
+    device = resolve_device(args.device)
+    trained = load_trained_model(args.model_dir, device)
+    objective = get_objective(trained.objective)
+    codec = load_codec(args.vae_impl, args.vae_weights, args.vae_arch_json, args.allow_hub, device, False)
+    check_codec(trained, codec)
+    latent_group = open_store(args.latents)
+    if "latent" not in latent_group:
+        raise InputError(args.latents, "not a latent store (needs the array latent)")
+    shape = tuple(latent_group["latent"].shape[1:])
+    expected = (trained.config.in_channels, trained.config.latent_size, trained.config.latent_size)
+    if shape != expected:
+        raise InputError(args.latents, f"latents of shape {shape}; the model takes {expected}")
+
+    def decode(latents) -> np.ndarray:
+        return codec.decode(latents.to(device))
+
+    splits = {}
+    for split_name in args.splits:
+        keys = subsample_keys(split_keys(args.split, split_name), args.max_spots, args.seed)
+        if len(keys) < 2:
+            raise InputError(args.split, f"split {split_name!r} has {len(keys)} spot(s); the probe needs at least 2")
+        latents = read_array_rows(latent_group["latent"], store_rows(latent_group, keys, args.latents))
+        uni = StoreConditions(keys, args.uni, None, trained.config).uni
+        noise = torch.stack([torch.randn(shape, generator=sample_generator(args.seed, "layout-probe", k)) for k in keys])
+        splits[split_name] = entry = probe_split(trained.model.cpu() if device.type == "cpu" else trained.model,
+                                                 objective, latents, uni, noise, decode, args.noise_level,
+                                                 args.batch_size, args.cells, args.n_boot, args.seed)
+        part = entry["uni_part_layout"]
+        log.info("%s (%d spots): layout r of the UNI part %.3f [%.3f, %.3f] (null %.3f [%.3f, %.3f]); brightness "
+                 "r with UNI %.3f, null UNI %.3f", split_name, entry["n"], part["mean"], part["lo"], part["hi"],
+                 part["null"]["mean"], part["null"]["lo"], part["null"]["hi"], entry["brightness_r"]["with_uni"],
+                 entry["brightness_r"]["null_uni"])
+    result = {
+        "model": str(args.model_dir), "objective": trained.objective, "noise_level": args.noise_level,
+        "cells": args.cells, "vae": args.vae_impl,
+        "measure": "clean-latent estimate of the model from a latent noised to noise_level, with the spot's UNI "
+                   "and with the null UNI (GE dropped); layouts as in `stmdit layout`, against the decoded "
+                   "real latent",
+        "interval": f"95% spot bootstrap ({args.n_boot} replicates)",
+        "splits": splits,
+        "provenance": provenance("layout-probe", vars(args),
+                                 inputs=[trained.path, args.split, args.latents, args.uni]),
+    }
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return Path(args.out)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    probe = subparsers.add_parser("layout-probe", help="what a trained model's clean-latent estimate takes from UNI: "
+                                                        "layout and brightness, on train and test spots")
+    probe.add_argument("--model-dir", type=Path, required=True, help="finished model folder")
+    probe.add_argument("--split", type=Path, required=True, help="split table (key, split)")
+    probe.add_argument("--splits", nargs="+", default=["train", "test"], help="split names to probe")
+    probe.add_argument("--latents", type=Path, required=True, help="sd3_vae feature store (the real latents)")
+    probe.add_argument("--uni", type=Path, required=True, help="uni2h feature store")
+    probe.add_argument("--vae-impl", choices=("smoke", "real"), default="smoke")
+    probe.add_argument("--vae-weights", help="SD3 VAE weights: local diffusers folder, or hub id with --allow-hub")
+    probe.add_argument("--vae-arch-json", help="JSON object of sd3_vae overrides")
+    probe.add_argument("--allow-hub", action="store_true", help="allow loading the VAE from the Hugging Face hub")
+    probe.add_argument("--noise-level", type=float, default=0.98, help="fraction of the way to pure noise (0, 1)")
+    probe.add_argument("--max-spots", type=int, default=200, help="seeded subsample of each split")
+    probe.add_argument("--cells", type=int, default=DEFAULT_CELLS)
+    probe.add_argument("--n-boot", type=int, default=200)
+    probe.add_argument("--seed", type=int, default=42, help="spot subsample, noise and bootstrap")
+    probe.add_argument("--batch-size", type=int, default=32)
+    probe.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    probe.add_argument("--out", type=Path, required=True)
+    probe.set_defaults(func=run_layout_probe)
+
     p = subparsers.add_parser("layout", help="coarse layout agreement of generated tiles with their real spots")
     p.add_argument("--patches", type=Path, nargs="+", required=True, help="patches stores of the cohort")
     p.add_argument("--samples", nargs="+", required=True, help="regime=samples store")

@@ -83,6 +83,10 @@ class DiffusionObjective:
     def prepare(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor) -> NoisedBatch:
         raise NotImplementedError
 
+    def x0_from_prediction(self, x_t: torch.Tensor, timestep: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """The clean latent that the model's prediction at (x_t, model timestep) implies."""
+        raise NotImplementedError
+
     def loss(
         self,
         model: torch.nn.Module,
@@ -120,6 +124,11 @@ class DDPMObjective(DiffusionObjective):
         x_t = self.scheduler.add_noise(x0, noise, steps.to(x0.device))
         return NoisedBatch(x_t, steps.to(x0.dtype), noise)
 
+    def x0_from_prediction(self, x_t, timestep, prediction):
+        alpha_bar = self.scheduler.alphas_cumprod.to(x_t.device)[timestep.long()].to(x_t.dtype)
+        alpha_bar = alpha_bar.reshape(-1, *([1] * (x_t.ndim - 1)))
+        return (x_t - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+
 
 class FlowObjective(DiffusionObjective):
     """Rectified flow: x_t = t noise + (1 - t) x0, target velocity noise - x0, model timestep 1000 t."""
@@ -130,6 +139,10 @@ class FlowObjective(DiffusionObjective):
         t = u.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
         x_t = t * noise + (1 - t) * x0
         return NoisedBatch(x_t, u.to(x0.dtype) * self.num_train_timesteps, noise - x0)
+
+    def x0_from_prediction(self, x_t, timestep, prediction):
+        t = (timestep / self.num_train_timesteps).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return x_t - t * prediction
 
 
 OBJECTIVES: dict[str, type[DiffusionObjective]] = {cls.name: cls for cls in (DDPMObjective, FlowObjective)}
