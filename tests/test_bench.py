@@ -68,3 +68,18 @@ def test_fused_guidance_timing_reports_both_passes():
     timing = time_fused_guidance(model, x, torch.tensor(500.0), uni, ge, guidance.REGIME_SPECS["uni_ge"].conditions, 2)
     assert timing["fused_s"] > 0 and timing["separate_s"] > 0
     assert timing["separate_over_fused"] == timing["separate_s"] / timing["fused_s"]
+
+
+def test_condition_cache_timing_reports_both_steps():
+    import torch
+
+    from stmdit.bench import time_condition_cache
+    from stmdit.loader import GeBatch
+    from stmdit.model.analytic import GaussianConfig, GaussianDenoiser
+
+    model = GaussianDenoiser(GaussianConfig(objective="flow"))
+    x = torch.randn(8, *model.config.latent_shape)
+    uni, ge = torch.randn(8, model.config.uni_dim), GeBatch(torch.randn(8, model.config.ge_dim))
+    timing = time_condition_cache(model, x, torch.tensor(500.0), uni, ge, "uni_ge", 2.5, 2.5, 2)
+    assert timing["cached_s"] > 0 and timing["uncached_s"] > 0
+    assert timing["uncached_over_cached"] == timing["uncached_s"] / timing["cached_s"]

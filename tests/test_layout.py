@@ -129,3 +129,4 @@ def test_layout_probe_tells_a_uni_path_that_carries_layout_from_one_that_carries
         assert abs(part["mean"]) < 0.05
     assert entry["brightness_r"]["with_uni"] > 0.9
     assert abs(entry["brightness_r"]["null_uni"]) < 0.6  # 2% of the latent is left in the noised input
+    assert (entry["contrast_r"]["with_uni"] > 0.9) is follows  # a flat palette tile has no contrast

@@ -390,3 +390,27 @@ def test_uni_only_model_uses_single_guidance():
     with pytest.raises(ValueError, match="known: uni_ge, uni, ge, uncond"):
         guided_prediction(model, x, t, uni, None, "both")
     assert REGIMES == ("uni_ge", "uni", "ge", "uncond")
+
+
+@pytest.mark.parametrize("fusion,tokens", [("none", None), ("adaln", None), ("xattn", "pma"), ("xattn", "gsa")],
+                         ids=["none", "adaln", "xattn-pma", "xattn-gsa"])
+@torch.no_grad()
+def test_condition_cache_gives_the_same_guided_steps_and_encodes_once(fusion, tokens, monkeypatch):
+    """A sampler's cache holds the conditions' encoding from its first step: every later step's
+    guided prediction is bit-identical to recomputing it, and the encoding runs once per regime."""
+    from stmdit.model.guidance import ConditionCache
+
+    model, x, t, uni, ge = guidance_setup(fusion, tokens)
+    ge = ge if model.config.uses_ge else None
+    regimes = ("uni_ge", "uni", "ge", "uncond") if model.config.uses_ge else ("uni", "uncond")
+    calls = []
+    encode = model.encode_conditions
+    monkeypatch.setattr(model, "encode_conditions", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    for regime in regimes:
+        cache, calls[:] = ConditionCache(), []
+        for step, scale in enumerate((1.0, 0.6, 0.2)):
+            x_step, t_step = x * scale + step, t * scale
+            cached = guided_prediction(model, x_step, t_step, uni, ge, regime, 2.5, 2.5, cache=cache)
+            fresh = guided_prediction(model, x_step, t_step, uni, ge, regime, 2.5, 2.5)
+            assert torch.equal(cached, fresh), (regime, step)
+        assert len(calls) == 1 + 3, regime  # the cache's one encoding, plus one per uncached call

@@ -390,9 +390,9 @@ def shift_model_timestep(monkeypatch, shift: float) -> None:
 
 def flip_guidance_term(monkeypatch, term: str) -> None:
     """The dual guidance with its UNI or its GE difference subtracted instead of added."""
-    def mutated(model, x, t, uni, ge, s_uni=4.0, s_ge=3.0):
+    def mutated(model, x, t, uni, ge, s_uni=4.0, s_ge=3.0, cache=None):
         e00, eu0, eug = guidance.batched_predictions(model, x, t, uni, ge,
-                                                     [guidance.BOTH_NULL, guidance.UNI_ONLY, guidance.BOTH_KEPT])
+                                                     [guidance.BOTH_NULL, guidance.UNI_ONLY, guidance.BOTH_KEPT], cache)
         if term == "uni":
             return e00 - s_uni * (eu0 - e00) + s_ge * (eug - eu0)
         return e00 + s_uni * (eu0 - e00) - s_ge * (eug - eu0)

@@ -398,32 +398,56 @@ def analytic_solver_error(objective: str, solver: str, steps: int, regime: str =
     return {"mean_error": mean_error, "std_error": std_error}
 
 
+def mean_seconds(run, repeats: int, device) -> float:
+    """Mean wall time of `run()` over `repeats` calls after one warm-up call."""
+    import torch
+
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeats
+
+
 def time_fused_guidance(model, x, t, uni, ge, conditions, repeats: int) -> dict[str, float]:
     """Seconds of one forward over len(conditions) x B rows against len(conditions) forwards of B rows."""
     import torch
 
     from stmdit.model import guidance
 
-    def timed(run) -> float:
-        run()  # warm-up
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(repeats):
-            run()
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - started) / repeats
-
     with torch.inference_mode():
-        fused = timed(lambda: guidance.batched_predictions(model, x, t, uni, ge, list(conditions)))
-        separate = timed(lambda: [guidance.batched_predictions(model, x, t, uni, ge, [c]) for c in conditions])
+        fused = mean_seconds(lambda: guidance.batched_predictions(model, x, t, uni, ge, list(conditions)),
+                             repeats, x.device)
+        separate = mean_seconds(lambda: [guidance.batched_predictions(model, x, t, uni, ge, [c]) for c in conditions],
+                                repeats, x.device)
     return {"fused_s": fused, "separate_s": separate, "separate_over_fused": separate / fused}
+
+
+def time_condition_cache(model, x, t, uni, ge, regime: str, s_uni: float, s_ge: float,
+                         repeats: int) -> dict[str, float]:
+    """Seconds of one guided step that reuses the conditions' encoding (every step after a batch's
+    first) against one that recomputes it."""
+    import torch
+
+    from stmdit.model import guidance
+
+    cache = guidance.ConditionCache()
+    with torch.inference_mode():
+        cached = mean_seconds(lambda: guidance.guided_prediction(model, x, t, uni, ge, regime, s_uni, s_ge,
+                                                                 cache=cache), repeats, x.device)
+        fresh = mean_seconds(lambda: guidance.guided_prediction(model, x, t, uni, ge, regime, s_uni, s_ge),
+                             repeats, x.device)
+    return {"cached_s": cached, "uncached_s": fresh, "uncached_over_cached": fresh / cached}
 
 
 @benchmark("sample", _sample_arguments)
 def bench_sample(args: argparse.Namespace) -> dict[str, Any]:
-    """Solvers against network evaluations: analytic error, tiles/s, FID; fused vs separate guidance.
+    """Solvers against network evaluations: analytic error, tiles/s, FID; fused vs separate guidance;
+    the conditions' encoding reused across steps vs recomputed.
 
     Per solver and step count: guided-predictor calls per tile (each one batched forward over the
     regime's conditionings) and forward rows per tile; on the analytic Gaussian model (always) the
@@ -477,6 +501,9 @@ def bench_sample(args: argparse.Namespace) -> dict[str, Any]:
         result["fused_guidance"] = time_fused_guidance(trained.model, x, torch.tensor(500.0, device=device), uni, ge,
                                                        regime_spec(args.regime).conditions, args.repeats)
         result["fused_guidance"]["rows"] = len(uni)
+        result["condition_cache"] = time_condition_cache(trained.model, x, torch.tensor(500.0, device=device), uni,
+                                                         ge, args.regime, args.s_uni, args.s_ge, args.repeats)
+        result["condition_cache"]["rows"] = len(uni)
 
     for objective in objectives:
         names = args.solvers.split(",") if args.solvers else OBJECTIVE_SOLVERS[objective]
@@ -530,6 +557,10 @@ def print_sample_table(result: dict[str, Any]) -> None:
         print(f"  guidance of {fused['rows']} spots: one forward of all conditionings {fused['fused_s'] * 1e3:.1f} ms, "
               f"one forward per conditioning {fused['separate_s'] * 1e3:.1f} ms: separate / fused "
               f"{fused['separate_over_fused']:.2f}")
+    cache = result.get("condition_cache")
+    if cache:
+        print(f"  guided step of {cache['rows']} spots reusing the conditions' encoding {cache['cached_s'] * 1e3:.1f} ms, "
+              f"recomputing it {cache['uncached_s'] * 1e3:.1f} ms: recomputed / reused {cache['uncached_over_cached']:.2f}")
 
 
 # --------------------------------------------------------------------------------------------

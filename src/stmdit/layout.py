@@ -18,8 +18,8 @@ spot (a fixed random derangement): tiles that ignore their spot's layout score w
 asks the trained model directly, without sampling: from a latent noised to `--noise-level` (0.98:
 almost pure noise), what does the model's clean-latent estimate take from the spot's UNI? The UNI
 part of the estimate is the decoded estimate with the spot's UNI minus the one with the null UNI.
-Its layout is scored against the spot's decoded real latent as above, and its brightness by the
-correlation over spots. A model whose UNI path carries only palette scores r ~ 0 on layout and
+Its layout is scored against the spot's decoded real latent as above; its brightness (tile mean)
+and contrast (standard deviation of the layout) by their correlation over spots. A model whose UNI path carries only palette scores r ~ 0 on layout and
 well above 0 on brightness, on its own training spots as well as on test spots.
 """
 
@@ -151,10 +151,15 @@ def run_layout(args: argparse.Namespace) -> Path:
 # stmdit layout-probe
 
 
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of two per-spot values (0 when either is constant)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+
+
 def brightness_r(real: np.ndarray, estimate: np.ndarray) -> float:
     """Pearson r over spots of the mean grey level of two (N, H, W, 3) image sets."""
-    a, b = real.astype(np.float64).mean(axis=(1, 2, 3)), estimate.astype(np.float64).mean(axis=(1, 2, 3))
-    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+    return pearson(real.astype(np.float64).mean(axis=(1, 2, 3)), estimate.astype(np.float64).mean(axis=(1, 2, 3)))
 
 
 def uni_estimates(model, objective, latents, uni, noise, noise_level: float):
@@ -208,6 +213,8 @@ def _probe_split(model, objective, latents, uni, noise, decode, noise_level, bat
         "null_uni_estimate_layout": regime_layout(real_layout, without_uni, n_boot, seed),
         "brightness_r": {"with_uni": brightness_r(images["real"], images["uni"]),
                          "null_uni": brightness_r(images["real"], images["null"])},
+        "contrast_r": {"with_uni": pearson(real_layout.std(axis=1), with_uni.std(axis=1)),
+                       "null_uni": pearson(real_layout.std(axis=1), without_uni.std(axis=1))},
     }
 
 
@@ -250,9 +257,10 @@ def run_layout_probe(args: argparse.Namespace) -> Path:
                                                  args.batch_size, args.cells, args.n_boot, args.seed)
         part = entry["uni_part_layout"]
         log.info("%s (%d spots): layout r of the UNI part %.3f [%.3f, %.3f] (null %.3f [%.3f, %.3f]); brightness "
-                 "r with UNI %.3f, null UNI %.3f", split_name, entry["n"], part["mean"], part["lo"], part["hi"],
-                 part["null"]["mean"], part["null"]["lo"], part["null"]["hi"], entry["brightness_r"]["with_uni"],
-                 entry["brightness_r"]["null_uni"])
+                 "r with UNI %.3f, null UNI %.3f; contrast r with UNI %.3f, null UNI %.3f", split_name, entry["n"],
+                 part["mean"], part["lo"], part["hi"], part["null"]["mean"], part["null"]["lo"], part["null"]["hi"],
+                 entry["brightness_r"]["with_uni"], entry["brightness_r"]["null_uni"],
+                 entry["contrast_r"]["with_uni"], entry["contrast_r"]["null_uni"])
     result = {
         "model": str(args.model_dir), "objective": trained.objective, "noise_level": args.noise_level,
         "cells": args.cells, "vae": args.vae_impl,

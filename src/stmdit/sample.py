@@ -42,6 +42,7 @@ from stmdit.features import parse_arch, read_array_rows, string_values
 from stmdit.loader import GeBatch, open_store, split_keys, store_rows
 from stmdit.metrics import subsample_keys
 from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, get_objective, guided_prediction, regime_spec
+from stmdit.model.guidance import ConditionCache
 from stmdit.provenance import atomic_path, params_hash, provenance
 from stmdit.spots import read_kept_spots
 from stmdit.solvers import DEFAULT, SOLVERS, Predictor, check_solver, denoise, describe_scheduler, predictor_calls, solver_name
@@ -185,13 +186,15 @@ def guided_predictor(
     s_ge: float,
     autocast_dtype: torch.dtype | None = None,
 ) -> Predictor:
-    """predict(x, t) = `guided_prediction` in `regime` (all conditionings in one forward pass)."""
+    """predict(x, t) = `guided_prediction` in `regime` (all conditionings in one forward pass);
+    the conditions' encoding is computed at the first call and kept for the later steps."""
+    cache = ConditionCache()
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         context = (torch.autocast(device_type=x.device.type, dtype=autocast_dtype)
                    if autocast_dtype is not None else contextlib.nullcontext())
         with context:
-            return guided_prediction(model, x, t, uni, ge, regime=regime, s_uni=s_uni, s_ge=s_ge).float()
+            return guided_prediction(model, x, t, uni, ge, regime=regime, s_uni=s_uni, s_ge=s_ge, cache=cache).float()
 
     return predict
 

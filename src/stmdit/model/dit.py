@@ -105,6 +105,15 @@ class DiTConfig:
         return cls(**values)
 
 
+@dataclass
+class EncodedConditions:
+    """The part of a forward pass that depends on the conditions only, not on x or t: the projected
+    UNI token and the GE context. A sampler computes it once per batch of spots, not once per step."""
+
+    uni_tokens: torch.Tensor  # (B, 1, hidden)
+    ge_context: GeContext | None
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
@@ -197,10 +206,12 @@ class STMDiT(nn.Module):
         ge: GeBatch | None = None,
         drop_uni: torch.Tensor | None = None,
         drop_ge: torch.Tensor | None = None,
+        encoded: EncodedConditions | None = None,
     ) -> torch.Tensor:
         """x (B, C, H, W) noisy latents; t (B,) or scalar, in [0, 1000]; uni (B, uni_dim) or None
         (= all dropped); ge the GE batch or None (= all dropped); drop_* (B,) bool: True replaces
-        that sample's condition by the learnable null token."""
+        that sample's condition by the learnable null token. `encoded`: `encode_conditions` of the
+        same uni, ge and drop flags, computed earlier (the result is the same)."""
         batch_size = x.shape[0]
         self._check_latents(x)
         t = torch.as_tensor(t, device=x.device)
@@ -212,9 +223,10 @@ class STMDiT(nn.Module):
         t_emb = self.time_embedding(self.time_proj(t).to(dtype))
         t_emb = self.fusion.condition_timestep(t_emb, ge, drop_ge)
         modulation = self.time_modulation(t_emb)
-        uni_tokens = self.uni_proj(self._uni_or_null(uni, drop_uni, batch_size, x.device, dtype))[:, None, :]
-        ge_context: GeContext | None = self.fusion.context(ge, drop_ge, batch_size)
-        ge_tokens, ge_mask = ge_context if ge_context is not None else (None, None)
+        if encoded is None:
+            encoded = self.encode_conditions(uni, ge, drop_uni, drop_ge, batch_size)
+        uni_tokens = encoded.uni_tokens
+        ge_tokens, ge_mask = encoded.ge_context if encoded.ge_context is not None else (None, None)
 
         h = self.patch_embed(x.to(dtype))
         for block in self.blocks:
@@ -225,6 +237,13 @@ class STMDiT(nn.Module):
         shift, scale = (self.out_scale_shift_table[None].to(t_emb.dtype) + t_emb[:, None]).chunk(2, dim=1)
         h = self.proj_out(modulate(self.norm_out(h), shift, scale))
         return self._unpatchify(h)[:, : self.config.in_channels]
+
+    def encode_conditions(self, uni: torch.Tensor | None, ge: GeBatch | None, drop_uni: torch.Tensor | None,
+                          drop_ge: torch.Tensor | None, batch_size: int) -> EncodedConditions:
+        """The UNI token and the GE context of a batch, as `forward` uses them."""
+        dtype, device = self.time_embedding.linear_1.weight.dtype, self.uni_null.device
+        uni_tokens = self.uni_proj(self._uni_or_null(uni, drop_uni, batch_size, device, dtype))[:, None, :]
+        return EncodedConditions(uni_tokens, self.fusion.context(ge, drop_ge, batch_size))
 
     def _check_latents(self, x: torch.Tensor) -> None:
         c = self.config
