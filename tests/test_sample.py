@@ -311,3 +311,32 @@ def test_grid_png_has_the_layout_size_and_real_tiles(cohort, models, uni_ge_samp
     assert first_real_tile[0] in set(cohort["colours"][immune]) and len(set(first_real_tile)) == 1
     generated = grid[24 + 68:24 + 68 + 64, 96:96 + 64]
     assert generated.std() > 0  # a generated tile, not a flat real one
+
+
+def test_grid_adds_the_real_tiles_decoded_from_their_latents(cohort, uni_ge_samples, tmp_path):
+    """With --latents, the second row is each real tile through the codec (a flat tile decodes to
+    its own colour); a store without latents is named in the error."""
+    root = cohort["root"]
+    patches = zarr.open_group(str(root / "patches.zarr"), mode="r")
+    from stmdit.encoders import load_encoder
+
+    codec = load_encoder("sd3_vae", "smoke", device="cpu")
+    keys = cohort["keys"]
+    latents = codec.encode(np.asarray(patches["images"][:]))["latent"]
+    write_feature_store(tmp_path / "sd3_vae.zarr", keys, [{"latent": latents}], {"latent": LATENT_SHAPE}, {})
+    out = tmp_path / "grid.png"
+    cli("sample-grid", "--spots", root / "spots.parquet", "--patches", root / "patches.zarr", "--samples",
+        f"uni_ge={uni_ge_samples['path']}", "--latents", tmp_path / "sd3_vae.zarr", "--vae-impl", "smoke",
+        "--per-class", 2, "--seed", 0, "--tile-px", 64, "--out", out)
+    grid = cv2.cvtColor(cv2.imread(str(out)), cv2.COLOR_BGR2RGB).astype(int)
+    assert grid.shape == (24 + 3 * (64 + 4), 96 + 6 * (64 + 4), 3)
+    for column in range(6):
+        x = 96 + column * 68
+        real, decoded = grid[24 + 8:24 + 56, x + 8:x + 56], grid[92 + 8:92 + 56, x + 8:x + 56]
+        assert np.abs(decoded - real).max() <= 2, column
+    bad = tmp_path / "not_latents.zarr"
+    write_feature_store(bad, keys, [{"embedding": np.zeros((len(keys), 4), np.float32)}], {"embedding": (4,)}, {})
+    with pytest.raises(InputError) as error:
+        cli("sample-grid", "--spots", root / "spots.parquet", "--patches", root / "patches.zarr", "--samples",
+            f"uni_ge={uni_ge_samples['path']}", "--latents", bad, "--out", tmp_path / "bad.png")
+    assert error.value.path == str(bad) and not (tmp_path / "bad.png").exists()

@@ -526,14 +526,25 @@ def run_sample_grid(args: argparse.Namespace) -> Path:
     present = labels.index.isin([k for _, index in real_stores for k in index])
     for _, index in sample_stores.values():
         present &= labels.index.isin(list(index))
+    latent_group = None
+    if args.latents is not None:
+        latent_group = open_store(args.latents)
+        if "latent" not in latent_group or "spot_key" not in latent_group:
+            raise InputError(args.latents, "not a latent store (needs arrays latent and spot_key)")
+        present &= labels.index.isin(list(string_values(latent_group["spot_key"][:])))
     labels = labels[present]
     if labels.empty:
         raise InputError(None, "no spot of the spots tables is in the patches stores and in every samples store")
     columns = choose_grid_spots(labels, args.per_class, args.seed)
     keys = [key for _, key in columns]
-    real = np.stack([read_image(real_stores, key) for key in keys])
-    rows = [("real", real)] + [(name, read_array_rows(group["images"], [index[k] for k in keys]))
-                               for name, (group, index) in sample_stores.items()]
+    rows = [("real", np.stack([read_image(real_stores, key) for key in keys]))]
+    if latent_group is not None:  # the real tile through the codec: the most a generated tile can show
+        codec = load_codec(args.vae_impl, args.vae_weights, args.vae_arch_json, args.allow_hub, torch.device("cpu"),
+                           False)
+        latents = read_array_rows(latent_group["latent"], store_rows(latent_group, keys, args.latents))
+        rows.append(("real (VAE)", codec.decode(latents.astype(np.float32))))
+    rows += [(name, read_array_rows(group["images"], [index[k] for k in keys]))
+             for name, (group, index) in sample_stores.items()]
     write_png(args.out, render_grid(rows, columns, args.tile_px))
     log.info("wrote %s: %d spots of %d classes, rows %s", args.out, len(keys), labels.nunique(),
              [name for name, _ in rows])
@@ -585,6 +596,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     grid.add_argument("--spots", type=Path, nargs="+", required=True, help="spots tables (labels)")
     grid.add_argument("--patches", type=Path, nargs="+", required=True, help="patches stores, same order")
     grid.add_argument("--samples", nargs="+", required=True, help="REGIME=samples store, one per row")
+    grid.add_argument("--latents", type=Path, default=None,
+                      help="sd3_vae feature store: adds a row of the real tiles decoded from their latents")
+    grid.add_argument("--vae-impl", choices=("smoke", "real"), default="smoke", help="decoder of --latents")
+    grid.add_argument("--vae-weights", help="SD3 VAE weights: local diffusers folder, or hub id with --allow-hub")
+    grid.add_argument("--vae-arch-json", help="JSON object of sd3_vae overrides")
+    grid.add_argument("--allow-hub", action="store_true", help="allow loading the VAE from the Hugging Face hub")
     grid.add_argument("--per-class", type=int, default=4)
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--tile-px", type=int, default=128)

@@ -99,6 +99,7 @@ rule sample_grid:
         samples=lambda wildcards: [
             f"results/samples/{wildcards.model}/{wildcards.cohort}/{r}.zarr" for r in MODELS[wildcards.model].regimes
         ],
+        latents="results/features/{cohort}/sd3_vae.zarr",
     output:
         report("results/figures/grid_{model}_{cohort}.png", category="Samples",
                caption="../report/grid.rst"),
@@ -106,6 +107,7 @@ rule sample_grid:
         samples=lambda wildcards, input: " ".join(
             f"{r}={path}" for r, path in zip(MODELS[wildcards.model].regimes, input.samples)
         ),
+        vae=vae_args(),
     log:
         "results/figures/grid_{model}_{cohort}.log",
     threads: 1
@@ -116,4 +118,4 @@ rule sample_grid:
         CONDA_CPU
     shell:
         "python -m stmdit sample-grid --spots {input.spots} --patches {input.patches} --samples {params.samples}"
-        " --per-class 4 --seed 0 --out {output} > {log} 2>&1"
+        " --latents {input.latents} {params.vae} --per-class 4 --seed 0 --out {output} > {log} 2>&1"
