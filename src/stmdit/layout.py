@@ -167,9 +167,11 @@ def uni_estimates(model, objective, latents, uni, noise, noise_level: float):
     (GE dropped in both)."""
     import torch
 
-    u = torch.full((len(latents),), noise_level, dtype=torch.float32)
+    device = latents.device
+    u = torch.full((len(latents),), noise_level, dtype=torch.float32, device=device)
     noised = objective.prepare(latents.float(), noise, u)
-    keep, drop = torch.zeros(len(latents), dtype=torch.bool), torch.ones(len(latents), dtype=torch.bool)
+    keep = torch.zeros(len(latents), dtype=torch.bool, device=device)
+    drop = torch.ones(len(latents), dtype=torch.bool, device=device)
     estimates = []
     for drop_uni in (keep, drop):
         prediction = model(noised.x_t, noised.timestep, uni, None, drop_uni=drop_uni, drop_ge=drop).float()
@@ -191,12 +193,13 @@ def probe_split(model, objective, latents: np.ndarray, uni: np.ndarray, noise, d
 def _probe_split(model, objective, latents, uni, noise, decode, noise_level, batch_size, cells, n_boot, seed):
     import torch
 
+    device = next(model.parameters(), torch.empty(0)).device
     real_layout, with_uni, without_uni, grey = [], [], [], {"real": [], "uni": [], "null": []}
     for start in range(0, len(latents), batch_size):
         rows = slice(start, start + batch_size)
-        x0 = torch.from_numpy(latents[rows].astype(np.float32))
-        estimate, null_estimate = uni_estimates(model, objective, x0, torch.from_numpy(uni[rows].astype(np.float32)),
-                                                noise[rows], noise_level)
+        x0 = torch.from_numpy(latents[rows].astype(np.float32)).to(device)
+        uni_rows = torch.from_numpy(uni[rows].astype(np.float32)).to(device)
+        estimate, null_estimate = uni_estimates(model, objective, x0, uni_rows, noise[rows].to(device), noise_level)
         images = {"real": decode(x0), "uni": decode(estimate), "null": decode(null_estimate)}
         real_layout.append(coarse_layout(images["real"], cells))
         with_uni.append(coarse_layout(images["uni"], cells))
@@ -252,9 +255,8 @@ def run_layout_probe(args: argparse.Namespace) -> Path:
         latents = read_array_rows(latent_group["latent"], store_rows(latent_group, keys, args.latents))
         uni = StoreConditions(keys, args.uni, None, trained.config).uni
         noise = torch.stack([torch.randn(shape, generator=sample_generator(args.seed, "layout-probe", k)) for k in keys])
-        splits[split_name] = entry = probe_split(trained.model.cpu() if device.type == "cpu" else trained.model,
-                                                 objective, latents, uni, noise, decode, args.noise_level,
-                                                 args.batch_size, args.cells, args.n_boot, args.seed)
+        splits[split_name] = entry = probe_split(trained.model, objective, latents, uni, noise, decode,
+                                                 args.noise_level, args.batch_size, args.cells, args.n_boot, args.seed)
         part = entry["uni_part_layout"]
         log.info("%s (%d spots): layout r of the UNI part %.3f [%.3f, %.3f] (null %.3f [%.3f, %.3f]); brightness "
                  "r with UNI %.3f, null UNI %.3f; contrast r with UNI %.3f, null UNI %.3f", split_name, entry["n"],
@@ -278,6 +280,8 @@ def run_layout_probe(args: argparse.Namespace) -> Path:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from stmdit.sample import add_vae_options
+
     probe = subparsers.add_parser("layout-probe", help="what a trained model's clean-latent estimate takes from UNI: "
                                                         "layout and brightness, on train and test spots")
     probe.add_argument("--model-dir", type=Path, required=True, help="finished model folder")
@@ -285,10 +289,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probe.add_argument("--splits", nargs="+", default=["train", "test"], help="split names to probe")
     probe.add_argument("--latents", type=Path, required=True, help="sd3_vae feature store (the real latents)")
     probe.add_argument("--uni", type=Path, required=True, help="uni2h feature store")
-    probe.add_argument("--vae-impl", choices=("smoke", "real"), default="smoke")
-    probe.add_argument("--vae-weights", help="SD3 VAE weights: local diffusers folder, or hub id with --allow-hub")
-    probe.add_argument("--vae-arch-json", help="JSON object of sd3_vae overrides")
-    probe.add_argument("--allow-hub", action="store_true", help="allow loading the VAE from the Hugging Face hub")
+    add_vae_options(probe)
     probe.add_argument("--noise-level", type=float, default=0.98, help="fraction of the way to pure noise (0, 1)")
     probe.add_argument("--max-spots", type=int, default=200, help="seeded subsample of each split")
     probe.add_argument("--cells", type=int, default=DEFAULT_CELLS)

@@ -562,14 +562,19 @@ def read_image(stores: Sequence[tuple[zarr.Group, dict[str, int]]], key: str) ->
 # CLI
 
 
+def add_vae_options(p: argparse.ArgumentParser, help_impl: str | None = None) -> None:
+    """--vae-impl, --vae-weights, --vae-arch-json, --allow-hub: the decoder, as `load_codec` takes it."""
+    p.add_argument("--vae-impl", choices=("smoke", "real"), default="smoke", help=help_impl)
+    p.add_argument("--vae-weights", help="SD3 VAE weights: local diffusers folder, or hub id with --allow-hub")
+    p.add_argument("--vae-arch-json", help="JSON object of sd3_vae overrides")
+    p.add_argument("--allow-hub", action="store_true", help="allow loading the VAE from the Hugging Face hub")
+
+
 def add_sampler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, required=True, help="finished model folder (ema.safetensors)")
     p.add_argument("--split", type=Path, required=True, help="split table (key, split)")
     p.add_argument("--uni", type=Path, required=True, help="uni2h feature store")
-    p.add_argument("--vae-impl", choices=("smoke", "real"), default="smoke")
-    p.add_argument("--vae-weights", help="SD3 VAE weights: local diffusers folder, or hub id with --allow-hub")
-    p.add_argument("--vae-arch-json", help="JSON object of sd3_vae overrides")
-    p.add_argument("--allow-hub", action="store_true", help="allow loading the VAE from the Hugging Face hub")
+    add_vae_options(p)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--solver", choices=SOLVERS, default=DEFAULT,
                    help="default: DDIM (ddpm) / Euler (flow), the paper's; dpmpp_2m; heun (flow only)")
@@ -598,10 +603,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     grid.add_argument("--samples", nargs="+", required=True, help="REGIME=samples store, one per row")
     grid.add_argument("--latents", type=Path, default=None,
                       help="sd3_vae feature store: adds a row of the real tiles decoded from their latents")
-    grid.add_argument("--vae-impl", choices=("smoke", "real"), default="smoke", help="decoder of --latents")
-    grid.add_argument("--vae-weights", help="SD3 VAE weights: local diffusers folder, or hub id with --allow-hub")
-    grid.add_argument("--vae-arch-json", help="JSON object of sd3_vae overrides")
-    grid.add_argument("--allow-hub", action="store_true", help="allow loading the VAE from the Hugging Face hub")
+    add_vae_options(grid, help_impl="decoder of --latents")
     grid.add_argument("--per-class", type=int, default=4)
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--tile-px", type=int, default=128)
