@@ -12,8 +12,8 @@ if demo_outputs():
             "results/resources/fetch_demo_image.log",
         threads: 1
         resources:
-            mem_mb=1000,
-            runtime=10,
+            mem_mb=job_mem_mb("fetch_demo_image"),
+            runtime=job_runtime("fetch_demo_image"),
         conda:
             CONDA_CPU
         shell:
