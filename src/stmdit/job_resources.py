@@ -6,8 +6,8 @@ wires them). A job's size is read cheaply from its input files' headers, never f
 
 | measure       | read from                                                                  |
 |---------------|----------------------------------------------------------------------------|
-| `spots`       | the largest spot count among the inputs: rows of spots/split parquet files (footer), |
-|               | `n_obs` of an h5ad, rows of a Zarr store's `spot_key`, barcodes of 10x `.h5` matrices |
+| `spots`       | the largest spot count among the inputs, each summed over its files (a cohort's slides): |
+|               | rows of parquet files (footer), `n_obs` of an h5ad, rows of Zarr stores, 10x barcodes |
 | `nnz`         | stored counts: `layers/counts` (else `X`) of an h5ad, `matrix/data` of 10x matrices |
 | `gigapixels`  | pixels of slide images, from the TIFF/SVS header (tifffile, else OpenSlide, else Pillow) |
 | `loaded_mb`   | uncompressed MB of the arrays of the inputs a job loads whole (`Formula.loads`): every |
@@ -104,15 +104,15 @@ FORMULAS: dict[str, Formula] = {
     "features_cancerfoundation": Formula(Cost(3000, per_kspot=10, per_mnnz=2), Cost(10, per_kspot=1),
                                          note="counts read in row blocks"),
     "features_cancerfoundation_ptpl": Formula(Cost(3000, per_kspot=10, per_mnnz=2), Cost(10, per_kspot=1)),
-    "deepspot_train": Formula(Cost(3000, per_loaded_mb=2, per_mnnz=12), Cost(30, per_kspot=2),
+    "deepspot_train": Formula(Cost(3000, per_loaded_mb=1, per_mnnz=4), Cost(30, per_kspot=2),
                               loads=("features",),
-                              note="features whole (and a standardised copy), sparse targets, gene-block sums"),
+                              note="features whole, sparse targets read in gene blocks, running sums"),
     "deepspot_predict": Formula(Cost(2000, per_loaded_mb=1, per_kspot=2), Cost(10, per_kspot=0.2),
                                 loads=("features",), note="predictions written in chunks"),
-    "train": Formula(Cost(8000, per_loaded_mb=1), Cost(24 * 60), loads=("uni",),
+    "train": Formula(Cost(6000, per_loaded_mb=1), Cost(24 * 60), loads=("uni",),
                      note="runtime is one job's wall-clock budget; retries resume, they do not grow it"),
-    "sample": Formula(Cost(6000, per_kspot=2), Cost(10, per_kspot=0.5)),
-    "perturb_sample": Formula(Cost(6000, per_kspot=2), Cost(10, per_kspot=0.5)),
+    "sample": Formula(Cost(5000, per_kspot=2), Cost(10, per_kspot=0.5), note="DiT + VAE weights, one batch"),
+    "perturb_sample": Formula(Cost(5000, per_kspot=2, per_mnnz=4), Cost(10, per_kspot=0.5)),
     "sample_grid": Formula(Cost(2000, per_kspot=0.5), Cost(5, per_kspot=0.05)),
     "eval_features": Formula(Cost(3000, per_kspot=8), Cost(10, per_kspot=0.67)),
     "noise_features": Formula(Cost(3000, per_kspot=8), Cost(10, per_kspot=0.67)),
@@ -121,17 +121,18 @@ FORMULAS: dict[str, Formula] = {
     "ood_fid": Formula(Cost(2000, per_loaded_mb=2, per_kspot=1), Cost(10, per_kspot=1), loads=_FEATURES),
     "swap_fid": Formula(Cost(2000, per_loaded_mb=2, per_kspot=1), Cost(10, per_kspot=1), loads=_FEATURES),
     "layout": Formula(Cost(2000, per_kspot=1), Cost(10, per_kspot=0.2)),
-    "auc": Formula(Cost(3000, per_loaded_mb=2, per_mnnz=12), Cost(20, per_kspot=0.5), loads=_AUC_STORES,
-                   note="predicts only (the regressors are fit once per cohort); top-k columns dense"),
+    "auc": Formula(Cost(3000, per_loaded_mb=1, per_mnnz=2), Cost(20, per_kspot=0.5), loads=_AUC_STORES,
+                   note="predicts only (the regressors are fit once per cohort); test-split targets, "
+                        "top-k columns dense"),
     # The once-per-cohort regressor fit (Oracle PCA+Ridge, Midnight+MLP): the one job allowed dense
     # float32 targets (at most 16 GB at 115,000 x 20,000). Rename the key to the rule's name.
-    "fit_regressors": Formula(Cost(3000, per_dense_mb=1.3, per_loaded_mb=2), Cost(60, per_kspot=8),
+    "fit_regressors": Formula(Cost(3000, per_dense_mb=1.2, per_loaded_mb=1), Cost(60, per_kspot=8),
                               loads=("real_uni", "real_midnight", "uni", "midnight"),
                               note="sklearn MLP: 7-15 h at the paper's scale"),
     "perturbation": Formula(Cost(2000, per_loaded_mb=2, per_kspot=1), Cost(10, per_kspot=0.1),
                             loads=("features", "real")),
-    "figure_matched_spots": Formula(Cost(2000, per_kspot=2, per_mnnz=12), Cost(10, per_kspot=0.05)),
-    "virtual_sample": Formula(Cost(6000, per_kspot=2, per_mnnz=12), Cost(10, per_kspot=0.5)),
+    "figure_matched_spots": Formula(Cost(2000, per_kspot=2, per_mnnz=4), Cost(10, per_kspot=0.05)),
+    "virtual_sample": Formula(Cost(5000, per_kspot=2, per_mnnz=4), Cost(10, per_kspot=0.5)),
     "virtual_report": Formula(Cost(3000, per_kspot=2), Cost(10, per_kspot=0.2)),
 }
 # Jobs that read only small JSON/CSV files, or make the demo: their size does not grow with the data.
@@ -243,13 +244,13 @@ def _probe(path: Path, loaded: bool) -> dict[str, float]:
     name = path.name.lower()
     try:
         if name.endswith(".parquet"):
-            return {"spots_parquet": _parquet_rows(path)}
+            return {"spots": _parquet_rows(path)}
         if name.endswith(".h5ad"):
             spots, genes, nnz = _h5ad_sizes(path)
             return {"spots": spots, "nnz": nnz, "dense_mb": spots * genes * 4 / 1e6}
         if name.endswith(".h5"):
             barcodes, nnz = _tenx_sizes(path)
-            return {"spots_tenx": barcodes, "nnz_tenx": nnz}
+            return {"spots": barcodes, "nnz": nnz}
         if name.endswith(".zarr") and path.is_dir():
             arrays = list(_zarr_arrays(path))
             rows = max((shape[0] for _, shape, _ in arrays if shape), default=0)
@@ -268,22 +269,22 @@ def _probe(path: Path, loaded: bool) -> dict[str, float]:
 def measure(inputs: Mapping[str, Iterable[str | os.PathLike]], loads: Iterable[str] = ()) -> InputSizes:
     """Sizes of one job from its inputs (name -> paths); `loads` names the inputs loaded whole.
 
-    Spot counts of one kind are summed over the files (a cohort's slides), then the largest kind is
-    taken (the cohort's spots, however the job reads them)."""
+    Spots and counts are summed over the files of one input (a cohort's slides), and the largest
+    input is taken (the cohort's spots, however the job reads them); pixels and loaded bytes are
+    summed over all inputs."""
     loads = set(loads)
-    totals: dict[str, float] = {}
-    maxima: dict[str, float] = {}
+    spots = nnz = gigapixels = loaded_mb = dense_mb = 0.0
     for input_name, paths in inputs.items():
+        input_spots = input_nnz = 0.0
         for path in paths:
-            for key, value in _probe(Path(path), input_name in loads).items():
-                if key in ("spots_parquet", "spots_tenx", "nnz_tenx", "gigapixels", "loaded_mb"):
-                    totals[key] = totals.get(key, 0) + value
-                else:
-                    maxima[key] = max(maxima.get(key, 0), value)
-    spots = max(totals.get("spots_parquet", 0), totals.get("spots_tenx", 0), maxima.get("spots", 0))
-    return InputSizes(spots=int(spots), nnz=int(max(maxima.get("nnz", 0), totals.get("nnz_tenx", 0))),
-                      gigapixels=totals.get("gigapixels", 0.0), loaded_mb=totals.get("loaded_mb", 0.0),
-                      dense_mb=maxima.get("dense_mb", 0.0))
+            probe = _probe(Path(path), input_name in loads)
+            input_spots += probe.get("spots", 0)
+            input_nnz += probe.get("nnz", 0)
+            gigapixels += probe.get("gigapixels", 0.0)
+            loaded_mb += probe.get("loaded_mb", 0.0)
+            dense_mb = max(dense_mb, probe.get("dense_mb", 0.0))
+        spots, nnz = max(spots, input_spots), max(nnz, input_nnz)
+    return InputSizes(spots=int(spots), nnz=int(nnz), gigapixels=gigapixels, loaded_mb=loaded_mb, dense_mb=dense_mb)
 
 
 def job_request(rule: str, sizes: InputSizes, attempt: int = 1) -> dict[str, int]:
@@ -339,15 +340,35 @@ def runtime(rule: str) -> Callable:
 # CLI: the table (README) and what a set of inputs would ask for
 
 
-PAPER_SCALE = InputSizes(spots=115_000, nnz=460_000_000, gigapixels=0.625, loaded_mb=115_000 * 12_288 / 1e6,
-                         dense_mb=115_000 * 20_000 * 4 / 1e6)
+# The paper's scale for the table's last column: 115,000 spots, ~4,000 of ~25,000 genes detected per
+# spot, 25,000 px Visium slides; and the MB of the stores each rule loads whole (float32 rows:
+# UNI2-h 1,536, Midnight 3,072, H0-mini 768, DeepSpot's UNI tile 1,024 + 3x3 sub-tiles of 1,024
+# float16; test
+# split ~16,000 spots, four regimes).
+PAPER_SPOTS, PAPER_TEST_SPOTS = 115_000, 16_000
+PAPER_SCALE = InputSizes(spots=PAPER_SPOTS, nnz=460_000_000, gigapixels=0.625,
+                         dense_mb=PAPER_SPOTS * 20_000 * 4 / 1e6)
+_ROW = {"uni": 1536 * 4, "midnight": 3072 * 4, "h0mini": 768 * 4, "deepspot_fm": 1024 * 4 + 9 * 1024 * 2}
+PAPER_LOADED_MB = {
+    "deepspot_train": PAPER_SPOTS * _ROW["deepspot_fm"] / 1e6,
+    "deepspot_predict": PAPER_SPOTS * _ROW["deepspot_fm"] / 1e6,
+    "train": PAPER_SPOTS * _ROW["uni"] / 1e6,
+    "fid": (PAPER_SPOTS + 4 * PAPER_TEST_SPOTS) * _ROW["h0mini"] / 1e6,
+    "ood_fid": (PAPER_SPOTS + 2 * PAPER_TEST_SPOTS) * _ROW["h0mini"] / 1e6,
+    "swap_fid": (PAPER_SPOTS + 2 * PAPER_TEST_SPOTS) * _ROW["h0mini"] / 1e6,
+    "auc": (PAPER_SPOTS + 5 * PAPER_TEST_SPOTS) * (_ROW["uni"] + _ROW["midnight"]) / 1e6,
+    "fit_regressors": PAPER_SPOTS * (_ROW["uni"] + _ROW["midnight"]) / 1e6,
+    "perturbation": 2 * PAPER_SPOTS * _ROW["h0mini"] / 1e6,
+}
 
 
-def formula_table(scale: InputSizes = PAPER_SCALE) -> str:
-    """Markdown table of every formula and what it asks for at `scale` (first attempt)."""
-    lines = ["| rule | mem_mb | runtime (min) | at the paper's scale |", "|---|---|---|---|"]
+def formula_table() -> str:
+    """Markdown table of every formula and what it asks for at the paper's scale (first attempt)."""
+    from dataclasses import replace
+
+    lines = ["| rule | mem_mb | runtime (min) | paper scale |", "|---|---|---|---|"]
     for rule, entry in FORMULAS.items():
-        request = job_request(rule, scale)
+        request = job_request(rule, replace(PAPER_SCALE, loaded_mb=PAPER_LOADED_MB.get(rule, 0.0)))
         loads = f" (loads {', '.join(entry.loads)})" if entry.loads else ""
         lines.append(f"| `{rule}` | {entry.mem_mb.describe('MB')}{loads} | {entry.runtime.describe('min')} "
                      f"| {request['mem_mb'] / 1000:.1f} GB, {request['runtime']} min |")

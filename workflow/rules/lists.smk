@@ -8,8 +8,11 @@ rule cohort_list:
         paths=lambda wildcards: cohort_paths(wildcards.cohort, wildcards.kind),
     wildcard_constraints:
         kind="|".join(LIST_KINDS),
+    log:
+        "results/lists/{cohort}/{kind}.log",
     localrule: True
     run:
         from stmdit.provenance import write_lines
 
         write_lines(output[0], params.paths)
+        Path(log[0]).write_text(f"{len(params.paths)} paths\n")
