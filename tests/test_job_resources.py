@@ -130,3 +130,8 @@ def test_snakemake_sizes_a_job_from_inputs_made_in_the_same_run_and_grows_it_on_
     recorded = [line.split() for line in (tmp_path / "attempts.txt").read_text().splitlines()]
     assert recorded == [[str(e["mem_mb"]), str(e["runtime"])] for e in expected]
     assert expected[1]["mem_mb"] == 2 * expected[0]["mem_mb"] > 500
+
+
+def test_readme_shows_the_formula_table():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert jr.formula_table() in readme

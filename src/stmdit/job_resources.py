@@ -113,14 +113,14 @@ FORMULAS: dict[str, Formula] = {
                      note="runtime is one job's wall-clock budget; retries resume, they do not grow it"),
     "sample": Formula(Cost(5000, per_kspot=2), Cost(10, per_kspot=0.5), note="DiT + VAE weights, one batch"),
     "perturb_sample": Formula(Cost(5000, per_kspot=2, per_mnnz=4), Cost(10, per_kspot=0.5)),
-    "sample_grid": Formula(Cost(2000, per_kspot=0.5), Cost(5, per_kspot=0.05)),
+    "sample_grid": Formula(Cost(3000, per_kspot=0.5), Cost(5, per_kspot=0.05), note="decodes a few latents"),
     "eval_features": Formula(Cost(3000, per_kspot=8), Cost(10, per_kspot=0.67)),
     "noise_features": Formula(Cost(3000, per_kspot=8), Cost(10, per_kspot=0.67)),
     "fid": Formula(Cost(2000, per_loaded_mb=2, per_kspot=1), Cost(10, per_kspot=1), loads=_FEATURES,
                    note="bootstrap over the test spots: two covariances per replicate"),
     "ood_fid": Formula(Cost(2000, per_loaded_mb=2, per_kspot=1), Cost(10, per_kspot=1), loads=_FEATURES),
     "swap_fid": Formula(Cost(2000, per_loaded_mb=2, per_kspot=1), Cost(10, per_kspot=1), loads=_FEATURES),
-    "layout": Formula(Cost(2000, per_kspot=1), Cost(10, per_kspot=0.2)),
+    "layout": Formula(Cost(3000, per_kspot=1), Cost(10, per_kspot=0.2)),
     "auc": Formula(Cost(3000, per_loaded_mb=1, per_mnnz=2), Cost(20, per_kspot=0.5), loads=_AUC_STORES,
                    note="predicts only (the regressors are fit once per cohort); test-split targets, "
                         "top-k columns dense"),
@@ -136,7 +136,7 @@ FORMULAS: dict[str, Formula] = {
     "virtual_report": Formula(Cost(3000, per_kspot=2), Cost(10, per_kspot=0.2)),
 }
 # Jobs that read only small JSON/CSV files, or make the demo: their size does not grow with the data.
-SMALL_JOB = Formula(Cost(1000), Cost(5))
+SMALL_JOB = Formula(Cost(2000), Cost(10))
 FIXED_ON_RETRY = frozenset({"train"})
 
 
