@@ -113,7 +113,7 @@ def write_lines(path: str | Path, lines) -> None:
     if bad:
         raise ValueError(f"{path}: an argument file cannot hold a line break: {bad[0]!r}")
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(f"{line}\n" for line in lines))
+        tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
 def write_parquet(df, path: str | Path, meta: dict[str, Any]) -> None:
