@@ -30,6 +30,7 @@ job is submitted, and after every failed attempt.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -313,14 +314,36 @@ def _named_inputs(input) -> dict[str, list[str]]:
     return named
 
 
+def _signature(named: Mapping[str, list[str]]) -> tuple | None:
+    """(input name, path, mtime, size) of every input; None while one is still to be made."""
+    signature = []
+    for name, paths in named.items():
+        for path in paths:
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                return None
+            signature.append((name, path, stat.st_mtime_ns, stat.st_size))
+    return tuple(signature)
+
+
+@functools.lru_cache(maxsize=4096)
+def _measure_once(signature: tuple, loads: tuple[str, ...]) -> InputSizes:
+    """`measure` of unchanged inputs is read once (mem_mb and runtime of a job share it)."""
+    named: dict[str, list[str]] = {}
+    for name, path, _, _ in signature:
+        named.setdefault(name, []).append(path)
+    return measure(named, loads)
+
+
 def _resource(rule: str, key: str) -> Callable:
     def evaluate(wildcards, input, attempt):
-        named = _named_inputs(input)
-        if any(not os.path.exists(p) for paths in named.values() for p in paths):
+        signature = _signature(_named_inputs(input))
+        if signature is None:
             from snakemake.common.tbdstring import TBDString
 
             return TBDString()  # an input is still to be made: sized again before submission
-        return job_request(rule, measure(named, formula(rule).loads), attempt)[key]
+        return job_request(rule, _measure_once(signature, formula(rule).loads), attempt)[key]
 
     evaluate.__name__ = f"{key}_of_{rule}"
     return evaluate
