@@ -20,7 +20,7 @@ much), except for rules listed in `FIXED_ON_RETRY` (`train`, whose retries resum
 its wall-clock budget). The coefficients target the bounded behaviour of issue 16 (at most 8 GB per
 job at the paper's 115,000 spots x 20,000 genes, the Midnight+MLP fit at most 16 GB, `spots` at
 most 2 GB for any slide) and are calibrated against the peak RSS measured there; they live in this
-one table so that `stmdit bench scale` figures can retune them. `stmdit resources-table` prints it.
+one table so that `stmdit bench scale` figures can retune them. `stmdit resources` prints it.
 
 Snakemake evaluates these callables when it plans (inputs of later jobs may not exist yet: the
 value is then `<TBD>`, as with `input.size_mb`) and again, with all inputs present, right before a
@@ -34,7 +34,7 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 

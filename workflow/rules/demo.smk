@@ -33,6 +33,9 @@ if demo_outputs():
             "results/resources/demo/demo_data.log",
         benchmark:
             "results/benchmarks/demo_data.tsv"
+        resources:
+            mem_mb=job_mem_mb("demo_data"),
+            runtime=job_runtime("demo_data"),
         conda:
             CONDA_CPU
         shell:
