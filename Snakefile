@@ -25,6 +25,7 @@ wildcard_constraints:
 
 
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/lists.smk"
 include: "workflow/rules/spots.smk"
 include: "workflow/rules/expression.smk"
 include: "workflow/rules/features.smk"

@@ -20,6 +20,15 @@ def test_paper_configuration_plans_every_model_on_18_slides():
     assert all(result["jobs_per_rule"][f"table{n}"] == 1 for n in range(1, 7))
 
 
+def test_no_job_command_grows_with_the_slides():
+    """Cohort rules read their slide lists from files: at 300 slides (about 29 KB of paths in the
+    expression command before) the longest job command stays a few KB."""
+    paper = REPO / "workflow" / "paper" / "config.yaml"
+    result = bench_dag(argparse.Namespace(configfile=paper, slides=300, donors=30, he_slides=4))
+    assert result["jobs_per_rule"]["spots"] == 304 and result["jobs_per_rule"]["cohort_list"] >= 3
+    assert 0 < result["longest_command_bytes"] < 10 * 1024, result["longest_command_rule"]
+
+
 def test_loader_benchmark_reports_a_ratio():
     result = bench_loader(argparse.Namespace(spots=64, tokens=8, micro_batch=8, batches=6, workers=2, prefetch=2))
     assert result["loader_samples_per_s"] > 0 and result["memory_samples_per_s"] > 0

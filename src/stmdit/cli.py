@@ -39,6 +39,7 @@ COMMANDS = {
     "table": "stmdit.report",
     "figure": "stmdit.report",
     "bench": "stmdit.bench",
+    "resources": "stmdit.job_resources",
     "preflight": "stmdit.preflight",
     "loss-curve": "stmdit.report",
     "demo-checks": "stmdit.demo_checks",
@@ -52,7 +53,9 @@ log = logging.getLogger("stmdit")
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; with `command`, only that command's module is imported."""
-    parser = argparse.ArgumentParser(prog="stmdit", description=__doc__.splitlines()[0])
+    # `@FILE` stands for FILE's lines, one argument each: cohort rules pass their slide lists so
+    # (results/lists/), as a command line of 1,000 slides' paths would pass the kernel's limit
+    parser = argparse.ArgumentParser(prog="stmdit", description=__doc__.splitlines()[0], fromfile_prefix_chars="@")
     parser.add_argument("--version", action="version", version=f"stmdit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="<step>")

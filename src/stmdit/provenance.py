@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from importlib import metadata
@@ -51,7 +52,17 @@ def provenance(step: str, params: dict[str, Any], inputs: list[str | Path] | Non
 
 
 def _temp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    """A hidden sibling with the same suffix (writers that choose a format by suffix still work)."""
+    return path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+
+
+def stale_temp_siblings(path: str | Path) -> list[Path]:
+    """Temporary siblings of `path` left by a writer that was killed (SIGKILL, out of memory)."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.stem)}\.tmp-[0-9a-f]{{8}}{re.escape(path.suffix)}")
+    if not path.parent.is_dir():
+        return []
+    return [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
 
 
 def _remove(path: Path) -> None:
@@ -66,10 +77,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success move it into place, on error delete it.
 
     Works for files and for directories (Zarr stores): whatever the body creates at the
-    yielded path replaces `path` in one rename.
+    yielded path replaces `path` in one rename. A writer killed outright (SIGKILL, the kernel's
+    out-of-memory killer) cannot clean up: its hidden temporary is removed by the next write.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_temp_siblings(path):  # a killed earlier attempt: the rerun starts clean
+        _remove(stale)
     tmp = _temp_sibling(path)
     try:
         yield tmp
@@ -90,6 +104,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_lines(path: str | Path, lines) -> None:
+    """One line per item (an argument file that `stmdit ... @path` reads, one argument a line)."""
+    lines = [str(line) for line in lines]
+    bad = [line for line in lines if "\n" in line or "\r" in line]
+    if bad:
+        raise ValueError(f"{path}: an argument file cannot hold a line break: {bad[0]!r}")
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
 def write_parquet(df, path: str | Path, meta: dict[str, Any]) -> None:

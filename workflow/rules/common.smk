@@ -18,6 +18,7 @@ from stmdit.config import (
     resolve_cohorts,
     validate_config,
 )
+from stmdit import job_resources
 from stmdit.errors import InputError
 from stmdit.models_config import model_rows, resolve_models, skipped_models
 from stmdit.provenance import params_hash
@@ -135,19 +136,48 @@ def spots_of(cohort):
     return [f"results/spots/{s}.parquet" for s in cohort_samples(SAMPLES, cohort)]
 
 
+# --- resources: mem_mb and runtime from the inputs' sizes (formulas: stmdit.job_resources) -----
+def job_mem_mb(rule_name):
+    return job_resources.mem_mb(rule_name)
+
+
+def job_runtime(rule_name):
+    return job_resources.runtime(rule_name)
+
+
+# --- slide lists: cohort rules read `@results/lists/{cohort}/{kind}.txt` (one path a line) ------
+# rather than every slide's path on the command line (1,000 slides would pass the kernel's limit
+# on one argument). The list's rule reruns when the list changes (params), and its consumers with
+# it; the slides' own files stay the consumers' inputs, so their changes rerun them too.
+LIST_KINDS = ("spots", "patches", "matrices")
+
+
+def cohort_paths(cohort, kind):
+    samples = cohort_samples(SAMPLES, cohort)
+    if kind == "spots":
+        return spots_of(cohort)
+    if kind == "patches":
+        return [f"results/patches/{s}.zarr" for s in samples]
+    if kind == "matrices":
+        return [f"{SAMPLES.loc[s, 'path']}/filtered_feature_bc_matrix.h5" for s in samples]
+    raise ValueError(kind)
+
+
+def cohort_list(kind, cohort=None):
+    """The list file of a cohort's `kind` paths: of `cohort`, else of the job's {cohort}."""
+    return f"results/lists/{cohort}/{kind}.txt" if cohort else f"results/lists/{{cohort}}/{kind}.txt"
+
+
 def cohort_spots(wildcards):
     return spots_of(wildcards.cohort)
 
 
 def cohort_patches(wildcards):
-    return [f"results/patches/{s}.zarr" for s in cohort_samples(SAMPLES, wildcards.cohort)]
+    return cohort_paths(wildcards.cohort, "patches")
 
 
 def cohort_matrices(wildcards):
-    return [
-        f"{SAMPLES.loc[s, 'path']}/filtered_feature_bc_matrix.h5"
-        for s in cohort_samples(SAMPLES, wildcards.cohort)
-    ]
+    return cohort_paths(wildcards.cohort, "matrices")
 
 
 def encoder_args(name):
@@ -393,6 +423,7 @@ def virtual_inputs(wildcards):
         "uni": f"results/features/{cohort}/uni2h.zarr",
         "ge": f"results/features/{cohort}/cancerfoundation.zarr",
         "spots": spots_of(cohort),
+        "spots_list": cohort_list("spots", cohort),
     }
 
 

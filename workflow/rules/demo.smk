@@ -12,8 +12,8 @@ if demo_outputs():
             "results/resources/fetch_demo_image.log",
         threads: 1
         resources:
-            mem_mb=1000,
-            runtime=10,
+            mem_mb=job_mem_mb("fetch_demo_image"),
+            runtime=job_runtime("fetch_demo_image"),
         conda:
             CONDA_CPU
         shell:
@@ -33,6 +33,9 @@ if demo_outputs():
             "results/resources/demo/demo_data.log",
         benchmark:
             "results/benchmarks/demo_data.tsv"
+        resources:
+            mem_mb=job_mem_mb("demo_data"),
+            runtime=job_runtime("demo_data"),
         conda:
             CONDA_CPU
         shell:

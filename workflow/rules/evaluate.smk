@@ -21,8 +21,8 @@ rule eval_features:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 16000 * attempt,
-        runtime=lambda wildcards, attempt: 60 * attempt,
+        mem_mb=job_mem_mb("eval_features"),
+        runtime=job_runtime("eval_features"),
     conda:
         CONDA_GPU
     shell:
@@ -51,8 +51,8 @@ rule noise_features:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 16000 * attempt,
-        runtime=lambda wildcards, attempt: 60 * attempt,
+        mem_mb=job_mem_mb("noise_features"),
+        runtime=job_runtime("noise_features"),
     conda:
         CONDA_GPU
     shell:
@@ -80,8 +80,8 @@ rule fid:
         "results/benchmarks/eval/{model}/{cohort}/fid.tsv"
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=lambda wildcards, attempt: 120 * attempt,
+        mem_mb=job_mem_mb("fid"),
+        runtime=job_runtime("fid"),
     conda:
         CONDA_CPU
     shell:
@@ -94,6 +94,7 @@ rule fid:
 rule layout:
     input:
         patches=cohort_patches,
+        patches_list=cohort_list("patches"),
         samples=lambda wildcards: [
             f"results/samples/{wildcards.model}/{wildcards.cohort}/{r}.zarr" for r in MODELS[wildcards.model].regimes
         ],
@@ -111,12 +112,12 @@ rule layout:
         "results/benchmarks/eval/{model}/{cohort}/layout.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=lambda wildcards, attempt: 60 * attempt,
+        mem_mb=job_mem_mb("layout"),
+        runtime=job_runtime("layout"),
     conda:
         CONDA_CPU
     shell:
-        "python -m stmdit layout --patches {input.patches} --samples {params.samples} --n-boot {params.n_boot}"
+        "python -m stmdit layout --patches @{input.patches_list} --samples {params.samples} --n-boot {params.n_boot}"
         " --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort} --out {output} > {log} 2>&1"
 
 
@@ -137,8 +138,8 @@ rule ood_fid:
         "results/benchmarks/eval/{model}/{cohort}/ood_fid.tsv"
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=lambda wildcards, attempt: 120 * attempt,
+        mem_mb=job_mem_mb("ood_fid"),
+        runtime=job_runtime("ood_fid"),
     conda:
         CONDA_CPU
     shell:
@@ -164,8 +165,8 @@ rule swap_fid:
         "results/benchmarks/eval/{model}/{cohort}/swap_fid.tsv"
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=lambda wildcards, attempt: 120 * attempt,
+        mem_mb=job_mem_mb("swap_fid"),
+        runtime=job_runtime("swap_fid"),
     conda:
         CONDA_CPU
     shell:
@@ -203,8 +204,8 @@ rule auc:
         "results/benchmarks/eval/{model}/{cohort}/auc.tsv"
     threads: 2
     resources:
-        mem_mb=lambda wildcards, attempt: 32000 * attempt,
-        runtime=lambda wildcards, attempt: 240 * attempt,
+        mem_mb=job_mem_mb("auc"),
+        runtime=job_runtime("auc"),
     conda:
         CONDA_CPU
     shell:
@@ -237,8 +238,8 @@ rule perturbation:
         "results/benchmarks/eval/{model}/{cohort}/{store}.tsv"
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=30,
+        mem_mb=job_mem_mb("perturbation"),
+        runtime=job_runtime("perturbation"),
     conda:
         CONDA_CPU
     shell:

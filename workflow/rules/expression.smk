@@ -6,6 +6,8 @@ rule expression:
     input:
         spots=cohort_spots,
         matrices=cohort_matrices,
+        spots_list=cohort_list("spots"),
+        matrices_list=cohort_list("matrices"),
         gene_list=[PROTEIN_CODING_LIST] if PROTEIN_CODING_LIST not in ("hgnc", "none") else [],
     output:
         h5ad="results/expression/{cohort}.h5ad",
@@ -22,12 +24,12 @@ rule expression:
         "results/benchmarks/expression/{cohort}.tsv"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 16000 * attempt,
-        runtime=lambda wildcards, attempt: 60 * attempt,
+        mem_mb=job_mem_mb("expression"),
+        runtime=job_runtime("expression"),
     conda:
         CONDA_CPU
     shell:
-        "python -m stmdit expression --cohort {wildcards.cohort} --spots {input.spots} --matrices {input.matrices}"
+        "python -m stmdit expression --cohort {wildcards.cohort} --spots @{input.spots_list} --matrices @{input.matrices_list}"
         " --out {output.h5ad} --min-spots-per-gene {params.min_spots_per_gene} --n-hvg {params.n_hvg}"
         " --target-sum {params.target_sum} --scale-max {params.scale_max}"
         " --protein-coding {params.protein_coding:q} --gene-sets-json {output.gene_sets} > {log} 2>&1"

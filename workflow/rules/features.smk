@@ -5,6 +5,8 @@ rule features_image:
     input:
         spots=cohort_spots,
         patches=cohort_patches,
+        spots_list=cohort_list("spots"),
+        patches_list=cohort_list("patches"),
     output:
         directory("results/features/{cohort}/{encoder}.zarr"),
     params:
@@ -18,13 +20,13 @@ rule features_image:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 32000 * attempt,
-        runtime=lambda wildcards, attempt: 120 * attempt,
+        mem_mb=job_mem_mb("features_image"),
+        runtime=job_runtime("features_image"),
     conda:
         CONDA_GPU
     shell:
         "python -m stmdit features --encoder {wildcards.encoder} {params.encoder_args}"
-        " --spots {input.spots} --patches {input.patches} --out {output}"
+        " --spots @{input.spots_list} --patches @{input.patches_list} --out {output}"
         " --batch-size {params.batch_size} --device {params.device} > {log} 2>&1"
 
 
@@ -47,8 +49,8 @@ rule features_cancerfoundation:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 32000 * attempt,
-        runtime=lambda wildcards, attempt: 120 * attempt,
+        mem_mb=job_mem_mb("features_cancerfoundation"),
+        runtime=job_runtime("features_cancerfoundation"),
     conda:
         CONDA_GPU
     shell:

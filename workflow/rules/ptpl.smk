@@ -8,6 +8,7 @@ rule deepspot_train:
         expression=f"results/expression/{TRAIN_COHORT}.h5ad",
         features=f"results/features/{TRAIN_COHORT}/deepspot_fm.zarr",
         spots=spots_of(TRAIN_COHORT),
+        spots_list=cohort_list("spots", TRAIN_COHORT),
         split=f"results/splits/{TRAIN_COHORT}.parquet",
     output:
         model=directory(f"results/ptpl/{TRAIN_COHORT}_deepspot"),
@@ -32,13 +33,13 @@ rule deepspot_train:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 64000 * attempt,
-        runtime=lambda wildcards, attempt: 240 * attempt,
+        mem_mb=job_mem_mb("deepspot_train"),
+        runtime=job_runtime("deepspot_train"),
     conda:
         CONDA_GPU
     shell:
         "python -m stmdit deepspot-train --expression {input.expression} --features {input.features}"
-        " --spots {input.spots} --split {input.split} --out-model {output.model} --out-lodo {output.lodo} {params.settings} > {log} 2>&1"
+        " --spots @{input.spots_list} --split {input.split} --out-model {output.model} --out-lodo {output.lodo} {params.settings} > {log} 2>&1"
 
 
 rule deepspot_predict:
@@ -46,6 +47,7 @@ rule deepspot_predict:
         model=rules.deepspot_train.output.model,
         features="results/features/{cohort}/deepspot_fm.zarr",
         spots=cohort_spots,
+        spots_list=cohort_list("spots"),
     output:
         "results/ptpl/{cohort}.h5ad",
     params:
@@ -58,12 +60,12 @@ rule deepspot_predict:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 48000 * attempt,
-        runtime=lambda wildcards, attempt: 60 * attempt,
+        mem_mb=job_mem_mb("deepspot_predict"),
+        runtime=job_runtime("deepspot_predict"),
     conda:
         CONDA_GPU
     shell:
-        "python -m stmdit deepspot-predict --model {input.model} --features {input.features} --spots {input.spots}"
+        "python -m stmdit deepspot-predict --model {input.model} --features {input.features} --spots @{input.spots_list}"
         " --out {output} --device {params.device} {params.bf16} > {log} 2>&1"
 
 
@@ -86,8 +88,8 @@ rule features_cancerfoundation_ptpl:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 32000 * attempt,
-        runtime=lambda wildcards, attempt: 120 * attempt,
+        mem_mb=job_mem_mb("features_cancerfoundation_ptpl"),
+        runtime=job_runtime("features_cancerfoundation_ptpl"),
     conda:
         CONDA_GPU
     shell:

@@ -11,8 +11,8 @@ rule models_json:
         "results/tables/models.log",
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=job_mem_mb("models_json"),
+        runtime=job_runtime("models_json"),
     conda:
         CONDA_CPU
     shell:
@@ -37,8 +37,8 @@ for _n in range(1, 7):
             f"results/tables/table{_n}.log",
         threads: 1
         resources:
-            mem_mb=2000,
-            runtime=5,
+            mem_mb=job_mem_mb("table"),
+            runtime=job_runtime("table"),
         conda:
             CONDA_CPU
         shell:
@@ -56,8 +56,8 @@ rule figure_per_tissue_fid:
         "results/figures/per_tissue_fid.log",
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=5,
+        mem_mb=job_mem_mb("figure_per_tissue_fid"),
+        runtime=job_runtime("figure_per_tissue_fid"),
     conda:
         CONDA_CPU
     shell:
@@ -75,8 +75,8 @@ rule figure_auc_curves:
         "results/figures/auc_curves.log",
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=5,
+        mem_mb=job_mem_mb("figure_auc_curves"),
+        runtime=job_runtime("figure_auc_curves"),
     conda:
         CONDA_CPU
     shell:
@@ -89,7 +89,8 @@ rule figure_matched_spots:
         ge=f"results/features/{TRAIN_COHORT}/cancerfoundation.zarr",
         split=f"results/splits/{TRAIN_COHORT}.parquet",
         expression=f"results/expression/{TRAIN_COHORT}.h5ad",
-        patches=[f"results/patches/{s}.zarr" for s in cohort_samples(SAMPLES, TRAIN_COHORT)],
+        patches=cohort_paths(TRAIN_COHORT, "patches"),
+        patches_list=cohort_list("patches", TRAIN_COHORT),
         samples=list(matched_spot_stores().values()),
     output:
         report("results/figures/matched_spots.png", category="Figures", caption="../report/matched_spots.rst"),
@@ -100,13 +101,13 @@ rule figure_matched_spots:
         "results/figures/matched_spots.log",
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=15,
+        mem_mb=job_mem_mb("figure_matched_spots"),
+        runtime=job_runtime("figure_matched_spots"),
     conda:
         CONDA_CPU
     shell:
         "python -m stmdit matched-spots --ge {input.ge} --split {input.split} --expression {input.expression}"
-        " --patches {input.patches} --samples {params.samples} --n-clusters 8 --seed {params.seed}"
+        " --patches @{input.patches_list} --samples {params.samples} --n-clusters 8 --seed {params.seed}"
         " --out {output} > {log} 2>&1"
 
 
@@ -124,8 +125,8 @@ rule figure_loss_curve:
         "results/figures/loss_curves/{model}.log",
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=5,
+        mem_mb=job_mem_mb("figure_loss_curve"),
+        runtime=job_runtime("figure_loss_curve"),
     conda:
         CONDA_CPU
     shell:

@@ -34,8 +34,8 @@ rule sample:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 16000 * attempt,
-        runtime=lambda wildcards, attempt: 120 * attempt,
+        mem_mb=job_mem_mb("sample"),
+        runtime=job_runtime("sample"),
     conda:
         CONDA_GPU
     shell:
@@ -79,8 +79,8 @@ rule perturb_sample:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 16000 * attempt,
-        runtime=lambda wildcards, attempt: 120 * attempt,
+        mem_mb=job_mem_mb("perturb_sample"),
+        runtime=job_runtime("perturb_sample"),
     conda:
         CONDA_GPU
     shell:
@@ -96,6 +96,8 @@ rule sample_grid:
     input:
         spots=cohort_spots,
         patches=cohort_patches,
+        spots_list=cohort_list("spots"),
+        patches_list=cohort_list("patches"),
         samples=lambda wildcards: [
             f"results/samples/{wildcards.model}/{wildcards.cohort}/{r}.zarr" for r in MODELS[wildcards.model].regimes
         ],
@@ -112,10 +114,10 @@ rule sample_grid:
         "results/figures/grid_{model}_{cohort}.log",
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=10,
+        mem_mb=job_mem_mb("sample_grid"),
+        runtime=job_runtime("sample_grid"),
     conda:
         CONDA_CPU
     shell:
-        "python -m stmdit sample-grid --spots {input.spots} --patches {input.patches} --samples {params.samples}"
+        "python -m stmdit sample-grid --spots @{input.spots_list} --patches @{input.patches_list} --samples {params.samples}"
         " --latents {input.latents} {params.vae} --per-class 4 --seed 0 --out {output} > {log} 2>&1"

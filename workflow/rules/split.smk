@@ -4,6 +4,7 @@
 rule split:
     input:
         spots=cohort_spots,
+        spots_list=cohort_list("spots"),
     output:
         "results/splits/{cohort}.parquet",
     params:
@@ -18,11 +19,11 @@ rule split:
         "results/benchmarks/split/{cohort}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=10,
+        mem_mb=job_mem_mb("split"),
+        runtime=job_runtime("split"),
     conda:
         CONDA_CPU
     shell:
-        "python -m stmdit split --cohort {wildcards.cohort} --spots {input.spots} --out {output}"
+        "python -m stmdit split --cohort {wildcards.cohort} --spots @{input.spots_list} --out {output}"
         " --test-donors {params.test_donors} --val-fraction {params.val_fraction} --seed {params.seed}"
         " --max-spots-per-slide {params.max_spots_per_slide} {params.all_test} > {log} 2>&1"

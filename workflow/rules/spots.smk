@@ -27,8 +27,8 @@ rule spots:
         "results/benchmarks/spots/{sample}.tsv"
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 4000 * attempt,
-        runtime=lambda wildcards, attempt: 30 * attempt,
+        mem_mb=job_mem_mb("spots"),
+        runtime=job_runtime("spots"),
     conda:
         CONDA_CPU
     shell:

@@ -25,8 +25,8 @@ rule train:
     threads: 4
     resources:
         gpu=config["train"]["gpus"],
-        mem_mb=lambda wildcards, attempt: 64000,
-        runtime=lambda wildcards, attempt: 24 * 60,
+        mem_mb=job_mem_mb("train"),
+        runtime=job_runtime("train"),  # one job's wall clock; not grown on resubmission
     conda:
         CONDA_GPU
     shell:

@@ -28,14 +28,14 @@ rule virtual_sample:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 16000 * attempt,
-        runtime=lambda wildcards, attempt: 120 * attempt,
+        mem_mb=job_mem_mb("virtual_sample"),
+        runtime=job_runtime("virtual_sample"),
     conda:
         CONDA_GPU
     shell:
         "python -m stmdit virtual-sample --name {wildcards.experiment} --experiment-json '{params.spec}'"
         " --model-dir {params.model_dir} --split {input.split} --expression {input.expression}"
-        " --uni {input.uni} --ge {input.ge} --spots {input.spots} {params.vae}"
+        " --uni {input.uni} --ge {input.ge} --spots @{input.spots_list} {params.vae}"
         " --steps {params.steps} --seed {params.seed} --s-uni {params.s_uni} --s-ge {params.s_ge}"
         " --batch-size {params.batch_size} --device {params.device} {params.bf16} --out {output} > {log} 2>&1"
 
@@ -44,8 +44,9 @@ rule virtual_report:
     input:
         tiles="results/virtual/{experiment}/tiles.zarr",
         spots=lambda wildcards: spots_of(virtual_cohort(wildcards.experiment)),
-        patches=lambda wildcards: [f"results/patches/{s}.zarr"
-                                   for s in cohort_samples(SAMPLES, virtual_cohort(wildcards.experiment))],
+        patches=lambda wildcards: cohort_paths(virtual_cohort(wildcards.experiment), "patches"),
+        spots_list=lambda wildcards: cohort_list("spots", virtual_cohort(wildcards.experiment)),
+        patches_list=lambda wildcards: cohort_list("patches", virtual_cohort(wildcards.experiment)),
     output:
         summary=report("results/virtual/{experiment}/summary.json", category="Virtual experiments",
                        subcategory="{experiment}", caption="../report/virtual_summary.rst"),
@@ -72,12 +73,12 @@ rule virtual_report:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wildcards, attempt: 8000 * attempt,
-        runtime=lambda wildcards, attempt: 30 * attempt,
+        mem_mb=job_mem_mb("virtual_report"),
+        runtime=job_runtime("virtual_report"),
     conda:
         CONDA_GPU
     shell:
-        "python -m stmdit virtual-report --tiles {input.tiles} --spots {input.spots} --patches {input.patches}"
+        "python -m stmdit virtual-report --tiles {input.tiles} --spots @{input.spots_list} --patches @{input.patches_list}"
         " {params.h0mini} --device {params.device} --n-boot {params.n_boot} --seed {params.seed}"
         " --tile-px {params.tile_px} --montage-tile-px {params.montage_tile_px} --per-class {params.per_class}"
         " --summary {output.summary} --mosaics {output.mosaics} --mosaics-zarr {output.mosaics_zarr}"
