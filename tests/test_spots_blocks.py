@@ -177,3 +177,18 @@ def test_screen_level_bounds_the_lower_level_read():
 
     assert spots_module.screen_level(Pyramid(), 220.0) == 2  # level 1 is over SCREEN_MAX_PIXELS
     assert spots_module.screen_level(Pyramid(), 20.0) is None  # a disc under 2 px at every lower level
+
+
+def test_spots_scale_benchmark_reports_each_case_peak_memory(demo_image, tmp_path):
+    from stmdit.bench import BENCHMARKS
+
+    import argparse
+
+    result = BENCHMARKS["spots-scale"](argparse.Namespace(
+        source_image=demo_image, work=tmp_path, visium_px=2048, visium_mpp=0.27, he_width=2560, he_height=1984,
+        he_mpp=0.25, keep=False,
+    ))
+    assert set(result["cases"]) == {"visium", "he"}
+    for case in result["cases"].values():
+        assert case["spots"] > 0 and 50 < case["peak_rss_mb"] < 2048
+    assert list(tmp_path.iterdir()) == []  # the generated slides are deleted
