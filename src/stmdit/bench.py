@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -112,21 +113,37 @@ def _spots_scale_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true", help="keep the generated slides and outputs")
 
 
-def run_measured(command: list[str], log_path: Path) -> tuple[int, float, float]:
-    """Run a command as a child process; its exit status, wall seconds and its own peak RSS (MB)."""
-    import os
-    import subprocess
+# Forks and execs the command from a fresh, small interpreter and writes the child's own peak RSS
+# (KiB) to argv[1]. Linux carries the parent's peak RSS into a forked child's ru_maxrss across exec,
+# so measuring from this (large) process directly would report our own peak instead.
+_PEAK_RSS_RUNNER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
-    started = time.perf_counter()
+
+def run_measured(command: list[str], log_path: Path) -> tuple[int, float, float]:
+    """Run a command as a grandchild process; its exit status, wall seconds and its own peak RSS (MB)."""
+    import subprocess
+    import sys
+
     import stmdit
 
     package_root = str(Path(stmdit.__file__).resolve().parents[1])  # the child imports this same stmdit
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    peak_file = log_path.with_suffix(".peak_rss_kib")
+    started = time.perf_counter()
     with open(log_path, "w") as log_file:
-        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024  # ru_maxrss: KiB on Linux
+        code = subprocess.run([sys.executable, "-c", _PEAK_RSS_RUNNER, str(peak_file), *command], stdout=log_file,
+                              stderr=subprocess.STDOUT, env=env).returncode
+    wall_s = time.perf_counter() - started
+    return code, wall_s, int(peak_file.read_text()) / 1024  # ru_maxrss: KiB on Linux
 
 
 @benchmark("spots-scale", _spots_scale_arguments)
@@ -135,7 +152,7 @@ def bench_spots_scale(args: argparse.Namespace) -> dict[str, Any]:
     JPEG TIFF of --visium-px square and (b) an H&E-only 40x slide of --he-width x --he-height px.
 
     Both slides are the real CMU H&E mirror-tiled (stmdit.bigslide), written tile by tile; the step runs
-    as a child process (default thresholds) and its own peak RSS is read from wait4's rusage."""
+    as a separate process (default thresholds) and its own peak RSS is read from wait4's rusage."""
     import shutil
     import sys
 

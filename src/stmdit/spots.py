@@ -246,10 +246,13 @@ def background_candidates(image: DecodedImage | TiledSlide, spots: pd.DataFrame,
         return background
     level_width, level_height = image.level_dimensions[level]
     pixels = image.read(0, 0, level_height, level_width, level)
-    darkness = 255.0 - cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    darkness = 255 - cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
     del pixels
-    summed = np.zeros((level_height + 1, level_width + 1))
-    summed[1:, 1:] = darkness.cumsum(axis=0).cumsum(axis=1)
+    # summed-area table in uint32: it wraps, but a window's sum (< 2**32) comes out exact modulo 2**32
+    summed = np.zeros((level_height + 1, level_width + 1), dtype=np.uint32)
+    np.cumsum(darkness, axis=0, dtype=np.uint32, out=summed[1:, 1:])
+    np.cumsum(summed[1:, 1:], axis=1, dtype=np.uint32, out=summed[1:, 1:])
+    del darkness
     scale_y, scale_x = image.height / level_height, image.width / level_width
     side = max(1, int(round(diameter_px)))
     tops = np.floor(spots["pxl_row"].to_numpy() - side / 2 + 0.5)
@@ -258,7 +261,7 @@ def background_candidates(image: DecodedImage | TiledSlide, spots: pd.DataFrame,
     r1 = np.clip(np.floor((tops + side - 1) / scale_y) + 2, 0, level_height).astype(np.int64)
     c0 = np.clip(np.floor(lefts / scale_x) - 1, 0, level_width).astype(np.int64)
     c1 = np.clip(np.floor((lefts + side - 1) / scale_x) + 2, 0, level_width).astype(np.int64)
-    dark_sum = summed[r1, c1] - summed[r0, c1] - summed[r1, c0] + summed[r0, c0]
+    dark_sum = (summed[r1, c1] - summed[r0, c1] - summed[r1, c0] + summed[r0, c0]).astype(np.float64)
     bound = dark_sum * scale_x * scale_y / (255 - grey_threshold) / np.count_nonzero(disc_mask(side))
     return bound < min_tissue / SCREEN_MARGIN
 

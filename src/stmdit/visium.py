@@ -466,6 +466,8 @@ def open_he_slide(path: str | Path, mpp: float | None = None,
     path = Path(path)
     if mpp is not None and not _is_positive_number(float(mpp)):
         raise InputError(path, f"--mpp must be a positive number, found {mpp!r}")
+    if mpp is None and path.suffix.lower() not in OPENSLIDE_SUFFIXES:
+        raise InputError(path, _NO_MPP)
     image = open_image(path, max_image_mb)
     if mpp is None:
         try:
