@@ -10,8 +10,8 @@ centre-to-centre `--he-spot-spacing-um`, at the slide's um/px; barcodes "r{array
 with Visium's doubled column index), keeping those whose disc has at least `--he-min-tissue` of
 non-white pixels (grey < `--grey-threshold`). The disc fractions are computed on level-0 pixels, as
 on a whole decoded slide; a low pyramid level, read whole, only rules out the grid spots whose disc
-provably cannot reach `--he-min-tissue` (see `background_candidates`), so they are never read at
-level 0.
+cannot reach `--he-min-tissue` by a bound with a 2x margin (see `background_candidates`), so they are
+never read at level 0.
 
 Patches. The patch image is the full-resolution image when given, else the hires image, else the
 lowres one, with its scale factor (logged as a warning). A slide OpenSlide reads (svs, tiled
@@ -238,8 +238,10 @@ def background_candidates(image: DecodedImage | TiledSlide, spots: pd.DataFrame,
     pixel of grey g at most (255 - g) / (255 - grey_threshold) of the level-0 pixels are non-white.
     Summed over the lower pixels touching the disc's square (widened by one lower pixel), this bounds
     the disc's non-white fraction from above; a spot is ruled out when the bound stays below
-    min_tissue / SCREEN_MARGIN. Every other spot is measured exactly at level 0, so the spots kept are
-    those a whole-slide read keeps."""
+    min_tissue / SCREEN_MARGIN (the margin absorbs JPEG and resampling error of the lower level). Every
+    other spot is measured exactly at level 0, so the spots kept are those a whole-slide read keeps
+    (pinned by tests/test_spots_blocks.py). A slide without a suitable lower level is measured at level
+    0 only, block by block."""
     level = screen_level(image, diameter_px) if isinstance(image, TiledSlide) else None
     background = np.zeros(len(spots), dtype=bool)
     if level is None or grey_threshold >= 255 or min_tissue <= 0 or spots.empty:
