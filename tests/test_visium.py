@@ -16,7 +16,8 @@ import scipy.sparse as sp
 from stmdit.errors import InputError
 from stmdit.visium import (
     patch_image_source,
-    read_he_slide,
+    TiledSlide,
+    open_he_slide,
     read_positions,
     read_rgb_image,
     read_scalefactors,
@@ -134,7 +135,10 @@ def test_patch_image_falls_back_to_hires_then_lowres(visium_folders, tmp_path, c
 def test_png_decodes_to_the_same_rgb_as_the_svs(tmp_path):
     if not CMU_SVS.exists():
         pytest.skip("shared/data/he is not beside this clone")
-    pixels, mpp = read_he_slide(CMU_SVS)
+    pixels = read_rgb_image(CMU_SVS)
+    slide, mpp = open_he_slide(CMU_SVS)
+    assert isinstance(slide, TiledSlide) and (slide.height, slide.width) == (2967, 2220)
+    slide.close()
     assert pixels.shape == (2967, 2220, 3) and pixels.dtype == np.uint8 and pixels.flags.c_contiguous
     assert mpp == pytest.approx(0.499)
     crop = pixels[1000:1200, 800:1100]
@@ -142,9 +146,9 @@ def test_png_decodes_to_the_same_rgb_as_the_svs(tmp_path):
     cv2.imwrite(str(png), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
     np.testing.assert_array_equal(read_rgb_image(png), crop)
     with pytest.raises(InputError, match="mpp"):
-        read_he_slide(png)
-    assert read_he_slide(png, mpp=0.5)[1] == 0.5
-    assert read_he_slide(CMU_SVS, mpp=0.25)[1] == 0.25
+        open_he_slide(png)
+    assert open_he_slide(png, mpp=0.5)[1] == 0.5
+    assert open_he_slide(CMU_SVS, mpp=0.25)[1] == 0.25
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".svs", ".tif"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -90,6 +91,116 @@ def bench_spots(args: argparse.Namespace) -> dict[str, Any]:
     print(f"  stage: {stage_s:.3f} s   decode once: {decode_s:.3f} s")
     print(f"  patches/s: {result['patches_per_s']}")
     print(f"  stage / decode: {result['stage_over_decode']} (goal <= 1.5)")
+    print(json.dumps(result))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# spots-scale: the spots step's peak memory on large tiled pyramidal slides
+# --------------------------------------------------------------------------------------------
+
+
+def _spots_scale_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source-image", type=Path, default=Path(__file__).resolve().parents[2] / "resources"
+                   / "cmu_small_region.svs", help="the real H&E the slides are tiled from")
+    p.add_argument("--work", type=Path, default=None,
+                   help="folder for the generated slides (a temporary folder inside it, deleted afterwards)")
+    p.add_argument("--visium-px", type=int, default=25_024, help="side of the Visium full-resolution image")
+    p.add_argument("--visium-mpp", type=float, default=0.27, help="um/px of the Visium image (~5,000 spots)")
+    p.add_argument("--he-width", type=int, default=80_000, help="width of the H&E-only slide (px)")
+    p.add_argument("--he-height", type=int, default=62_528, help="height of the H&E-only slide (5.0 gigapixels)")
+    p.add_argument("--he-mpp", type=float, default=0.25, help="um/px of the H&E-only slide (40x)")
+    p.add_argument("--keep", action="store_true", help="keep the generated slides and outputs")
+
+
+# Forks and execs the command from a fresh, small interpreter and writes the child's own peak RSS
+# (KiB) to argv[1]. Linux carries the parent's peak RSS into a forked child's ru_maxrss across exec,
+# so measuring from this (large) process directly would report our own peak instead.
+_PEAK_RSS_RUNNER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(command: list[str], log_path: Path) -> tuple[int, float, float]:
+    """Run a command as a grandchild process; its exit status, wall seconds and its own peak RSS (MB)."""
+    import subprocess
+    import sys
+
+    import stmdit
+
+    package_root = str(Path(stmdit.__file__).resolve().parents[1])  # the child imports this same stmdit
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    peak_file = log_path.with_suffix(".peak_rss_kib")
+    started = time.perf_counter()
+    with open(log_path, "w") as log_file:
+        code = subprocess.run([sys.executable, "-c", _PEAK_RSS_RUNNER, str(peak_file), *command], stdout=log_file,
+                              stderr=subprocess.STDOUT, env=env).returncode
+    wall_s = time.perf_counter() - started
+    return code, wall_s, int(peak_file.read_text()) / 1024  # ru_maxrss: KiB on Linux
+
+
+@benchmark("spots-scale", _spots_scale_arguments)
+def bench_spots_scale(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS of `stmdit spots` on (a) a Visium-like folder with a full-resolution tiled pyramidal
+    JPEG TIFF of --visium-px square and (b) an H&E-only 40x slide of --he-width x --he-height px.
+
+    Both slides are the real CMU H&E mirror-tiled (stmdit.bigslide), written tile by tile; the step runs
+    as a separate process (default thresholds) and its own peak RSS is read from wait4's rusage."""
+    import shutil
+    import sys
+
+    import pandas as pd
+
+    from stmdit.bigslide import MirroredTissue, read_source, write_pyramidal_tiff, write_visium_folder
+
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="stmdit-spots-scale-", dir=args.work))
+    source = read_source(args.source_image)
+    result: dict[str, Any] = {"benchmark": "spots-scale", "work": str(work), "cases": {}}
+    try:
+        cases = {}
+        started = time.perf_counter()
+        visium_tissue = MirroredTissue(source, args.visium_px, args.visium_px, tissue_fraction=0.95)
+        image = write_pyramidal_tiff(work / "visium_fullres.tif", visium_tissue, args.visium_mpp)
+        write_visium_folder(work / "visium" / "outs", visium_tissue, args.visium_mpp)
+        cases["visium"] = (["--kind", "visium", "--path", str(work / "visium" / "outs"), "--image", str(image)],
+                           image, args.visium_px, args.visium_px)
+        he = write_pyramidal_tiff(work / "he_40x.tif", MirroredTissue(source, args.he_width, args.he_height),
+                                  args.he_mpp)
+        cases["he"] = (["--kind", "he", "--path", str(he)], he, args.he_width, args.he_height)
+        result["generate_s"] = round(time.perf_counter() - started, 1)
+        print(f"spots-scale: slides written in {result['generate_s']} s under {work}")
+        for name, (slide_args, image_path, width, height) in cases.items():
+            out = work / f"out_{name}"
+            command = [sys.executable, "-m", "stmdit", "spots", "--sample", name, "--donor", "d", "--cohort", "c",
+                       *slide_args, "--out-spots", str(out / "spots.parquet"), "--out-patches",
+                       str(out / "patches.zarr")]
+            code, wall_s, peak_mb = run_measured(command, work / f"{name}.log")
+            if code != 0:
+                raise RuntimeError(f"stmdit spots failed on {name}: see {work / f'{name}.log'}")
+            table = pd.read_parquet(out / "spots.parquet")
+            case = {
+                "image": f"{width} x {height} px ({width * height / 1e9:.2f} gigapixels)",
+                "image_file_mb": round(image_path.stat().st_size / 2**20, 1),
+                "spots": len(table), "kept": int(table["keep"].sum()),
+                "wall_s": round(wall_s, 1), "peak_rss_mb": round(peak_mb, 1),
+                "whole_level0_rgb_mb": round(width * height * 3 / 2**20, 1),
+            }
+            result["cases"][name] = case
+            print(f"  {name}: {case['image']}, {case['spots']} spots ({case['kept']} kept): peak RSS"
+                  f" {case['peak_rss_mb']:,.0f} MB (level 0 as one RGB array: {case['whole_level0_rgb_mb']:,.0f} MB),"
+                  f" {case['wall_s']} s")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
     return result
 

@@ -8,10 +8,16 @@ Spots. `visium`: the barcodes of the Space Ranger matrix (all in tissue), with t
 `he` (H&E only): a Visium-like hexagonal grid of pseudo-spots (diameter `--he-spot-diameter-um`,
 centre-to-centre `--he-spot-spacing-um`, at the slide's um/px; barcodes "r{array_row}_c{array_col}"
 with Visium's doubled column index), keeping those whose disc has at least `--he-min-tissue` of
-non-white pixels (grey < `--grey-threshold`).
+non-white pixels (grey < `--grey-threshold`). The disc fractions are computed on level-0 pixels, as
+on a whole decoded slide; a low pyramid level, read whole, only rules out the grid spots whose disc
+cannot reach `--he-min-tissue` by a bound with a 2x margin (see `background_candidates`), so they are
+never read at level 0.
 
-Patches. The image is decoded once per slide: the full-resolution image when given, else the hires
-image, else the lowres one, with its scale factor (logged as a warning). A patch is the square of side
+Patches. The patch image is the full-resolution image when given, else the hires image, else the
+lowres one, with its scale factor (logged as a warning). A slide OpenSlide reads (svs, tiled
+pyramidal TIFF) is read in blocks of spots through `read_region`, never whole; other images (png,
+jpg, untiled TIFF) are decoded whole when their RGB pixels fit in `--max-image-mb`, else the step
+stops with one error naming the file and the memory it needs. A patch is the square of side
 round(spot diameter in image px x `--patch-factor`) centred on the spot, white (255) outside the
 image, resized to `--patch-size` with cv2.INTER_AREA when shrinking (averages, no aliasing) and
 cv2.INTER_CUBIC when enlarging (smoother than bilinear on the 3-5 px lowres fallback spots).
@@ -48,7 +54,16 @@ from tqdm import tqdm
 
 from stmdit.errors import InputError
 from stmdit.provenance import atomic_path, provenance, write_parquet
-from stmdit.visium import patch_image_source, read_he_slide, read_rgb_image, read_spot_positions
+from stmdit.visium import (
+    DEFAULT_MAX_IMAGE_MB,
+    DecodedImage,
+    TiledSlide,
+    open_he_slide,
+    open_image,
+    patch_image_source,
+    read_spot_positions,
+    slice_windows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +107,11 @@ class GridParams:
 
 @dataclass
 class Slide:
-    """One slide's in-tissue spots and the decoded image their patches come from."""
+    """One slide's in-tissue spots and the image their patches are cut from."""
 
     spots: pd.DataFrame  # barcode, array_row, array_col, pxl_row, pxl_col (full-res px), slide order
     diameter_px: float  # spot diameter in full-resolution px
-    image: np.ndarray  # (H, W, 3) uint8 RGB
+    image: DecodedImage | TiledSlide  # open for windows; closed by run_spots
     image_path: Path
     scale: float  # image px per full-resolution px
     known_barcodes: pd.Index  # every barcode of the slide, in tissue or not (labels must name these)
@@ -108,15 +123,16 @@ class Slide:
 # --------------------------------------------------------------------------------------------
 
 
-def load_visium_slide(outs_dir: str | Path, image: str | Path | None = None) -> Slide:
-    """The matrix barcodes of a Space Ranger folder, their positions and the decoded patch image."""
+def load_visium_slide(outs_dir: str | Path, image: str | Path | None = None,
+                      max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> Slide:
+    """The matrix barcodes of a Space Ranger folder, their positions and the opened patch image."""
     outs_dir = Path(outs_dir)
     folder = read_spot_positions(outs_dir)
     positions, factors, files = folder.in_matrix, folder.scalefactors, folder.files
     if positions.empty:
         raise InputError(files["matrix"], "the matrix has no spots")
     source = patch_image_source(outs_dir, image, factors)
-    pixels = read_rgb_image(source.path)
+    pixels = open_image(source.path, max_image_mb)
     spots = pd.DataFrame({
         "barcode": positions.index.to_numpy(dtype=object),
         "array_row": positions["array_row"].to_numpy(),
@@ -124,10 +140,14 @@ def load_visium_slide(outs_dir: str | Path, image: str | Path | None = None) -> 
         "pxl_row": positions["pxl_row_in_fullres"].to_numpy(),
         "pxl_col": positions["pxl_col_in_fullres"].to_numpy(),
     })
-    check_spots_inside(spots, pixels.shape, source.scale, source.path)
+    try:
+        check_spots_inside(spots, (pixels.height, pixels.width), source.scale, source.path)
+    except InputError:
+        pixels.close()
+        raise
     log.info(
         "%s: %d in-tissue spots, spot diameter %.1f full-res px; patch image %s (%d x %d px, scale %g)",
-        outs_dir, len(spots), factors["spot_diameter_fullres"], source.path, pixels.shape[1], pixels.shape[0],
+        outs_dir, len(spots), factors["spot_diameter_fullres"], source.path, pixels.width, pixels.height,
         source.scale,
     )
     inputs = [files["matrix"], files["positions"], files["scalefactors"], source.path]
@@ -179,35 +199,100 @@ def disc_mask(side: int) -> np.ndarray:
     return (yy - centre) ** 2 + (xx - centre) ** 2 <= (side / 2) ** 2
 
 
-def disc_foreground(image: np.ndarray, spots: pd.DataFrame, diameter_px: float, grey_threshold: int) -> np.ndarray:
-    """Fraction of non-white pixels (grey < grey_threshold) in each spot's disc."""
+def disc_foreground(image: DecodedImage | TiledSlide, spots: pd.DataFrame, diameter_px: float,
+                    grey_threshold: int) -> np.ndarray:
+    """Fraction of non-white pixels (grey < grey_threshold) in each spot's disc, on level-0 pixels."""
     side = max(1, int(round(diameter_px)))
     mask = disc_mask(side)
     rows, cols = spots["pxl_row"].to_numpy(), spots["pxl_col"].to_numpy()
-    fractions = []
-    block = 16 * BLOCK_SPOTS  # bounds memory on whole-slide images with many candidates
+    fractions = [np.zeros(0)]
+    block = 4 * BLOCK_SPOTS  # bounds memory on whole-slide images with many candidates
     for start in range(0, len(spots), block):
-        grey = grey_stack(crop_patches(image, rows[start:start + block], cols[start:start + block], side))
+        grey = grey_stack(cut_windows(image, rows[start:start + block], cols[start:start + block], side))
         fractions.append(np.count_nonzero((grey < grey_threshold) & mask, axis=(1, 2)) / np.count_nonzero(mask))
-    return np.concatenate(fractions) if fractions else np.zeros(0)
+    return np.concatenate(fractions)
 
 
-def load_he_slide(path: str | Path, mpp: float | None, grid: GridParams, grey_threshold: int) -> Slide:
-    """An H&E-only slide: decode it once, lay the pseudo-spot grid, keep the spots on tissue."""
+SCREEN_MAX_PIXELS = 32 * 2**20  # the largest lower pyramid level read whole for the tissue mask
+SCREEN_MARGIN = 2.0  # a grid spot is ruled out when its bound is below min_tissue / this
+
+
+def screen_level(image: DecodedImage | TiledSlide, diameter_px: float) -> int | None:
+    """The lower pyramid level the tissue mask is read from: the finest one with at most
+    SCREEN_MAX_PIXELS pixels, at least 4x below level 0 and with a disc at least 2 px across; None when
+    there is none (then every grid spot is measured at level 0)."""
+    width, height = image.level_dimensions[0]
+    for level, (level_width, level_height) in enumerate(image.level_dimensions):
+        downsample = max(width / level_width, height / level_height)
+        if downsample >= 4 and level_width * level_height <= SCREEN_MAX_PIXELS and diameter_px / downsample >= 2:
+            return level
+    return None
+
+
+def background_candidates(image: DecodedImage | TiledSlide, spots: pd.DataFrame, diameter_px: float,
+                          grey_threshold: int, min_tissue: float) -> np.ndarray:
+    """Grid spots whose disc cannot hold `min_tissue` non-white pixels, judged on a lower pyramid level.
+
+    A lower-level pixel is (up to JPEG and the scanner's filter) the mean of the level-0 pixels under it,
+    and a pixel below grey_threshold lowers that mean by at least 255 - grey_threshold: so under a lower
+    pixel of grey g at most (255 - g) / (255 - grey_threshold) of the level-0 pixels are non-white.
+    Summed over the lower pixels touching the disc's square (widened by one lower pixel), this bounds
+    the disc's non-white fraction from above; a spot is ruled out when the bound stays below
+    min_tissue / SCREEN_MARGIN (the margin absorbs JPEG and resampling error of the lower level). Every
+    other spot is measured exactly at level 0, so the spots kept are those a whole-slide read keeps
+    (pinned by tests/test_spots_blocks.py). A slide without a suitable lower level is measured at level
+    0 only, block by block."""
+    level = screen_level(image, diameter_px) if isinstance(image, TiledSlide) else None
+    background = np.zeros(len(spots), dtype=bool)
+    if level is None or grey_threshold >= 255 or min_tissue <= 0 or spots.empty:
+        return background
+    level_width, level_height = image.level_dimensions[level]
+    pixels = image.read(0, 0, level_height, level_width, level)
+    darkness = 255 - cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
+    del pixels
+    # summed-area table in uint32: it wraps, but a window's sum (< 2**32) comes out exact modulo 2**32
+    summed = np.zeros((level_height + 1, level_width + 1), dtype=np.uint32)
+    np.cumsum(darkness, axis=0, dtype=np.uint32, out=summed[1:, 1:])
+    np.cumsum(summed[1:, 1:], axis=1, dtype=np.uint32, out=summed[1:, 1:])
+    del darkness
+    scale_y, scale_x = image.height / level_height, image.width / level_width
+    side = max(1, int(round(diameter_px)))
+    tops = np.floor(spots["pxl_row"].to_numpy() - side / 2 + 0.5)
+    lefts = np.floor(spots["pxl_col"].to_numpy() - side / 2 + 0.5)
+    r0 = np.clip(np.floor(tops / scale_y) - 1, 0, level_height).astype(np.int64)
+    r1 = np.clip(np.floor((tops + side - 1) / scale_y) + 2, 0, level_height).astype(np.int64)
+    c0 = np.clip(np.floor(lefts / scale_x) - 1, 0, level_width).astype(np.int64)
+    c1 = np.clip(np.floor((lefts + side - 1) / scale_x) + 2, 0, level_width).astype(np.int64)
+    dark_sum = (summed[r1, c1] - summed[r0, c1] - summed[r1, c0] + summed[r0, c0]).astype(np.float64)
+    bound = dark_sum * scale_x * scale_y / (255 - grey_threshold) / np.count_nonzero(disc_mask(side))
+    return bound < min_tissue / SCREEN_MARGIN
+
+
+def load_he_slide(path: str | Path, mpp: float | None, grid: GridParams, grey_threshold: int,
+                  max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> Slide:
+    """An H&E-only slide: open it, lay the pseudo-spot grid, keep the spots on tissue (level-0 discs of
+    the spots a lower pyramid level does not rule out)."""
     path = Path(path)
-    pixels, um_per_px = read_he_slide(path, mpp)
-    diameter_px = grid.spot_diameter_um / um_per_px
-    candidates = hex_grid(pixels.shape[0], pixels.shape[1], diameter_px, grid.spot_spacing_um / um_per_px)
-    fraction = disc_foreground(pixels, candidates, diameter_px, grey_threshold)
-    spots = candidates[fraction >= grid.min_tissue].reset_index(drop=True)
-    log.info(
-        "%s: %d x %d px at %g um/px; %d of %d pseudo-spots on tissue (diameter %.1f px)",
-        path, pixels.shape[1], pixels.shape[0], um_per_px, len(spots), len(candidates), diameter_px,
-    )
-    if spots.empty:
-        raise InputError(path, f"no pseudo-spot lies on tissue ({len(candidates)} grid spots, none with "
-                               f">= {grid.min_tissue:g} non-white pixels)")
-    return Slide(spots, diameter_px, pixels, path, 1.0, pd.Index(candidates["barcode"]), [path])
+    image, um_per_px = open_he_slide(path, mpp, max_image_mb)
+    try:
+        diameter_px = grid.spot_diameter_um / um_per_px
+        candidates = hex_grid(image.height, image.width, diameter_px, grid.spot_spacing_um / um_per_px)
+        background = background_candidates(image, candidates, diameter_px, grey_threshold, grid.min_tissue)
+        fraction = np.zeros(len(candidates))
+        fraction[~background] = disc_foreground(image, candidates[~background], diameter_px, grey_threshold)
+        spots = candidates[fraction >= grid.min_tissue].reset_index(drop=True)
+        log.info(
+            "%s: %d x %d px at %g um/px; %d of %d pseudo-spots on tissue (diameter %.1f px; %d ruled out on a"
+            " lower pyramid level, %d measured at level 0)", path, image.width, image.height, um_per_px,
+            len(spots), len(candidates), diameter_px, int(background.sum()), int((~background).sum()),
+        )
+        if spots.empty:
+            raise InputError(path, f"no pseudo-spot lies on tissue ({len(candidates)} grid spots, none with "
+                                   f">= {grid.min_tissue:g} non-white pixels)")
+    except BaseException:
+        image.close()
+        raise
+    return Slide(spots, diameter_px, image, path, 1.0, pd.Index(candidates["barcode"]), [path])
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,21 +305,21 @@ def patch_side(diameter_px: float, scale: float, patch_factor: float) -> int:
     return max(1, int(round(diameter_px * scale * patch_factor)))
 
 
-def crop_patches(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, side: int) -> np.ndarray:
-    """(n, side, side, 3) squares centred on (rows, cols) in image px, white (255) outside the image."""
-    height, width = image.shape[:2]
+def window_corners(rows: np.ndarray, cols: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corners of the side x side squares centred on (rows, cols) in image px."""
     tops = np.floor(np.asarray(rows, dtype=np.float64) - side / 2 + 0.5).astype(np.int64)
     lefts = np.floor(np.asarray(cols, dtype=np.float64) - side / 2 + 0.5).astype(np.int64)
-    out = np.empty((len(tops), side, side, 3), dtype=np.uint8)
-    for i, (top, left) in enumerate(zip(tops.tolist(), lefts.tolist())):
-        if top >= 0 and left >= 0 and top + side <= height and left + side <= width:
-            out[i] = image[top:top + side, left:left + side]
-            continue
-        out[i] = 255
-        r0, c0, r1, c1 = max(top, 0), max(left, 0), min(top + side, height), min(left + side, width)
-        if r1 > r0 and c1 > c0:
-            out[i, r0 - top:r1 - top, c0 - left:c1 - left] = image[r0:r1, c0:c1]
-    return out
+    return tops, lefts
+
+
+def crop_patches(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, side: int) -> np.ndarray:
+    """(n, side, side, 3) squares centred on (rows, cols) in image px, white (255) outside the image."""
+    return slice_windows(image, *window_corners(rows, cols, side), side)
+
+
+def cut_windows(image: DecodedImage | TiledSlide, rows: np.ndarray, cols: np.ndarray, side: int) -> np.ndarray:
+    """`crop_patches` on an opened image: read in blocks from a TiledSlide, sliced from a DecodedImage."""
+    return image.windows(*window_corners(rows, cols, side), side)
 
 
 def grey_stack(patches: np.ndarray) -> np.ndarray:
@@ -342,13 +427,13 @@ def read_kept_spots(paths, columns) -> pd.DataFrame:
 
 
 def load_slide(kind: str, path: str | Path, image: str | Path | None, mpp: float | None,
-               grid: GridParams, filters: FilterParams) -> Slide:
+               grid: GridParams, filters: FilterParams, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> Slide:
     if kind == "visium":
-        return load_visium_slide(path, image)
+        return load_visium_slide(path, image, max_image_mb)
     if kind == "he":
         if image is not None:
             log.warning("--image is ignored for an H&E-only slide (the slide itself is the image)")
-        return load_he_slide(path, mpp, grid, filters.grey_threshold)
+        return load_he_slide(path, mpp, grid, filters.grey_threshold, max_image_mb)
     raise ValueError(f"unknown slide kind {kind!r}")
 
 
@@ -390,7 +475,7 @@ def write_patches_and_metrics(
     key_array[:] = np.array(keys, dtype=object)
 
     def cut(start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        native = crop_patches(slide.image, rows[start:stop], cols[start:stop], side)
+        native = cut_windows(slide.image, rows[start:stop], cols[start:stop], side)
         return patch_metrics(native, filters), resize_patches(native, size)
 
     # Blocks are cut, measured and resized by WORKERS threads (cv2 releases the GIL) while the main
@@ -436,9 +521,21 @@ def run_spots(
     patch: PatchParams = PatchParams(),
     filters: FilterParams = FilterParams(),
     grid: GridParams = GridParams(),
+    max_image_mb: float = DEFAULT_MAX_IMAGE_MB,
 ) -> pd.DataFrame:
     """The whole stage for one slide; returns the spots table it wrote."""
-    slide = load_slide(kind, path, image, mpp, grid, filters)
+    slide = load_slide(kind, path, image, mpp, grid, filters, max_image_mb)
+    try:
+        return spots_of_slide(slide, sample, donor, cohort, kind, path, out_spots, out_patches, labels, mpp,
+                              patch, filters, grid)
+    finally:
+        slide.image.close()
+
+
+def spots_of_slide(slide: Slide, sample: str, donor: str, cohort: str, kind: str, path: str | Path,
+                   out_spots: str | Path, out_patches: str | Path, labels: str | Path | None, mpp: float | None,
+                   patch: PatchParams, filters: FilterParams, grid: GridParams) -> pd.DataFrame:
+    """The spots table and patches of an opened slide (see run_spots)."""
     slide_labels = read_labels(labels, slide.known_barcodes) if labels is not None else None
     if slide_labels is not None:
         slide.inputs.append(Path(labels))
@@ -478,6 +575,7 @@ def run(args: argparse.Namespace) -> None:
             args.value_threshold, args.min_tissue, tuple(args.exclude_labels),
         ),
         grid=GridParams(args.he_spot_diameter_um, args.he_spot_spacing_um, args.he_min_tissue),
+        max_image_mb=args.max_image_mb,
     )
 
 
@@ -506,4 +604,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--he-spot-diameter-um", type=float, default=d_grid.spot_diameter_um)
     p.add_argument("--he-spot-spacing-um", type=float, default=d_grid.spot_spacing_um)
     p.add_argument("--he-min-tissue", type=float, default=d_grid.min_tissue)
+    p.add_argument("--max-image-mb", type=float, default=DEFAULT_MAX_IMAGE_MB,
+                   help="largest image decoded whole (RGB MB); svs and tiled TIFFs are read in blocks instead")
     p.set_defaults(func=run)

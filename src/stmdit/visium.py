@@ -7,9 +7,12 @@ pxl_row_in_fullres) in full-resolution pixels, and `uns["spatial"][library_id]` 
 Both positions layouts are read (1.x headerless `tissue_positions_list.csv`, 2.x+
 `tissue_positions.csv` with header, and `tissue_positions.parquet`).
 
-`read_rgb_image` decodes any slide image once into an (H, W, 3) uint8 RGB array: whole-slide
-formats (svs, tiled tiff, ...) through OpenSlide at level 0, png/jpg/plain tif through OpenCV.
-Every bad input raises one `InputError` naming the file.
+`open_image` opens a slide image to cut windows from without holding more than a block of it:
+what OpenSlide reads (svs, tiled pyramidal TIFF, ...) as a `TiledSlide` (level 0 through
+`read_region`, one call per group of nearby windows; lower levels for tissue masks), anything else
+(png, jpg, untiled TIFF) decoded whole through OpenCV as a `DecodedImage`, when its RGB pixels fit
+under a limit (`spots.max_image_mb`; above it, an InputError naming the file and the memory it needs).
+`read_rgb_image` decodes a small image whole. Every bad input raises one `InputError` naming the file.
 """
 
 from __future__ import annotations
@@ -290,26 +293,157 @@ def patch_image_source(outs_dir: str | Path, image: str | Path | None, factors: 
 # --------------------------------------------------------------------------------------------
 
 
-def read_rgb_image(path: str | Path) -> np.ndarray:
-    """Decode an image once into a C-contiguous (H, W, 3) uint8 RGB array.
+DEFAULT_MAX_IMAGE_MB = 1024  # config.yaml spots.max_image_mb: the largest image decoded whole (RGB)
+BLOCK_PX = 2048  # side of the level-0 squares a block's windows are grouped by: one read_region each
+SLIDE_CACHE_BYTES = 64 * 2**20  # OpenSlide's tile cache: neighbouring windows reuse decoded tiles
 
-    Whole-slide formats go through OpenSlide (level 0, transparent pixels made white); png, jpg and
-    TIFFs OpenSlide cannot open go through OpenCV. An image that cannot be decoded -> InputError.
-    """
+
+class DecodedImage:
+    """An image decoded whole (png, jpg, untiled TIFF): one pyramid level, windows sliced from memory."""
+
+    def __init__(self, pixels: np.ndarray, path: Path):
+        self.pixels, self.path = pixels, path
+        self.height, self.width = pixels.shape[:2]
+        self.level_dimensions = [(self.width, self.height)]
+
+    def windows(self, tops: np.ndarray, lefts: np.ndarray, side: int) -> np.ndarray:
+        return slice_windows(self.pixels, tops, lefts, side)
+
+    def close(self) -> None:
+        pass
+
+
+class TiledSlide:
+    """A tiled (pyramidal) slide OpenSlide reads: svs, tiled TIFF, ... Windows come from `read_region`,
+    one call per group of nearby windows (BLOCK_PX squares), never the whole of level 0.
+
+    Pixels are level 0's as OpenSlide decodes them, transparent ones (and those outside the slide) white."""
+
+    def __init__(self, slide, path: Path):
+        import openslide
+
+        self.slide, self.path = slide, path
+        self.width, self.height = slide.dimensions
+        self.level_dimensions = list(slide.level_dimensions)
+        if hasattr(openslide, "OpenSlideCache"):
+            slide.set_cache(openslide.OpenSlideCache(SLIDE_CACHE_BYTES))
+
+    def read(self, top: int, left: int, height: int, width: int, level: int = 0) -> np.ndarray:
+        """(height, width, 3) RGB of level 0 from (top, left); or a whole lower `level` (top = left = 0:
+        OpenSlide interpolates a lower level read from any other corner)."""
+        import openslide
+
+        if level and (top or left):
+            raise ValueError("a lower pyramid level is read whole, from (0, 0)")
+        try:
+            rgba = np.asarray(self.slide.read_region((left, top), level, (width, height)))
+        except (openslide.OpenSlideError, OSError, ValueError) as exc:
+            raise InputError(self.path, f"cannot decode slide: {exc}") from None
+        rgb = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
+        transparent = rgba[..., 3] == 0
+        if transparent.any():
+            rgb[transparent] = 255
+        return rgb
+
+    def windows(self, tops: np.ndarray, lefts: np.ndarray, side: int) -> np.ndarray:
+        """(n, side, side, 3) squares of level 0 with top-left corners (tops, lefts), white outside the
+        slide: one `read_region` per BLOCK_PX square holding window corners."""
+        tops, lefts = np.asarray(tops, dtype=np.int64), np.asarray(lefts, dtype=np.int64)
+        out = np.empty((len(tops), side, side, 3), dtype=np.uint8)
+        if not len(tops):
+            return out
+        squares = (tops // BLOCK_PX) * (1 << 32) + (lefts // BLOCK_PX)
+        order = np.argsort(squares, kind="stable")
+        bounds = np.flatnonzero(np.diff(squares[order])) + 1
+        for group in np.split(order, bounds):
+            top, left = int(tops[group].min()), int(lefts[group].min())
+            block = self.read(top, left, int(tops[group].max()) - top + side, int(lefts[group].max()) - left + side)
+            for i in group.tolist():
+                r, c = int(tops[i]) - top, int(lefts[i]) - left
+                out[i] = block[r:r + side, c:c + side]
+        return out
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+def slice_windows(image: np.ndarray, tops: np.ndarray, lefts: np.ndarray, side: int) -> np.ndarray:
+    """(n, side, side, 3) squares of an in-memory image with top-left corners (tops, lefts), white (255)
+    outside the image."""
+    height, width = image.shape[:2]
+    out = np.empty((len(tops), side, side, 3), dtype=np.uint8)
+    for i, (top, left) in enumerate(zip(np.asarray(tops).tolist(), np.asarray(lefts).tolist())):
+        if top >= 0 and left >= 0 and top + side <= height and left + side <= width:
+            out[i] = image[top:top + side, left:left + side]
+            continue
+        out[i] = 255
+        r0, c0, r1, c1 = max(top, 0), max(left, 0), min(top + side, height), min(left + side, width)
+        if r1 > r0 and c1 > c0:
+            out[i, r0 - top:r1 - top, c0 - left:c1 - left] = image[r0:r1, c0:c1]
+    return out
+
+
+def open_image(path: str | Path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> DecodedImage | TiledSlide:
+    """An image to cut windows from: a TiledSlide for what OpenSlide reads (read in blocks), else the
+    image decoded whole through OpenCV, when its RGB pixels fit in `max_image_mb` (else InputError
+    naming the file and the memory it needs)."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "image not found")
     if path.suffix.lower() in OPENSLIDE_SUFFIXES:
         slide = open_slide(path, required=path.suffix.lower() not in (".tif", ".tiff"))
         if slide is not None:
-            try:
-                return read_slide_level0(slide, path)
-            finally:
-                slide.close()
+            return TiledSlide(slide, path)
+    check_decoded_size(path, max_image_mb)
     pixels = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if pixels is None or pixels.size == 0:
         raise InputError(path, "cannot decode image")
-    return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+    return DecodedImage(cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB, dst=pixels), path)
+
+
+def check_decoded_size(path: Path, max_image_mb: float) -> None:
+    """InputError when the image, decoded whole as RGB, would exceed `max_image_mb` (read from its header)."""
+    from PIL import Image
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # only the header is read here
+    try:
+        with Image.open(path) as header:
+            width, height = header.size
+    except Exception:  # not an image Pillow knows: OpenCV decides below
+        return
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    needed_mb = width * height * 3 / 2**20
+    if needed_mb > max_image_mb:
+        raise InputError(
+            path,
+            f"decoding this {width} x {height} px image whole needs {needed_mb:,.0f} MB, above the limit of"
+            f" {max_image_mb:g} MB (spots.max_image_mb); save it as a tiled pyramidal TIFF, which is read in"
+            " blocks, or raise the limit",
+        )
+
+
+def read_rgb_image(path: str | Path, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> np.ndarray:
+    """Decode a (small) image whole into a C-contiguous (H, W, 3) uint8 RGB array.
+
+    Whole-slide formats go through OpenSlide (level 0, transparent pixels made white); png, jpg and
+    TIFFs OpenSlide cannot open go through OpenCV. An image that cannot be decoded, or whose RGB
+    pixels exceed `max_image_mb` -> InputError."""
+    image = open_image(path, max_image_mb)
+    if isinstance(image, DecodedImage):
+        return image.pixels
+    try:
+        check_slide_size(image, max_image_mb)
+        return image.read(0, 0, image.height, image.width)
+    finally:
+        image.close()
+
+
+def check_slide_size(image: TiledSlide, max_image_mb: float) -> None:
+    needed_mb = image.width * image.height * 3 / 2**20
+    if needed_mb > max_image_mb:
+        raise InputError(image.path, f"decoding this {image.width} x {image.height} px slide whole needs"
+                                     f" {needed_mb:,.0f} MB, above the limit of {max_image_mb:g} MB")
 
 
 def open_slide(path: Path, required: bool = True):
@@ -324,47 +458,26 @@ def open_slide(path: Path, required: bool = True):
         return None
 
 
-def read_slide_level0(slide, path: Path) -> np.ndarray:
-    """Level 0 of an open slide as (H, W, 3) uint8 RGB, read in one call."""
-    import openslide
+def open_he_slide(path: str | Path, mpp: float | None = None,
+                  max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> tuple[DecodedImage | TiledSlide, float]:
+    """An H&E-only slide opened for reading in blocks (or decoded whole, see `open_image`), and its um/px.
 
-    width, height = slide.dimensions
-    if hasattr(openslide, "OpenSlideCache"):  # each tile is read once: caching would only hold memory
-        slide.set_cache(openslide.OpenSlideCache(0))
-    try:
-        rgba = np.asarray(slide.read_region((0, 0), 0, (width, height)))
-    except (openslide.OpenSlideError, OSError, ValueError) as exc:
-        raise InputError(path, f"cannot decode slide: {exc}") from None
-    rgb = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
-    transparent = rgba[..., 3] == 0
-    if transparent.any():
-        rgb[transparent] = 255
-    return rgb
-
-
-def read_he_slide(path: str | Path, mpp: float | None = None) -> tuple[np.ndarray, float]:
-    """An H&E-only slide decoded once as (H, W, 3) uint8 RGB, and its um/px.
-
-    um/px is `mpp` when given, else the slide's `openslide.mpp-x`; neither -> InputError. The slide is
-    opened once for both."""
+    um/px is `mpp` when given, else the slide's `openslide.mpp-x`; neither -> InputError."""
     path = Path(path)
     if mpp is not None and not _is_positive_number(float(mpp)):
         raise InputError(path, f"--mpp must be a positive number, found {mpp!r}")
-    if not path.exists():
-        raise InputError(path, "image not found")
-    slide = None
-    if path.suffix.lower() in OPENSLIDE_SUFFIXES:
-        slide = open_slide(path, required=path.suffix.lower() not in (".tif", ".tiff"))
-    if slide is None:
-        if mpp is None:
-            raise InputError(path, _NO_MPP)
-        return read_rgb_image(path), float(mpp)
-    try:
-        if mpp is None:
-            mpp = _slide_mpp_x(slide, path)
-        return read_slide_level0(slide, path), float(mpp)
-    finally:
-        slide.close()
+    if mpp is None and path.suffix.lower() not in OPENSLIDE_SUFFIXES:
+        raise InputError(path, _NO_MPP)
+    image = open_image(path, max_image_mb)
+    if mpp is None:
+        try:
+            if not isinstance(image, TiledSlide):
+                raise InputError(path, _NO_MPP)
+            mpp = _slide_mpp_x(image.slide, path)
+        except InputError:
+            image.close()
+            raise
+    return image, float(mpp)
 
 
 _NO_MPP = "um/px unknown: the slide has no openslide.mpp-x; give mpp in the sample sheet (--mpp)"

@@ -21,6 +21,7 @@ rule spots:
         he_spot_diameter_um=config["spots"]["he_spot_diameter_um"],
         he_spot_spacing_um=config["spots"]["he_spot_spacing_um"],
         he_min_tissue=config["spots"]["he_min_tissue"],
+        max_image_mb=config["spots"]["max_image_mb"],
     log:
         "results/spots/{sample}.log",
     benchmark:
@@ -40,5 +41,5 @@ rule spots:
         " --saturation-threshold {params.saturation_threshold} --value-threshold {params.value_threshold}"
         " --min-tissue {params.min_tissue} --exclude-labels {params.exclude_labels}"
         " --he-spot-diameter-um {params.he_spot_diameter_um} --he-spot-spacing-um {params.he_spot_spacing_um}"
-        " --he-min-tissue {params.he_min_tissue}"
+        " --he-min-tissue {params.he_min_tissue} --max-image-mb {params.max_image_mb}"
         " > {log} 2>&1"
