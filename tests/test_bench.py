@@ -83,3 +83,13 @@ def test_condition_cache_timing_reports_both_steps():
     timing = time_condition_cache(model, x, torch.tensor(500.0), uni, ge, "uni_ge", 2.5, 2.5, 2)
     assert timing["cached_s"] > 0 and timing["uncached_s"] > 0
     assert timing["uncached_over_cached"] == timing["uncached_s"] / timing["cached_s"]
+
+
+def test_fid_benchmark_times_the_bootstrap_against_its_gram_floor(capsys):
+    from stmdit.bench import bench_fid
+
+    result = bench_fid(argparse.Namespace(n_spots=120, dim=16, n_boot=4, threads=1, seed=0))
+    assert result["floor_s"] > 0 and result["bootstrap_s"] > 0
+    assert abs(result["ratio"] - result["bootstrap_s"] / result["floor_s"]) < 0.01
+    assert result["lo"] <= result["fid_mean"] <= result["hi"]
+    assert "8 Gram products of 120 x 16" in capsys.readouterr().out

@@ -366,3 +366,39 @@ def test_fid_from_features_equals_fid_from_covariances(n, m):
     assert metrics.frechet_distance_of_features(real, gen) == pytest.approx(from_covariances, rel=1e-6)
     assert metrics.fid(real, gen) == pytest.approx(from_covariances, rel=1e-6)
     assert metrics.fid(real, real) == pytest.approx(0.0, abs=1e-6 * from_covariances)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_fid_bootstrap_weighted_covariances_equal_the_gathered_replicates(paired):
+    # More spots than dimensions: replicates go through bootstrap multiplicities, not a gathered copy.
+    rng = np.random.default_rng(11)
+    real = correlated_features(rng, 150, 24, shift=3.0)
+    gen = correlated_features(rng, 150, 24, shift=3.2)
+    result = metrics.fid_bootstrap(real, gen, n_boot=60, seed=5, paired=paired)
+
+    stream = np.random.default_rng(5)  # the same indices, replicate by replicate
+    values = []
+    for _ in range(60):
+        i = stream.integers(0, 150, size=150)
+        j = i if paired else stream.integers(0, 150, size=150)
+        mu1, s1 = real[i].mean(0), np.cov(real[i], rowvar=False)
+        mu2, s2 = gen[j].mean(0), np.cov(gen[j], rowvar=False)
+        values.append(metrics.frechet_distance(mu1, s1, mu2, s2))
+        assert metrics._replicate_fid(real, gen, i, j) == pytest.approx(fid_via_sqrtm(real[i], gen[j]), rel=1e-6)
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    assert result["lo"] == pytest.approx(lo, rel=1e-9)
+    assert result["hi"] == pytest.approx(hi, rel=1e-9)
+    assert result["mean"] == pytest.approx(np.mean(values), rel=1e-9)
+    mean, cov = metrics.bootstrap_weighted_statistics(real, i)
+    np.testing.assert_allclose(mean, real[i].mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(real[i], rowvar=False), rtol=1e-10, atol=1e-12)
+
+
+def test_trace_sqrt_product_with_a_singular_covariance():
+    rng = np.random.default_rng(4)
+    low_rank = correlated_features(rng, 5, 8)  # 5 spots in 8 dims: a singular covariance
+    full = correlated_features(rng, 50, 8)
+    s1, s2 = np.cov(low_rank, rowvar=False), np.cov(full, rowvar=False)
+    expected = np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    assert metrics.trace_sqrt_product(s1, s2) == pytest.approx(expected, rel=1e-6)
+    assert metrics.trace_sqrt_product(s2, s1) == pytest.approx(expected, rel=1e-6)

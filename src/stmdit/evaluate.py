@@ -6,7 +6,7 @@
         [--seed 42] --out controls/C/noise_{encoder}.zarr      (Table 2's noise-tile null)
     stmdit fid --real features/C/h0mini.zarr --generated uni_ge=G1.zarr uni=G2.zarr ...
         --split S.parquet [--split-name test] [--expression C.h5ad | --spots A.parquet ...]
-        [--n-boot 1000] [--n-boot-per-tissue N] [--seed 42] [--min-spots-per-tissue 50]
+        [--n-boot 1000] [--n-boot-per-tissue N] [--seed 42] [--min-spots-per-tissue 50] [--threads 1]
         --model M --cohort C --kind fid|ood|swap --out eval/M/C/{fid,ood_fid,swap_fid}.json
     stmdit auc --expression C.h5ad --split S.parquet --real-uni features/C/uni2h.zarr --gen-uni uni_ge=...
         [--real-midnight features/C/midnight.zarr --gen-midnight uni_ge=...] [--ks 50,100,200,500,1000]
@@ -725,14 +725,24 @@ def run_eval_features(args: argparse.Namespace) -> Path:
     return out
 
 
+def blas_threads(threads: int):
+    """A context limiting BLAS/OpenMP to `threads` (the rule's threads), whatever the environment says."""
+    from threadpoolctl import threadpool_limits
+
+    if threads < 1:
+        raise InputError(None, f"--threads must be at least 1, got {threads}")
+    return threadpool_limits(limits=threads)
+
+
 def run_fid(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     allowed = SWAP_CONDITIONS if args.kind == "swap" else report.REGIMES
     generated = parse_named_paths(args.generated, "--generated", allowed)
-    doc = fid_document(args.kind, args.real, generated, args.split, args.model, args.cohort, split_name=args.split_name,
-                       expression=args.expression, spots=args.spots, n_boot=args.n_boot,
-                       n_boot_per_tissue=args.n_boot_per_tissue, seed=args.seed,
-                       min_spots_per_tissue=args.min_spots_per_tissue)
+    with blas_threads(args.threads):
+        doc = fid_document(args.kind, args.real, generated, args.split, args.model, args.cohort, split_name=args.split_name,
+                           expression=args.expression, spots=args.spots, n_boot=args.n_boot,
+                           n_boot_per_tissue=args.n_boot_per_tissue, seed=args.seed,
+                           min_spots_per_tissue=args.min_spots_per_tissue)
     _finish(args.out, doc, started, [args.real, *generated.values(), args.split])
     return doc
 
@@ -802,6 +812,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot-per-tissue", type=int, default=None, help="resamples per tissue (default: --n-boot)")
     p.add_argument("--min-spots-per-tissue", type=int, default=50)
     p.add_argument("--kind", required=True, choices=sorted(FID_KINDS))
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads of the bootstrap (the rule's threads)")
     _add_common(p)
     p.set_defaults(func=run_fid)
 

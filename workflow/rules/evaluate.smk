@@ -78,7 +78,7 @@ rule fid:
         "results/eval/{model}/{cohort}/fid.log",
     benchmark:
         "results/benchmarks/eval/{model}/{cohort}/fid.tsv"
-    threads: 1
+    threads: 2
     resources:
         mem_mb=8000,
         runtime=lambda wildcards, attempt: 120 * attempt,
@@ -88,7 +88,7 @@ rule fid:
         "python -m stmdit fid --real {input.real} --generated {params.generated} --split {input.split}"
         " --split-name test --expression {input.expression} --n-boot {params.n_boot} --seed {params.seed}"
         " --min-spots-per-tissue {params.min_spots} --model {wildcards.model} --cohort {wildcards.cohort}"
-        " --kind fid --out {output} > {log} 2>&1"
+        " --kind fid --threads {threads} --out {output} > {log} 2>&1"
 
 
 rule layout:
@@ -135,7 +135,7 @@ rule ood_fid:
         "results/eval/{model}/{cohort}/ood_fid.log",
     benchmark:
         "results/benchmarks/eval/{model}/{cohort}/ood_fid.tsv"
-    threads: 1
+    threads: 2
     resources:
         mem_mb=8000,
         runtime=lambda wildcards, attempt: 120 * attempt,
@@ -144,7 +144,7 @@ rule ood_fid:
     shell:
         "python -m stmdit fid --real {input.real} --generated {params.generated} --split {input.split}"
         " --split-name test --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model}"
-        " --cohort {wildcards.cohort} --kind ood --out {output} > {log} 2>&1"
+        " --cohort {wildcards.cohort} --kind ood --threads {threads} --out {output} > {log} 2>&1"
 
 
 rule swap_fid:
@@ -162,7 +162,7 @@ rule swap_fid:
         "results/eval/{model}/{cohort}/swap_fid.log",
     benchmark:
         "results/benchmarks/eval/{model}/{cohort}/swap_fid.tsv"
-    threads: 1
+    threads: 2
     resources:
         mem_mb=8000,
         runtime=lambda wildcards, attempt: 120 * attempt,
@@ -171,7 +171,7 @@ rule swap_fid:
     shell:
         "python -m stmdit fid --real {input.real} --generated deepspot={input.deepspot} visium={input.visium}"
         " --split {input.split} --split-name test --n-boot {params.n_boot} --seed {params.seed}"
-        " --model {wildcards.model} --cohort {wildcards.cohort} --kind swap --out {output} > {log} 2>&1"
+        " --model {wildcards.model} --cohort {wildcards.cohort} --kind swap --threads {threads} --out {output} > {log} 2>&1"
 
 
 rule auc:
