@@ -361,10 +361,17 @@ class MidnightMLPRegressor:
     ks: tuple[int, ...]
     name: str = "midnight_mlp"
 
-    def predict_by_k(self, features: np.ndarray) -> dict[int, np.ndarray]:
-        predictions = np.clip(self.model.predict(as_feature_matrix(features, min_rows=1)), 0.0, None)
-        predictions = predictions.reshape(len(predictions), -1)
-        return {k: predictions[:, self.gene_rank[:k]] for k in self.ks}
+    def predict_by_k(self, features: np.ndarray, block_rows: int = 2048) -> dict[int, np.ndarray]:
+        """k -> (n, k) predictions of genes gene_rank[:k], negatives clipped to 0. Predicted in
+        blocks of rows, keeping only the top-max(k) genes: never n x all genes at once."""
+        features = as_feature_matrix(features, min_rows=1)
+        top = self.gene_rank[: max(self.ks)]
+        kept = []
+        for start in range(0, len(features), block_rows):
+            block = self.model.predict(features[start : start + block_rows])
+            kept.append(np.clip(block.reshape(len(block), -1)[:, top], 0.0, None))
+        predictions = np.concatenate(kept)
+        return {k: predictions[:, :k] for k in self.ks}
 
 
 def fit_oracle(
@@ -399,6 +406,16 @@ def fit_oracle(
     return OracleRegressor(pca=pca, ridges=ridges, gene_rank=gene_rank, ks=ks)
 
 
+MLP_IMPLS = ("sklearn", "torch")
+
+
+def dense_float32(matrix: Any) -> np.ndarray:
+    """All of `matrix` as dense float32 (the one allowed dense spots x genes matrix: sklearn's MLP
+    targets); the same values as densifying in float64 first, without the float64 copy."""
+    dense = matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)
+    return dense.astype(np.float32, copy=False)
+
+
 def fit_midnight_mlp(
     train_features: np.ndarray,
     train_expression: Any,
@@ -407,6 +424,8 @@ def fit_midnight_mlp(
     max_iter: int = 200,
     seed: int = 0,
     standardize: bool = True,
+    impl: str = "sklearn",
+    device: str = "auto",
     **mlp_kwargs: Any,
 ) -> MidnightMLPRegressor:
     """Fit Midnight+MLP on REAL train spots.
@@ -414,17 +433,29 @@ def fit_midnight_mlp(
     `train_expression` (n, genes): log1p CP10k (library size over all genes, see `log1p_cp10k`) of
     the genes to regress (the evaluate stage passes the protein-coding ones). Features are
     standardised with the train mean/std first when `standardize` (sklearn's MLP is sensitive
-    to feature scale). Extra keyword arguments go to `sklearn.neural_network.MLPRegressor`.
+    to feature scale). impl "sklearn" (the paper's, the reference): `MLPRegressor` on dense
+    float32 targets, extra keyword arguments go to it. impl "torch": the same network, loss and
+    optimiser in torch on `device`, mini-batches densified from sparse targets
+    (`stmdit.mlp_torch`; always standardised).
     """
+    features = as_feature_matrix(train_features, name="train features", min_rows=3)
+    if train_expression.shape[0] != len(features):
+        raise InputError(None, f"Midnight+MLP: {train_expression.shape[0]} expression rows for {len(features)} feature rows")
+    if impl not in MLP_IMPLS:
+        raise InputError(None, f"Midnight+MLP: impl must be one of {list(MLP_IMPLS)}, got {impl!r}")
+    gene_rank = rank_genes_by_variance(train_expression)
+    if impl == "torch":
+        from stmdit.mlp_torch import fit_torch_mlp
+
+        model = fit_torch_mlp(features, train_expression, hidden_layer_sizes, max_iter, seed, device=device,
+                              **mlp_kwargs)
+        return MidnightMLPRegressor(model=model, gene_rank=gene_rank, ks=capped_ks(ks, len(gene_rank)))
+
     from sklearn.neural_network import MLPRegressor
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    features = as_feature_matrix(train_features, name="train features", min_rows=3)
-    if train_expression.shape[0] != len(features):
-        raise InputError(None, f"Midnight+MLP: {train_expression.shape[0]} expression rows for {len(features)} feature rows")
-    gene_rank = rank_genes_by_variance(train_expression)
-    target = _dense_columns(train_expression, np.arange(train_expression.shape[1])).astype(np.float32)
+    target = dense_float32(train_expression)
     mlp = MLPRegressor(hidden_layer_sizes=tuple(hidden_layer_sizes), max_iter=max_iter, random_state=seed, **mlp_kwargs)
     model = make_pipeline(StandardScaler(), mlp) if standardize else mlp
     model.fit(features.astype(np.float32), target)

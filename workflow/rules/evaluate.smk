@@ -1,5 +1,6 @@
 # Evaluation: frozen-encoder features of generated tiles, then one JSON per metric (fid, auc,
-# perturbation, ood_fid, swap_fid) under results/eval/{model}/{cohort}/.
+# perturbation, ood_fid, swap_fid) under results/eval/{model}/{cohort}/; the AUC regressors are fitted
+# once per training cohort (eval_regressor, results/eval/regressors/{cohort}/).
 
 
 rule eval_features:
@@ -174,10 +175,59 @@ rule swap_fid:
         " --model {wildcards.model} --cohort {wildcards.cohort} --kind swap --threads {threads} --out {output} > {log} 2>&1"
 
 
+def regressor_fit_args(wildcards):
+    """The CLI flags of one regressor's fit: the Oracle's PCA, or the MLP's size, impl and device."""
+    evaluate = config["evaluate"]
+    if wildcards.regressor == "oracle":
+        return f"--pca {evaluate['pca']}"
+    mlp = evaluate["midnight_mlp"]
+    return (f"--mlp-hidden {','.join(map(str, evaluate['mlp_hidden']))} --mlp-max-iter {evaluate['mlp_max_iter']}"
+            f" --mlp-impl {mlp['impl']} --device {mlp['device']} --midnight-genes {config['gene_sets']['midnight_mlp']}")
+
+
+rule eval_regressor:
+    # The Oracle and the Midnight+MLP, fitted once per training cohort on its real train spots; every
+    # model's auc job loads them.
+    input:
+        expression="results/expression/{cohort}.h5ad",
+        split="results/splits/{cohort}.parquet",
+        features=lambda wildcards: f"results/features/{wildcards.cohort}/"
+        f"{'uni2h' if wildcards.regressor == 'oracle' else 'midnight'}.zarr",
+    output:
+        "results/eval/regressors/{cohort}/{regressor}.joblib",
+    params:
+        fit=regressor_fit_args,
+        ks=",".join(map(str, config["evaluate"]["ks"])),
+        seed=config["evaluate"]["seed"],
+    wildcard_constraints:
+        regressor="oracle|midnight_mlp",
+    log:
+        "results/eval/regressors/{cohort}/{regressor}.log",
+    benchmark:
+        "results/benchmarks/eval_regressor/{cohort}/{regressor}.tsv"
+    threads: 2
+    resources:
+        gpu=lambda wildcards: int(
+            wildcards.regressor == "midnight_mlp"
+            and config["evaluate"]["midnight_mlp"]["impl"] == "torch"
+            and config["evaluate"]["midnight_mlp"]["device"] != "cpu"
+        ),
+        mem_mb=lambda wildcards, attempt: 32000 * attempt,
+        runtime=lambda wildcards, attempt: 240 * attempt,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit eval-regressor --regressor {wildcards.regressor} --expression {input.expression}"
+        " --split {input.split} --features {input.features} --ks {params.ks} {params.fit} --seed {params.seed}"
+        " --threads {threads} --out {output} > {log} 2>&1"
+
+
 rule auc:
     input:
         expression="results/expression/{cohort}.h5ad",
         split="results/splits/{cohort}.parquet",
+        oracle="results/eval/regressors/{cohort}/oracle.joblib",
+        midnight_mlp="results/eval/regressors/{cohort}/midnight_mlp.joblib",
         real_uni="results/features/{cohort}/uni2h.zarr",
         real_midnight="results/features/{cohort}/midnight.zarr",
         noise_uni="results/controls/{cohort}/noise_uni2h.zarr",
@@ -189,11 +239,6 @@ rule auc:
     params:
         gen_uni=lambda wildcards: pairs_arg(regime_stores(wildcards.model, wildcards.cohort, "uni2h")),
         gen_midnight=lambda wildcards: pairs_arg(regime_stores(wildcards.model, wildcards.cohort, "midnight")),
-        ks=",".join(map(str, config["evaluate"]["ks"])),
-        pca=config["evaluate"]["pca"],
-        mlp_hidden=",".join(map(str, config["evaluate"]["mlp_hidden"])),
-        mlp_max_iter=config["evaluate"]["mlp_max_iter"],
-        midnight_genes=config["gene_sets"]["midnight_mlp"],
         n_boot=config["evaluate"]["auc_n_boot"],
         n_perm=config["evaluate"]["null_n_perm"],
         seed=config["evaluate"]["seed"],
@@ -208,11 +253,11 @@ rule auc:
     conda:
         CONDA_CPU
     shell:
-        "python -m stmdit auc --expression {input.expression} --split {input.split} --real-uni {input.real_uni}"
-        " --gen-uni {params.gen_uni} --real-midnight {input.real_midnight} --gen-midnight {params.gen_midnight}"
+        "python -m stmdit auc --expression {input.expression} --split {input.split} --oracle {input.oracle}"
+        " --real-uni {input.real_uni} --gen-uni {params.gen_uni} --midnight-mlp {input.midnight_mlp}"
+        " --real-midnight {input.real_midnight} --gen-midnight {params.gen_midnight}"
         " --noise-uni {input.noise_uni} --noise-midnight {input.noise_midnight}"
-        " --ks {params.ks} --pca {params.pca} --mlp-hidden {params.mlp_hidden} --mlp-max-iter {params.mlp_max_iter}"
-        " --midnight-genes {params.midnight_genes} --n-boot {params.n_boot} --n-perm {params.n_perm} --seed {params.seed}"
+        " --n-boot {params.n_boot} --n-perm {params.n_perm} --seed {params.seed} --threads {threads}"
         " --model {wildcards.model} --cohort {wildcards.cohort}"
         " --out {output} > {log} 2>&1"
 
