@@ -402,3 +402,45 @@ def test_trace_sqrt_product_with_a_singular_covariance():
     expected = np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
     assert metrics.trace_sqrt_product(s1, s2) == pytest.approx(expected, rel=1e-6)
     assert metrics.trace_sqrt_product(s2, s1) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_torch_midnight_mlp_scores_within_the_sklearn_interval():
+    rng = np.random.default_rng(9)
+    features = rng.normal(size=(600, 24))
+    signal = features @ rng.normal(size=(24, 80)) / np.sqrt(24)
+    expression = np.clip(signal + 0.5 * rng.normal(size=signal.shape), 0.0, None)  # half zeros, as counts are
+    train = sparse.csr_matrix(expression[:400])  # the torch MLP streams its batches from sparse targets
+    scored = {}
+    for impl in metrics.MLP_IMPLS:
+        regressor = metrics.fit_midnight_mlp(features[:400], train, ks=(10, 40, 80), hidden_layer_sizes=(64, 64),
+                                             max_iter=200, seed=0, impl=impl, device="cpu")
+        scored[impl] = metrics.transcriptomic_fidelity(regressor, expression[400:], features[400:], {}, n_boot=200,
+                                                       n_perm=10)["real"]
+    assert scored["sklearn"]["auc"] > 0.6
+    assert scored["sklearn"]["lo"] <= scored["torch"]["auc"] <= scored["sklearn"]["hi"]
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_torch_mlp_stops_when_the_loss_stalls_as_sklearn_does():
+    from sklearn.neural_network import MLPRegressor
+
+    from stmdit.mlp_torch import fit_torch_mlp
+
+    rng = np.random.default_rng(1)
+    features, target = rng.normal(size=(120, 6)), rng.normal(size=(120, 3))
+    # tol larger than any improvement: epoch 1 sets the best loss, then 11 epochs without improvement.
+    reference = MLPRegressor(hidden_layer_sizes=(8,), max_iter=50, tol=10.0, random_state=0).fit(features, target)
+    fitted = fit_torch_mlp(features, target, (8,), max_iter=50, seed=0, tol=10.0, device="cpu")
+    assert fitted.n_iter == reference.n_iter_ == 12
+    assert fitted.predict(features[:5]).shape == (5, 3)
+    # Same loss (and penalty) definition and the same descent: averaged over initialisations, the loss
+    # curves start and end alike (one initialisation differs by its random draw).
+    curves = {"sklearn": [], "torch": []}
+    for seed in range(4):
+        curves["sklearn"].append(MLPRegressor(hidden_layer_sizes=(64,), max_iter=30, random_state=seed)
+                                 .fit(features, target).loss_curve_)
+        curves["torch"].append(fit_torch_mlp(features, target, (64,), max_iter=30, seed=seed, device="cpu").loss_curve)
+    for epoch in (0, -1):
+        sk, th = (np.mean([c[epoch] for c in curves[impl]]) for impl in ("sklearn", "torch"))
+        assert th == pytest.approx(sk, rel=0.15)
