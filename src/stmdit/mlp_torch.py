@@ -54,8 +54,13 @@ class NumpyMLP:
 def resolve_device(device: str) -> str:
     import torch
 
+    from stmdit.errors import InputError
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(None, f"Midnight+MLP: device {device!r} asked for, but torch sees no CUDA device "
+                               "(set evaluate.midnight_mlp.device to auto or cpu)")
     return device
 
 
