@@ -507,3 +507,26 @@ def test_auc_from_saved_regressors_equals_the_single_job_fit(cohort, tmp_path):
         np.testing.assert_array_equal(by_block[k], expected)
     with pytest.raises(InputError, match="expected a fitted oracle"):
         evaluate.load_regressor(mlp_path, "oracle")
+
+
+def test_auc_with_a_torch_fitted_midnight_mlp_records_its_impl(cohort, tmp_path):
+    root = cohort["root"]
+    oracle, mlp = fit_regressors(cohort, tmp_path, "--mlp-impl", "torch", "--device", "cpu")
+    saved = evaluate.load_regressor(mlp, "midnight_mlp")
+    assert saved["provenance"]["params"]["impl"] == "torch" and saved["provenance"]["stmdit_version"]
+    assert str(root / "midnight.zarr") in saved["provenance"]["inputs"]
+    out = tmp_path / "auc.json"
+    run_cli("auc", "--expression", root / "expr.h5ad", "--split", root / "split.parquet", "--oracle", oracle,
+            "--real-uni", root / "uni2h.zarr", "--gen-uni", f"uni_ge={cohort['generated']['uni_ge', 'uni2h'][0]}",
+            "--midnight-mlp", mlp, "--real-midnight", root / "midnight.zarr",
+            "--gen-midnight", f"uni_ge={cohort['generated']['uni_ge', 'midnight'][0]}", "--n-boot", "10",
+            "--n-perm", "10", "--seed", "3", "--model", MODEL, "--cohort", COHORT, "--out", out)
+    doc = report.load_eval_json(out)
+    assert doc["provenance"]["params"]["mlp_impl"] == "torch"
+    assert np.isfinite(doc["regressors"]["midnight_mlp"]["real"]["auc"])
+    with pytest.raises(InputError, match="fitted Oracle|not found"):
+        run_cli("auc", "--expression", root / "expr.h5ad", "--split", root / "split.parquet",
+                "--oracle", tmp_path / "missing.joblib", "--real-uni", root / "uni2h.zarr",
+                "--gen-uni", f"uni_ge={cohort['generated']['uni_ge', 'uni2h'][0]}", "--model", MODEL,
+                "--cohort", COHORT, "--out", tmp_path / "bad.json")
+    assert not (tmp_path / "bad.json").exists()

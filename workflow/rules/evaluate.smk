@@ -175,24 +175,13 @@ rule swap_fid:
         " --model {wildcards.model} --cohort {wildcards.cohort} --kind swap --threads {threads} --out {output} > {log} 2>&1"
 
 
-def regressor_fit_args(wildcards):
-    """The CLI flags of one regressor's fit: the Oracle's PCA, or the MLP's size, impl and device."""
-    evaluate = config["evaluate"]
-    if wildcards.regressor == "oracle":
-        return f"--pca {evaluate['pca']}"
-    mlp = evaluate["midnight_mlp"]
-    return (f"--mlp-hidden {','.join(map(str, evaluate['mlp_hidden']))} --mlp-max-iter {evaluate['mlp_max_iter']}"
-            f" --mlp-impl {mlp['impl']} --device {mlp['device']} --midnight-genes {config['gene_sets']['midnight_mlp']}")
-
-
 rule eval_regressor:
     # The Oracle and the Midnight+MLP, fitted once per training cohort on its real train spots; every
     # model's auc job loads them.
     input:
         expression="results/expression/{cohort}.h5ad",
         split="results/splits/{cohort}.parquet",
-        features=lambda wildcards: f"results/features/{wildcards.cohort}/"
-        f"{'uni2h' if wildcards.regressor == 'oracle' else 'midnight'}.zarr",
+        features=regressor_features,
     output:
         "results/eval/regressors/{cohort}/{regressor}.joblib",
     params:
@@ -207,11 +196,7 @@ rule eval_regressor:
         "results/benchmarks/eval_regressor/{cohort}/{regressor}.tsv"
     threads: 2
     resources:
-        gpu=lambda wildcards: int(
-            wildcards.regressor == "midnight_mlp"
-            and config["evaluate"]["midnight_mlp"]["impl"] == "torch"
-            and config["evaluate"]["midnight_mlp"]["device"] != "cpu"
-        ),
+        gpu=regressor_gpus,
         mem_mb=lambda wildcards, attempt: 32000 * attempt,
         runtime=lambda wildcards, attempt: 240 * attempt,
     conda:
