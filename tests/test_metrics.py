@@ -444,3 +444,11 @@ def test_torch_mlp_stops_when_the_loss_stalls_as_sklearn_does():
     for epoch in (0, -1):
         sk, th = (np.mean([c[epoch] for c in curves[impl]]) for impl in ("sklearn", "torch"))
         assert th == pytest.approx(sk, rel=0.15)
+
+
+def test_fid_bootstrap_gives_the_same_interval_on_any_number_of_threads():
+    rng = np.random.default_rng(12)
+    real, gen = correlated_features(rng, 90, 10), correlated_features(rng, 90, 10, shift=0.3)
+    one = metrics.fid_bootstrap(real, gen, n_boot=30, seed=1, threads=1)
+    three = metrics.fid_bootstrap(real, gen, n_boot=30, seed=1, threads=3)
+    assert (one["lo"], one["hi"], one["mean"]) == (three["lo"], three["hi"], three["mean"])

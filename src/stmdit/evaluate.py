@@ -363,6 +363,7 @@ def fid_document(
     n_boot_per_tissue: int | None = None,
     seed: int = 42,
     min_spots_per_tissue: int = 50,
+    threads: int = 1,
 ) -> dict:
     """fid.json (kind "fid"), ood_fid.json ("ood") or swap_fid.json ("swap") as a checked document.
 
@@ -383,7 +384,8 @@ def fid_document(
     split_keys = read_split_keys(split, split_name)
     check_in_split(keys, split_keys, split, split_name, next(iter(stores.values())).path)
     real_set = read_features(real, keys)
-    scores = {name: metrics.fid_bootstrap(real_set.embedding, store.embedding, n_boot=n_boot, seed=seed)
+    scores = {name: metrics.fid_bootstrap(real_set.embedding, store.embedding, n_boot=n_boot, seed=seed,
+                                          threads=threads)
               for name, store in stores.items()}
     for name, entry in scores.items():
         log.info("%s FID %s: bootstrap mean %s [%s, %s], point %.3f, on %d spots", kind, name, entry["mean"],
@@ -408,7 +410,8 @@ def fid_document(
         spot_labels = labels_of(labels, keys, label_sources)
         tissue_boot = n_boot if n_boot_per_tissue is None else n_boot_per_tissue
         per_tissue = {name: metrics.fid_per_label(real_set.embedding, store.embedding, spot_labels,
-                                                  min_spots=min_spots_per_tissue, n_boot=tissue_boot, seed=seed)
+                                                  min_spots=min_spots_per_tissue, n_boot=tissue_boot, seed=seed,
+                                                  threads=threads)
                       for name, store in stores.items()}
         params.update(min_spots_per_tissue=min_spots_per_tissue, n_boot_per_tissue=tissue_boot)
         inputs += label_sources
@@ -829,7 +832,7 @@ def run_fid(args: argparse.Namespace) -> dict:
         doc = fid_document(args.kind, args.real, generated, args.split, args.model, args.cohort, split_name=args.split_name,
                            expression=args.expression, spots=args.spots, n_boot=args.n_boot,
                            n_boot_per_tissue=args.n_boot_per_tissue, seed=args.seed,
-                           min_spots_per_tissue=args.min_spots_per_tissue)
+                           min_spots_per_tissue=args.min_spots_per_tissue, threads=args.threads)
     _finish(args.out, doc, started, [args.real, *generated.values(), args.split])
     return doc
 
@@ -912,7 +915,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot-per-tissue", type=int, default=None, help="resamples per tissue (default: --n-boot)")
     p.add_argument("--min-spots-per-tissue", type=int, default=50)
     p.add_argument("--kind", required=True, choices=sorted(FID_KINDS))
-    p.add_argument("--threads", type=int, default=1, help="BLAS threads of the bootstrap (the rule's threads)")
+    p.add_argument("--threads", type=int, default=1, help="bootstrap replicates computed at once (the rule's threads)")
     _add_common(p)
     p.set_defaults(func=run_fid)
 
