@@ -93,3 +93,15 @@ def test_fid_benchmark_times_the_bootstrap_against_its_gram_floor(capsys):
     assert abs(result["ratio"] - result["bootstrap_s"] / result["floor_s"]) < 0.01
     assert result["lo"] <= result["fid_mean"] <= result["hi"]
     assert "8 Gram products of 120 x 16" in capsys.readouterr().out
+
+
+def test_midnight_mlp_benchmark_scales_each_impl_to_the_paper_size(capsys):
+    from stmdit.bench import bench_midnight_mlp
+
+    result = bench_midnight_mlp(argparse.Namespace(rows=40, features=8, genes=30, hidden="8", epochs=1,
+                                                   impls="sklearn,torch", device="cpu", density=0.3,
+                                                   paper_rows=400, paper_epochs=10, threads=1, seed=0))
+    for impl in ("sklearn", "torch"):
+        assert result[impl]["fit_s"] > 0
+        assert abs(result[impl]["paper_estimate_h"] - result[impl]["fit_s"] * 100 / 3600) < 0.01
+    assert "estimated" in capsys.readouterr().out
