@@ -8,12 +8,15 @@ FID (Tables 1, 3, 4, 6)
     sqrtm at 768-d. `fid_bootstrap` gives the point estimate, the bootstrap mean (reported by
     the paper's tables) and a spot-level percentile CI (see its docstring for the exact
     resampling, RNG stream and why the mean sits above the point); `fid_per_label` splits by
-    tissue label.
+    tissue label. Replicates with more spots than dimensions take their covariances from the
+    bootstrap multiplicities (`bootstrap_weighted_statistics`), `threads` at once.
 
 Transcriptomic fidelity (Table 2)
     `fit_oracle` (UNI2-h -> PCA -> Ridge per k) and `fit_midnight_mlp` (Midnight -> MLP on every
-    gene it is given: the protein-coding genes in the pipeline, paper D.4) are fitted on REAL train spots; `transcriptomic_fidelity` applies one to the features
-    of real and generated TEST tiles and scores them against the real test expression:
+    gene it is given: the protein-coding genes in the pipeline, paper D.4; sklearn, or the same MLP
+    in torch: `stmdit.mlp_torch`) are fitted on REAL train spots (once per cohort in the pipeline);
+    `transcriptomic_fidelity` applies one to the features of real and generated TEST tiles and
+    scores them against the real test expression:
     - genes are ranked once by variance over the TRAIN spots; the k grid is capped at the number
       of genes (the k actually used are reported);
     - curve[k] = median over the top-k genes of the per-gene Pearson r (over test spots) between
