@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 import yaml
 
 from stmdit.bench import REPO, bench_dag, bench_loader
@@ -103,5 +104,5 @@ def test_midnight_mlp_benchmark_scales_each_impl_to_the_paper_size(capsys):
                                                    paper_rows=400, paper_epochs=10, threads=1, seed=0))
     for impl in ("sklearn", "torch"):
         assert result[impl]["fit_s"] > 0
-        assert abs(result[impl]["paper_estimate_h"] - result[impl]["fit_s"] * 100 / 3600) < 0.01
+        assert result[impl]["paper_estimate_h"] == pytest.approx(result[impl]["fit_s"] * 100 / 3600)
     assert "estimated" in capsys.readouterr().out

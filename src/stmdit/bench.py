@@ -443,8 +443,8 @@ def bench_midnight_mlp(args: argparse.Namespace) -> dict[str, Any]:
                 metrics.fit_midnight_mlp(features, target, hidden_layer_sizes=hidden, max_iter=args.epochs,
                                          seed=args.seed, impl=impl, device=args.device)
             seconds = time.perf_counter() - started
-            results[impl] = {"fit_s": round(seconds, 2), "per_epoch_s": round(seconds / args.epochs, 2),
-                             "paper_estimate_h": round(seconds * scale / 3600, 2),
+            results[impl] = {"fit_s": seconds, "per_epoch_s": seconds / args.epochs,
+                             "paper_estimate_h": seconds * scale / 3600,
                              "device": args.device if impl == "torch" else "cpu"}
             print(f"{impl}: {seconds:.1f} s for {args.epochs} epochs of {args.rows} x {args.features} -> {args.genes}; "
                   f"estimated {seconds * scale / 3600:.2f} h for {args.paper_epochs} epochs of {args.paper_rows} rows")
