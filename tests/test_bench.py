@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 import yaml
 
 from stmdit.bench import REPO, bench_dag, bench_loader
@@ -92,3 +93,25 @@ def test_condition_cache_timing_reports_both_steps():
     timing = time_condition_cache(model, x, torch.tensor(500.0), uni, ge, "uni_ge", 2.5, 2.5, 2)
     assert timing["cached_s"] > 0 and timing["uncached_s"] > 0
     assert timing["uncached_over_cached"] == timing["uncached_s"] / timing["cached_s"]
+
+
+def test_fid_benchmark_times_the_bootstrap_against_its_gram_floor(capsys):
+    from stmdit.bench import bench_fid
+
+    result = bench_fid(argparse.Namespace(n_spots=120, dim=16, n_boot=4, threads=1, seed=0))
+    assert result["floor_s"] > 0 and result["bootstrap_s"] > 0
+    assert abs(result["ratio"] - result["bootstrap_s"] / result["floor_s"]) < 0.01
+    assert result["lo"] <= result["fid_mean"] <= result["hi"]
+    assert "8 Gram products of 120 x 16" in capsys.readouterr().out
+
+
+def test_midnight_mlp_benchmark_scales_each_impl_to_the_paper_size(capsys):
+    from stmdit.bench import bench_midnight_mlp
+
+    result = bench_midnight_mlp(argparse.Namespace(rows=40, features=8, genes=30, hidden="8", epochs=1,
+                                                   impls="sklearn,torch", device="cpu", density=0.3,
+                                                   paper_rows=400, paper_epochs=10, threads=1, seed=0))
+    for impl in ("sklearn", "torch"):
+        assert result[impl]["fit_s"] > 0
+        assert result[impl]["paper_estimate_h"] == pytest.approx(result[impl]["fit_s"] * 100 / 3600)
+    assert "estimated" in capsys.readouterr().out

@@ -246,17 +246,29 @@ def test_fid_bad_inputs_name_the_file(cohort, tmp_path):
 # AUC
 
 
+def fit_regressors(cohort, tmp_path, *extra, seed="3", ks="5,10,20"):
+    """The Oracle (PCA 4) and Midnight+MLP (8 hidden, 30 epochs) of the fixture, via the CLI."""
+    root, paths = cohort["root"], []
+    for kind, features, options in (("oracle", "uni2h", ["--pca", "4"]),
+                                    ("midnight_mlp", "midnight", ["--mlp-hidden", "8", "--mlp-max-iter", "30", *extra])):
+        paths.append(tmp_path / f"{kind}.joblib")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sklearn's ConvergenceWarning at 30 iterations
+            run_cli("eval-regressor", "--regressor", kind, "--expression", root / "expr.h5ad", "--split",
+                    root / "split.parquet", "--features", root / f"{features}.zarr", "--ks", ks, *options,
+                    "--seed", seed, "--out", paths[-1])
+    return paths
+
+
 def test_auc_json_equals_a_direct_recomputation_and_renders_table_2(cohort, tmp_path):
     root, out = cohort["root"], tmp_path / "auc.json"
     gen_uni = [f"{r}={cohort['generated'][r, 'uni2h'][0]}" for r in ("uni_ge", "uni")]
     gen_midnight = [f"uni_ge={cohort['generated']['uni_ge', 'midnight'][0]}"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sklearn's ConvergenceWarning at 30 iterations
-        run_cli("auc", "--expression", root / "expr.h5ad", "--split", root / "split.parquet",
-                "--real-uni", root / "uni2h.zarr", "--gen-uni", *gen_uni, "--real-midnight", root / "midnight.zarr",
-                "--gen-midnight", *gen_midnight, "--ks", "5,10,20", "--pca", "4", "--mlp-hidden", "8",
-                "--mlp-max-iter", "30", "--n-boot", "10", "--seed", "3", "--model", MODEL, "--cohort", COHORT,
-                "--out", out)
+    oracle, mlp = fit_regressors(cohort, tmp_path)
+    run_cli("auc", "--expression", root / "expr.h5ad", "--split", root / "split.parquet", "--oracle", oracle,
+            "--real-uni", root / "uni2h.zarr", "--gen-uni", *gen_uni, "--midnight-mlp", mlp,
+            "--real-midnight", root / "midnight.zarr", "--gen-midnight", *gen_midnight, "--n-boot", "10",
+            "--seed", "3", "--model", MODEL, "--cohort", COHORT, "--out", out)
     doc = report.load_eval_json(out)
 
     train = [k for k, s in zip(cohort["keys"], cohort["splits"]) if s == "train"]
@@ -315,9 +327,11 @@ def test_noise_tiles_are_scored_as_a_null_that_covers_zero(cohort, tmp_path):
     noise_store = feature_store(tmp_path / "noise_uni2h.zarr", split_test[::-1],
                                 np.random.default_rng(8).normal(size=(len(split_test), dim)), name="uni2h")
     out = tmp_path / "auc.json"
-    run_cli("auc", "--expression", root / "expr.h5ad", "--split", root / "split.parquet", "--real-uni", root / "uni2h.zarr",
+    oracle, _ = fit_regressors(cohort, tmp_path)
+    run_cli("auc", "--expression", root / "expr.h5ad", "--split", root / "split.parquet", "--oracle", oracle,
+            "--real-uni", root / "uni2h.zarr",
             "--gen-uni", f"uni_ge={cohort['generated']['uni_ge', 'uni2h'][0]}", "--noise-uni", noise_store,
-            "--ks", "5,10,20", "--pca", "4", "--n-boot", "100", "--n-perm", "100", "--seed", "3",
+            "--n-boot", "100", "--n-perm", "100", "--seed", "3",
             "--model", MODEL, "--cohort", COHORT, "--out", out)
     doc = report.load_eval_json(out)
     null = doc["regressors"]["oracle"]["null"]
@@ -429,3 +443,90 @@ def test_perturbation_with_a_missing_alpha_names_the_samples_store(cohort, tmp_p
     assert err.value.path == str(other)
     assert not (tmp_path / "p.json").exists()
     assert evaluate.merge_impls({"a": "real"}, {"a": "smoke"}, {"a": "real"}) == {"a": "smoke"}
+
+
+class SingleJobMidnightMLP(metrics.MidnightMLPRegressor):
+    """The Midnight+MLP as the single-job `auc` used it before the fit moved to eval_regressor:
+    every gene predicted for every spot at once, then the top-k columns taken."""
+
+    def predict_by_k(self, features):
+        predictions = np.clip(self.model.predict(metrics.as_feature_matrix(features, min_rows=1)), 0.0, None)
+        return {k: predictions[:, self.gene_rank[:k]] for k in self.ks}
+
+
+def test_auc_from_saved_regressors_equals_the_single_job_fit(cohort, tmp_path):
+    """fit once + save + load + predict gives the AUCs of fitting inside the auc job, exactly."""
+    import json
+
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    root = cohort["root"]
+    oracle_path, mlp_path = fit_regressors(cohort, tmp_path)
+    gen = {r: cohort["generated"][r, "uni2h"][0] for r in ("uni_ge", "uni")}
+    gen_midnight = {r: cohort["generated"][r, "midnight"][0] for r in ("uni_ge", "uni")}
+    out = tmp_path / "auc.json"
+    run_cli("auc", "--expression", root / "expr.h5ad", "--split", root / "split.parquet", "--oracle", oracle_path,
+            "--real-uni", root / "uni2h.zarr", "--gen-uni", *[f"{r}={p}" for r, p in gen.items()],
+            "--midnight-mlp", mlp_path, "--real-midnight", root / "midnight.zarr",
+            "--gen-midnight", *[f"{r}={p}" for r, p in gen_midnight.items()], "--n-boot", "20", "--n-perm", "20",
+            "--seed", "3", "--model", MODEL, "--cohort", COHORT, "--out", out)
+    doc = report.load_eval_json(out)
+
+    # The single-job path: fit on the train spots in the job (dense float64 targets, then float32).
+    train = evaluate.read_split_keys(root / "split.parquet", "train")
+    test = evaluate.read_generated(gen)[0]
+    train_expr = evaluate.read_expression_log1p(root / "expr.h5ad", train)
+    test_expr = evaluate.read_expression_log1p(root / "expr.h5ad", test)
+    hvgs = evaluate.hvg_columns(root / "expr.h5ad")
+    cols, _ = evaluate.midnight_columns(root / "expr.h5ad", "protein_coding")
+    oracle = metrics.fit_oracle(evaluate.read_features(root / "uni2h.zarr", train).embedding, train_expr[:, hvgs],
+                                ks=(5, 10, 20), n_components=4, seed=3)
+    features = evaluate.read_features(root / "midnight.zarr", train).embedding
+    target = train_expr[:, cols].toarray().astype(np.float64).astype(np.float32)
+    model = make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(8,), max_iter=30, random_state=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(features.astype(np.float32), target)
+    mlp = SingleJobMidnightMLP(model=model, gene_rank=metrics.rank_genes_by_variance(train_expr[:, cols]),
+                               ks=(5, 10, 20))
+    for name, regressor, encoder, stores, columns in (("oracle", oracle, "uni2h", gen, hvgs),
+                                                      ("midnight_mlp", mlp, "midnight", gen_midnight, cols)):
+        scored = metrics.transcriptomic_fidelity(
+            regressor, test_expr[:, columns], evaluate.read_features(root / f"{encoder}.zarr", test).embedding,
+            {r: evaluate.read_features(p, test).embedding for r, p in stores.items()}, n_boot=20, seed=3, n_perm=20)
+        got = {key: value for key, value in doc["regressors"][name].items() if key != "genes"}
+        assert got == json.loads(json.dumps(scored)), name  # bit-identical numbers
+
+    # The saved MLP predicts the same in blocks of rows as all at once.
+    saved = evaluate.load_regressor(mlp_path, "midnight_mlp")["regressor"]
+    real_test = evaluate.read_features(root / "midnight.zarr", test).embedding
+    by_block = saved.predict_by_k(real_test, block_rows=7)
+    for k, expected in mlp.predict_by_k(real_test).items():
+        np.testing.assert_array_equal(by_block[k], expected)
+    with pytest.raises(InputError, match="expected a fitted oracle"):
+        evaluate.load_regressor(mlp_path, "oracle")
+
+
+def test_auc_with_a_torch_fitted_midnight_mlp_records_its_impl(cohort, tmp_path):
+    root = cohort["root"]
+    oracle, mlp = fit_regressors(cohort, tmp_path, "--mlp-impl", "torch", "--device", "cpu")
+    saved = evaluate.load_regressor(mlp, "midnight_mlp")
+    assert saved["provenance"]["params"]["impl"] == "torch" and saved["provenance"]["stmdit_version"]
+    assert str(root / "midnight.zarr") in saved["provenance"]["inputs"]
+    out = tmp_path / "auc.json"
+    run_cli("auc", "--expression", root / "expr.h5ad", "--split", root / "split.parquet", "--oracle", oracle,
+            "--real-uni", root / "uni2h.zarr", "--gen-uni", f"uni_ge={cohort['generated']['uni_ge', 'uni2h'][0]}",
+            "--midnight-mlp", mlp, "--real-midnight", root / "midnight.zarr",
+            "--gen-midnight", f"uni_ge={cohort['generated']['uni_ge', 'midnight'][0]}", "--n-boot", "10",
+            "--n-perm", "10", "--seed", "3", "--model", MODEL, "--cohort", COHORT, "--out", out)
+    doc = report.load_eval_json(out)
+    assert doc["provenance"]["params"]["mlp_impl"] == "torch"
+    assert np.isfinite(doc["regressors"]["midnight_mlp"]["real"]["auc"])
+    with pytest.raises(InputError, match="fitted Oracle|not found"):
+        run_cli("auc", "--expression", root / "expr.h5ad", "--split", root / "split.parquet",
+                "--oracle", tmp_path / "missing.joblib", "--real-uni", root / "uni2h.zarr",
+                "--gen-uni", f"uni_ge={cohort['generated']['uni_ge', 'uni2h'][0]}", "--model", MODEL,
+                "--cohort", COHORT, "--out", tmp_path / "bad.json")
+    assert not (tmp_path / "bad.json").exists()

@@ -366,3 +366,89 @@ def test_fid_from_features_equals_fid_from_covariances(n, m):
     assert metrics.frechet_distance_of_features(real, gen) == pytest.approx(from_covariances, rel=1e-6)
     assert metrics.fid(real, gen) == pytest.approx(from_covariances, rel=1e-6)
     assert metrics.fid(real, real) == pytest.approx(0.0, abs=1e-6 * from_covariances)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_fid_bootstrap_weighted_covariances_equal_the_gathered_replicates(paired):
+    # More spots than dimensions: replicates go through bootstrap multiplicities, not a gathered copy.
+    rng = np.random.default_rng(11)
+    real = correlated_features(rng, 150, 24, shift=3.0)
+    gen = correlated_features(rng, 150, 24, shift=3.2)
+    result = metrics.fid_bootstrap(real, gen, n_boot=60, seed=5, paired=paired)
+
+    stream = np.random.default_rng(5)  # the same indices, replicate by replicate
+    values = []
+    for _ in range(60):
+        i = stream.integers(0, 150, size=150)
+        j = i if paired else stream.integers(0, 150, size=150)
+        mu1, s1 = real[i].mean(0), np.cov(real[i], rowvar=False)
+        mu2, s2 = gen[j].mean(0), np.cov(gen[j], rowvar=False)
+        values.append(metrics.frechet_distance(mu1, s1, mu2, s2))
+        assert metrics._replicate_fid(real, gen, i, j) == pytest.approx(fid_via_sqrtm(real[i], gen[j]), rel=1e-6)
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    assert result["lo"] == pytest.approx(lo, rel=1e-9)
+    assert result["hi"] == pytest.approx(hi, rel=1e-9)
+    assert result["mean"] == pytest.approx(np.mean(values), rel=1e-9)
+    mean, cov = metrics.bootstrap_weighted_statistics(real, i)
+    np.testing.assert_allclose(mean, real[i].mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(real[i], rowvar=False), rtol=1e-10, atol=1e-12)
+
+
+def test_trace_sqrt_product_with_a_singular_covariance():
+    rng = np.random.default_rng(4)
+    low_rank = correlated_features(rng, 5, 8)  # 5 spots in 8 dims: a singular covariance
+    full = correlated_features(rng, 50, 8)
+    s1, s2 = np.cov(low_rank, rowvar=False), np.cov(full, rowvar=False)
+    expected = np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    assert metrics.trace_sqrt_product(s1, s2) == pytest.approx(expected, rel=1e-6)
+    assert metrics.trace_sqrt_product(s2, s1) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_torch_midnight_mlp_scores_within_the_sklearn_interval():
+    rng = np.random.default_rng(9)
+    features = rng.normal(size=(600, 24))
+    signal = features @ rng.normal(size=(24, 80)) / np.sqrt(24)
+    expression = np.clip(signal + 0.5 * rng.normal(size=signal.shape), 0.0, None)  # half zeros, as counts are
+    train = sparse.csr_matrix(expression[:400])  # the torch MLP streams its batches from sparse targets
+    scored = {}
+    for impl in metrics.MLP_IMPLS:
+        regressor = metrics.fit_midnight_mlp(features[:400], train, ks=(10, 40, 80), hidden_layer_sizes=(64, 64),
+                                             max_iter=200, seed=0, impl=impl, device="cpu")
+        scored[impl] = metrics.transcriptomic_fidelity(regressor, expression[400:], features[400:], {}, n_boot=200,
+                                                       n_perm=10)["real"]
+    assert scored["sklearn"]["auc"] > 0.6
+    assert scored["sklearn"]["lo"] <= scored["torch"]["auc"] <= scored["sklearn"]["hi"]
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_torch_mlp_stops_when_the_loss_stalls_as_sklearn_does():
+    from sklearn.neural_network import MLPRegressor
+
+    from stmdit.mlp_torch import fit_torch_mlp
+
+    rng = np.random.default_rng(1)
+    features, target = rng.normal(size=(120, 6)), rng.normal(size=(120, 3))
+    # tol larger than any improvement: epoch 1 sets the best loss, then 11 epochs without improvement.
+    reference = MLPRegressor(hidden_layer_sizes=(8,), max_iter=50, tol=10.0, random_state=0).fit(features, target)
+    fitted = fit_torch_mlp(features, target, (8,), max_iter=50, seed=0, tol=10.0, device="cpu")
+    assert fitted.n_iter == reference.n_iter_ == 12
+    assert fitted.predict(features[:5]).shape == (5, 3)
+    # Same loss (and penalty) definition and the same descent: averaged over initialisations, the loss
+    # curves start and end alike (one initialisation differs by its random draw).
+    curves = {"sklearn": [], "torch": []}
+    for seed in range(4):
+        curves["sklearn"].append(MLPRegressor(hidden_layer_sizes=(64,), max_iter=30, random_state=seed)
+                                 .fit(features, target).loss_curve_)
+        curves["torch"].append(fit_torch_mlp(features, target, (64,), max_iter=30, seed=seed, device="cpu").loss_curve)
+    for epoch in (0, -1):
+        sk, th = (np.mean([c[epoch] for c in curves[impl]]) for impl in ("sklearn", "torch"))
+        assert th == pytest.approx(sk, rel=0.15)
+
+
+def test_fid_bootstrap_gives_the_same_interval_on_any_number_of_threads():
+    rng = np.random.default_rng(12)
+    real, gen = correlated_features(rng, 90, 10), correlated_features(rng, 90, 10, shift=0.3)
+    one = metrics.fid_bootstrap(real, gen, n_boot=30, seed=1, threads=1)
+    three = metrics.fid_bootstrap(real, gen, n_boot=30, seed=1, threads=3)
+    assert (one["lo"], one["hi"], one["mean"]) == (three["lo"], three["hi"], three["mean"])

@@ -34,7 +34,7 @@ def test_dry_run_plans_every_stage():
     out = result.stdout + result.stderr
     for rule in ("demo_data", "spots", "expression", "features_image", "features_cancerfoundation", "split",
                  "deepspot_train", "deepspot_predict", "features_cancerfoundation_ptpl", "train", "sample",
-                 "perturb_sample", "sample_grid", "eval_features", "fid", "ood_fid", "swap_fid", "auc",
+                 "perturb_sample", "sample_grid", "eval_features", "eval_regressor", "fid", "ood_fid", "swap_fid", "auc",
                  "perturbation", "models_json", "figure_matched_spots", "fetch_demo_image", "figure_loss_curve",
                  "virtual_sample", "virtual_report",
                  *(f"table{n}" for n in range(1, 7))):
@@ -45,7 +45,7 @@ def test_one_table_plans_only_its_own_chain():
     result = snakemake("-n", "--forceall", "results/tables/table2.md")
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
-    for rule in ("auc", "train", "sample", "eval_features", "noise_features", "table2"):
+    for rule in ("auc", "eval_regressor", "train", "sample", "eval_features", "noise_features", "table2"):
         assert f"\n{rule} " in out, f"{rule} not planned"
     for rule in ("fid", "ood_fid", "swap_fid", "perturb_sample", "perturbation", "deepspot_train", "table1"):
         assert f"\n{rule} " not in out, f"{rule} planned for table 2"

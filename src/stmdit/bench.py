@@ -471,6 +471,126 @@ def bench_auc_null(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# fid: the FID bootstrap against its floor, two Gram products per replicate
+# --------------------------------------------------------------------------------------------
+
+
+def _fid_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-spots", type=int, default=11_776, help="test spots (the paper's FID set: 11,776)")
+    p.add_argument("--dim", type=int, default=768, help="feature width (H0-mini: 768)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (the floor: 2 Gram products each)")
+    p.add_argument("--threads", type=int, default=2, help="BLAS threads of both timings")
+    p.add_argument("--seed", type=int, default=42)
+
+
+@benchmark("fid", _fid_arguments)
+def bench_fid(args: argparse.Namespace) -> dict[str, Any]:
+    """FID bootstrap time against its floor: 2 x n_boot Gram products X^T X (n_spots x dim, float64).
+
+    Both are timed in this one run on random correlated features: the Gram products on --threads
+    BLAS threads (half before the bootstrap, half after), the bootstrap with --threads replicates
+    at once. The floor is what any exact method that recomputes two covariances per replicate
+    pays; the bootstrap adds the per-replicate Frechet distance (Cholesky, a triangular product,
+    symmetric eigenvalues)."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from stmdit import metrics
+
+    rng = np.random.default_rng(args.seed)
+    mixing = rng.normal(size=(args.dim, args.dim)) / np.sqrt(args.dim)
+    real = rng.normal(size=(args.n_spots, args.dim)) @ mixing
+    gen = rng.normal(size=(args.n_spots, args.dim)) @ mixing + 0.1
+    def gram_products(count: int) -> float:
+        started = time.perf_counter()
+        for _ in range(count):
+            real.T @ real
+        return time.perf_counter() - started
+
+    with threadpool_limits(limits=args.threads):
+        floor_s = gram_products(args.n_boot)  # half the floor before the bootstrap, half after:
+        started = time.perf_counter()         # a machine whose load drifts weighs on both alike
+        result = metrics.fid_bootstrap(real, gen, n_boot=args.n_boot, seed=args.seed, threads=args.threads)
+        bootstrap_s = time.perf_counter() - started
+        floor_s += gram_products(args.n_boot)
+    results = {"benchmark": "fid", "n_spots": args.n_spots, "dim": args.dim, "n_boot": args.n_boot,
+               "threads": args.threads, "floor_s": floor_s, "bootstrap_s": bootstrap_s,
+               "ratio": round(bootstrap_s / floor_s, 3), "fid_mean": result["mean"], "lo": result["lo"],
+               "hi": result["hi"]}
+    print(f"floor ({2 * args.n_boot} Gram products of {args.n_spots} x {args.dim} float64): {floor_s:.2f} s; "
+          f"FID bootstrap ({args.n_boot} replicates): {bootstrap_s:.2f} s; ratio {bootstrap_s / floor_s:.2f}")
+    print(json.dumps(results))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# midnight-mlp: the Midnight+MLP fit, sklearn against torch, extrapolated to the paper's size
+# --------------------------------------------------------------------------------------------
+
+
+def _midnight_mlp_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", type=int, default=2000, help="train spots fitted here (a fraction of --paper-rows)")
+    p.add_argument("--features", type=int, default=3072, help="feature width (Midnight: 3072)")
+    p.add_argument("--genes", type=int, default=19_338, help="target genes (protein-coding: 19,338)")
+    p.add_argument("--hidden", default="1024,1024")
+    p.add_argument("--epochs", type=int, default=2, help="epochs fitted here (max_iter)")
+    p.add_argument("--impls", default="sklearn,torch")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--density", type=float, default=0.2, help="fraction of non-zero targets")
+    p.add_argument("--paper-rows", type=int, default=92_000)
+    p.add_argument("--paper-epochs", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+
+
+@benchmark("midnight-mlp", _midnight_mlp_arguments)
+def bench_midnight_mlp(args: argparse.Namespace) -> dict[str, Any]:
+    """Midnight+MLP fit time per impl on --rows x --features -> --genes, scaled to the paper's size.
+
+    Fits --epochs epochs on random features and sparse log-expression-like targets, and scales the
+    measured time per epoch linearly in rows and epochs: seconds x (paper_rows / rows) x
+    (paper_epochs / epochs). An epoch is a pass of 200-row mini-batches, so its cost is linear in
+    rows; the fixed setup (densifying, scaling) is included, which makes the estimate a slight
+    overestimate."""
+    import warnings
+
+    import numpy as np
+    import scipy.sparse as sp
+    from threadpoolctl import threadpool_limits
+
+    from stmdit import evaluate, metrics
+
+    rng = np.random.default_rng(args.seed)
+    features = rng.normal(size=(args.rows, args.features)).astype(np.float32)
+    target = sp.random(args.rows, args.genes, density=args.density, format="csr", dtype=np.float32, random_state=rng)
+    target.data = np.log1p(target.data * 20).astype(np.float32)
+    hidden = evaluate.parse_int_list(args.hidden, "--hidden")
+    scale = (args.paper_rows / args.rows) * (args.paper_epochs / args.epochs)
+    results: dict[str, Any] = {"benchmark": "midnight-mlp", "rows": args.rows, "features": args.features,
+                               "genes": args.genes, "hidden": list(hidden), "epochs": args.epochs,
+                               "paper_rows": args.paper_rows, "paper_epochs": args.paper_epochs}
+    with threadpool_limits(limits=args.threads):
+        for impl in args.impls.split(","):
+            if impl == "torch":
+                import torch
+
+                torch.set_num_threads(args.threads)
+            started = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ConvergenceWarning: a few epochs on purpose
+                metrics.fit_midnight_mlp(features, target, hidden_layer_sizes=hidden, max_iter=args.epochs,
+                                         seed=args.seed, impl=impl, device=args.device)
+            seconds = time.perf_counter() - started
+            results[impl] = {"fit_s": seconds, "per_epoch_s": seconds / args.epochs,
+                             "paper_estimate_h": seconds * scale / 3600,
+                             "device": args.device if impl == "torch" else "cpu"}
+            print(f"{impl}: {seconds:.1f} s for {args.epochs} epochs of {args.rows} x {args.features} -> {args.genes}; "
+                  f"estimated {seconds * scale / 3600:.2f} h for {args.paper_epochs} epochs of {args.paper_rows} rows")
+    print(json.dumps(results))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
 # sample: solvers against network evaluations (analytic error, tiles/s, FID), fused guidance
 # --------------------------------------------------------------------------------------------
 

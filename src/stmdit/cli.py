@@ -34,6 +34,7 @@ COMMANDS = {
     "layout": "stmdit.layout",
     "eval-features": "stmdit.evaluate",
     "fid": "stmdit.evaluate",
+    "eval-regressor": "stmdit.evaluate",
     "auc": "stmdit.evaluate",
     "perturbation": "stmdit.evaluate",
     "table": "stmdit.report",

@@ -6,13 +6,19 @@
         [--seed 42] --out controls/C/noise_{encoder}.zarr      (Table 2's noise-tile null)
     stmdit fid --real features/C/h0mini.zarr --generated uni_ge=G1.zarr uni=G2.zarr ...
         --split S.parquet [--split-name test] [--expression C.h5ad | --spots A.parquet ...]
-        [--n-boot 1000] [--n-boot-per-tissue N] [--seed 42] [--min-spots-per-tissue 50]
+        [--n-boot 1000] [--n-boot-per-tissue N] [--seed 42] [--min-spots-per-tissue 50] [--threads 1]
         --model M --cohort C --kind fid|ood|swap --out eval/M/C/{fid,ood_fid,swap_fid}.json
-    stmdit auc --expression C.h5ad --split S.parquet --real-uni features/C/uni2h.zarr --gen-uni uni_ge=...
-        [--real-midnight features/C/midnight.zarr --gen-midnight uni_ge=...] [--ks 50,100,200,500,1000]
-        [--noise-uni controls/C/noise_uni2h.zarr] [--noise-midnight controls/C/noise_midnight.zarr]
-        [--pca 256] [--mlp-hidden 1024,1024] [--mlp-max-iter 200] [--midnight-genes protein_coding|all]
-        [--n-boot 1000] [--n-perm 1000] [--seed 42] --model M --cohort C --out eval/M/C/auc.json
+    stmdit eval-regressor --regressor oracle|midnight_mlp --expression C.h5ad --split S.parquet
+        --features features/C/{uni2h,midnight}.zarr [--ks 50,100,200,500,1000] [--pca 256]
+        [--mlp-hidden 1024,1024] [--mlp-max-iter 200] [--mlp-impl sklearn|torch] [--device auto]
+        [--midnight-genes protein_coding|all] [--seed 42] [--threads 1]
+        --out eval/regressors/C/{oracle,midnight_mlp}.joblib       (once per training cohort)
+    stmdit auc --expression C.h5ad --split S.parquet --oracle eval/regressors/C/oracle.joblib
+        --real-uni features/C/uni2h.zarr --gen-uni uni_ge=...
+        [--midnight-mlp eval/regressors/C/midnight_mlp.joblib --real-midnight features/C/midnight.zarr
+         --gen-midnight uni_ge=...] [--noise-uni controls/C/noise_uni2h.zarr]
+        [--noise-midnight controls/C/noise_midnight.zarr] [--n-boot 1000] [--n-perm 1000] [--seed 42]
+        [--threads 1] --model M --cohort C --out eval/M/C/auc.json
     stmdit perturbation --features eval/M/C/perturbation_h0mini.zarr --samples samples/M/C/perturbation.zarr
         --real features/C/h0mini.zarr --expression C.h5ad --split S.parquet [--weight 1.0]
         --model M --cohort C [--variant default|uni_null] --out eval/M/C/perturbation.json
@@ -61,7 +67,7 @@ from stmdit.features import (
     string_values,
     write_feature_store,
 )
-from stmdit.provenance import provenance
+from stmdit.provenance import atomic_path, provenance
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +363,7 @@ def fid_document(
     n_boot_per_tissue: int | None = None,
     seed: int = 42,
     min_spots_per_tissue: int = 50,
+    threads: int = 1,
 ) -> dict:
     """fid.json (kind "fid"), ood_fid.json ("ood") or swap_fid.json ("swap") as a checked document.
 
@@ -377,7 +384,8 @@ def fid_document(
     split_keys = read_split_keys(split, split_name)
     check_in_split(keys, split_keys, split, split_name, next(iter(stores.values())).path)
     real_set = read_features(real, keys)
-    scores = {name: metrics.fid_bootstrap(real_set.embedding, store.embedding, n_boot=n_boot, seed=seed)
+    scores = {name: metrics.fid_bootstrap(real_set.embedding, store.embedding, n_boot=n_boot, seed=seed,
+                                          threads=threads)
               for name, store in stores.items()}
     for name, entry in scores.items():
         log.info("%s FID %s: bootstrap mean %s [%s, %s], point %.3f, on %d spots", kind, name, entry["mean"],
@@ -402,7 +410,8 @@ def fid_document(
         spot_labels = labels_of(labels, keys, label_sources)
         tissue_boot = n_boot if n_boot_per_tissue is None else n_boot_per_tissue
         per_tissue = {name: metrics.fid_per_label(real_set.embedding, store.embedding, spot_labels,
-                                                  min_spots=min_spots_per_tissue, n_boot=tissue_boot, seed=seed)
+                                                  min_spots=min_spots_per_tissue, n_boot=tissue_boot, seed=seed,
+                                                  threads=threads)
                       for name, store in stores.items()}
         params.update(min_spots_per_tissue=min_spots_per_tissue, n_boot_per_tissue=tissue_boot)
         inputs += label_sources
@@ -475,82 +484,163 @@ def read_expression_log1p(path: str | Path, keys: Sequence[str]) -> sp.csr_matri
     return log1p_cp10k_sparse(counts)
 
 
+REGRESSORS = ("oracle", "midnight_mlp")
+REGRESSOR_FEATURES = {"oracle": "uni2h", "midnight_mlp": "midnight"}
+
+
+def fit_regressor(
+    kind: str,
+    expression: str | Path,
+    split: str | Path,
+    features: str | Path,
+    out: str | Path,
+    *,
+    ks: Sequence[int] = metrics.PAPER_KS,
+    n_components: int = 256,
+    mlp_hidden: Sequence[int] = (1024, 1024),
+    mlp_max_iter: int = 200,
+    seed: int = 42,
+    midnight_genes: str = "protein_coding",
+    mlp_impl: str = "sklearn",
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Fit one evaluation regressor on the real TRAIN spots of a cohort and save it (joblib) with
+    what `auc` needs to apply it: the expression columns it regresses (Oracle: the HVGs;
+    Midnight+MLP: the protein-coding or all genes), the gene-set record and the provenance.
+
+    kind "oracle": UNI2-h features -> PCA(n_components) -> Ridge per k (`metrics.fit_oracle`);
+    kind "midnight_mlp": Midnight features -> MLP (`metrics.fit_midnight_mlp`, impl sklearn or torch)."""
+    import joblib
+
+    if kind not in REGRESSORS:
+        raise InputError(None, f"--regressor must be one of {list(REGRESSORS)}, got {kind!r}")
+    train_keys = read_split_keys(split, TRAIN)
+    if kind == "oracle":
+        columns, gene_set = hvg_columns(expression), None  # the Oracle: top-k HVGs
+    else:
+        columns, gene_set = midnight_columns(expression, midnight_genes)
+        log.info("Midnight+MLP regresses %d genes (%s)", len(columns), midnight_genes)
+    train_expression = read_expression_log1p(expression, train_keys)
+    n_genes = train_expression.shape[1]
+    train_features = read_features(features, train_keys)
+    log.info("%s: fitting on %d train spots x %d genes (of %d)", kind, len(train_keys), len(columns), n_genes)
+    started = time.perf_counter()
+    if kind == "oracle":
+        regressor = metrics.fit_oracle(train_features.embedding, train_expression[:, columns], ks=ks,
+                                       n_components=n_components, seed=seed)
+        params = {"ks": list(ks), "pca": n_components, "seed": seed}
+    else:
+        regressor = metrics.fit_midnight_mlp(train_features.embedding, train_expression[:, columns], ks=ks,
+                                             hidden_layer_sizes=mlp_hidden, max_iter=mlp_max_iter, seed=seed,
+                                             impl=mlp_impl, device=device)
+        params = {"ks": list(ks), "mlp_hidden": list(mlp_hidden), "mlp_max_iter": mlp_max_iter, "seed": seed,
+                  "midnight_genes": midnight_genes, "impl": mlp_impl, "device": device}
+    fit_seconds = time.perf_counter() - started
+    log.info("%s fitted in %.1f s", kind, fit_seconds)
+    payload = {"kind": kind, "regressor": regressor, "columns": np.asarray(columns), "n_genes": int(n_genes),
+               "gene_set": gene_set, "train_keys": len(train_keys), "encoders": train_features.impls,
+               "features": str(features), "fit_seconds": fit_seconds,
+               "provenance": provenance("eval-regressor", {"regressor": kind, **params},
+                                        [expression, split, features])}
+    with atomic_path(out) as tmp:
+        joblib.dump(payload, tmp)
+    return payload
+
+
+def load_regressor(path: str | Path, kind: str) -> dict[str, Any]:
+    """The payload `fit_regressor` saved; InputError naming the file when it is not one of `kind`."""
+    import joblib
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "fitted regressor not found (made by stmdit eval-regressor)")
+    try:
+        payload = joblib.load(path)
+    except Exception as exc:  # joblib/pickle raise many types for damaged or foreign files
+        raise InputError(path, f"not a readable fitted regressor: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("kind") != kind:
+        found = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
+        raise InputError(path, f"expected a fitted {kind} regressor, found {found!r}")
+    return payload
+
+
 def auc_document(
     expression: str | Path,
     split: str | Path,
+    oracle: str | Path,
     real_uni: str | Path,
     gen_uni: Mapping[str, str | Path],
     model: str,
     cohort: str,
     *,
+    midnight_mlp: str | Path | None = None,
     real_midnight: str | Path | None = None,
     gen_midnight: Mapping[str, str | Path] | None = None,
-    ks: Sequence[int] = metrics.PAPER_KS,
-    n_components: int = 256,
-    mlp_hidden: Sequence[int] = (1024, 1024),
-    mlp_max_iter: int = 200,
     n_boot: int = 1000,
     seed: int = 42,
-    midnight_genes: str = "protein_coding",
     n_perm: int = 1000,
     noise_uni: str | Path | None = None,
     noise_midnight: str | Path | None = None,
 ) -> dict:
-    """auc.json: the Oracle (and Midnight+MLP when given) fitted on real train spots, scored on the
-    generated test tiles, the real test tiles (ceiling) and the nulls: the permutation null (`n_perm`
-    shuffles of the spot correspondence) and, when given, pure-noise tiles of the same spots
-    (`noise_uni` / `noise_midnight`: `eval-features --noise-tiles-for` stores), as null["noise_tiles"]."""
-    if (real_midnight is None) != (not gen_midnight):
-        raise InputError(None, "Midnight+MLP needs both --real-midnight and --gen-midnight")
-    if real_midnight is not None:  # before the regressors: a missing gene annotation fails fast
-        midnight_cols, midnight_gene_set = midnight_columns(expression, midnight_genes)
-        log.info("Midnight+MLP regresses %d genes (%s)", len(midnight_cols), midnight_genes)
+    """auc.json: the Oracle (and Midnight+MLP when given), fitted once per cohort on real train spots
+    (`fit_regressor`, loaded here), scored on the generated test tiles, the real test tiles
+    (ceiling) and the nulls: the permutation null (`n_perm` shuffles of the spot correspondence)
+    and, when given, pure-noise tiles of the same spots (`noise_uni` / `noise_midnight`:
+    `eval-features --noise-tiles-for` stores), as null["noise_tiles"]."""
+    if len({midnight_mlp is None, real_midnight is None, not gen_midnight}) != 1:
+        raise InputError(None, "Midnight+MLP needs --midnight-mlp, --real-midnight and --gen-midnight together")
     if noise_midnight is not None and real_midnight is None:
         raise InputError(noise_midnight, "--noise-midnight needs the Midnight+MLP inputs (--real-midnight, --gen-midnight)")
+    fitted = {"oracle": load_regressor(oracle, "oracle")}
+    if midnight_mlp is not None:
+        fitted["midnight_mlp"] = load_regressor(midnight_mlp, "midnight_mlp")
     test_keys, uni_stores = read_generated(gen_uni)
     check_in_split(test_keys, read_split_keys(split, TEST), split, TEST, next(iter(uni_stores.values())).path)
-    train_keys = read_split_keys(split, TRAIN)
-    train_expression = read_expression_log1p(expression, train_keys)
     test_expression = read_expression_log1p(expression, test_keys)
-    log.info("expression %s: %d train and %d test spots x %d genes (log1p CP10k)", expression, len(train_keys),
-             len(test_keys), train_expression.shape[1])
+    for kind, payload in fitted.items():
+        if payload["n_genes"] != test_expression.shape[1]:
+            raise InputError(oracle if kind == "oracle" else midnight_mlp,
+                             f"fitted on {payload['n_genes']} genes, but {expression} has {test_expression.shape[1]}")
+    log.info("expression %s: %d test spots x %d genes (log1p CP10k)", expression, len(test_keys),
+             test_expression.shape[1])
 
     regressors, features, impls = {}, {}, []
-    train_uni = read_features(real_uni, train_keys)
-    hvgs = hvg_columns(expression)  # the Oracle: top-k HVGs; Midnight+MLP: protein-coding (or all) genes
-    oracle = metrics.fit_oracle(train_uni.embedding, train_expression[:, hvgs], ks=ks, n_components=n_components,
-                                seed=seed)
+    hvgs = fitted["oracle"]["columns"]
     noise = read_noise_control(noise_uni, test_keys)
-    regressors["oracle"] = score_regressor(oracle, real_uni, test_keys, uni_stores, test_expression[:, hvgs],
-                                           n_boot, seed, n_perm, noise)
+    regressors["oracle"] = score_regressor(fitted["oracle"]["regressor"], real_uni, test_keys, uni_stores,
+                                           test_expression[:, hvgs], n_boot, seed, n_perm, noise)
     features["uni2h"] = {"real": str(real_uni), "generated": {r: str(p) for r, p in gen_uni.items()},
                          "noise_tiles": str(noise_uni) if noise_uni else None}
-    impls += [train_uni.impls, *(store.impls for store in [*uni_stores.values(), *noise.values()])]
+    impls += [fitted["oracle"]["encoders"], *(store.impls for store in [*uni_stores.values(), *noise.values()])]
 
-    if real_midnight is not None:
+    if midnight_mlp is not None:
+        payload = fitted["midnight_mlp"]
         midnight_keys, midnight_stores = read_generated(gen_midnight)
         if set(midnight_keys) != set(test_keys):
             raise InputError(next(iter(gen_midnight.values())), "the Midnight stores do not hold the spots of the UNI stores")
         midnight_stores = {r: read_features(s.path, test_keys) for r, s in midnight_stores.items()}
-        train_midnight = read_features(real_midnight, train_keys)
-        mlp = metrics.fit_midnight_mlp(train_midnight.embedding, train_expression[:, midnight_cols], ks=ks,
-                                       hidden_layer_sizes=mlp_hidden, max_iter=mlp_max_iter, seed=seed)
         noise = read_noise_control(noise_midnight, test_keys)
-        regressors["midnight_mlp"] = score_regressor(mlp, real_midnight, test_keys, midnight_stores,
-                                                     test_expression[:, midnight_cols], n_boot, seed, n_perm, noise)
-        regressors["midnight_mlp"]["genes"] = midnight_gene_set
+        regressors["midnight_mlp"] = score_regressor(payload["regressor"], real_midnight, test_keys, midnight_stores,
+                                                     test_expression[:, payload["columns"]], n_boot, seed, n_perm,
+                                                     noise)
+        regressors["midnight_mlp"]["genes"] = payload["gene_set"]
         features["midnight"] = {"real": str(real_midnight), "generated": {r: str(p) for r, p in gen_midnight.items()},
                                 "noise_tiles": str(noise_midnight) if noise_midnight else None}
-        impls += [train_midnight.impls, *(store.impls for store in [*midnight_stores.values(), *noise.values()])]
+        impls += [payload["encoders"], *(store.impls for store in [*midnight_stores.values(), *noise.values()])]
 
-    params = {"ks": list(ks), "pca": n_components, "mlp_hidden": list(mlp_hidden), "mlp_max_iter": mlp_max_iter,
-              "n_boot": n_boot, "n_perm": n_perm, "seed": seed, "alpha": 0.05, "genes": "log1p CP10k of layers['counts'] (library size over all genes); Oracle: HVGs "
-                       f"ranked by train variance; Midnight+MLP: {midnight_genes} genes ranked by train variance",
-              "n_train": len(train_keys), "n_test": len(test_keys)}
-    if real_midnight is not None:
-        params["midnight_genes"] = midnight_gene_set
-    inputs = [expression, split, real_uni, *gen_uni.values()]
-    inputs += [real_midnight, *gen_midnight.values()] if real_midnight is not None else []
+    oracle_params = fitted["oracle"]["provenance"]["params"]
+    params = {"ks": oracle_params["ks"], "pca": oracle_params["pca"], "n_boot": n_boot, "n_perm": n_perm, "seed": seed,
+              "alpha": 0.05, "n_train": fitted["oracle"]["train_keys"], "n_test": len(test_keys),
+              "regressors": {kind: payload["provenance"] for kind, payload in fitted.items()}}
+    genes = "log1p CP10k of layers['counts'] (library size over all genes); Oracle: HVGs ranked by train variance"
+    if midnight_mlp is not None:
+        mlp_params = fitted["midnight_mlp"]["provenance"]["params"]
+        params.update(mlp_hidden=mlp_params["mlp_hidden"], mlp_max_iter=mlp_params["mlp_max_iter"],
+                      mlp_impl=mlp_params["impl"], midnight_genes=fitted["midnight_mlp"]["gene_set"])
+        genes += f"; Midnight+MLP: {mlp_params['midnight_genes']} genes ranked by train variance"
+    params["genes"] = genes
+    inputs = [expression, split, oracle, real_uni, *gen_uni.values()]
+    inputs += [midnight_mlp, real_midnight, *gen_midnight.values()] if midnight_mlp is not None else []
     inputs += [path for path in (noise_uni, noise_midnight) if path is not None]
     return report.auc_json(model=model, cohort=cohort, regressors=regressors, features=features,
                            encoders=merge_impls(*impls), params=params, inputs=inputs)
@@ -725,31 +815,54 @@ def run_eval_features(args: argparse.Namespace) -> Path:
     return out
 
 
+def blas_threads(threads: int):
+    """A context limiting BLAS/OpenMP to `threads` (the rule's threads), whatever the environment says."""
+    from threadpoolctl import threadpool_limits
+
+    if threads < 1:
+        raise InputError(None, f"--threads must be at least 1, got {threads}")
+    return threadpool_limits(limits=threads)
+
+
 def run_fid(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     allowed = SWAP_CONDITIONS if args.kind == "swap" else report.REGIMES
     generated = parse_named_paths(args.generated, "--generated", allowed)
-    doc = fid_document(args.kind, args.real, generated, args.split, args.model, args.cohort, split_name=args.split_name,
-                       expression=args.expression, spots=args.spots, n_boot=args.n_boot,
-                       n_boot_per_tissue=args.n_boot_per_tissue, seed=args.seed,
-                       min_spots_per_tissue=args.min_spots_per_tissue)
+    with blas_threads(args.threads):
+        doc = fid_document(args.kind, args.real, generated, args.split, args.model, args.cohort, split_name=args.split_name,
+                           expression=args.expression, spots=args.spots, n_boot=args.n_boot,
+                           n_boot_per_tissue=args.n_boot_per_tissue, seed=args.seed,
+                           min_spots_per_tissue=args.min_spots_per_tissue, threads=args.threads)
     _finish(args.out, doc, started, [args.real, *generated.values(), args.split])
     return doc
+
+
+def run_eval_regressor(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    with blas_threads(args.threads):
+        payload = fit_regressor(args.regressor, args.expression, args.split, args.features, args.out,
+                                ks=parse_int_list(args.ks, "--ks"), n_components=args.pca,
+                                mlp_hidden=parse_int_list(args.mlp_hidden, "--mlp-hidden"),
+                                mlp_max_iter=args.mlp_max_iter, seed=args.seed, midnight_genes=args.midnight_genes,
+                                mlp_impl=args.mlp_impl, device=args.device)
+    _finish(args.out, None, started, [args.expression, args.split, args.features])
+    return payload
 
 
 def run_auc(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     gen_uni = parse_named_paths(args.gen_uni, "--gen-uni", report.REGIMES)
     gen_midnight = parse_named_paths(args.gen_midnight or [], "--gen-midnight", report.REGIMES)
-    doc = auc_document(args.expression, args.split, args.real_uni, gen_uni, args.model, args.cohort,
-                       real_midnight=args.real_midnight, gen_midnight=gen_midnight,
-                       ks=parse_int_list(args.ks, "--ks"), n_components=args.pca,
-                       mlp_hidden=parse_int_list(args.mlp_hidden, "--mlp-hidden"), mlp_max_iter=args.mlp_max_iter,
-                       n_boot=args.n_boot, seed=args.seed, midnight_genes=args.midnight_genes, n_perm=args.n_perm,
-                       noise_uni=args.noise_uni, noise_midnight=args.noise_midnight)
-    read = [args.expression, args.split, args.real_uni, *gen_uni.values()]
+    with blas_threads(args.threads):
+        doc = auc_document(args.expression, args.split, args.oracle, args.real_uni, gen_uni, args.model, args.cohort,
+                           midnight_mlp=args.midnight_mlp, real_midnight=args.real_midnight,
+                           gen_midnight=gen_midnight, n_boot=args.n_boot, seed=args.seed, n_perm=args.n_perm,
+                           noise_uni=args.noise_uni, noise_midnight=args.noise_midnight)
+    read = [args.expression, args.split, args.oracle, args.real_uni, *gen_uni.values()]
     read += [path for path in (args.noise_uni, args.noise_midnight) if path is not None]
-    _finish(args.out, doc, started, read + ([args.real_midnight, *gen_midnight.values()] if args.real_midnight else []))
+    if args.midnight_mlp:
+        read += [args.midnight_mlp, args.real_midnight, *gen_midnight.values()]
+    _finish(args.out, doc, started, read)
     return doc
 
 
@@ -802,27 +915,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot-per-tissue", type=int, default=None, help="resamples per tissue (default: --n-boot)")
     p.add_argument("--min-spots-per-tissue", type=int, default=50)
     p.add_argument("--kind", required=True, choices=sorted(FID_KINDS))
+    p.add_argument("--threads", type=int, default=1, help="bootstrap replicates computed at once (the rule's threads)")
     _add_common(p)
     p.set_defaults(func=run_fid)
 
-    p = subparsers.add_parser("auc", help="transcriptomic fidelity (Oracle, Midnight+MLP) of generated tiles")
+    p = subparsers.add_parser("eval-regressor", help="fit the Oracle or Midnight+MLP on a cohort's real train spots")
+    p.add_argument("--regressor", required=True, choices=REGRESSORS)
     p.add_argument("--expression", required=True, type=Path, help="cohort h5ad (layers['counts'])")
     p.add_argument("--split", required=True, type=Path)
-    p.add_argument("--real-uni", required=True, type=Path, help="UNI2-h features of the real tiles")
-    p.add_argument("--gen-uni", required=True, nargs="+", help="REGIME=store of UNI2-h features of generated tiles")
-    p.add_argument("--real-midnight", type=Path, help="Midnight features of the real tiles")
-    p.add_argument("--gen-midnight", nargs="+", help="REGIME=store of Midnight features of generated tiles")
+    p.add_argument("--features", required=True, type=Path,
+                   help="real-tile features: UNI2-h for the Oracle, Midnight for Midnight+MLP")
     p.add_argument("--ks", default=",".join(map(str, metrics.PAPER_KS)), help="top-k gene grid, comma-separated")
     p.add_argument("--pca", type=int, default=256, help="Oracle PCA components")
     p.add_argument("--mlp-hidden", default="1024,1024", help="Midnight+MLP hidden layer sizes, comma-separated")
     p.add_argument("--mlp-max-iter", type=int, default=200)
+    p.add_argument("--mlp-impl", choices=metrics.MLP_IMPLS, default="sklearn",
+                   help="Midnight+MLP: sklearn MLPRegressor (the paper's, the reference) or the same MLP in torch")
+    p.add_argument("--device", default="auto", help="torch MLP device: auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--midnight-genes", choices=MIDNIGHT_GENE_SETS, default="protein_coding",
                    help="genes Midnight+MLP regresses: protein-coding (paper D.4, var['protein_coding']) or all")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads (the rule's threads)")
+    p.add_argument("--out", required=True, type=Path, help="fitted regressor (.joblib)")
+    p.set_defaults(func=run_eval_regressor)
+
+    p = subparsers.add_parser("auc", help="transcriptomic fidelity (Oracle, Midnight+MLP) of generated tiles")
+    p.add_argument("--expression", required=True, type=Path, help="cohort h5ad (layers['counts'])")
+    p.add_argument("--split", required=True, type=Path)
+    p.add_argument("--oracle", required=True, type=Path, help="fitted Oracle (stmdit eval-regressor)")
+    p.add_argument("--real-uni", required=True, type=Path, help="UNI2-h features of the real tiles")
+    p.add_argument("--gen-uni", required=True, nargs="+", help="REGIME=store of UNI2-h features of generated tiles")
+    p.add_argument("--midnight-mlp", type=Path, help="fitted Midnight+MLP (stmdit eval-regressor)")
+    p.add_argument("--real-midnight", type=Path, help="Midnight features of the real tiles")
+    p.add_argument("--gen-midnight", nargs="+", help="REGIME=store of Midnight features of generated tiles")
     p.add_argument("--n-perm", type=int, default=1000,
                    help="permutations of the spot correspondence for the measured null (Table 2 'Null' row)")
     p.add_argument("--noise-uni", type=Path, help="UNI2-h features of noise tiles of the test spots (eval-features "
                                                   "--noise-tiles-for): Table 2's noise-tile null")
     p.add_argument("--noise-midnight", type=Path, help="Midnight features of the same noise tiles")
+    p.add_argument("--threads", type=int, default=1, help="BLAS threads (the rule's threads)")
     _add_common(p)
     p.set_defaults(func=run_auc)
 

@@ -8,12 +8,15 @@ FID (Tables 1, 3, 4, 6)
     sqrtm at 768-d. `fid_bootstrap` gives the point estimate, the bootstrap mean (reported by
     the paper's tables) and a spot-level percentile CI (see its docstring for the exact
     resampling, RNG stream and why the mean sits above the point); `fid_per_label` splits by
-    tissue label.
+    tissue label. Replicates with more spots than dimensions take their covariances from the
+    bootstrap multiplicities (`bootstrap_weighted_statistics`), `threads` at once.
 
 Transcriptomic fidelity (Table 2)
     `fit_oracle` (UNI2-h -> PCA -> Ridge per k) and `fit_midnight_mlp` (Midnight -> MLP on every
-    gene it is given: the protein-coding genes in the pipeline, paper D.4) are fitted on REAL train spots; `transcriptomic_fidelity` applies one to the features
-    of real and generated TEST tiles and scores them against the real test expression:
+    gene it is given: the protein-coding genes in the pipeline, paper D.4; sklearn, or the same MLP
+    in torch: `stmdit.mlp_torch`) are fitted on REAL train spots (once per cohort in the pipeline);
+    `transcriptomic_fidelity` applies one to the features of real and generated TEST tiles and
+    scores them against the real test expression:
     - genes are ranked once by variance over the TRAIN spots; the k grid is capped at the number
       of genes (the k actually used are reported);
     - curve[k] = median over the top-k genes of the per-gene Pearson r (over test spots) between
@@ -41,6 +44,7 @@ OOD (Table 3)
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Hashable, Mapping, Sequence
@@ -113,12 +117,21 @@ def _covariance_factor(sigma: np.ndarray) -> np.ndarray:
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """Tr sqrt(sigma1 @ sigma2) for PSD covariances.
 
-    With sigma1 = F F^T, sigma1 sigma2 is similar to the PSD matrix F^T sigma2 F, so the trace
-    is the sum of the square roots of that symmetric matrix's eigenvalues.
+    With sigma1 = F1 F1^T and sigma2 = F2 F2^T, sigma1 sigma2 is similar to the PSD matrix
+    F1^T sigma2 F1 = C C^T with C = F1^T F2, so the trace is the sum of the square roots of the
+    eigenvalues of C C^T (one triangular product and one symmetric Gram product when both
+    factors are Cholesky factors, instead of two general d x d products).
     """
-    factor = _covariance_factor(sigma1)
-    middle = factor.T @ sigma2 @ factor
-    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
+    from scipy.linalg import blas
+
+    try:
+        lower1 = np.linalg.cholesky(sigma1)
+        factor2 = _covariance_factor(sigma2)
+        cross = blas.dtrmm(1.0, lower1, factor2, side=0, lower=1, trans_a=1)  # lower1^T @ factor2
+    except np.linalg.LinAlgError:
+        cross = _psd_sqrt(sigma1).T @ _covariance_factor(sigma2)
+    middle = cross @ cross.T
+    eigenvalues = np.linalg.eigvalsh(middle)
     return float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
 
 
@@ -173,6 +186,43 @@ def percentile_interval(values: np.ndarray, alpha: float) -> tuple[float, float]
     return float(lo), float(hi)
 
 
+def bootstrap_weighted_statistics(features: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (n - 1)-normalised covariance of features[rows] (rows drawn with replacement),
+    from the bootstrap multiplicities w = bincount(rows): mean = w X / n and covariance
+    = Y^T Y / (n - 1) with Y = sqrt(w) (X - mean) over the spots drawn at least once. Equal to
+    `feature_statistics(features[rows])` up to summation order (float rounding); one symmetric
+    Gram product (BLAS syrk) of ~63% of the rows instead of a gather and `np.cov`."""
+    weights = np.bincount(rows, minlength=len(features))
+    drawn = np.flatnonzero(weights)
+    counts = weights[drawn].astype(np.float64)
+    scaled = features[drawn]  # the one copy, centred and scaled in place
+    total = counts.sum()
+    mean = counts @ scaled / total
+    scaled -= mean
+    scaled *= np.sqrt(counts)[:, None]
+    return mean, (scaled.T @ scaled) / (total - 1)
+
+
+@contextlib.contextmanager
+def _replicate_pool(threads: int):
+    """An executor running `threads` replicates at once, BLAS limited to one thread each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        yield pool
+
+
+def _replicate_fid(real: np.ndarray, gen: np.ndarray, real_rows: np.ndarray, gen_rows: np.ndarray) -> float:
+    """`fid(real[real_rows], gen[gen_rows])`: with more spots than dimensions through weighted
+    covariances (no gathered copy), else (few spots, the feature-space path) through the gather."""
+    if min(len(real_rows), len(gen_rows)) <= real.shape[1]:
+        return fid(real[real_rows], gen[gen_rows])
+    return frechet_distance(*bootstrap_weighted_statistics(real, real_rows),
+                            *bootstrap_weighted_statistics(gen, gen_rows))
+
+
 def fid_bootstrap(
     real: np.ndarray,
     gen: np.ndarray,
@@ -180,6 +230,7 @@ def fid_bootstrap(
     seed: int = 42,
     alpha: float = 0.05,
     paired: bool = True,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """FID with a (1 - alpha) percentile bootstrap CI over spots.
 
@@ -197,6 +248,10 @@ def fid_bootstrap(
     FID, a squared distance, grows with that noise: `mean` and the interval sit above `point`
     (with few spots the point can lie below `lo`), while `mean` lies inside the interval unless
     the replicates are extremely skewed. With n_boot=0, mean, lo and hi are None.
+
+    A replicate is exactly `fid(real[real_rows], gen[gen_rows])`, computed without the gathered
+    copy when there are more spots than dimensions (`_replicate_fid`). `threads` replicates run at
+    once, each on one BLAS thread (numpy releases the GIL), so the values do not depend on it.
     """
     real = as_feature_matrix(real, name="real features")
     gen = as_feature_matrix(gen, name="generated features")
@@ -205,10 +260,15 @@ def fid_bootstrap(
         _check_paired(real, gen, "FID bootstrap")
     rng = np.random.default_rng(seed)
     replicates = np.empty(n_boot)
-    for b in range(n_boot):
-        real_rows = bootstrap_indices(rng, len(real))
-        gen_rows = real_rows if paired else bootstrap_indices(rng, len(gen))
-        replicates[b] = fid(real[real_rows], gen[gen_rows])
+    chunk = 4 * max(1, threads)
+    with _replicate_pool(threads) as pool:
+        for start in range(0, n_boot, chunk):
+            draws = []
+            for _ in range(min(chunk, n_boot - start)):  # drawn in replicate order: the RNG stream
+                real_rows = bootstrap_indices(rng, len(real))
+                draws.append((real_rows, real_rows if paired else bootstrap_indices(rng, len(gen))))
+            values = pool.map(lambda rows: _replicate_fid(real, gen, *rows), draws)
+            replicates[start : start + len(draws)] = list(values)
     lo, hi = percentile_interval(replicates, alpha) if n_boot > 0 else (None, None)
     return {
         "point": fid(real, gen),
@@ -233,6 +293,7 @@ def fid_per_label(
     n_boot: int = 0,
     seed: int = 42,
     alpha: float = 0.05,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """FID per tissue label; `real`, `gen` and `labels` are row-aligned by spot key.
 
@@ -251,7 +312,8 @@ def fid_per_label(
         if len(rows) < max(min_spots, 2):
             skipped[label] = f"{len(rows)} spots (< {min_spots})"
             continue
-        per_label[label] = fid_bootstrap(real[rows], gen[rows], n_boot=n_boot, seed=seed, alpha=alpha)
+        per_label[label] = fid_bootstrap(real[rows], gen[rows], n_boot=n_boot, seed=seed, alpha=alpha,
+                                         threads=threads)
     return {"labels": per_label, "skipped": skipped, "min_spots": int(min_spots)}
 
 
@@ -323,10 +385,17 @@ class MidnightMLPRegressor:
     ks: tuple[int, ...]
     name: str = "midnight_mlp"
 
-    def predict_by_k(self, features: np.ndarray) -> dict[int, np.ndarray]:
-        predictions = np.clip(self.model.predict(as_feature_matrix(features, min_rows=1)), 0.0, None)
-        predictions = predictions.reshape(len(predictions), -1)
-        return {k: predictions[:, self.gene_rank[:k]] for k in self.ks}
+    def predict_by_k(self, features: np.ndarray, block_rows: int = 2048) -> dict[int, np.ndarray]:
+        """k -> (n, k) predictions of genes gene_rank[:k], negatives clipped to 0. Predicted in
+        blocks of rows, keeping only the top-max(k) genes: never n x all genes at once."""
+        features = as_feature_matrix(features, min_rows=1)
+        top = self.gene_rank[: max(self.ks)]
+        kept = []
+        for start in range(0, len(features), block_rows):
+            block = self.model.predict(features[start : start + block_rows])
+            kept.append(np.clip(block.reshape(len(block), -1)[:, top], 0.0, None))
+        predictions = np.concatenate(kept)
+        return {k: predictions[:, :k] for k in self.ks}
 
 
 def fit_oracle(
@@ -361,6 +430,16 @@ def fit_oracle(
     return OracleRegressor(pca=pca, ridges=ridges, gene_rank=gene_rank, ks=ks)
 
 
+MLP_IMPLS = ("sklearn", "torch")
+
+
+def dense_float32(matrix: Any) -> np.ndarray:
+    """All of `matrix` as dense float32 (the one allowed dense spots x genes matrix: sklearn's MLP
+    targets); the same values as densifying in float64 first, without the float64 copy."""
+    dense = matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)
+    return dense.astype(np.float32, copy=False)
+
+
 def fit_midnight_mlp(
     train_features: np.ndarray,
     train_expression: Any,
@@ -369,6 +448,8 @@ def fit_midnight_mlp(
     max_iter: int = 200,
     seed: int = 0,
     standardize: bool = True,
+    impl: str = "sklearn",
+    device: str = "auto",
     **mlp_kwargs: Any,
 ) -> MidnightMLPRegressor:
     """Fit Midnight+MLP on REAL train spots.
@@ -376,17 +457,29 @@ def fit_midnight_mlp(
     `train_expression` (n, genes): log1p CP10k (library size over all genes, see `log1p_cp10k`) of
     the genes to regress (the evaluate stage passes the protein-coding ones). Features are
     standardised with the train mean/std first when `standardize` (sklearn's MLP is sensitive
-    to feature scale). Extra keyword arguments go to `sklearn.neural_network.MLPRegressor`.
+    to feature scale). impl "sklearn" (the paper's, the reference): `MLPRegressor` on dense
+    float32 targets, extra keyword arguments go to it. impl "torch": the same network, loss and
+    optimiser in torch on `device`, mini-batches densified from sparse targets
+    (`stmdit.mlp_torch`; always standardised).
     """
+    features = as_feature_matrix(train_features, name="train features", min_rows=3)
+    if train_expression.shape[0] != len(features):
+        raise InputError(None, f"Midnight+MLP: {train_expression.shape[0]} expression rows for {len(features)} feature rows")
+    if impl not in MLP_IMPLS:
+        raise InputError(None, f"Midnight+MLP: impl must be one of {list(MLP_IMPLS)}, got {impl!r}")
+    gene_rank = rank_genes_by_variance(train_expression)
+    if impl == "torch":
+        from stmdit.mlp_torch import fit_torch_mlp
+
+        model = fit_torch_mlp(features, train_expression, hidden_layer_sizes, max_iter, seed, device=device,
+                              **mlp_kwargs)
+        return MidnightMLPRegressor(model=model, gene_rank=gene_rank, ks=capped_ks(ks, len(gene_rank)))
+
     from sklearn.neural_network import MLPRegressor
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    features = as_feature_matrix(train_features, name="train features", min_rows=3)
-    if train_expression.shape[0] != len(features):
-        raise InputError(None, f"Midnight+MLP: {train_expression.shape[0]} expression rows for {len(features)} feature rows")
-    gene_rank = rank_genes_by_variance(train_expression)
-    target = _dense_columns(train_expression, np.arange(train_expression.shape[1])).astype(np.float32)
+    target = dense_float32(train_expression)
     mlp = MLPRegressor(hidden_layer_sizes=tuple(hidden_layer_sizes), max_iter=max_iter, random_state=seed, **mlp_kwargs)
     model = make_pipeline(StandardScaler(), mlp) if standardize else mlp
     model.fit(features.astype(np.float32), target)

@@ -356,6 +356,28 @@ def eval_encoder_args(wildcards):
     return " ".join(args)
 
 
+def regressor_fit_args(wildcards):
+    """The CLI flags of one regressor's fit: the Oracle's PCA, or the MLP's size, impl and device."""
+    evaluate = config["evaluate"]
+    if wildcards.regressor == "oracle":
+        return f"--pca {evaluate['pca']}"
+    mlp = evaluate["midnight_mlp"]
+    return (f"--mlp-hidden {','.join(map(str, evaluate['mlp_hidden']))} --mlp-max-iter {evaluate['mlp_max_iter']}"
+            f" --mlp-impl {mlp['impl']} --device {mlp['device']} --midnight-genes {config['gene_sets']['midnight_mlp']}")
+
+
+def regressor_features(wildcards):
+    """The real-tile features a regressor is fitted on: UNI2-h (Oracle) or Midnight (Midnight+MLP)."""
+    encoder = "uni2h" if wildcards.regressor == "oracle" else "midnight"
+    return f"results/features/{wildcards.cohort}/{encoder}.zarr"
+
+
+def regressor_gpus(wildcards):
+    """1 for the Midnight+MLP fitted in torch on a GPU, else 0."""
+    mlp = config["evaluate"]["midnight_mlp"]
+    return int(wildcards.regressor == "midnight_mlp" and mlp["impl"] == "torch" and mlp["device"] != "cpu")
+
+
 def matched_spot_stores():
     """model -> the samples store of the matched-spot figure: every column conditioned on the same
     Visium GE (PTPL models: their uni_ge_visium samples), UNI-only models in their uni regime."""

@@ -1,5 +1,6 @@
 # Evaluation: frozen-encoder features of generated tiles, then one JSON per metric (fid, auc,
-# perturbation, ood_fid, swap_fid) under results/eval/{model}/{cohort}/.
+# perturbation, ood_fid, swap_fid) under results/eval/{model}/{cohort}/; the AUC regressors are fitted
+# once per training cohort (eval_regressor, results/eval/regressors/{cohort}/).
 
 
 rule eval_features:
@@ -78,7 +79,7 @@ rule fid:
         "results/eval/{model}/{cohort}/fid.log",
     benchmark:
         "results/benchmarks/eval/{model}/{cohort}/fid.tsv"
-    threads: 1
+    threads: 2
     resources:
         mem_mb=job_mem_mb("fid"),
         runtime=job_runtime("fid"),
@@ -88,7 +89,7 @@ rule fid:
         "python -m stmdit fid --real {input.real} --generated {params.generated} --split {input.split}"
         " --split-name test --expression {input.expression} --n-boot {params.n_boot} --seed {params.seed}"
         " --min-spots-per-tissue {params.min_spots} --model {wildcards.model} --cohort {wildcards.cohort}"
-        " --kind fid --out {output} > {log} 2>&1"
+        " --kind fid --threads {threads} --out {output} > {log} 2>&1"
 
 
 rule layout:
@@ -136,7 +137,7 @@ rule ood_fid:
         "results/eval/{model}/{cohort}/ood_fid.log",
     benchmark:
         "results/benchmarks/eval/{model}/{cohort}/ood_fid.tsv"
-    threads: 1
+    threads: 2
     resources:
         mem_mb=job_mem_mb("ood_fid"),
         runtime=job_runtime("ood_fid"),
@@ -145,7 +146,7 @@ rule ood_fid:
     shell:
         "python -m stmdit fid --real {input.real} --generated {params.generated} --split {input.split}"
         " --split-name test --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model}"
-        " --cohort {wildcards.cohort} --kind ood --out {output} > {log} 2>&1"
+        " --cohort {wildcards.cohort} --kind ood --threads {threads} --out {output} > {log} 2>&1"
 
 
 rule swap_fid:
@@ -163,7 +164,7 @@ rule swap_fid:
         "results/eval/{model}/{cohort}/swap_fid.log",
     benchmark:
         "results/benchmarks/eval/{model}/{cohort}/swap_fid.tsv"
-    threads: 1
+    threads: 2
     resources:
         mem_mb=job_mem_mb("swap_fid"),
         runtime=job_runtime("swap_fid"),
@@ -172,13 +173,47 @@ rule swap_fid:
     shell:
         "python -m stmdit fid --real {input.real} --generated deepspot={input.deepspot} visium={input.visium}"
         " --split {input.split} --split-name test --n-boot {params.n_boot} --seed {params.seed}"
-        " --model {wildcards.model} --cohort {wildcards.cohort} --kind swap --out {output} > {log} 2>&1"
+        " --model {wildcards.model} --cohort {wildcards.cohort} --kind swap --threads {threads} --out {output} > {log} 2>&1"
+
+
+rule eval_regressor:
+    # The Oracle and the Midnight+MLP, fitted once per training cohort on its real train spots; every
+    # model's auc job loads them.
+    input:
+        expression="results/expression/{cohort}.h5ad",
+        split="results/splits/{cohort}.parquet",
+        features=regressor_features,
+    output:
+        "results/eval/regressors/{cohort}/{regressor}.joblib",
+    params:
+        fit=regressor_fit_args,
+        ks=",".join(map(str, config["evaluate"]["ks"])),
+        seed=config["evaluate"]["seed"],
+    wildcard_constraints:
+        regressor="oracle|midnight_mlp",
+    log:
+        "results/eval/regressors/{cohort}/{regressor}.log",
+    benchmark:
+        "results/benchmarks/eval_regressor/{cohort}/{regressor}.tsv"
+    threads: 2
+    resources:
+        gpu=regressor_gpus,
+        mem_mb=lambda wildcards, attempt: 32000 * attempt,
+        runtime=lambda wildcards, attempt: 240 * attempt,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit eval-regressor --regressor {wildcards.regressor} --expression {input.expression}"
+        " --split {input.split} --features {input.features} --ks {params.ks} {params.fit} --seed {params.seed}"
+        " --threads {threads} --out {output} > {log} 2>&1"
 
 
 rule auc:
     input:
         expression="results/expression/{cohort}.h5ad",
         split="results/splits/{cohort}.parquet",
+        oracle="results/eval/regressors/{cohort}/oracle.joblib",
+        midnight_mlp="results/eval/regressors/{cohort}/midnight_mlp.joblib",
         real_uni="results/features/{cohort}/uni2h.zarr",
         real_midnight="results/features/{cohort}/midnight.zarr",
         noise_uni="results/controls/{cohort}/noise_uni2h.zarr",
@@ -190,11 +225,6 @@ rule auc:
     params:
         gen_uni=lambda wildcards: pairs_arg(regime_stores(wildcards.model, wildcards.cohort, "uni2h")),
         gen_midnight=lambda wildcards: pairs_arg(regime_stores(wildcards.model, wildcards.cohort, "midnight")),
-        ks=",".join(map(str, config["evaluate"]["ks"])),
-        pca=config["evaluate"]["pca"],
-        mlp_hidden=",".join(map(str, config["evaluate"]["mlp_hidden"])),
-        mlp_max_iter=config["evaluate"]["mlp_max_iter"],
-        midnight_genes=config["gene_sets"]["midnight_mlp"],
         n_boot=config["evaluate"]["auc_n_boot"],
         n_perm=config["evaluate"]["null_n_perm"],
         seed=config["evaluate"]["seed"],
@@ -209,11 +239,11 @@ rule auc:
     conda:
         CONDA_CPU
     shell:
-        "python -m stmdit auc --expression {input.expression} --split {input.split} --real-uni {input.real_uni}"
-        " --gen-uni {params.gen_uni} --real-midnight {input.real_midnight} --gen-midnight {params.gen_midnight}"
+        "python -m stmdit auc --expression {input.expression} --split {input.split} --oracle {input.oracle}"
+        " --real-uni {input.real_uni} --gen-uni {params.gen_uni} --midnight-mlp {input.midnight_mlp}"
+        " --real-midnight {input.real_midnight} --gen-midnight {params.gen_midnight}"
         " --noise-uni {input.noise_uni} --noise-midnight {input.noise_midnight}"
-        " --ks {params.ks} --pca {params.pca} --mlp-hidden {params.mlp_hidden} --mlp-max-iter {params.mlp_max_iter}"
-        " --midnight-genes {params.midnight_genes} --n-boot {params.n_boot} --n-perm {params.n_perm} --seed {params.seed}"
+        " --n-boot {params.n_boot} --n-perm {params.n_perm} --seed {params.seed} --threads {threads}"
         " --model {wildcards.model} --cohort {wildcards.cohort}"
         " --out {output} > {log} 2>&1"
 
