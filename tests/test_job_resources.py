@@ -73,13 +73,13 @@ def test_requests_grow_with_the_data_and_the_attempt():
 
 
 def test_paper_scale_requests_keep_the_design_bounds():
-    """At 115,000 spots: `spots` at most 2 GB, the once-per-cohort MLP fit at most 16 GB (16.2 GB
-    asked: 1.2 x its dense targets), every other job at most 8 GB."""
+    """At 115,000 spots: `spots` at most 2 GB, the once-per-cohort Midnight+MLP fit at most 16 GB,
+    every other job at most 8 GB."""
     from dataclasses import replace
 
     for rule in jr.FORMULAS:
         request = jr.job_request(rule, replace(jr.PAPER_SCALE, loaded_mb=jr.PAPER_LOADED_MB.get(rule, 0.0)))
-        bound = {"spots": 2000, "fit_regressors": 16_500}.get(rule, 8000)
+        bound = {"spots": 2000, "eval_regressor_midnight_mlp": 16_000}.get(rule, 8000)
         assert request["mem_mb"] <= bound, (rule, request)
     table = jr.formula_table()
     assert all(f"`{rule}`" in table for rule in jr.FORMULAS)

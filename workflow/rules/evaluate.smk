@@ -198,8 +198,8 @@ rule eval_regressor:
     threads: 2
     resources:
         gpu=regressor_gpus,
-        mem_mb=lambda wildcards, attempt: 32000 * attempt,
-        runtime=lambda wildcards, attempt: 240 * attempt,
+        mem_mb=job_mem_mb("eval_regressor_{regressor}"),
+        runtime=job_runtime("eval_regressor_{regressor}"),
     conda:
         CONDA_CPU
     shell:
