@@ -87,7 +87,7 @@ ALL_DONORS = "all_donors"
 PROTEIN_CODING, HVG = "protein_coding", "hvg"
 TARGET_GENE_SETS = (PROTEIN_CODING, HVG)
 TARGET_BLOCK_ROWS = 4096  # spots of raw counts read at a time
-MOMENT_BLOCK_BYTES = 256 << 20  # dense (train spots x genes) float32 per gene block of the target moments
+MOMENT_BLOCK_BYTES = 64 << 20  # dense (train spots x genes) float32 per gene block of the target moments
 PEARSON_BLOCK_ROWS = 256  # spots per float64 update of the Pearson sums
 BASELINE_COPIES = 6  # dense float64 (spots x genes) arrays sklearn's RidgeCV (GCV) and MLP fits hold at once
 
@@ -232,6 +232,33 @@ def log1p_cp10k(counts, columns: np.ndarray, target_sum: float = TARGET_SUM) -> 
     return selected.astype(np.float32)
 
 
+class SparseRows:
+    """A CSR float32 matrix assembled from row blocks into arrays sized once (`capacity` non-zeros at
+    most, the raw counts' own), so the blocks and the whole never coexist; the unused tail is
+    released at the end."""
+
+    def __init__(self, capacity: int, n_columns: int):
+        self.data = np.empty(capacity, dtype=np.float32)
+        self.indices = np.empty(capacity, dtype=np.int32)
+        self.indptr = [np.zeros(1, dtype=np.int64)]
+        self.n_columns, self.filled = n_columns, 0
+
+    def append(self, block: sp.csr_matrix) -> None:
+        stop = self.filled + block.nnz
+        self.data[self.filled:stop] = block.data
+        self.indices[self.filled:stop] = block.indices
+        self.indptr.append(block.indptr[1:].astype(np.int64) + self.filled)
+        self.filled = stop
+
+    def matrix(self) -> sp.csr_matrix:
+        self.data.resize(self.filled, refcheck=False)  # realloc: shrinks in place
+        self.indices.resize(self.filled, refcheck=False)
+        indptr = np.concatenate(self.indptr)
+        if self.filled < 2**31:
+            indptr = indptr.astype(np.int32)
+        return sp.csr_matrix((self.data, self.indices, indptr), shape=(len(indptr) - 1, self.n_columns), copy=False)
+
+
 def target_rows(targets, rows: np.ndarray) -> np.ndarray:
     """Dense float32 targets of the spots `rows` (only these rows are densified)."""
     block = targets[np.asarray(rows, dtype=np.int64)]
@@ -269,12 +296,12 @@ def read_training_cohort(path: str | Path, genes: str = PROTEIN_CODING,
             gene_set = {"name": HVG}
         else:
             columns, gene_set = protein_coding_columns(var, h5ad.uns, path, "train DeepSpot on --genes hvg")
-        blocks = []
+        targets = SparseRows(h5ad.stored_values("layers/counts"), columns.size)
         for _, counts in h5ad.iter_rows("layers/counts", block_rows):
             if counts.data.size and (not np.isfinite(counts.data).all() or counts.data.min() < 0):
                 raise InputError(path, 'layers["counts"] has negative or non-finite values: raw counts expected')
-            blocks.append(log1p_cp10k(counts, columns))
-    targets = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, columns.size), dtype=np.float32)
+            targets.append(log1p_cp10k(counts, columns))
+        targets = targets.matrix()
     table = pd.DataFrame({"highly_variable": hv[columns], "highly_variable_rank": np.where(hv, ranks, np.nan)[columns]},
                          index=var.index[columns].astype(str))
     if "gene_ids" in var:

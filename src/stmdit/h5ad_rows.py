@@ -17,6 +17,8 @@ from stmdit.provenance import atomic_path
 
 # target bytes of one stored chunk of the dense X (rows x all genes)
 X_CHUNK_BYTES = 4 << 20
+# values per stored chunk of a CSR layer's data, indices and indptr (h5py's guess for an empty array is tiny)
+SPARSE_CHUNK_VALUES = 1 << 18
 
 
 class H5adRows:
@@ -141,7 +143,7 @@ def write_h5ad_by_rows(path: str | Path, skeleton, blocks: Iterable[np.ndarray],
             for name in layers:
                 empty = sp.csr_matrix((0, n_vars), dtype=np.float32)
                 empty.indptr = empty.indptr.astype(np.int64)  # a nearly dense layer exceeds 2**31 values
-                write_elem(f["layers"], name, empty)
+                write_elem(f["layers"], name, empty, dataset_kwargs={"chunks": (SPARSE_CHUNK_VALUES,)})
             stored = {name: sparse_dataset(f["layers"][name]) for name in layers}
             row = 0
             for block in blocks:
