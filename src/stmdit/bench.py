@@ -569,7 +569,8 @@ def print_sample_table(result: dict[str, Any]) -> None:
 
 
 def _deepspot_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--spots", type=int, nargs="+", default=[2000, 20000], help="cohort sizes (spots), one run each")
+    p.add_argument("--spots", type=int, nargs="+", default=[2000, 5000, 20000],
+                   help="cohort sizes (spots), one run each; the slope comes from the two largest")
     p.add_argument("--genes", type=int, default=19000, help="target genes (all protein-coding)")
     p.add_argument("--nonzeros", type=int, default=4000, help="detected genes per spot (mean)")
     p.add_argument("--dim", type=int, default=32, help="feature width of the synthetic deepspot_fm store")
@@ -705,7 +706,7 @@ def bench_deepspot(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {row['spots']:>7} {row['train_rss_gb']:>9.3f} {row['train_s']:>8.1f} {row['predict_rss_gb']:>11.3f} "
               f"{row['predict_s']:>10.1f} {row['ptpl_bytes'] / 1e6:>8.1f}")
     if len(rows) >= 2:
-        small, large = rows[0], rows[-1]
+        small, large = rows[-2], rows[-1]  # the two largest: batch-sized buffers are full at both
         spots = large["spots"] - small["spots"]
         for job in ("train", "predict"):
             slope = (large[f"{job}_rss_gb"] - small[f"{job}_rss_gb"]) * 1e9 / spots

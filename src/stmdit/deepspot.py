@@ -44,6 +44,18 @@ CancerFoundation step picks HVGs in the same order as on Visium counts, among th
 and protein_coding; X = predictions (log1p CP10k, float32); layers["counts"] = expm1(X) pseudo-counts
 (CSR float32); obsm["spatial"]; uns["stmdit"] provenance, uns["gene_set"], and uns["fold_plan"], the
 plan of the models that made it (a JSON string).
+
+Memory (issue 16: no spots x genes matrix is dense in full): the targets are read from the h5ad a
+block of spots at a time and kept sparse (CSR float32, ~8 bytes per non-zero); a training batch
+densifies its own rows; the per-gene standardisation is computed on dense gene blocks of at most
+MOMENT_BLOCK_BYTES (one block, bit-identical to the dense moments, when all genes fit); out-of-fold
+and test-donor Pearson r come from float64 running sums (`PearsonSums`), a batch of predictions at a
+time; the PTPL h5ad is written a block of spots at a time (X a chunked dense float32 dataset,
+layers["counts"] an appended CSR) and read back by row blocks. The RidgeCV / MLP baselines need
+sklearn's dense targets: they run only when about BASELINE_COPIES float64 copies of spots x genes fit
+in --baselines-max-gb (config deepspot.baselines_max_gb), otherwise the log and the lodo JSON
+("baselines") say they were skipped. A cohort whose sparse targets and features exceed the memory
+left to the job stops with one line naming the file and the memory it needs.
 """
 
 from __future__ import annotations

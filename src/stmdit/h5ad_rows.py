@@ -19,6 +19,7 @@ from stmdit.provenance import atomic_path
 X_CHUNK_BYTES = 4 << 20
 # values per stored chunk of a CSR layer's data, indices and indptr (h5py's guess for an empty array is tiny)
 SPARSE_CHUNK_VALUES = 1 << 18
+LAYER_ROWS = 128  # rows of a block converted to CSR and appended at a time
 
 
 class H5adRows:
@@ -123,7 +124,8 @@ def write_h5ad_by_rows(path: str | Path, skeleton, blocks: Iterable[np.ndarray],
                        layers: Mapping[str, Callable[[np.ndarray], sp.csr_matrix]] | None = None) -> Path:
     """Write `skeleton` (an AnnData with obs, var, obsm, uns and no X) to `path` atomically, with X
     the row blocks `blocks` (dense, in row order, float32) and each of `layers` the CSR float32
-    matrix its function makes of every block. Only one block is in memory at a time."""
+    matrix its function makes of every block (LAYER_ROWS rows at a time). Only one block is in memory
+    at a time."""
     import h5py
     from anndata.io import sparse_dataset, write_elem
 
@@ -151,8 +153,9 @@ def write_h5ad_by_rows(path: str | Path, skeleton, blocks: Iterable[np.ndarray],
                 if block.ndim != 2 or block.shape[1] != n_vars or row + block.shape[0] > n_obs:
                     raise ValueError(f"block of shape {block.shape} at row {row} does not fit ({n_obs}, {n_vars})")
                 x[row:row + block.shape[0]] = block
-                for name, make in layers.items():
-                    stored[name].append(sp.csr_matrix(make(block), dtype=np.float32))
+                for name, make in layers.items():  # a few rows at a time: a CSR of a dense block costs 3x its size
+                    for start in range(0, block.shape[0], LAYER_ROWS):
+                        stored[name].append(sp.csr_matrix(make(block[start:start + LAYER_ROWS]), dtype=np.float32))
                 row += block.shape[0]
             if row != n_obs:
                 raise ValueError(f"the blocks gave {row} rows, the h5ad has {n_obs}")
