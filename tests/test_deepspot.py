@@ -670,3 +670,16 @@ def test_cancerfoundation_reads_ptpl_counts_in_row_blocks(cohort):
     np.testing.assert_array_equal(np.concatenate([b for b, _ in batches]), whole[:, columns].toarray())
     assert [k for _, keys in batches for k in keys] == counts.keys
     assert max(len(b) for b, _ in batches) == 4
+
+
+def test_a_cohort_that_cannot_fit_fails_with_one_line(cohort, tmp_path, monkeypatch, capsys):
+    import stmdit.memory_budget
+
+    monkeypatch.setattr(stmdit.memory_budget, "available_bytes", lambda: 1000)
+    c = cohort
+    code = main(["deepspot-train", "--expression", str(c["expression"]), "--features", str(c["store"]),
+                 "--spots", *map(str, c["spots_paths"]), "--split", str(c["split"]),
+                 "--out-model", str(tmp_path / "m"), "--out-lodo", str(tmp_path / "l.json"), *c["tiny_args"]])
+    assert code == 2 and not (tmp_path / "m").exists() and not (tmp_path / "l.json").exists()
+    lines = [line for line in capsys.readouterr().err.splitlines() if str(c["expression"]) in line]
+    assert len(lines) == 1 and "needs about" in lines[0] and "GB of memory" in lines[0]
