@@ -83,7 +83,7 @@ from stmdit.expression import read_kept_spots
 from stmdit.features import open_feature_store, read_feature_rows
 from stmdit.genesets import protein_coding_columns
 from stmdit.h5ad_rows import H5adRows, write_h5ad_by_rows
-from stmdit.memory_budget import out_of_memory, require
+from stmdit.memory_budget import is_out_of_memory, out_of_memory, require
 from stmdit.provenance import atomic_path, provenance, write_json
 
 log = logging.getLogger(__name__)
@@ -1057,7 +1057,9 @@ def run_train(args: argparse.Namespace) -> Path:
     require(args.expression, needed, "deepspot-train of this cohort")
     try:
         return train_stage(args, config)
-    except MemoryError:
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
         raise out_of_memory(args.expression, needed, "deepspot-train of this cohort") from None
 
 
@@ -1125,7 +1127,9 @@ def run_predict(args: argparse.Namespace) -> Path:
     require(args.features, needed, "deepspot-predict of this cohort")
     try:
         return predict_stage(args)
-    except MemoryError:
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
         raise out_of_memory(args.features, needed, "deepspot-predict of this cohort") from None
 
 

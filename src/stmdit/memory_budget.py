@@ -61,7 +61,14 @@ def require(path: str | Path | None, needed: float, what: str) -> None:
                                "available to this job (give it more memory, e.g. a larger mem_mb)")
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or torch's CPU / CUDA allocator failing (a RuntimeError, torch.OutOfMemoryError)."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
+
+
 def out_of_memory(path: str | Path | None, needed: float, what: str) -> InputError:
-    """The one-line error for a MemoryError raised while doing `what` on `path`."""
-    return InputError(path, f"out of memory: {what} needs about {needed / GB:.1f} GB (estimated); give the job "
-                            "more memory, e.g. a larger mem_mb")
+    """The one-line error for running out of memory while doing `what` on `path`."""
+    return InputError(path, f"out of memory: {what} needs about {needed / GB:.1f} GB for its data (estimated), "
+                            "on top of the interpreter and torch; give the job more memory, e.g. a larger mem_mb")
