@@ -683,3 +683,17 @@ def test_a_cohort_that_cannot_fit_fails_with_one_line(cohort, tmp_path, monkeypa
     assert code == 2 and not (tmp_path / "m").exists() and not (tmp_path / "l.json").exists()
     lines = [line for line in capsys.readouterr().err.splitlines() if str(c["expression"]) in line]
     assert len(lines) == 1 and "needs about" in lines[0] and "GB of memory" in lines[0]
+
+
+def test_a_store_of_another_encoder_is_named_before_any_estimate(cohort, tmp_path):
+    c = cohort
+    uni_only = tmp_path / "uni.zarr"
+    keys = c["spots"]["key"].tolist()
+    write_feature_store(uni_only, keys, [{"embedding": np.zeros((len(keys), DIM), np.float32)}], {"embedding": (DIM,)},
+                        {"encoder": ENCODER})
+    with pytest.raises(InputError, match="deepspot_fm store") as err:
+        from stmdit.deepspot import feature_memory_bytes, load_spot_features as load
+
+        assert feature_memory_bytes(uni_only) == 0
+        load(uni_only, c["spots"])
+    assert err.value.path == str(uni_only)

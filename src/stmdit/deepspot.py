@@ -1025,6 +1025,8 @@ def cohort_name(spots: pd.DataFrame, source: str | Path) -> str:
 def feature_memory_bytes(store_path: str | Path) -> int:
     """What `load_spot_features` holds for a store: float32 tiles, stored sub-tiles, neighbour index."""
     group = open_feature_store(store_path)
+    if "embedding" not in group or "subtiles" not in group:
+        return 0  # not a deepspot_fm store: load_spot_features says so
     n, dim = group["embedding"].shape
     subtiles = int(np.prod(group["subtiles"].shape)) * np.dtype(group["subtiles"].dtype).itemsize
     return int(n * dim * 4 + subtiles + n * len(HEX_NEIGHBOUR_OFFSETS) * 8)
