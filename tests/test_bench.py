@@ -83,3 +83,19 @@ def test_condition_cache_timing_reports_both_steps():
     timing = time_condition_cache(model, x, torch.tensor(500.0), uni, ge, "uni_ge", 2.5, 2.5, 2)
     assert timing["cached_s"] > 0 and timing["uncached_s"] > 0
     assert timing["uncached_over_cached"] == timing["uncached_s"] / timing["cached_s"]
+
+
+def test_deepspot_benchmark_reports_peak_rss_per_spot(tmp_path):
+    from stmdit.bench import _deepspot_arguments, bench_deepspot
+
+    parser = argparse.ArgumentParser()
+    _deepspot_arguments(parser)
+    args = parser.parse_args(["--spots", "60", "120", "--genes", "40", "--nonzeros", "8", "--dim", "4",
+                              "--hidden-dim", "4", "--threads", "1", "--keep", str(tmp_path)])
+    result = bench_deepspot(args)
+    assert [row["spots"] for row in result["rows"]] == [60, 120]
+    assert all(row["train_rss_gb"] > 0.05 and row["predict_rss_gb"] > 0.05 for row in result["rows"])
+    assert {"train_bytes_per_spot", "predict_bytes_per_spot", "train_projected_gb_115k"} <= set(result)
+    import anndata as ad
+
+    assert ad.read_h5ad(tmp_path / "deepspot_120" / "ptpl.h5ad").shape == (120, 40)

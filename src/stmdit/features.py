@@ -252,10 +252,13 @@ def read_array_rows(array: zarr.Array, rows: Sequence[int] | np.ndarray) -> np.n
     chunks_spanned = (stop - 1) // chunk_rows - first // chunk_rows + 1
     runs = row_runs(unique)
     if len(runs) * DENSE_READ_FACTOR >= chunks_spanned:
-        values = np.asarray(array[first:stop])[unique - first]
+        values = np.asarray(array[first:stop])
+        if unique.size != stop - first:
+            values = values[unique - first]
     else:
         values = np.concatenate(_read_ranges(array, runs))
-    return values[inverse]
+    # rows already sorted and unique (a whole cohort in store order): no second copy of every row
+    return values if rows.size == unique.size and np.array_equal(rows, unique) else values[inverse]
 
 
 def read_feature_rows(
