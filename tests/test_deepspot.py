@@ -697,3 +697,17 @@ def test_a_store_of_another_encoder_is_named_before_any_estimate(cohort, tmp_pat
         assert feature_memory_bytes(uni_only) == 0
         load(uni_only, c["spots"])
     assert err.value.path == str(uni_only)
+
+
+def test_features_read_in_row_blocks_equal_one_read(cohort, monkeypatch):
+    import stmdit.features as features_module
+    from stmdit.features import read_feature_rows
+
+    keys = cohort["spots"]["key"].tolist()
+    whole = read_feature_rows(cohort["store"], keys, ["embedding", "subtiles"])
+    monkeypatch.setattr(features_module, "READ_BLOCK_ROWS", 7)
+    blocked = read_feature_rows(cohort["store"], keys, ["embedding", "subtiles"])
+    shuffled = read_feature_rows(cohort["store"], keys[::-1], ["subtiles"])
+    for name in ("embedding", "subtiles"):
+        assert blocked[name].dtype == whole[name].dtype and np.array_equal(blocked[name], whole[name])
+    assert np.array_equal(shuffled["subtiles"], whole["subtiles"][::-1])

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 TARGET_CHUNK_BYTES = 256 * 1024
 TARGET_SHARD_BYTES = 64 * 1024 * 1024
 KEY_CHUNK_ROWS = 65536
+READ_BLOCK_ROWS = 8192  # rows per read of a whole cohort's features (read_rows_in_blocks)
 DENSE_READ_FACTOR = 5  # a row-range read costs ~5x a chunk decode in zarr-python 3.1
 STORED_DTYPES = {
     "embedding": np.float32,
@@ -284,7 +285,20 @@ def read_feature_rows(
     for array_name in arrays or store_row_arrays(group):
         if array_name not in group:
             raise InputError(name, f"feature store has no array {array_name!r}")
-        out[array_name] = read_array_rows(group[array_name], rows)
+        out[array_name] = read_rows_in_blocks(group[array_name], rows)
+    return out
+
+
+def read_rows_in_blocks(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """`read_array_rows`, READ_BLOCK_ROWS rows at a time into one array when the rows increase (a
+    cohort in store order): zarr holds the compressed chunks of one block, not of every row, beside
+    the result."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size <= READ_BLOCK_ROWS or not (np.diff(rows) > 0).all():
+        return read_array_rows(array, rows)
+    out = np.empty((rows.size, *array.shape[1:]), dtype=array.dtype)
+    for start in range(0, rows.size, READ_BLOCK_ROWS):
+        out[start:start + READ_BLOCK_ROWS] = read_array_rows(array, rows[start:start + READ_BLOCK_ROWS])
     return out
 
 
