@@ -115,3 +115,19 @@ def test_midnight_mlp_benchmark_scales_each_impl_to_the_paper_size(capsys):
         assert result[impl]["fit_s"] > 0
         assert result[impl]["paper_estimate_h"] == pytest.approx(result[impl]["fit_s"] * 100 / 3600)
     assert "estimated" in capsys.readouterr().out
+
+
+def test_deepspot_benchmark_reports_peak_rss_per_spot(tmp_path):
+    from stmdit.bench import _deepspot_arguments, bench_deepspot
+
+    parser = argparse.ArgumentParser()
+    _deepspot_arguments(parser)
+    args = parser.parse_args(["--spots", "60", "120", "--genes", "40", "--nonzeros", "8", "--dim", "4",
+                              "--hidden-dim", "4", "--threads", "1", "--keep", str(tmp_path)])
+    result = bench_deepspot(args)
+    assert [row["spots"] for row in result["rows"]] == [60, 120]
+    assert all(row["train_rss_gb"] > 0.05 and row["predict_rss_gb"] > 0.05 for row in result["rows"])
+    assert {"train_bytes_per_spot", "predict_bytes_per_spot", "train_projected_gb_115k"} <= set(result)
+    import anndata as ad
+
+    assert ad.read_h5ad(tmp_path / "deepspot_120" / "ptpl.h5ad").shape == (120, 40)

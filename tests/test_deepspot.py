@@ -26,12 +26,13 @@ from stmdit.deepspot import (
     load_model_dir,
     load_spot_features,
     neighbour_embeddings,
-    predict_cohort,
+    iter_cohort_predictions,
     predict_log1p,
     read_cohort_spots,
     read_split_roles,
     read_training_cohort,
     register,
+    spot_models,
     train_deepspot,
 )
 from stmdit.errors import InputError
@@ -270,7 +271,7 @@ def test_predictions_are_out_of_fold(cohort):
     in_sample = predict_log1p(models.all_donors, features, held_out, device="cpu")
     assert np.abs(in_sample - retrained).max() > 1e-3
     # in-sample fit beats the out-of-fold fit on the held-out donor (the fold model never saw it)
-    truth = training.targets[held_out]
+    truth = training.targets[held_out].toarray()
     assert np.mean((in_sample - truth) ** 2) < np.mean((retrained - truth) ** 2)
 
 
@@ -300,13 +301,13 @@ def test_negatives_are_clipped_and_pseudo_counts_match(cohort):
     features = load_spot_features(cohort["store"], spots)
     raw = predict_log1p(models.by_held_out_donor["A"], features, np.arange(len(spots)), device="cpu", clip=False)
     assert (raw[:, 0] < 0).all()
-    clipped, fold_donor = predict_cohort(models, features, spots["donor"].to_numpy(), spots["cohort"].to_numpy(),
-                                         device="cpu")
+    fold_donor = spot_models(models, spots["donor"].to_numpy(), spots["cohort"].to_numpy())
+    clipped = np.concatenate(list(iter_cohort_predictions(models, features, fold_donor, device="cpu")))
     assert (clipped[:, 0] == 0).all() and (clipped >= 0).all()
     assert (clipped[:, 1:] > 0).mean() > 0.9
     assert list(fold_donor) == [d if d != TEST_DONOR else "" for d in spots["donor"]]
     # a spot of another cohort is labelled by the all-training-donor model, whatever its donor is called
-    _, fold_donor = predict_cohort(models, features, spots["donor"].to_numpy(), ["other"] * len(spots), device="cpu")
+    fold_donor = spot_models(models, spots["donor"].to_numpy(), ["other"] * len(spots))
     assert (fold_donor == "").all()
 
 
@@ -314,7 +315,7 @@ def test_standardisation_is_inverted_exactly_once(cohort):
     training = read_training_cohort(cohort["expression"])
     features = load_spot_features(cohort["store"], cohort["spots"])
     rows = np.arange(len(features))
-    targets = training.targets + 5.0  # far from zero mean: a missing or double inversion shows
+    targets = training.targets.toarray() + 5.0  # far from zero mean: a missing or double inversion shows
     model = train_deepspot(features, targets, rows, TrainingConfig(**{**TINY, "epochs": 60}))
     assert model.target_mean.min() > 5.0 and torch.all(model.target_scale > 0)
     predicted = predict_log1p(model, features, rows, device="cpu")
@@ -333,12 +334,14 @@ def test_same_seed_same_output_and_batch_size_independence(cohort):
     folds = donor_folds(training.donors, read_split_roles(cohort["split"], training.keys, training.donors))
     config = TrainingConfig(**{**TINY, "epochs": 5})
     runs = [leave_one_donor_out(features, training.targets, folds, config, baselines=False) for _ in range(2)]
-    assert np.array_equal(runs[0].predictions["deepspot"], runs[1].predictions["deepspot"])
+    assert np.array_equal(runs[0].pearson["deepspot"], runs[1].pearson["deepspot"], equal_nan=True)
+    rows = np.arange(len(features))
+    assert np.array_equal(predict_log1p(runs[0].models["A"], features, rows, device="cpu"),
+                          predict_log1p(runs[1].models["A"], features, rows, device="cpu"))
     other = leave_one_donor_out(features, training.targets, folds, TrainingConfig(**{**TINY, "epochs": 5, "seed": 4}),
                                 baselines=False)
-    assert not np.array_equal(runs[0].predictions["deepspot"], other.predictions["deepspot"])
+    assert not np.array_equal(runs[0].pearson["deepspot"], other.pearson["deepspot"], equal_nan=True)
     model = runs[0].models["A"]
-    rows = np.arange(len(features))
     np.testing.assert_allclose(predict_log1p(model, features, rows, batch_size=7, device="cpu"),
                                predict_log1p(model, features, rows, batch_size=1000, device="cpu"), atol=1e-6)
 
@@ -471,7 +474,7 @@ def test_target_gene_sets(cohort, tmp_path):
     hvg = read_training_cohort(cohort["expression"], "hvg")
     assert list(hvg.genes.index) == ["G1", "G2", "G3", "G0", "G6", "G5", "G7", "G4"]  # HVG rank order
     assert hvg.gene_set["name"] == "hvg" and hvg.gene_set["n_genes"] == N_HVG
-    np.testing.assert_array_equal(hvg.targets[:, 3], protein_coding.targets[:, 0])  # G0, same library sizes
+    np.testing.assert_array_equal(hvg.targets[:, 3].toarray(), protein_coding.targets[:, 0].toarray())  # G0, same library sizes
     unannotated = ad.read_h5ad(cohort["expression"])
     del unannotated.var["protein_coding"]
     path = tmp_path / "no_list.h5ad"
@@ -480,3 +483,231 @@ def test_target_gene_sets(cohort, tmp_path):
         read_training_cohort(path)
     assert err.value.path == str(path)
     assert read_training_cohort(path, "hvg").targets.shape == hvg.targets.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# The streamed paths against the dense computations they replaced (issue 16: no spots x genes
+# matrix is dense in full). Each pins the new path to the old one: bit-identical, or float rounding.
+
+
+def dense_log1p_cp10k(counts, columns):
+    """The old targets: the whole matrix at once, dense float32."""
+    counts = sp.csr_matrix(counts)
+    library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    scale = np.divide(1e4, library, out=np.zeros_like(library), where=library > 0)
+    selected = sp.csr_matrix(sp.diags(scale) @ counts[:, columns].astype(np.float64))
+    selected.data = np.log1p(selected.data)
+    return selected.astype(np.float32).toarray()
+
+
+def dense_train_deepspot(features, targets, rows, config):
+    """The old training loop: dense targets of every training spot, standardised at once."""
+    from stmdit.deepspot import DeepSpot
+    import torch.nn.functional as F
+
+    model = DeepSpot(features.dim, targets.shape[1], config.hidden_dim, config.n_ensemble, config.dropout,
+                     seed=config.seed)
+    y = torch.as_tensor(targets[rows], dtype=torch.float32)
+    if config.standardize:
+        scale = y.std(dim=0, unbiased=False)
+        model.target_mean.copy_(y.mean(dim=0))
+        model.target_scale.copy_(torch.where(scale > 0, scale, torch.ones_like(scale)))
+    y = (y - model.target_mean) / model.target_scale
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    order = np.random.default_rng(config.seed)
+    with torch.random.fork_rng(devices=[], device_type="cpu"):
+        torch.manual_seed(config.seed)
+        for _ in range(config.epochs):
+            permutation = order.permutation(len(rows))
+            for start in range(0, len(rows), config.batch_size):
+                batch = permutation[start:start + config.batch_size]
+                loss = F.mse_loss(model(*features.batch(rows[batch], torch.device("cpu"))).float(), y[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    return model.eval()
+
+
+def test_sparse_targets_read_in_blocks_equal_the_dense_targets(cohort):
+    counts = ad.read_h5ad(cohort["expression"]).layers["counts"]
+    for genes in ("protein_coding", "hvg"):
+        whole = read_training_cohort(cohort["expression"], genes)
+        blocked = read_training_cohort(cohort["expression"], genes, block_rows=5)
+        assert sp.issparse(blocked.targets) and blocked.targets.dtype == np.float32
+        columns = [list(ad.read_h5ad(cohort["expression"]).var_names).index(g) for g in whole.genes.index]
+        np.testing.assert_array_equal(blocked.targets.toarray(), dense_log1p_cp10k(counts, columns))  # bit-identical
+        np.testing.assert_array_equal(whole.targets.toarray(), blocked.targets.toarray())
+
+
+def test_training_on_sparse_targets_equals_the_dense_training(cohort):
+    from stmdit.deepspot import target_moments
+
+    training = read_training_cohort(cohort["expression"])
+    features = load_spot_features(cohort["store"], cohort["spots"])
+    rows = np.flatnonzero(training.donors != TEST_DONOR)[::2]
+    dense = training.targets.toarray()
+    for standardize in (True, False):
+        config = TrainingConfig(**{**TINY, "epochs": 3, "standardize": standardize})
+        new = train_deepspot(features, training.targets, rows, config).state_dict()
+        old = dense_train_deepspot(features, dense, rows, config).state_dict()
+        assert all(torch.equal(new[k], old[k]) for k in old)  # bit-identical weights and target moments
+    # gene blocks (when all genes do not fit in one): the same moments to float32 rounding
+    y = torch.as_tensor(dense[rows])
+    mean, std = target_moments(training.targets, rows, max_bytes=4 * len(rows) * 3)  # 3 genes per block
+    torch.testing.assert_close(mean, y.mean(dim=0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(std, y.std(dim=0, unbiased=False), rtol=1e-6, atol=0)
+
+
+def test_running_pearson_sums_equal_the_two_pass_pearson():
+    from stmdit.deepspot import PearsonSums, pearson_per_gene
+
+    rng = np.random.default_rng(5)
+    predicted = (rng.gamma(2.0, 1.5, size=(1000, 7)) + 3.0).astype(np.float32)
+    observed = (predicted * 0.5 + rng.standard_normal((1000, 7))).astype(np.float32)
+    predicted[:, 2] = 0.0  # constant prediction: NaN, as the two-pass formula gives
+    observed[:, 4] = 1.25  # constant observation
+    reference = pearson_per_gene(predicted, observed)
+    parts = [PearsonSums(7).add(predicted[a:b], observed[a:b]) for a, b in ((0, 1), (1, 300), (300, 301), (301, 1000))]
+    merged = PearsonSums(7)
+    for part in parts:
+        merged.merge(part)
+    for sums in (merged, PearsonSums(7).add(predicted, observed)):
+        r = sums.r()
+        assert np.array_equal(np.isnan(r), np.isnan(reference)) and np.isnan(r[[2, 4]]).all()
+        np.testing.assert_allclose(r, reference, rtol=1e-12, atol=1e-14)  # float64 rounding
+
+
+def test_lodo_pearson_equals_the_dense_out_of_fold_pearson(cohort):
+    from stmdit.deepspot import pearson_per_gene
+
+    training = read_training_cohort(cohort["expression"])
+    features = load_spot_features(cohort["store"], cohort["spots"])
+    folds = donor_folds(training.donors, read_split_roles(cohort["split"], training.keys, training.donors))
+    lodo = leave_one_donor_out(features, training.targets, folds, TrainingConfig(**{**TINY, "epochs": 3}),
+                               baselines=True, mlp_hidden=8, mlp_max_iter=5, predict_batch_size=7)
+    dense = training.targets.toarray()
+    predictions = np.zeros_like(dense)  # the old out-of-fold matrix
+    for fold in folds:
+        predictions[fold.label_rows] = predict_log1p(lodo.models[fold.held_out_donor], features, fold.label_rows,
+                                                     batch_size=7, device="cpu")
+    np.testing.assert_allclose(lodo.pearson["deepspot"], pearson_per_gene(predictions[lodo.rows], dense[lodo.rows]),
+                               rtol=1e-12, atol=1e-14)
+    for fold in folds:
+        reference = pearson_per_gene(predictions[fold.label_rows], dense[fold.label_rows])
+        assert lodo.per_donor["deepspot"][fold.held_out_donor]["median"] == pytest.approx(
+            float(np.median(reference[np.isfinite(reference)])), rel=1e-12)
+    assert set(lodo.pearson) == {"deepspot", "ridge", "mlp"}
+
+
+def test_baselines_are_skipped_above_their_memory_bound(cohort, tmp_path, caplog):
+    from stmdit.deepspot import choose_baselines
+
+    assert choose_baselines(True, 4.0, 1000, 600)[0]
+    run, why = choose_baselines(True, 4.0, 114_688, 19_338)
+    assert not run and "skipped" in why and "106.5 GB" in why
+    assert choose_baselines(False, 4.0, 10, 10) == (False, "off (--no-baselines)")
+    c = cohort
+    lodo = tmp_path / "lodo.json"
+    with caplog.at_level("INFO", logger="stmdit.deepspot"):
+        assert stmdit(["deepspot-train", "--expression", str(c["expression"]), "--features", str(c["store"]),
+                       "--spots", *map(str, c["spots_paths"]), "--split", str(c["split"]),
+                       "--out-model", str(tmp_path / "m"), "--out-lodo", str(lodo), *c["tiny_args"],
+                       "--epochs", "2", "--baselines-max-gb", "0.000001"]) == 0
+    report = json.loads(lodo.read_text())
+    assert set(report["pearson"]) == {"deepspot"} and report["baselines"]["run"] is False
+    assert "RidgeCV and MLP baselines: skipped" in caplog.text
+
+
+def test_streamed_ptpl_h5ad_equals_the_in_memory_one(cohort, tmp_path):
+    from stmdit.deepspot import ptpl_skeleton, write_ptpl
+
+    models = load_model_dir(cohort["model_dir"])
+    spots = cohort["spots"]
+    features = load_spot_features(cohort["store"], spots)
+    # spots interleaved among the three models: blocks wait for every model's batch
+    fold_donor = np.random.default_rng(2).choice(["", "A", "B"], size=len(spots)).astype(object)
+    reference = np.zeros((len(spots), models.config["architecture"]["n_genes"]), dtype=np.float32)
+    for held_out in sorted(set(fold_donor)):  # the old predict_cohort
+        rows = np.flatnonzero(fold_donor == held_out)
+        model = models.by_held_out_donor[held_out] if held_out else models.all_donors
+        reference[rows] = predict_log1p(model, features, rows, batch_size=4, device="cpu")
+    blocks = list(iter_cohort_predictions(models, features, fold_donor, batch_size=4, device="cpu"))
+    assert len(blocks) > 3 and max(len(b) for b in blocks) < len(spots)
+    np.testing.assert_array_equal(np.concatenate(blocks), reference)  # bit-identical
+
+    skeleton = ptpl_skeleton(spots, models.genes, fold_donor, {"step": "test"}, models.config["fold_plan"],
+                             models.config.get("gene_set"))
+    old = skeleton.copy()
+    old.X = reference
+    old.layers["counts"] = sp.csr_matrix(np.expm1(reference).astype(np.float32))
+    old_path, new_path = tmp_path / "old.h5ad", tmp_path / "new.h5ad"
+    old.write_h5ad(old_path)
+    write_ptpl(new_path, skeleton, iter(blocks))
+    before, after = ad.read_h5ad(old_path), ad.read_h5ad(new_path)
+    assert after.X.dtype == np.float32 and np.array_equal(after.X, before.X)
+    assert sp.issparse(after.layers["counts"]) and after.layers["counts"].dtype == np.float32
+    assert (after.layers["counts"] != before.layers["counts"]).nnz == 0
+    assert after.layers["counts"].nnz == before.layers["counts"].nnz
+    pd.testing.assert_frame_equal(after.obs, before.obs)
+    pd.testing.assert_frame_equal(after.var, before.var)
+    assert after.uns.keys() == before.uns.keys() and after.uns["fold_plan"] == before.uns["fold_plan"]
+    assert json.dumps(after.uns["gene_set"], default=str) == json.dumps(before.uns["gene_set"], default=str)
+    np.testing.assert_array_equal(after.obsm["spatial"], before.obsm["spatial"])
+    backed = ad.read_h5ad(new_path, backed="r")  # readers take row blocks
+    np.testing.assert_array_equal(backed.X[3:9], reference[3:9])
+    backed.file.close()
+
+
+def test_cancerfoundation_reads_ptpl_counts_in_row_blocks(cohort):
+    from stmdit.features import iter_count_batches
+
+    counts = read_cohort_counts(cohort["ptpl"])
+    whole = sp.csr_matrix(ad.read_h5ad(cohort["ptpl"]).layers["counts"])  # the old in-memory read
+    columns = np.array([3, 0, 5])
+    batches = list(iter_count_batches(counts, columns, batch_size=4, block_rows=10))
+    counts.source.close()
+    np.testing.assert_array_equal(np.concatenate([b for b, _ in batches]), whole[:, columns].toarray())
+    assert [k for _, keys in batches for k in keys] == counts.keys
+    assert max(len(b) for b, _ in batches) == 4
+
+
+def test_a_cohort_that_cannot_fit_fails_with_one_line(cohort, tmp_path, monkeypatch, capsys):
+    import stmdit.memory_budget
+
+    monkeypatch.setattr(stmdit.memory_budget, "available_bytes", lambda: 1000)
+    c = cohort
+    code = main(["deepspot-train", "--expression", str(c["expression"]), "--features", str(c["store"]),
+                 "--spots", *map(str, c["spots_paths"]), "--split", str(c["split"]),
+                 "--out-model", str(tmp_path / "m"), "--out-lodo", str(tmp_path / "l.json"), *c["tiny_args"]])
+    assert code == 2 and not (tmp_path / "m").exists() and not (tmp_path / "l.json").exists()
+    lines = [line for line in capsys.readouterr().err.splitlines() if str(c["expression"]) in line]
+    assert len(lines) == 1 and "needs about" in lines[0] and "GB of memory" in lines[0]
+
+
+def test_a_store_of_another_encoder_is_named_before_any_estimate(cohort, tmp_path):
+    c = cohort
+    uni_only = tmp_path / "uni.zarr"
+    keys = c["spots"]["key"].tolist()
+    write_feature_store(uni_only, keys, [{"embedding": np.zeros((len(keys), DIM), np.float32)}], {"embedding": (DIM,)},
+                        {"encoder": ENCODER})
+    with pytest.raises(InputError, match="deepspot_fm store") as err:
+        from stmdit.deepspot import feature_memory_bytes, load_spot_features as load
+
+        assert feature_memory_bytes(uni_only) == 0
+        load(uni_only, c["spots"])
+    assert err.value.path == str(uni_only)
+
+
+def test_features_read_in_row_blocks_equal_one_read(cohort, monkeypatch):
+    import stmdit.features as features_module
+    from stmdit.features import read_feature_rows
+
+    keys = cohort["spots"]["key"].tolist()
+    whole = read_feature_rows(cohort["store"], keys, ["embedding", "subtiles"])
+    monkeypatch.setattr(features_module, "READ_BLOCK_ROWS", 7)
+    blocked = read_feature_rows(cohort["store"], keys, ["embedding", "subtiles"])
+    shuffled = read_feature_rows(cohort["store"], keys[::-1], ["subtiles"])
+    for name in ("embedding", "subtiles"):
+        assert blocked[name].dtype == whole[name].dtype and np.array_equal(blocked[name], whole[name])
+    assert np.array_equal(shuffled["subtiles"], whole["subtiles"][::-1])

@@ -822,6 +822,178 @@ def print_sample_table(result: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# deepspot: peak RSS of deepspot-train and deepspot-predict at two cohort sizes
+# --------------------------------------------------------------------------------------------
+
+
+def _deepspot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spots", type=int, nargs="+", default=[2000, 5000, 20000],
+                   help="cohort sizes (spots), one run each; the slope comes from the two largest")
+    p.add_argument("--genes", type=int, default=19000, help="target genes (all protein-coding)")
+    p.add_argument("--nonzeros", type=int, default=4000, help="detected genes per spot (mean)")
+    p.add_argument("--dim", type=int, default=32, help="feature width of the synthetic deepspot_fm store")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--n-ensemble", type=int, default=2)
+    p.add_argument("--hidden-dim", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2, help="torch / BLAS threads of each job")
+    p.add_argument("--baselines", action="store_true", help="let the RidgeCV / MLP baselines run where they fit")
+    p.add_argument("--keep", type=Path, default=None, help="write the cohorts and outputs here (default: a temp dir)")
+
+
+def _synthetic_deepspot_cohort(root: Path, n_spots: int, n_genes: int, nonzeros: int, dim: int, seed: int = 0) -> dict:
+    """A Visium-like cohort in the files DeepSpot reads: 3 donors of 2 slides each on a hex grid,
+    CSR counts with about `nonzeros` detected genes per spot, a deepspot_fm store, a split."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from stmdit.features import write_feature_store
+    from stmdit.provenance import provenance, write_parquet
+    from stmdit.split import assign_splits
+
+    rng = np.random.default_rng(seed)
+    samples = [(f"s{k}", f"donor_{'ABC'[k // 2]}") for k in range(6)]
+    per_slide = -(-n_spots // len(samples))
+    side = int(np.ceil(np.sqrt(per_slide)))
+    tables, spots_paths = [], []
+    for k, (sample, donor) in enumerate(samples):
+        n = min(per_slide, n_spots - k * per_slide)
+        rows, cols = np.divmod(np.arange(n), side)
+        barcodes = [f"{sample}-{i:06d}" for i in range(n)]
+        table = pd.DataFrame({
+            "key": [f"{sample}:{b}" for b in barcodes], "sample": sample, "donor": donor, "cohort": "bench",
+            "barcode": barcodes, "array_row": rows, "array_col": 2 * cols + rows % 2,
+            "pxl_row": rows * 100.0, "pxl_col": cols * 100.0, "label": "", "keep": True, "reason": ""})
+        path = root / "spots" / f"{sample}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_parquet(table, path, provenance("bench", {}, []))
+        tables.append(table)
+        spots_paths.append(path)
+    spots = pd.concat(tables, ignore_index=True)
+    blocks = []
+    for start in range(0, n_spots, 1000):
+        b = min(1000, n_spots - start)
+        mask = rng.random((b, n_genes), dtype=np.float32) < nonzeros / n_genes
+        block = sp.csr_matrix(mask.astype(np.float32))
+        block.data = (1 + rng.poisson(2.0, size=block.nnz)).astype(np.float32)
+        blocks.append(block)
+    counts = sp.vstack(blocks, format="csr")
+    genes = [f"GENE{i:05d}" for i in range(n_genes)]
+    adata = ad.AnnData(obs=pd.DataFrame({"sample": spots["sample"].to_numpy(), "donor": spots["donor"].to_numpy()},
+                                        index=spots["key"].to_numpy()),
+                       var=pd.DataFrame({"highly_variable": np.arange(n_genes) < 3000,
+                                         "highly_variable_rank": np.where(np.arange(n_genes) < 3000,
+                                                                          np.arange(n_genes), np.nan),
+                                         "protein_coding": True}, index=genes),
+                       layers={"counts": counts})
+    adata.uns["gene_sets"] = {"protein_coding": {"source": "bench", "version": "0"}}
+    expression = root / "expression.h5ad"
+    adata.write_h5ad(expression)
+    del adata, counts, blocks
+    store = root / "deepspot_fm.zarr"
+    keys = spots["key"].tolist()
+    batches = ({"embedding": rng.standard_normal((min(4096, n_spots - i), dim), dtype=np.float32),
+                "subtiles": rng.standard_normal((min(4096, n_spots - i), 9, dim), dtype=np.float32)}
+               for i in range(0, n_spots, 4096))
+    write_feature_store(store, keys, batches, {"embedding": (dim,), "subtiles": (9, dim)},
+                        {"encoder": {"name": "deepspot_fm", "impl": "smoke", "model": "bench"}})
+    split = root / "split.parquet"
+    write_parquet(assign_splits(spots, ["donor_C"], 0.1, seed=42), split, provenance("bench", {}, []))
+    return {"expression": expression, "features": store, "spots": spots_paths, "split": split}
+
+
+# Runs one command and writes its peak RSS (KiB) and exit code to argv[1]. A process forked from a
+# large parent starts with the parent's RSS as its high-water mark (Linux keeps it across exec), so
+# the bench, which has imported torch and written the cohort, forks this small interpreter, which
+# forks the job: the job's rusage is then its own.
+_RSS_HELPER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+open(sys.argv[1], "w").write(f"{usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
+def _peak_rss_of(command: list[str], env: dict[str, str], log_path: Path) -> tuple[float, float]:
+    """(peak RSS in bytes, seconds) of one command, from its own rusage (`os.wait4` in a small helper)."""
+    import subprocess
+    import sys
+
+    report = log_path.with_suffix(".rss")
+    started = time.perf_counter()
+    with open(log_path, "w") as log_file:
+        subprocess.run([sys.executable, "-S", "-c", _RSS_HELPER, str(report), *command], env=env, stdout=log_file,
+                       stderr=subprocess.STDOUT, check=True)
+    seconds = time.perf_counter() - started
+    max_rss_kib, code = (int(v) for v in report.read_text().split())
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} failed: see {log_path}\n" + log_path.read_text()[-2000:])
+    return max_rss_kib * 1024.0, seconds
+
+
+@benchmark("deepspot", _deepspot_arguments)
+def bench_deepspot(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS of deepspot-train and deepspot-predict on synthetic sparse cohorts of several sizes.
+
+    Each job runs in its own process (peak RSS from its rusage, exact, not polled); the cohorts are
+    written first (not measured). Bytes per spot above the fixed base = the RSS difference over the
+    spot difference of the two largest sizes (below ~3,000 spots a model's prediction batches are not
+    full yet, which lowers the peak); the projection to 115,000 spots assumes that slope holds."""
+    import os
+    import sys
+
+    sizes = sorted(set(args.spots))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "OPENBLAS_NUM_THREADS": str(args.threads), "PYTHONPATH": os.pathsep.join(
+               [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="stmdit-bench-") as tmp:
+        base = Path(args.keep) if args.keep else Path(tmp)
+        for n in sizes:
+            root = base / f"deepspot_{n}"
+            started = time.perf_counter()
+            cohort = _synthetic_deepspot_cohort(root, n, args.genes, args.nonzeros, args.dim)
+            write_s = time.perf_counter() - started
+            model, lodo, ptpl = root / "model", root / "lodo.json", root / "ptpl.h5ad"
+            train = [sys.executable, "-m", "stmdit", "deepspot-train", "--expression", str(cohort["expression"]),
+                     "--features", str(cohort["features"]), "--spots", *map(str, cohort["spots"]),
+                     "--split", str(cohort["split"]), "--out-model", str(model), "--out-lodo", str(lodo),
+                     "--epochs", str(args.epochs), "--n-ensemble", str(args.n_ensemble),
+                     "--hidden-dim", str(args.hidden_dim), "--device", "cpu",
+                     *([] if args.baselines else ["--no-baselines"])]
+            predict = [sys.executable, "-m", "stmdit", "deepspot-predict", "--model", str(model), "--features",
+                       str(cohort["features"]), "--spots", *map(str, cohort["spots"]), "--out", str(ptpl),
+                       "--device", "cpu"]
+            train_rss, train_s = _peak_rss_of(train, env, root / "train.log")
+            predict_rss, predict_s = _peak_rss_of(predict, env, root / "predict.log")
+            rows.append({"spots": n, "write_s": round(write_s, 1), "train_rss_gb": round(train_rss / 1e9, 3),
+                         "train_s": round(train_s, 1), "predict_rss_gb": round(predict_rss / 1e9, 3),
+                         "predict_s": round(predict_s, 1), "ptpl_bytes": ptpl.stat().st_size})
+    result = {"benchmark": "deepspot", "genes": args.genes, "nonzeros_per_spot": args.nonzeros, "dim": args.dim,
+              "epochs": args.epochs, "n_ensemble": args.n_ensemble, "threads": args.threads, "rows": rows}
+    print(f"deepspot bench: {args.genes} genes, ~{args.nonzeros} non-zeros per spot, {args.dim}-d features, "
+          f"{args.epochs} epoch(s), ensemble {args.n_ensemble}, {args.threads} thread(s)")
+    print(f"  {'spots':>7} {'train GB':>9} {'train s':>8} {'predict GB':>11} {'predict s':>10} {'h5ad MB':>8}")
+    for row in rows:
+        print(f"  {row['spots']:>7} {row['train_rss_gb']:>9.3f} {row['train_s']:>8.1f} {row['predict_rss_gb']:>11.3f} "
+              f"{row['predict_s']:>10.1f} {row['ptpl_bytes'] / 1e6:>8.1f}")
+    if len(rows) >= 2:
+        small, large = rows[-2], rows[-1]  # the two largest: batch-sized buffers are full at both
+        spots = large["spots"] - small["spots"]
+        for job in ("train", "predict"):
+            slope = (large[f"{job}_rss_gb"] - small[f"{job}_rss_gb"]) * 1e9 / spots
+            base_gb = small[f"{job}_rss_gb"] - slope * small["spots"] / 1e9
+            result[f"{job}_bytes_per_spot"] = round(slope)
+            result[f"{job}_base_gb"] = round(base_gb, 3)
+            result[f"{job}_projected_gb_115k"] = round(base_gb + slope * 115_000 / 1e9, 2)
+            print(f"  {job}: {slope:,.0f} bytes per spot above a base of {base_gb:.2f} GB; "
+                  f"115,000 spots -> {result[f'{job}_projected_gb_115k']:.2f} GB")
+    print(json.dumps(result))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 

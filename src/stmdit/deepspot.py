@@ -44,6 +44,18 @@ CancerFoundation step picks HVGs in the same order as on Visium counts, among th
 and protein_coding; X = predictions (log1p CP10k, float32); layers["counts"] = expm1(X) pseudo-counts
 (CSR float32); obsm["spatial"]; uns["stmdit"] provenance, uns["gene_set"], and uns["fold_plan"], the
 plan of the models that made it (a JSON string).
+
+Memory (issue 16: no spots x genes matrix is dense in full): the targets are read from the h5ad a
+block of spots at a time and kept sparse (CSR float32, ~8 bytes per non-zero); a training batch
+densifies its own rows; the per-gene standardisation is computed on dense gene blocks of at most
+MOMENT_BLOCK_BYTES (one block, bit-identical to the dense moments, when all genes fit); out-of-fold
+and test-donor Pearson r come from float64 running sums (`PearsonSums`), a batch of predictions at a
+time; the PTPL h5ad is written a block of spots at a time (X a chunked dense float32 dataset,
+layers["counts"] an appended CSR) and read back by row blocks. The RidgeCV / MLP baselines need
+sklearn's dense targets: they run only when about BASELINE_COPIES float64 copies of spots x genes fit
+in --baselines-max-gb (config deepspot.baselines_max_gb), otherwise the log and the lodo JSON
+("baselines") say they were skipped. A cohort whose sparse targets and features exceed the memory
+left to the job stops with one line naming the file and the memory it needs.
 """
 
 from __future__ import annotations
@@ -55,10 +67,11 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,10 +79,11 @@ from tqdm import tqdm
 
 from stmdit.encoders.base import autocast, resolve_device
 from stmdit.errors import InputError
-from stmdit.expression import read_cohort_h5ad
 from stmdit.expression import read_kept_spots
 from stmdit.features import open_feature_store, read_feature_rows
 from stmdit.genesets import protein_coding_columns
+from stmdit.h5ad_rows import H5adRows, write_h5ad_by_rows
+from stmdit.memory_budget import is_out_of_memory, out_of_memory, require
 from stmdit.provenance import atomic_path, provenance, write_json
 
 log = logging.getLogger(__name__)
@@ -84,6 +98,10 @@ MODEL_CONFIG = "config.json"
 ALL_DONORS = "all_donors"
 PROTEIN_CODING, HVG = "protein_coding", "hvg"
 TARGET_GENE_SETS = (PROTEIN_CODING, HVG)
+TARGET_BLOCK_ROWS = 4096  # spots of raw counts read at a time
+MOMENT_BLOCK_BYTES = 64 << 20  # dense (train spots x genes) float32 per gene block of the target moments
+PEARSON_BLOCK_ROWS = 256  # spots per float64 update of the Pearson sums
+BASELINE_COPIES = 6  # dense float64 (spots x genes) arrays sklearn's RidgeCV (GCV) and MLP fits hold at once
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,70 +223,111 @@ def read_cohort_spots(spots_paths: Sequence[str | Path]) -> pd.DataFrame:
 @dataclass
 class TrainingCohort:
     """The Visium cohort DeepSpot learns from: spot keys, their donors, the target genes and the
-    targets (N, G) float32 log1p(CP10k)."""
+    targets (N, G), CSR float32 log1p(CP10k): a batch densifies only its own rows."""
 
     path: Path
     keys: list[str]
     donors: np.ndarray
     genes: pd.DataFrame  # index gene symbol; highly_variable, highly_variable_rank (and gene_ids when present)
-    targets: np.ndarray
+    targets: sp.csr_matrix
     gene_set: dict[str, Any]  # which gene set the targets are, its source and counts
 
 
-def log1p_cp10k(counts, columns: np.ndarray, target_sum: float = TARGET_SUM) -> np.ndarray:
-    """log1p of counts[:, columns] per `target_sum` counts of the spot's library (all genes)."""
-    import scipy.sparse as sp
-
+def log1p_cp10k(counts, columns: np.ndarray, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
+    """log1p of counts[:, columns] per `target_sum` counts of the spot's library (all genes), CSR
+    float32. Row by row, so a block of spots gives the rows of the whole matrix bit for bit."""
     counts = sp.csr_matrix(counts)
     library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
     scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
-    # sparse until the end: at paper scale (~1e5 spots x 19k genes) a dense float64 copy is 15 GB
     selected = sp.csr_matrix(sp.diags(scale) @ counts[:, columns].astype(np.float64))
     selected.data = np.log1p(selected.data)
-    return selected.astype(np.float32).toarray()
+    return selected.astype(np.float32)
 
 
-def read_training_cohort(path: str | Path, genes: str = PROTEIN_CODING) -> TrainingCohort:
+class SparseRows:
+    """A CSR float32 matrix assembled from row blocks into arrays sized once (`capacity` non-zeros at
+    most, the raw counts' own), so the blocks and the whole never coexist; the unused tail is
+    released at the end."""
+
+    def __init__(self, capacity: int, n_columns: int):
+        self.data = np.empty(capacity, dtype=np.float32)
+        self.indices = np.empty(capacity, dtype=np.int32)
+        self.indptr = [np.zeros(1, dtype=np.int64)]
+        self.n_columns, self.filled = n_columns, 0
+
+    def append(self, block: sp.csr_matrix) -> None:
+        stop = self.filled + block.nnz
+        self.data[self.filled:stop] = block.data
+        self.indices[self.filled:stop] = block.indices
+        self.indptr.append(block.indptr[1:].astype(np.int64) + self.filled)
+        self.filled = stop
+
+    def matrix(self) -> sp.csr_matrix:
+        self.data.resize(self.filled, refcheck=False)  # realloc: shrinks in place
+        self.indices.resize(self.filled, refcheck=False)
+        indptr = np.concatenate(self.indptr)
+        if self.filled < 2**31:
+            indptr = indptr.astype(np.int32)
+        return sp.csr_matrix((self.data, self.indices, indptr), shape=(len(indptr) - 1, self.n_columns), copy=False)
+
+
+def target_rows(targets, rows: np.ndarray) -> np.ndarray:
+    """Dense float32 targets of the spots `rows` (only these rows are densified)."""
+    block = targets[np.asarray(rows, dtype=np.int64)]
+    return np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32)
+
+
+def read_training_cohort(path: str | Path, genes: str = PROTEIN_CODING,
+                         block_rows: int = TARGET_BLOCK_ROWS) -> TrainingCohort:
     """The targets: every protein-coding gene of the cohort (var["protein_coding"], paper A.2) in the
-    file's gene order, or with genes="hvg" the HVGs in highly_variable_rank order."""
+    file's gene order, or with genes="hvg" the HVGs in highly_variable_rank order. The raw counts are
+    read `block_rows` spots at a time; the targets stay sparse."""
     path = Path(path)
     if genes not in TARGET_GENE_SETS:
         raise InputError(None, f"--genes must be one of {list(TARGET_GENE_SETS)}, got {genes!r}")
-    adata = read_cohort_h5ad(path)
-    if "highly_variable" not in adata.var:
-        raise InputError(path, 'var["highly_variable"] is missing (the PTPL genes carry the HVG flags)')
-    if "donor" not in adata.obs:
-        raise InputError(path, 'obs["donor"] is missing (leave-one-donor-out needs it)')
-    if not adata.obs_names.is_unique:
-        raise InputError(path, "spot keys (obs names) are not unique")
-    hv = adata.var["highly_variable"].to_numpy(dtype=bool)
-    if "highly_variable_rank" in adata.var:
-        ranks = adata.var["highly_variable_rank"].to_numpy(dtype=np.float64)
-    else:
-        ranks = np.arange(adata.n_vars, dtype=np.float64)
-    if genes == HVG:
-        flagged = np.flatnonzero(hv)
-        if flagged.size == 0:
-            raise InputError(path, "no gene is flagged highly_variable: nothing to predict")
-        columns = flagged[np.argsort(ranks[flagged], kind="stable")]
-        gene_set = {"name": HVG}
-    else:
-        columns, gene_set = protein_coding_columns(adata.var, adata.uns, path, "train DeepSpot on --genes hvg")
-    counts = adata.layers["counts"]
-    data = counts.data if hasattr(counts, "data") and not isinstance(counts, np.ndarray) else np.asarray(counts)
-    if data.size and (not np.isfinite(data).all() or data.min() < 0):
-        raise InputError(path, 'layers["counts"] has negative or non-finite values: raw counts expected')
+    with H5adRows(path) as h5ad:
+        if not h5ad.has("layers/counts"):
+            raise InputError(path, 'no raw counts: layers["counts"] is missing')
+        obs, var = h5ad.obs, h5ad.var
+        if "highly_variable" not in var:
+            raise InputError(path, 'var["highly_variable"] is missing (the PTPL genes carry the HVG flags)')
+        if "donor" not in obs:
+            raise InputError(path, 'obs["donor"] is missing (leave-one-donor-out needs it)')
+        if not obs.index.is_unique:
+            raise InputError(path, "spot keys (obs names) are not unique")
+        hv = var["highly_variable"].to_numpy(dtype=bool)
+        if "highly_variable_rank" in var:
+            ranks = var["highly_variable_rank"].to_numpy(dtype=np.float64)
+        else:
+            ranks = np.arange(len(var), dtype=np.float64)
+        if genes == HVG:
+            flagged = np.flatnonzero(hv)
+            if flagged.size == 0:
+                raise InputError(path, "no gene is flagged highly_variable: nothing to predict")
+            columns = flagged[np.argsort(ranks[flagged], kind="stable")]
+            gene_set = {"name": HVG}
+        else:
+            columns, gene_set = protein_coding_columns(var, h5ad.uns, path, "train DeepSpot on --genes hvg")
+        targets = SparseRows(h5ad.stored_values("layers/counts"), columns.size)
+        for _, counts in h5ad.iter_rows("layers/counts", block_rows):
+            if counts.data.size and (not np.isfinite(counts.data).all() or counts.data.min() < 0):
+                raise InputError(path, 'layers["counts"] has negative or non-finite values: raw counts expected')
+            targets.append(log1p_cp10k(counts, columns))
+        targets = targets.matrix()
     table = pd.DataFrame({"highly_variable": hv[columns], "highly_variable_rank": np.where(hv, ranks, np.nan)[columns]},
-                         index=adata.var_names[columns].astype(str))
-    if "gene_ids" in adata.var:
-        table["gene_ids"] = adata.var["gene_ids"].to_numpy()[columns].astype(str)
+                         index=var.index[columns].astype(str))
+    if "gene_ids" in var:
+        table["gene_ids"] = var["gene_ids"].to_numpy()[columns].astype(str)
     gene_set.update(n_genes=int(columns.size), n_hvgs=int(hv[columns].sum()), hvgs_not_predicted=int(hv.sum() - hv[columns].sum()))
-    targets = log1p_cp10k(counts, columns)
-    donors = adata.obs["donor"].astype(str).to_numpy()
-    log.info("read %s: %d spots of %d donors, %d target genes (%s, first %s); %d of the %d HVGs among them", path,
-             adata.n_obs, len(set(donors)), len(columns), genes, list(table.index[:3]), int(hv[columns].sum()),
-             int(hv.sum()))
-    return TrainingCohort(path, [str(k) for k in adata.obs_names], donors, table, targets, gene_set)
+    donors = obs["donor"].astype(str).to_numpy()
+    log.info("read %s: %d spots of %d donors, %d target genes (%s, first %s); %d of the %d HVGs among them; "
+             "targets sparse, %d non-zeros (%.2f GB)", path, len(obs), len(set(donors)), len(columns), genes,
+             list(table.index[:3]), int(hv[columns].sum()), int(hv.sum()), targets.nnz, csr_bytes(targets) / 1e9)
+    return TrainingCohort(path, [str(k) for k in obs.index], donors, table, targets, gene_set)
+
+
+def csr_bytes(matrix: sp.csr_matrix) -> int:
+    return int(matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,25 +406,57 @@ class TrainingConfig:
     compile: bool = False
 
 
-def train_deepspot(features: SpotFeatures, targets: np.ndarray, rows: np.ndarray, config: TrainingConfig,
+def gene_blocks(n_rows: int, n_genes: int, max_bytes: int = MOMENT_BLOCK_BYTES) -> list[tuple[int, int]]:
+    """Column ranges whose dense float32 (n_rows x width) blocks take at most `max_bytes` (one range of
+    every gene when they fit)."""
+    width = max(1, int(max_bytes) // (4 * max(1, n_rows)))
+    return [(start, min(start + width, n_genes)) for start in range(0, n_genes, width)]
+
+
+def dense_columns(targets, rows: np.ndarray, start: int, stop: int, block_rows: int = TARGET_BLOCK_ROWS) -> np.ndarray:
+    """targets[rows][:, start:stop] as dense float32, filled `block_rows` spots at a time."""
+    out = np.empty((len(rows), stop - start), dtype=np.float32)
+    whole = start == 0 and stop == targets.shape[1]
+    for first in range(0, len(rows), block_rows):
+        block = targets[rows[first:first + block_rows]]
+        block = block if whole else block[:, start:stop]
+        out[first:first + block_rows] = block.toarray() if sp.issparse(block) else block
+    return out
+
+
+def target_moments(targets, rows: np.ndarray, max_bytes: int = MOMENT_BLOCK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-gene mean and population standard deviation (float32) of targets[rows], by torch on dense
+    gene blocks of at most `max_bytes`: when every gene fits in one block, bit-identical to the moments
+    of the dense (rows x genes) matrix."""
+    rows = np.asarray(rows, dtype=np.int64)
+    n_genes = targets.shape[1]
+    mean, std = torch.empty(n_genes), torch.empty(n_genes)
+    for start, stop in gene_blocks(len(rows), n_genes, max_bytes):
+        y = torch.as_tensor(dense_columns(targets, rows, start, stop))
+        mean[start:stop] = y.mean(dim=0)
+        std[start:stop] = y.std(dim=0, unbiased=False)
+    return mean, std
+
+
+def train_deepspot(features: SpotFeatures, targets, rows: np.ndarray, config: TrainingConfig,
                    desc: str = "deepspot") -> DeepSpot:
-    """A DeepSpot model trained on the spots `rows` of `features` with targets[rows] (log1p CP10k).
-    Same inputs and config -> the same model on the same device."""
+    """A DeepSpot model trained on the spots `rows` of `features` with targets[rows] (log1p CP10k; CSR
+    or dense, each batch densifies its own rows). Same inputs and config -> the same model on the same
+    device."""
     rows = np.asarray(rows, dtype=np.int64)
     device = resolve_device(config.device)
     model = DeepSpot(features.dim, targets.shape[1], config.hidden_dim, config.n_ensemble, config.dropout,
                      seed=config.seed)
-    y = torch.as_tensor(targets[rows], dtype=torch.float32)
     if config.standardize:
-        scale = y.std(dim=0, unbiased=False)
-        model.target_mean.copy_(y.mean(dim=0))
+        mean, scale = target_moments(targets, rows)
+        model.target_mean.copy_(mean)
         model.target_scale.copy_(torch.where(scale > 0, scale, torch.ones_like(scale)))
-    y = (y - model.target_mean) / model.target_scale
     model.to(device).train()
     step = torch.compile(model) if config.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     order = np.random.default_rng(config.seed)
     fork_devices = [device] if device.type == "cuda" else []
+    target_mean, target_scale = model.target_mean.cpu(), model.target_scale.cpu()
     with torch.random.fork_rng(devices=fork_devices, device_type=device.type):
         torch.manual_seed(config.seed)
         progress = tqdm(range(config.epochs), desc=desc, unit="epoch", file=sys.stderr, mininterval=5.0)
@@ -375,9 +466,10 @@ def train_deepspot(features: SpotFeatures, targets: np.ndarray, rows: np.ndarray
             for start in range(0, len(rows), config.batch_size):
                 batch = permutation[start:start + config.batch_size]
                 inputs = features.batch(rows[batch], device)
+                y = (torch.as_tensor(target_rows(targets, rows[batch])) - target_mean) / target_scale
                 with autocast(device, config.bf16):
                     prediction = step(*inputs)
-                loss = F.mse_loss(prediction.float(), y[batch].to(device))
+                loss = F.mse_loss(prediction.float(), y.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -525,7 +617,8 @@ def fold_plan(folds: Sequence[Fold], final: Fold, roles: SplitRoles, donors: Seq
 
 
 def pearson_per_gene(predicted: np.ndarray, observed: np.ndarray) -> np.ndarray:
-    """Pearson r of each column; NaN where either column is constant."""
+    """Pearson r of each column; NaN where either column is constant (the dense two-pass reference of
+    `PearsonSums`)."""
     p = np.asarray(predicted, dtype=np.float64)
     o = np.asarray(observed, dtype=np.float64)
     p = p - p.mean(axis=0)
@@ -533,6 +626,54 @@ def pearson_per_gene(predicted: np.ndarray, observed: np.ndarray) -> np.ndarray:
     denominator = np.sqrt((p * p).sum(axis=0) * (o * o).sum(axis=0))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denominator > 0, (p * o).sum(axis=0) / denominator, np.nan)
+
+
+class PearsonSums:
+    """Per-gene Pearson r between predictions and observations from running float64 sums over blocks
+    of spots: count, means, centred sums of squares and co-moment, merged pairwise (Chan, Golub and
+    LeVeque), so r equals the two-pass `pearson_per_gene` of the stacked blocks to float rounding.
+    A gene whose predictions or observations are constant has r NaN."""
+
+    def __init__(self, n_genes: int):
+        self.n = 0
+        self.mean = np.zeros((2, n_genes))  # predicted, observed
+        self.m2 = np.zeros((2, n_genes))
+        self.co = np.zeros(n_genes)
+        self.low = np.full((2, n_genes), np.inf)
+        self.high = np.full((2, n_genes), -np.inf)
+
+    def add(self, predicted: np.ndarray, observed: np.ndarray) -> "PearsonSums":
+        for start in range(0, len(predicted), PEARSON_BLOCK_ROWS):
+            block = np.stack([np.asarray(predicted[start:start + PEARSON_BLOCK_ROWS], dtype=np.float64),
+                              np.asarray(observed[start:start + PEARSON_BLOCK_ROWS], dtype=np.float64)])  # (2, b, G)
+            mean = block.mean(axis=1)
+            centred = block - mean[:, None, :]
+            part = PearsonSums(block.shape[2])
+            part.n, part.mean = block.shape[1], mean
+            part.m2 = (centred * centred).sum(axis=1)
+            part.co = (centred[0] * centred[1]).sum(axis=0)
+            part.low, part.high = block.min(axis=1), block.max(axis=1)
+            self.merge(part)
+        return self
+
+    def merge(self, other: "PearsonSums") -> "PearsonSums":
+        if other.n == 0:
+            return self
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        weight = self.n * other.n / n
+        self.m2 = self.m2 + other.m2 + delta * delta * weight
+        self.co = self.co + other.co + delta[0] * delta[1] * weight
+        self.mean = self.mean + delta * (other.n / n)
+        self.low, self.high = np.minimum(self.low, other.low), np.maximum(self.high, other.high)
+        self.n = n
+        return self
+
+    def r(self) -> np.ndarray:
+        varies = (self.high > self.low).all(axis=0)
+        denominator = np.sqrt(self.m2[0] * self.m2[1])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(varies & (denominator > 0), self.co / denominator, np.nan)
 
 
 def summarise_pearson(r: np.ndarray) -> dict[str, Any]:
@@ -544,16 +685,22 @@ def summarise_pearson(r: np.ndarray) -> dict[str, Any]:
     }
 
 
-def baseline_predictions(pooled: np.ndarray, targets: np.ndarray, fold: Fold, seed: int,
+def baseline_memory_bytes(n_spots: int, n_genes: int) -> int:
+    """What sklearn's RidgeCV and MLP baselines hold: dense float64 (spots x genes) arrays."""
+    return BASELINE_COPIES * 8 * int(n_spots) * int(n_genes)
+
+
+def baseline_predictions(pooled: np.ndarray, targets, fold: Fold, seed: int,
                          mlp_hidden: int, mlp_max_iter: int) -> dict[str, np.ndarray]:
-    """Out-of-fold predictions (clipped at 0) of RidgeCV and an MLPRegressor on standardised features."""
+    """Out-of-fold predictions (clipped at 0) of RidgeCV and an MLPRegressor on standardised features.
+    sklearn fits dense targets: the caller runs them only where `baseline_memory_bytes` fits."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import RidgeCV
     from sklearn.neural_network import MLPRegressor
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x_train, y_train = pooled[fold.train_rows], targets[fold.train_rows]
+    x_train, y_train = pooled[fold.train_rows], target_rows(targets, fold.train_rows)
     x_test = pooled[fold.label_rows]
     ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS))
     mlp = make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(mlp_hidden,), max_iter=mlp_max_iter,
@@ -580,51 +727,62 @@ def lodo_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
 class LodoResult:
     folds: list[Fold]
     models: dict[str, DeepSpot]  # held-out donor -> model
-    predictions: dict[str, np.ndarray]  # method -> (N, G) out-of-fold, clipped (zeros where no fold labels)
     rows: np.ndarray  # the spots the folds label (the training donors'), where pearson is measured
     pearson: dict[str, np.ndarray]  # method -> (G,) r on the pooled out-of-fold spots
     per_donor: dict[str, dict[str, dict[str, Any]]]  # method -> donor -> summary
 
 
-def fold_predictions(features: SpotFeatures, targets: np.ndarray, fold: Fold, config: TrainingConfig,
-                     pooled: np.ndarray | None, mlp_hidden: int, mlp_max_iter: int, predict_batch_size: int = 1024,
-                     model: DeepSpot | None = None) -> tuple[DeepSpot, dict[str, np.ndarray]]:
-    """The fold's DeepSpot model (trained here unless given) and its predictions of the labelled spots,
-    with the baselines' on the same rows when `pooled` features are given."""
+def fold_pearson(features: SpotFeatures, targets, fold: Fold, config: TrainingConfig,
+                 pooled: np.ndarray | None, mlp_hidden: int, mlp_max_iter: int, predict_batch_size: int = 1024,
+                 model: DeepSpot | None = None) -> tuple[DeepSpot, dict[str, PearsonSums]]:
+    """The fold's DeepSpot model (trained here unless given) and the Pearson sums of its predictions of
+    the labelled spots against their targets, a batch of spots at a time, with the baselines' on the
+    same rows when `pooled` features are given."""
     name = f"lodo {fold.held_out_donor}" if fold.held_out_donor else "all training donors"
     if model is None:
         model = train_deepspot(features, targets, fold.train_rows, config, desc=name)
-    out = {"deepspot": predict_log1p(model, features, fold.label_rows, predict_batch_size, config.device, config.bf16)}
+    n_genes = targets.shape[1]
+    sums = {"deepspot": PearsonSums(n_genes)}
+    for start in range(0, len(fold.label_rows), predict_batch_size):
+        rows = fold.label_rows[start:start + predict_batch_size]
+        predicted = predict_log1p(model, features, rows, predict_batch_size, config.device, config.bf16)
+        sums["deepspot"].add(predicted, target_rows(targets, rows))
     if pooled is not None:
-        out.update(baseline_predictions(pooled, targets, fold, config.seed, mlp_hidden, mlp_max_iter))
-    return model, out
+        for method, predicted in baseline_predictions(pooled, targets, fold, config.seed, mlp_hidden,
+                                                      mlp_max_iter).items():
+            sums[method] = PearsonSums(n_genes)
+            for start in range(0, len(fold.label_rows), predict_batch_size):
+                rows = fold.label_rows[start:start + predict_batch_size]
+                sums[method].add(predicted[start:start + predict_batch_size], target_rows(targets, rows))
+    return model, sums
 
 
-def leave_one_donor_out(features: SpotFeatures, targets: np.ndarray, folds: Sequence[Fold], config: TrainingConfig,
+def leave_one_donor_out(features: SpotFeatures, targets, folds: Sequence[Fold], config: TrainingConfig,
                         baselines: bool = True, mlp_hidden: int = 256, mlp_max_iter: int = 50,
                         predict_batch_size: int = 1024) -> LodoResult:
-    """Train one DeepSpot model per fold; out-of-fold predictions and Pearson r of DeepSpot and
-    (optionally) the RidgeCV and MLP baselines on the same folds, over the spots the folds label."""
-    methods = ["deepspot", *(("ridge", "mlp") if baselines else ())]
-    predictions = {m: np.zeros_like(targets) for m in methods}
+    """Train one DeepSpot model per fold; out-of-fold Pearson r of DeepSpot and (optionally) the
+    RidgeCV and MLP baselines on the same folds, over the spots the folds label, from running sums
+    (no spots x genes matrix of predictions is ever held)."""
     pooled = features.pooled() if baselines else None
     models = {}
+    by_fold: dict[str, dict[str, PearsonSums]] = {}
     for k, fold in enumerate(folds):
         log.info("fold %d/%d: labels donor %s (%d spots), trains on %d train-split spots of the other training "
                  "donors", k + 1, len(folds), fold.held_out_donor, len(fold.label_rows), len(fold.train_rows))
-        model, values = fold_predictions(features, targets, fold, config, pooled, mlp_hidden, mlp_max_iter,
-                                         predict_batch_size)
+        model, sums = fold_pearson(features, targets, fold, config, pooled, mlp_hidden, mlp_max_iter,
+                                   predict_batch_size)
         models[fold.held_out_donor] = model
-        for name, value in values.items():
-            predictions[name][fold.label_rows] = value
+        by_fold[fold.held_out_donor] = sums
+    methods = list(next(iter(by_fold.values()))) if by_fold else ["deepspot"]
+    pearson = {}
+    for method in methods:
+        pooled_sums = PearsonSums(targets.shape[1])
+        for sums in by_fold.values():
+            pooled_sums.merge(sums[method])
+        pearson[method] = pooled_sums.r()
+    per_donor = {m: {d: summarise_pearson(sums[m].r()) for d, sums in by_fold.items()} for m in methods}
     rows = np.sort(np.concatenate([f.label_rows for f in folds]))
-    pearson = {m: pearson_per_gene(p[rows], targets[rows]) for m, p in predictions.items()}
-    per_donor = {
-        m: {f.held_out_donor: summarise_pearson(pearson_per_gene(p[f.label_rows], targets[f.label_rows]))
-            for f in folds}
-        for m, p in predictions.items()
-    }
-    return LodoResult(list(folds), models, predictions, rows, pearson, per_donor)
+    return LodoResult(list(folds), models, rows, pearson, per_donor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -730,23 +888,49 @@ def check_encoder_matches(models: ModelSet, features: SpotFeatures, store_path: 
                                          f"DeepSpot model was trained on ({trained.get(field)!r})")
 
 
-def predict_cohort(models: ModelSet, features: SpotFeatures, donors: Sequence[str], cohorts: Sequence[str],
-                   batch_size: int = 1024, device: str = "auto", bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Clipped predictions (N, G) and the held-out donor of the model used per spot ("" = all training
-    donors): a training donor's spots come from the fold model that never saw that donor; the test
-    donors' spots and every spot of another cohort from the model of all training donors."""
+def spot_models(models: ModelSet, donors: Sequence[str], cohorts: Sequence[str]) -> np.ndarray:
+    """The held-out donor of the model that labels each spot ("" = all training donors): a training
+    donor's spots get the fold model that never saw that donor; the test donors' spots and every spot
+    of another cohort the model of all training donors."""
     donors = np.asarray(donors, dtype=object).astype(str)
     in_training_cohort = np.asarray(cohorts, dtype=object).astype(str) == models.config["fold_plan"]["cohort"]
-    predictions = np.zeros((len(features), models.config["architecture"]["n_genes"]), dtype=np.float32)
     labelled_by_fold = in_training_cohort & np.isin(donors, list(models.by_held_out_donor))
-    fold_donor = np.where(labelled_by_fold, donors, "").astype(object)
-    for held_out in tqdm(sorted(set(fold_donor.tolist())), desc="deepspot predict", unit="model", file=sys.stderr):
+    return np.where(labelled_by_fold, donors, "").astype(object)
+
+
+def iter_cohort_predictions(models: ModelSet, features: SpotFeatures, fold_donor: np.ndarray,
+                            batch_size: int = 1024, device: str = "auto", bf16: bool = False) -> Iterator[np.ndarray]:
+    """Clipped predictions (log1p CP10k, float32) of every spot, in spot order, a block of rows at a
+    time. Each model predicts its own spots in the batches of `predict_log1p` over all of them (so the
+    values are those of predicting them at once); a block is handed on as soon as all its rows are
+    predicted, so at most one batch per model waits."""
+    fold_donor = np.asarray(fold_donor, dtype=object).astype(str)
+    batches = []
+    for held_out in sorted(set(fold_donor.tolist())):
         rows = np.flatnonzero(fold_donor == held_out)
-        model = models.by_held_out_donor[held_out] if held_out else models.all_donors
         log.info("%d spots predicted by the %s model", len(rows),
                  f"leave-{held_out}-out" if held_out else "all-training-donor")
-        predictions[rows] = predict_log1p(model, features, rows, batch_size, device, bf16)
-    return predictions, fold_donor
+        batches += [(held_out, rows[start:start + batch_size]) for start in range(0, len(rows), batch_size)]
+    batches.sort(key=lambda batch: int(batch[1][0]))
+    waiting: list[tuple[np.ndarray, np.ndarray]] = []
+    done = 0
+    n_genes = models.config["architecture"]["n_genes"]
+    for k, (held_out, rows) in enumerate(tqdm(batches, desc="deepspot predict", unit="batch", file=sys.stderr,
+                                              mininterval=5.0)):
+        model = models.by_held_out_donor[held_out] if held_out else models.all_donors
+        waiting.append((rows, predict_log1p(model, features, rows, batch_size, device, bf16)))
+        complete = int(batches[k + 1][1][0]) if k + 1 < len(batches) else len(fold_donor)
+        if complete == done:
+            continue
+        block = np.empty((complete - done, n_genes), dtype=np.float32)
+        still = []
+        for rows_, values in waiting:
+            inside = rows_ < complete
+            block[rows_[inside] - done] = values[inside]
+            if not inside.all():
+                still.append((rows_[~inside], values[~inside]))
+        waiting, done = still, complete
+        yield block
 
 
 def h5ad_safe(value: Any) -> Any:
@@ -760,12 +944,11 @@ def h5ad_safe(value: Any) -> Any:
     return value
 
 
-def ptpl_anndata(spots: pd.DataFrame, predictions: np.ndarray, genes: pd.DataFrame, fold_donor: np.ndarray,
-                 meta: Mapping[str, Any], fold_plan: Mapping[str, Any] | None = None,
-                 gene_set: Mapping[str, Any] | None = None):
-    """The PTPL AnnData: see the module docstring."""
+def ptpl_skeleton(spots: pd.DataFrame, genes: pd.DataFrame, fold_donor: np.ndarray, meta: Mapping[str, Any],
+                  fold_plan: Mapping[str, Any] | None = None, gene_set: Mapping[str, Any] | None = None):
+    """The PTPL AnnData without its matrices (obs, var, obsm, uns: see the module docstring); X and
+    layers["counts"] are written block by block (`write_ptpl`)."""
     import anndata as ad
-    import scipy.sparse as sp
 
     obs = pd.DataFrame(index=pd.Index(spots["key"].astype(str).to_numpy(), name=None))
     for column in ("sample", "donor", "cohort"):
@@ -779,9 +962,7 @@ def ptpl_anndata(spots: pd.DataFrame, predictions: np.ndarray, genes: pd.DataFra
     var["highly_variable_rank"] = genes["highly_variable_rank"].to_numpy(dtype=np.float64)
     if "gene_ids" in genes:
         var["gene_ids"] = genes["gene_ids"].astype(str).to_numpy()
-    predictions = np.asarray(predictions, dtype=np.float32)
-    adata = ad.AnnData(X=predictions, obs=obs, var=var)
-    adata.layers["counts"] = sp.csr_matrix(np.expm1(predictions).astype(np.float32))
+    adata = ad.AnnData(obs=obs, var=var)
     if {"pxl_col", "pxl_row"} <= set(spots.columns):
         adata.obsm["spatial"] = spots[["pxl_col", "pxl_row"]].to_numpy(dtype=np.float64)
     adata.uns["stmdit"] = h5ad_safe(dict(meta))
@@ -794,13 +975,16 @@ def ptpl_anndata(spots: pd.DataFrame, predictions: np.ndarray, genes: pd.DataFra
     return adata
 
 
-def write_h5ad(adata, path: str | Path) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp.with_suffix(".h5ad"))
-        tmp.with_suffix(".h5ad").rename(tmp)
-    log.info("wrote %s: %d spots x %d genes", path, adata.n_obs, adata.n_vars)
-    return path
+def pseudo_counts(predictions: np.ndarray) -> sp.csr_matrix:
+    """layers["counts"] of the PTPL h5ad: expm1 of the (clipped) predictions, CSR float32."""
+    return sp.csr_matrix(np.expm1(np.asarray(predictions, dtype=np.float32)).astype(np.float32))
+
+
+def write_ptpl(path: str | Path, skeleton, blocks: Iterable[np.ndarray]) -> Path:
+    """The PTPL h5ad: X the predictions, layers["counts"] their pseudo-counts, written a block at a time."""
+    write_h5ad_by_rows(path, skeleton, blocks, {"counts": pseudo_counts})
+    log.info("wrote %s: %d spots x %d genes", path, skeleton.n_obs, skeleton.n_vars)
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -838,8 +1022,50 @@ def cohort_name(spots: pd.DataFrame, source: str | Path) -> str:
     return names[0]
 
 
+def feature_memory_bytes(store_path: str | Path) -> int:
+    """What `load_spot_features` holds for a store: float32 tiles, stored sub-tiles, neighbour index."""
+    group = open_feature_store(store_path)
+    if "embedding" not in group or "subtiles" not in group:
+        return 0  # not a deepspot_fm store: load_spot_features says so
+    n, dim = group["embedding"].shape
+    subtiles = int(np.prod(group["subtiles"].shape)) * np.dtype(group["subtiles"].dtype).itemsize
+    return int(n * dim * 4 + subtiles + n * len(HEX_NEIGHBOUR_OFFSETS) * 8)
+
+
+def training_memory_bytes(expression: str | Path, store_path: str | Path) -> int:
+    """Estimated peak of deepspot-train beyond the interpreter: the sparse targets (at most the raw
+    counts' non-zeros, float32 + int32 index), the features, a gene block of target moments."""
+    with H5adRows(expression) as h5ad:
+        n_spots = h5ad.shape("layers/counts")[0] if h5ad.has("layers/counts") else 0
+        nonzeros = h5ad.stored_values("layers/counts") if h5ad.has("layers/counts") else 0
+    return int(8 * nonzeros + 8 * n_spots + feature_memory_bytes(store_path) + MOMENT_BLOCK_BYTES)
+
+
+def choose_baselines(wanted: bool, max_gb: float, n_spots: int, n_genes: int) -> tuple[bool, str]:
+    """Whether the RidgeCV / MLP baselines run, and why: sklearn fits them on dense targets, so they
+    run only when `baseline_memory_bytes` stays within `max_gb`."""
+    if not wanted:
+        return False, "off (--no-baselines)"
+    needed = baseline_memory_bytes(n_spots, n_genes)
+    if needed > max_gb * 1e9:
+        return False, (f"skipped: sklearn's dense targets for {n_spots} spots x {n_genes} genes need about "
+                       f"{needed / 1e9:.1f} GB, above --baselines-max-gb {max_gb:g}")
+    return True, f"on ({needed / 1e9:.2f} GB of dense targets, within --baselines-max-gb {max_gb:g})"
+
+
 def run_train(args: argparse.Namespace) -> Path:
     config = training_config(args)
+    needed = training_memory_bytes(args.expression, args.features)
+    require(args.expression, needed, "deepspot-train of this cohort")
+    try:
+        return train_stage(args, config)
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise out_of_memory(args.expression, needed, "deepspot-train of this cohort") from None
+
+
+def train_stage(args: argparse.Namespace, config: TrainingConfig) -> Path:
     cohort = read_training_cohort(args.expression, args.genes)
     roles = read_split_roles(args.split, cohort.keys, cohort.donors)
     folds = donor_folds(cohort.donors, roles)  # fails before any reading of features
@@ -848,13 +1074,18 @@ def run_train(args: argparse.Namespace) -> Path:
     name = cohort_name(spots, args.spots[0])
     plan = fold_plan(folds, final, roles, cohort.donors, name)
     features = load_spot_features(args.features, spots)
+    baselines, baselines_note = choose_baselines(not args.no_baselines, args.baselines_max_gb, len(cohort.keys),
+                                                 cohort.targets.shape[1])
+    log.info("RidgeCV and MLP baselines: %s", baselines_note)
     params = {**asdict(config), "genes": args.genes, "baselines": not args.no_baselines, "mlp_hidden": args.mlp_hidden,
               "mlp_max_iter": args.mlp_max_iter, "target_sum": TARGET_SUM, "ridge_alphas": list(RIDGE_ALPHAS)}
+    if baselines != (not args.no_baselines):
+        params["baselines_max_gb"] = args.baselines_max_gb  # only where it decided: same params hash as before
     inputs = [args.expression, args.features, args.split, *args.spots]
     log.info("cohort %s: training donors %s (leave-one-donor-out), test donors %s (labelled by the model of all "
              "training donors); models learn from the %d train-split spots only", name, roles.training_donors,
              roles.test_donors, int(roles.trainable.sum()))
-    lodo = leave_one_donor_out(features, cohort.targets, folds, config, baselines=not args.no_baselines,
+    lodo = leave_one_donor_out(features, cohort.targets, folds, config, baselines=baselines,
                                mlp_hidden=args.mlp_hidden, mlp_max_iter=args.mlp_max_iter)
     summary = {m: summarise_pearson(r) for m, r in lodo.pearson.items()}
     log.info("leave-one-donor-out Pearson r per gene (out-of-fold spots of the training donors):\n%s",
@@ -864,11 +1095,10 @@ def run_train(args: argparse.Namespace) -> Path:
     if final.label_rows.size == 0:
         all_donors = train_deepspot(features, cohort.targets, final.train_rows, config, desc="all training donors")
     else:
-        pooled = features.pooled() if not args.no_baselines else None
-        all_donors, test_predictions = fold_predictions(features, cohort.targets, final, config, pooled,
-                                                        args.mlp_hidden, args.mlp_max_iter)
-        truth = cohort.targets[final.label_rows]
-        test_pearson = {m: summarise_pearson(pearson_per_gene(p, truth)) for m, p in test_predictions.items()}
+        pooled = features.pooled() if baselines else None
+        all_donors, test_sums = fold_pearson(features, cohort.targets, final, config, pooled, args.mlp_hidden,
+                                             args.mlp_max_iter)
+        test_pearson = {m: summarise_pearson(sums.r()) for m, sums in test_sums.items()}
         log.info("Pearson r per gene of the all-training-donor model on the test donors %s (reported only; "
                  "nothing of them trains a model):\n%s", roles.test_donors, lodo_table(test_pearson))
     report = {
@@ -877,6 +1107,7 @@ def run_train(args: argparse.Namespace) -> Path:
         "genes": list(cohort.genes.index),
         "gene_set": cohort.gene_set,
         "fold_plan": plan,
+        "baselines": {"run": baselines, "why": baselines_note},
         "pearson": {m: {**summary[m], "per_donor": lodo.per_donor[m]} for m in lodo.pearson},
         "per_gene": {m: [None if not np.isfinite(v) else float(v) for v in r] for m, r in lodo.pearson.items()},
         "test_donors_pearson": test_pearson,
@@ -894,21 +1125,31 @@ def run_train(args: argparse.Namespace) -> Path:
 def run_predict(args: argparse.Namespace) -> Path:
     if args.batch_size < 1:
         raise InputError(None, f"--batch-size must be at least 1, got {args.batch_size}")
+    needed = feature_memory_bytes(args.features) + MOMENT_BLOCK_BYTES
+    require(args.features, needed, "deepspot-predict of this cohort")
+    try:
+        return predict_stage(args)
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise out_of_memory(args.features, needed, "deepspot-predict of this cohort") from None
+
+
+def predict_stage(args: argparse.Namespace) -> Path:
     models = load_model_dir(args.model)
     spots = read_cohort_spots(args.spots)
     features = load_spot_features(args.features, spots)
     check_encoder_matches(models, features, args.features)
-    predictions, fold_donor = predict_cohort(models, features, spots["donor"].astype(str).to_numpy(),
-                                             spots["cohort"].astype(str).to_numpy(), args.batch_size, args.device,
-                                             args.bf16)
+    fold_donor = spot_models(models, spots["donor"].astype(str).to_numpy(), spots["cohort"].astype(str).to_numpy())
     params = {"batch_size": args.batch_size, "device": args.device, "bf16": args.bf16,
               "model_params_hash": models.config["stmdit"]["params_hash"]}
     meta = provenance("deepspot-predict", params, [args.model, args.features, *args.spots])
-    adata = ptpl_anndata(spots, predictions, models.genes, fold_donor, meta, models.config["fold_plan"],
-                         models.config.get("gene_set"))
+    skeleton = ptpl_skeleton(spots, models.genes, fold_donor, meta, models.config["fold_plan"],
+                             models.config.get("gene_set"))
     log.info("%d of %d spots predicted out-of-fold (their donor was held out of the model)",
-             int(adata.obs["out_of_fold"].sum()), adata.n_obs)
-    return write_h5ad(adata, args.out)
+             int(skeleton.obs["out_of_fold"].sum()), skeleton.n_obs)
+    blocks = iter_cohort_predictions(models, features, fold_donor, args.batch_size, args.device, args.bf16)
+    return write_ptpl(args.out, skeleton, blocks)
 
 
 def register(subparsers) -> None:
@@ -940,6 +1181,9 @@ def register(subparsers) -> None:
     train.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
     train.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     train.add_argument("--no-baselines", action="store_true", help="skip the RidgeCV and MLP baselines")
+    train.add_argument("--baselines-max-gb", type=float, default=4.0,
+                       help="run the baselines only when sklearn's dense targets (6 float64 copies of spots x genes) "
+                            "fit in this many GB; above, they are skipped and the log and lodo JSON say so")
     train.add_argument("--mlp-hidden", type=int, default=256, help="hidden units of the MLPRegressor baseline")
     train.add_argument("--mlp-max-iter", type=int, default=50, help="epochs of the MLPRegressor baseline")
     train.set_defaults(func=run_train)

@@ -53,7 +53,7 @@ import zarr
 from tqdm import tqdm
 
 from stmdit.errors import InputError
-from stmdit.expression import read_cohort_h5ad
+from stmdit.h5ad_rows import H5adRows
 from stmdit.provenance import atomic_path, provenance
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 TARGET_CHUNK_BYTES = 256 * 1024
 TARGET_SHARD_BYTES = 64 * 1024 * 1024
 KEY_CHUNK_ROWS = 65536
+READ_BLOCK_ROWS = 8192  # rows per read of a whole cohort's features (read_rows_in_blocks)
 DENSE_READ_FACTOR = 5  # a row-range read costs ~5x a chunk decode in zarr-python 3.1
 STORED_DTYPES = {
     "embedding": np.float32,
@@ -252,10 +253,13 @@ def read_array_rows(array: zarr.Array, rows: Sequence[int] | np.ndarray) -> np.n
     chunks_spanned = (stop - 1) // chunk_rows - first // chunk_rows + 1
     runs = row_runs(unique)
     if len(runs) * DENSE_READ_FACTOR >= chunks_spanned:
-        values = np.asarray(array[first:stop])[unique - first]
+        values = np.asarray(array[first:stop])
+        if unique.size != stop - first:
+            values = values[unique - first]
     else:
         values = np.concatenate(_read_ranges(array, runs))
-    return values[inverse]
+    # rows already sorted and unique (a whole cohort in store order): no second copy of every row
+    return values if rows.size == unique.size and np.array_equal(rows, unique) else values[inverse]
 
 
 def read_feature_rows(
@@ -281,7 +285,20 @@ def read_feature_rows(
     for array_name in arrays or store_row_arrays(group):
         if array_name not in group:
             raise InputError(name, f"feature store has no array {array_name!r}")
-        out[array_name] = read_array_rows(group[array_name], rows)
+        out[array_name] = read_rows_in_blocks(group[array_name], rows)
+    return out
+
+
+def read_rows_in_blocks(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """`read_array_rows`, READ_BLOCK_ROWS rows at a time into one array when the rows increase (a
+    cohort in store order): zarr holds the compressed chunks of one block, not of every row, beside
+    the result."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size <= READ_BLOCK_ROWS or not (np.diff(rows) > 0).all():
+        return read_array_rows(array, rows)
+    out = np.empty((rows.size, *array.shape[1:]), dtype=array.dtype)
+    for start in range(0, rows.size, READ_BLOCK_ROWS):
+        out[start:start + READ_BLOCK_ROWS] = read_array_rows(array, rows[start:start + READ_BLOCK_ROWS])
     return out
 
 
@@ -371,32 +388,52 @@ def encode_batches(encoder, batches: Iterable, total: int, desc: str) -> Iterato
 # Expression encoder: CancerFoundation on the cohort's h5ad
 
 
+COUNT_BLOCK_ROWS = 4096  # spots of counts read from the h5ad at a time
+
+
 @dataclass
 class CohortCounts:
+    """A cohort h5ad opened for its counts: obs/var in memory, layers["counts"] read by row blocks
+    (a PTPL h5ad's pseudo-counts are nearly dense: never loaded whole, except by cell_ranger)."""
+
     path: Path
     keys: list[str]
     var_names: np.ndarray
     hvg_rank: np.ndarray
     highly_variable: np.ndarray | None
-    counts: Any  # scipy CSR (spots x genes), raw counts
+    source: H5adRows
     batches: np.ndarray | None = None  # obs["sample"]: the batch key of the reference gene selection
+
+    @property
+    def counts(self):
+        """Every spot's raw counts as one CSR matrix (spots x genes): for cell_ranger gene selection only."""
+        from stmdit.memory_budget import require
+
+        require(self.path, 8 * self.source.stored_values("layers/counts"), "cell_ranger gene selection on the whole "
+                "counts matrix")
+        return self.source.rows("layers/counts", 0, len(self.keys))
 
 
 def read_cohort_counts(path: Path) -> CohortCounts:
-    import scipy.sparse as sp
-
-    adata = read_cohort_h5ad(path)
-    if "highly_variable_rank" not in adata.var:
-        raise InputError(path, 'var["highly_variable_rank"] is missing (HVG ranks choose the gene list)')
-    if adata.n_obs == 0:
-        raise InputError(path, "the cohort has no spots")
-    if not adata.obs_names.is_unique:
-        raise InputError(path, "spot keys (obs names) are not unique")
-    counts = sp.csr_matrix(adata.layers["counts"])
-    hv = adata.var["highly_variable"].to_numpy(dtype=bool) if "highly_variable" in adata.var else None
-    batches = adata.obs["sample"].to_numpy().astype(str) if "sample" in adata.obs else None
-    return CohortCounts(path, [str(k) for k in adata.obs_names], adata.var_names.to_numpy().astype(str),
-                        adata.var["highly_variable_rank"].to_numpy(dtype=np.float64), hv, counts, batches)
+    path = Path(path)
+    source = H5adRows(path)
+    try:
+        if not source.has("layers/counts"):
+            raise InputError(path, 'no raw counts: layers["counts"] is missing')
+        obs, var = source.obs, source.var
+        if "highly_variable_rank" not in var:
+            raise InputError(path, 'var["highly_variable_rank"] is missing (HVG ranks choose the gene list)')
+        if len(obs) == 0:
+            raise InputError(path, "the cohort has no spots")
+        if not obs.index.is_unique:
+            raise InputError(path, "spot keys (obs names) are not unique")
+    except BaseException:
+        source.close()
+        raise
+    hv = var["highly_variable"].to_numpy(dtype=bool) if "highly_variable" in var else None
+    batches = obs["sample"].to_numpy().astype(str) if "sample" in obs else None
+    return CohortCounts(path, [str(k) for k in obs.index], var.index.to_numpy().astype(str),
+                        var["highly_variable_rank"].to_numpy(dtype=np.float64), hv, source, batches)
 
 
 def check_counts(path: Path, counts) -> None:
@@ -405,10 +442,17 @@ def check_counts(path: Path, counts) -> None:
         raise InputError(path, 'layers["counts"] has negative or non-finite values: raw counts expected')
 
 
-def iter_count_batches(counts, keys: Sequence[str], batch_size: int) -> Iterator[tuple[np.ndarray, list[str]]]:
-    for start in range(0, counts.shape[0], batch_size):
-        stop = min(start + batch_size, counts.shape[0])
-        yield counts[start:stop].toarray(), list(keys[start:stop])
+def iter_count_batches(cohort: CohortCounts, columns: np.ndarray, batch_size: int,
+                       block_rows: int = COUNT_BLOCK_ROWS) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """(dense counts of `columns`, spot keys) per batch of spots, read a block of rows at a time and
+    checked for raw counts block by block."""
+    block_rows = max(batch_size, block_rows // batch_size * batch_size)
+    for first, block in cohort.source.iter_rows("layers/counts", block_rows):
+        block = block[:, columns]
+        check_counts(cohort.path, block)
+        for start in range(0, block.shape[0], batch_size):
+            stop = min(start + batch_size, block.shape[0])
+            yield block[start:stop].toarray(), list(cohort.keys[first + start:first + stop])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,23 +508,33 @@ def run_expression_features(args: argparse.Namespace, arch: dict) -> Path:
     if not args.expression:
         raise InputError(None, "encoder cancerfoundation needs --expression")
     cohort = read_cohort_counts(Path(args.expression))
+    try:
+        return encode_cohort_counts(args, arch, cohort)
+    finally:
+        cohort.source.close()
+
+
+def encode_cohort_counts(args: argparse.Namespace, arch: dict, cohort: CohortCounts) -> Path:
+    from stmdit.encoders import load_encoder
+
     encoder = load_encoder("cancerfoundation", args.impl, weights=args.weights, allow_hub=args.allow_hub, arch=arch,
                            variant=args.variant, device=args.device, bf16=args.bf16, seed=args.seed)
     encoder.configure(gene_selection=args.gene_selection, l2_normalize=args.l2_normalize, binning=args.binning)
+    counts = cohort.counts if encoder.gene_selection == "cell_ranger" else None  # hvg_rank needs no counts
     columns = encoder.choose_genes(cohort.var_names, cohort.hvg_rank, args.max_genes, cohort.highly_variable,
-                                   counts=cohort.counts, batches=cohort.batches)
+                                   counts=counts, batches=cohort.batches)
+    del counts
     if len(columns) == 0:
         where = "in the CancerFoundation vocabulary" if encoder.usable_genes() is not None else "flagged"
         raise InputError(cohort.path, f"no highly variable gene is {where}: the gene list would be empty")
-    counts = cohort.counts[:, columns]
-    check_counts(cohort.path, counts)
-    log.info("cancerfoundation (%s): %d spots, %d genes (top HVGs, first %s), sequence length %d", args.impl,
-             len(cohort.keys), len(columns), encoder.genes[:3], encoder.sequence_length)
+    log.info("cancerfoundation (%s): %d spots, %d genes (top HVGs, first %s), sequence length %d; counts read "
+             "%d spots at a time", args.impl, len(cohort.keys), len(columns), encoder.genes[:3],
+             encoder.sequence_length, COUNT_BLOCK_ROWS)
     attrs = {
         "stmdit": provenance("features", stage_params(args, arch), [args.expression]),
         "encoder": encoder.describe(),
     }
-    batches = encode_batches(encoder, iter_count_batches(counts, cohort.keys, args.batch_size),
+    batches = encode_batches(encoder, iter_count_batches(cohort, columns, args.batch_size),
                              math.ceil(len(cohort.keys) / args.batch_size), "cancerfoundation")
     token_genes = np.array(["<cls>", *encoder.genes], dtype=object)
     return write_feature_store(args.out, cohort.keys, batches, encoder.output_shapes, attrs,

@@ -22,6 +22,7 @@ rule deepspot_train:
             f"--weight-decay {config['deepspot']['weight_decay']} --seed {config['deepspot']['seed']}",
             "--standardize" if config["deepspot"]["standardize"] else "--no-standardize",
             "" if config["deepspot"]["baselines"] else "--no-baselines",
+            f"--baselines-max-gb {config['deepspot']['baselines_max_gb']}",
             f"--mlp-hidden {config['deepspot']['mlp_hidden']} --mlp-max-iter {config['deepspot']['mlp_max_iter']}",
             f"--device {config['features']['device']}",
             "--bf16" if config["features"]["bf16"] else "",
