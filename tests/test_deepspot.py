@@ -571,6 +571,8 @@ def test_compact_target_rows_equal_the_log1p_cp10k_matrix(counts_kind):
     rows = rng.permutation(200)[:37]
     np.testing.assert_array_equal(targets[rows].toarray(), reference[rows])
     np.testing.assert_array_equal(targets[5:9].toarray(), reference[5:9])
+    np.testing.assert_array_equal(targets[rows, 10:50].toarray(), reference[rows, 10:50])  # a gene block
+    np.testing.assert_array_equal(targets[rows, [3, 1]].toarray(), reference[rows][:, [3, 1]])
 
 
 def test_training_on_sparse_targets_equals_the_dense_training(cohort):

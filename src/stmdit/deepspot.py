@@ -84,7 +84,6 @@ from stmdit.features import open_feature_store, read_feature_rows
 from stmdit.deepspot_targets import (
     MAX_BYTES_PER_NONZERO,
     PROTEIN_CODING,
-    TARGET_BLOCK_ROWS,
     TARGET_GENE_SETS,
     TARGET_SUM,
     TrainingCohort,
@@ -104,6 +103,7 @@ RHO_OUTPUT_DROPOUT = 0.1
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 4, 6))
 MODEL_CONFIG = "config.json"
 ALL_DONORS = "all_donors"
+DENSE_BLOCK_ROWS = 1024  # spots expanded at a time into a dense gene block
 MOMENT_BLOCK_BYTES = 64 << 20  # dense (train spots x genes) float32 per gene block of the target moments
 PEARSON_BLOCK_ROWS = 256  # spots per float64 update of the Pearson sums
 BASELINE_COPIES = 6  # dense float64 (spots x genes) arrays sklearn's RidgeCV (GCV) and MLP fits hold at once
@@ -304,13 +304,12 @@ def gene_blocks(n_rows: int, n_genes: int, max_bytes: int = MOMENT_BLOCK_BYTES) 
     return [(start, min(start + width, n_genes)) for start in range(0, n_genes, width)]
 
 
-def dense_columns(targets, rows: np.ndarray, start: int, stop: int, block_rows: int = TARGET_BLOCK_ROWS) -> np.ndarray:
+def dense_columns(targets, rows: np.ndarray, start: int, stop: int, block_rows: int = DENSE_BLOCK_ROWS) -> np.ndarray:
     """targets[rows][:, start:stop] as dense float32, filled `block_rows` spots at a time."""
     out = np.empty((len(rows), stop - start), dtype=np.float32)
     whole = start == 0 and stop == targets.shape[1]
     for first in range(0, len(rows), block_rows):
-        block = targets[rows[first:first + block_rows]]
-        block = block if whole else block[:, start:stop]
+        block = targets[rows[first:first + block_rows]] if whole else targets[rows[first:first + block_rows], start:stop]
         out[first:first + block_rows] = block.toarray() if sp.issparse(block) else block
     return out
 

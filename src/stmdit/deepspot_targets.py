@@ -112,20 +112,32 @@ class TargetRows:
         return int(self.values.nbytes + self.columns.nbytes + self.indptr.nbytes + self.scale.nbytes)
 
     def __getitem__(self, index) -> sp.csr_matrix:
-        if isinstance(index, tuple):  # (rows, columns): the rows first, then scipy's column indexing
+        if isinstance(index, tuple):  # (rows, columns)
             rows, columns = index
-            return self[rows][:, columns]
+            if isinstance(columns, slice) and columns.step in (None, 1):
+                start, stop, _ = columns.indices(self.n_columns)
+                return self._rows(rows, start, stop)
+            return self._rows(rows)[:, columns]
         return self._rows(index)
 
-    def _rows(self, rows) -> sp.csr_matrix:
+    def _rows(self, rows, start: int = 0, stop: int | None = None) -> sp.csr_matrix:
+        """Rows `rows`, columns start:stop, as CSR float32; only their non-zeros are expanded."""
+        stop = self.n_columns if stop is None else stop
         rows = np.arange(self.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
         starts, lengths = self.indptr[rows], np.diff(self.indptr)[rows]
-        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        gather = np.arange(indptr[-1], dtype=np.int64) + np.repeat(starts - indptr[:-1], lengths)
-        values = self.values[gather].astype(np.float64) * np.repeat(self.scale[rows], lengths)
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        gather = np.arange(offsets[-1], dtype=np.int64) + np.repeat(starts - offsets[:-1], lengths)
+        columns = self.columns[gather]
+        row_of = np.repeat(np.arange(len(rows)), lengths)
+        if (start, stop) != (0, self.n_columns):
+            inside = (columns >= start) & (columns < stop)
+            gather, columns, row_of = gather[inside], columns[inside] - start, row_of[inside]
+        values = self.values[gather].astype(np.float64) * self.scale[rows][row_of]
         data = np.log1p(values).astype(np.float32)
-        return sp.csr_matrix((data, self.columns[gather].astype(np.int32), indptr), shape=(len(rows), self.n_columns))
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row_of, minlength=len(rows)), out=indptr[1:])
+        return sp.csr_matrix((data, columns.astype(np.int32), indptr), shape=(len(rows), stop - start))
 
     def toarray(self) -> np.ndarray:
         return self[np.arange(self.shape[0])].toarray()
