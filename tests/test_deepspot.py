@@ -30,11 +30,11 @@ from stmdit.deepspot import (
     predict_log1p,
     read_cohort_spots,
     read_split_roles,
-    read_training_cohort,
     register,
     spot_models,
     train_deepspot,
 )
+from stmdit.deepspot_targets import read_training_cohort
 from stmdit.errors import InputError
 from stmdit.features import read_cohort_counts, write_feature_store
 from stmdit.provenance import provenance, write_parquet
@@ -534,10 +534,45 @@ def test_sparse_targets_read_in_blocks_equal_the_dense_targets(cohort):
     for genes in ("protein_coding", "hvg"):
         whole = read_training_cohort(cohort["expression"], genes)
         blocked = read_training_cohort(cohort["expression"], genes, block_rows=5)
-        assert sp.issparse(blocked.targets) and blocked.targets.dtype == np.float32
+        assert blocked.targets.dtype == np.float32 and blocked.targets.values.dtype == np.uint16
+        assert blocked.targets.values.nbytes + blocked.targets.columns.nbytes == 4 * blocked.targets.nnz  # CSR: 8
         columns = [list(ad.read_h5ad(cohort["expression"]).var_names).index(g) for g in whole.genes.index]
         np.testing.assert_array_equal(blocked.targets.toarray(), dense_log1p_cp10k(counts, columns))  # bit-identical
         np.testing.assert_array_equal(whole.targets.toarray(), blocked.targets.toarray())
+
+
+@pytest.mark.parametrize("counts_kind", ["small integers", "integers past uint16", "float32 non-integers",
+                                         "float64 non-integers", "genes past uint16"])
+def test_compact_target_rows_equal_the_log1p_cp10k_matrix(counts_kind):
+    from stmdit.deepspot_targets import TargetRows, log1p_cp10k
+
+    rng = np.random.default_rng(3)
+    n_genes = 140_000 if counts_kind == "genes past uint16" else 300
+    counts = sp.random(200, n_genes, density=0.02 if n_genes == 300 else 0.001, format="csr", random_state=4)
+    counts.data = {"integers past uint16": rng.integers(1, 200_000, counts.nnz).astype(np.float32),
+                   "float32 non-integers": rng.gamma(1.0, 3.0, counts.nnz).astype(np.float32),
+                   "float64 non-integers": rng.gamma(1.0, 3.0, counts.nnz)}.get(
+                       counts_kind, rng.integers(1, 60, counts.nnz).astype(np.float32))
+    empty = np.ones(200)
+    empty[7] = 0
+    counts = sp.csr_matrix(sp.diags(empty) @ counts).astype(counts.dtype)  # spot 7 has no counts
+    counts.eliminate_zeros()
+    columns = rng.permutation(n_genes)[: n_genes // 2]  # a subset, not in file order (HVG rank order)
+    reference = log1p_cp10k(counts, columns).toarray()
+    targets = TargetRows(counts.nnz, columns.size)
+    for start in range(0, 200, 64):
+        targets.append(counts[start:start + 64], columns)
+    targets.finish()
+    expected_values = {"small integers": np.uint16, "genes past uint16": np.uint16, "integers past uint16": np.uint32,
+                       "float32 non-integers": np.float32, "float64 non-integers": np.float64}[counts_kind]
+    assert targets.values.dtype == expected_values
+    assert targets.columns.dtype == (np.int32 if counts_kind == "genes past uint16" else np.uint16)
+    np.testing.assert_array_equal(targets.toarray(), reference)  # bit-identical
+    rows = rng.permutation(200)[:37]
+    np.testing.assert_array_equal(targets[rows].toarray(), reference[rows])
+    np.testing.assert_array_equal(targets[5:9].toarray(), reference[5:9])
+    np.testing.assert_array_equal(targets[rows, 10:50].toarray(), reference[rows, 10:50])  # a gene block
+    np.testing.assert_array_equal(targets[rows, [3, 1]].toarray(), reference[rows][:, [3, 1]])
 
 
 def test_training_on_sparse_targets_equals_the_dense_training(cohort):

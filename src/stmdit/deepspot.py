@@ -46,8 +46,8 @@ and protein_coding; X = predictions (log1p CP10k, float32); layers["counts"] = e
 plan of the models that made it (a JSON string).
 
 Memory (issue 16: no spots x genes matrix is dense in full): the targets are read from the h5ad a
-block of spots at a time and kept sparse (CSR float32, ~8 bytes per non-zero); a training batch
-densifies its own rows; the per-gene standardisation is computed on dense gene blocks of at most
+block of spots at a time and kept as compact counts (`deepspot_targets.TargetRows`, ~4 bytes per
+non-zero); a training batch expands and densifies its own rows; the per-gene standardisation is computed on dense gene blocks of at most
 MOMENT_BLOCK_BYTES (one block, bit-identical to the dense moments, when all genes fit); out-of-fold
 and test-donor Pearson r come from float64 running sums (`PearsonSums`), a batch of predictions at a
 time; the PTPL h5ad is written a block of spots at a time (X a chunked dense float32 dataset,
@@ -81,7 +81,15 @@ from stmdit.encoders.base import autocast, resolve_device
 from stmdit.errors import InputError
 from stmdit.expression import read_kept_spots
 from stmdit.features import open_feature_store, read_feature_rows
-from stmdit.genesets import protein_coding_columns
+from stmdit.deepspot_targets import (
+    MAX_BYTES_PER_NONZERO,
+    PROTEIN_CODING,
+    TARGET_GENE_SETS,
+    TARGET_SUM,
+    TrainingCohort,
+    read_training_cohort,
+    target_rows,
+)
 from stmdit.h5ad_rows import H5adRows, write_h5ad_by_rows
 from stmdit.memory_budget import is_out_of_memory, out_of_memory, require
 from stmdit.provenance import atomic_path, provenance, write_json
@@ -92,13 +100,10 @@ log = logging.getLogger(__name__)
 HEX_NEIGHBOUR_OFFSETS = ((0, -2), (0, 2), (-1, -1), (-1, 1), (1, -1), (1, 1))
 N_SUBTILES = 9
 RHO_OUTPUT_DROPOUT = 0.1
-TARGET_SUM = 1e4
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 4, 6))
 MODEL_CONFIG = "config.json"
 ALL_DONORS = "all_donors"
-PROTEIN_CODING, HVG = "protein_coding", "hvg"
-TARGET_GENE_SETS = (PROTEIN_CODING, HVG)
-TARGET_BLOCK_ROWS = 4096  # spots of raw counts read at a time
+DENSE_BLOCK_ROWS = 1024  # spots expanded at a time into a dense gene block
 MOMENT_BLOCK_BYTES = 64 << 20  # dense (train spots x genes) float32 per gene block of the target moments
 PEARSON_BLOCK_ROWS = 256  # spots per float64 update of the Pearson sums
 BASELINE_COPIES = 6  # dense float64 (spots x genes) arrays sklearn's RidgeCV (GCV) and MLP fits hold at once
@@ -217,120 +222,6 @@ def read_cohort_spots(spots_paths: Sequence[str | Path]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------
-# Targets: HVGs as log1p(CP10k) of the raw counts
-
-
-@dataclass
-class TrainingCohort:
-    """The Visium cohort DeepSpot learns from: spot keys, their donors, the target genes and the
-    targets (N, G), CSR float32 log1p(CP10k): a batch densifies only its own rows."""
-
-    path: Path
-    keys: list[str]
-    donors: np.ndarray
-    genes: pd.DataFrame  # index gene symbol; highly_variable, highly_variable_rank (and gene_ids when present)
-    targets: sp.csr_matrix
-    gene_set: dict[str, Any]  # which gene set the targets are, its source and counts
-
-
-def log1p_cp10k(counts, columns: np.ndarray, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
-    """log1p of counts[:, columns] per `target_sum` counts of the spot's library (all genes), CSR
-    float32. Row by row, so a block of spots gives the rows of the whole matrix bit for bit."""
-    counts = sp.csr_matrix(counts)
-    library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
-    selected = sp.csr_matrix(sp.diags(scale) @ counts[:, columns].astype(np.float64))
-    selected.data = np.log1p(selected.data)
-    return selected.astype(np.float32)
-
-
-class SparseRows:
-    """A CSR float32 matrix assembled from row blocks into arrays sized once (`capacity` non-zeros at
-    most, the raw counts' own), so the blocks and the whole never coexist; the unused tail is
-    released at the end."""
-
-    def __init__(self, capacity: int, n_columns: int):
-        self.data = np.empty(capacity, dtype=np.float32)
-        self.indices = np.empty(capacity, dtype=np.int32)
-        self.indptr = [np.zeros(1, dtype=np.int64)]
-        self.n_columns, self.filled = n_columns, 0
-
-    def append(self, block: sp.csr_matrix) -> None:
-        stop = self.filled + block.nnz
-        self.data[self.filled:stop] = block.data
-        self.indices[self.filled:stop] = block.indices
-        self.indptr.append(block.indptr[1:].astype(np.int64) + self.filled)
-        self.filled = stop
-
-    def matrix(self) -> sp.csr_matrix:
-        self.data.resize(self.filled, refcheck=False)  # realloc: shrinks in place
-        self.indices.resize(self.filled, refcheck=False)
-        indptr = np.concatenate(self.indptr)
-        if self.filled < 2**31:
-            indptr = indptr.astype(np.int32)
-        return sp.csr_matrix((self.data, self.indices, indptr), shape=(len(indptr) - 1, self.n_columns), copy=False)
-
-
-def target_rows(targets, rows: np.ndarray) -> np.ndarray:
-    """Dense float32 targets of the spots `rows` (only these rows are densified)."""
-    block = targets[np.asarray(rows, dtype=np.int64)]
-    return np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32)
-
-
-def read_training_cohort(path: str | Path, genes: str = PROTEIN_CODING,
-                         block_rows: int = TARGET_BLOCK_ROWS) -> TrainingCohort:
-    """The targets: every protein-coding gene of the cohort (var["protein_coding"], paper A.2) in the
-    file's gene order, or with genes="hvg" the HVGs in highly_variable_rank order. The raw counts are
-    read `block_rows` spots at a time; the targets stay sparse."""
-    path = Path(path)
-    if genes not in TARGET_GENE_SETS:
-        raise InputError(None, f"--genes must be one of {list(TARGET_GENE_SETS)}, got {genes!r}")
-    with H5adRows(path) as h5ad:
-        if not h5ad.has("layers/counts"):
-            raise InputError(path, 'no raw counts: layers["counts"] is missing')
-        obs, var = h5ad.obs, h5ad.var
-        if "highly_variable" not in var:
-            raise InputError(path, 'var["highly_variable"] is missing (the PTPL genes carry the HVG flags)')
-        if "donor" not in obs:
-            raise InputError(path, 'obs["donor"] is missing (leave-one-donor-out needs it)')
-        if not obs.index.is_unique:
-            raise InputError(path, "spot keys (obs names) are not unique")
-        hv = var["highly_variable"].to_numpy(dtype=bool)
-        if "highly_variable_rank" in var:
-            ranks = var["highly_variable_rank"].to_numpy(dtype=np.float64)
-        else:
-            ranks = np.arange(len(var), dtype=np.float64)
-        if genes == HVG:
-            flagged = np.flatnonzero(hv)
-            if flagged.size == 0:
-                raise InputError(path, "no gene is flagged highly_variable: nothing to predict")
-            columns = flagged[np.argsort(ranks[flagged], kind="stable")]
-            gene_set = {"name": HVG}
-        else:
-            columns, gene_set = protein_coding_columns(var, h5ad.uns, path, "train DeepSpot on --genes hvg")
-        targets = SparseRows(h5ad.stored_values("layers/counts"), columns.size)
-        for _, counts in h5ad.iter_rows("layers/counts", block_rows):
-            if counts.data.size and (not np.isfinite(counts.data).all() or counts.data.min() < 0):
-                raise InputError(path, 'layers["counts"] has negative or non-finite values: raw counts expected')
-            targets.append(log1p_cp10k(counts, columns))
-        targets = targets.matrix()
-    table = pd.DataFrame({"highly_variable": hv[columns], "highly_variable_rank": np.where(hv, ranks, np.nan)[columns]},
-                         index=var.index[columns].astype(str))
-    if "gene_ids" in var:
-        table["gene_ids"] = var["gene_ids"].to_numpy()[columns].astype(str)
-    gene_set.update(n_genes=int(columns.size), n_hvgs=int(hv[columns].sum()), hvgs_not_predicted=int(hv.sum() - hv[columns].sum()))
-    donors = obs["donor"].astype(str).to_numpy()
-    log.info("read %s: %d spots of %d donors, %d target genes (%s, first %s); %d of the %d HVGs among them; "
-             "targets sparse, %d non-zeros (%.2f GB)", path, len(obs), len(set(donors)), len(columns), genes,
-             list(table.index[:3]), int(hv[columns].sum()), int(hv.sum()), targets.nnz, csr_bytes(targets) / 1e9)
-    return TrainingCohort(path, [str(k) for k in obs.index], donors, table, targets, gene_set)
-
-
-def csr_bytes(matrix: sp.csr_matrix) -> int:
-    return int(matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes)
-
-
-# ---------------------------------------------------------------------------------------------
 # The model
 
 
@@ -413,13 +304,12 @@ def gene_blocks(n_rows: int, n_genes: int, max_bytes: int = MOMENT_BLOCK_BYTES) 
     return [(start, min(start + width, n_genes)) for start in range(0, n_genes, width)]
 
 
-def dense_columns(targets, rows: np.ndarray, start: int, stop: int, block_rows: int = TARGET_BLOCK_ROWS) -> np.ndarray:
+def dense_columns(targets, rows: np.ndarray, start: int, stop: int, block_rows: int = DENSE_BLOCK_ROWS) -> np.ndarray:
     """targets[rows][:, start:stop] as dense float32, filled `block_rows` spots at a time."""
     out = np.empty((len(rows), stop - start), dtype=np.float32)
     whole = start == 0 and stop == targets.shape[1]
     for first in range(0, len(rows), block_rows):
-        block = targets[rows[first:first + block_rows]]
-        block = block if whole else block[:, start:stop]
+        block = targets[rows[first:first + block_rows]] if whole else targets[rows[first:first + block_rows], start:stop]
         out[first:first + block_rows] = block.toarray() if sp.issparse(block) else block
     return out
 
@@ -1033,12 +923,13 @@ def feature_memory_bytes(store_path: str | Path) -> int:
 
 
 def training_memory_bytes(expression: str | Path, store_path: str | Path) -> int:
-    """Estimated peak of deepspot-train beyond the interpreter: the sparse targets (at most the raw
-    counts' non-zeros, float32 + int32 index), the features, a gene block of target moments."""
+    """Estimated peak of deepspot-train beyond the interpreter: the targets (at most the raw counts'
+    non-zeros, MAX_BYTES_PER_NONZERO each; typically half that), the features, a gene block of target
+    moments."""
     with H5adRows(expression) as h5ad:
         n_spots = h5ad.shape("layers/counts")[0] if h5ad.has("layers/counts") else 0
         nonzeros = h5ad.stored_values("layers/counts") if h5ad.has("layers/counts") else 0
-    return int(8 * nonzeros + 8 * n_spots + feature_memory_bytes(store_path) + MOMENT_BLOCK_BYTES)
+    return int(MAX_BYTES_PER_NONZERO * nonzeros + 16 * n_spots + feature_memory_bytes(store_path) + MOMENT_BLOCK_BYTES)
 
 
 def choose_baselines(wanted: bool, max_gb: float, n_spots: int, n_genes: int) -> tuple[bool, str]:
