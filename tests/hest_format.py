@@ -158,9 +158,3 @@ def lattice_pairs(rows: np.ndarray, cols: np.ndarray) -> set:
     return pairs
 
 
-def um(value_px: float, um_per_px: float) -> float:
-    return value_px * um_per_px
-
-
-def close(a: float, b: float, rel: float) -> bool:
-    return math.isclose(a, b, rel_tol=rel)

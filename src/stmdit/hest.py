@@ -17,7 +17,13 @@ read in blocks through OpenSlide) and `metadata/{id}.json`. How the pipeline rea
 - um/px: metadata `pixel_size_um_estimated` (what HEST's own loader uses); a warning when
   `pixel_size_um_embedded` (the TIFF's own resolution) differs from it by more than 10%.
 - spot geometry: metadata `spot_diameter` and `inter_spot_dist` (um) for spot technologies (Visium:
-  55 and 100 when the metadata lacks them, with a warning; Spatial Transcriptomics: required).
+  55 and 100 when the metadata lacks them, with a warning; Spatial Transcriptomics: required); a
+  warning when the centres' spacing at this um/px is more than 10% off inter_spot_dist. HEST
+  estimates pixel_size_um_estimated from the spacing (100 um along a Visium row) and writes
+  spot_diameter 55 (the physical spot), while Space Ranger's spot_diameter_fullres (what
+  `kind: visium` cuts patches with) is wider: 0.65 of the spacing in shared/data's Space Ranger 1.0
+  folder, 0.70 in its 3.0 CytAssist one. So a real HEST sample and its Space Ranger folder give the
+  same spots and counts, but patches 55/65 (or 55/70) as wide.
   Visium HD and Xenium samples hold pseudo-spots: HEST's readers pool Visium HD's 16 um bins into
   128 um squares and Xenium transcripts into 100 um squares (src/hest/readers.py), on a square grid
   whose pitch is the square's side, while the metadata keep the source bin (2 um) or nothing. Their
@@ -162,7 +168,11 @@ def check_counts(adata, path: str | Path) -> None:
         else:
             raise InputError(path, f"X must hold counts (non-negative integers), found dtype {values.dtype}")
         if bad.any():
-            raise InputError(path, f"X must hold counts (non-negative integers), found {values[bad].ravel()[0]!r}")
+            first = int(np.flatnonzero(bad.ravel())[0])
+            row = (np.searchsorted(block.indptr, first, side="right") - 1 if sp.issparse(block)
+                   else first // max(1, values.shape[-1]))
+            raise InputError(path, f"X must hold counts (non-negative integers), found {values.ravel()[first].item():g}"
+                                   f" at spot {adata.obs_names[start + int(row)]!r}")
 
 
 def spot_centres(adata, path: str | Path) -> np.ndarray:
@@ -338,8 +348,11 @@ def read_hest_sample(root: str | Path, sample_id: str) -> HestSample:
                 raise InputError(files["st"], "obs in_tissue: no spot is in tissue")
     finally:
         adata.file.close()
-    pitch = centre_pitch(centres, files["st"]) if tech in PSEUDO_SPOT_UM else None
+    pitch = centre_pitch(centres[in_tissue], files["st"])
     diameter_um, spacing_um, geometry = spot_geometry(meta, tech, pitch, um_per_px, files["metadata"])
+    if abs(pitch * um_per_px - spacing_um) > 0.1 * spacing_um:
+        log.warning("%s: the spot centres lie %.1f um apart at pixel_size_um_estimated %.4g, not inter_spot_dist"
+                    " %g um: is the pixel size right?", files["metadata"], pitch * um_per_px, um_per_px, spacing_um)
     spots = pd.DataFrame({
         "barcode": barcodes.to_numpy(dtype=object),
         "array_row": rows,
