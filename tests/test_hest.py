@@ -20,6 +20,7 @@ from stmdit.deepspot import hex_neighbour_index
 from stmdit.errors import InputError
 from stmdit.expression import read_slide_counts
 from stmdit.spots import run_spots
+from stmdit.visium import TiledSlide, open_image
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,10 @@ def test_a_hest_sample_ingests_to_the_space_ranger_spots(name, ingested, hest_ro
     for column in ("foreground", "laplacian_var", "tissue_fraction", "keep", "reason"):
         assert (from_hest[column].to_numpy() == from_sr[column].to_numpy()).all(), column
     assert 0 < from_hest["keep"].sum() < len(from_hest)
+    # the HEST WSI is a tiled pyramid OpenSlide reads in blocks, not an image decoded whole
+    wsi = open_image(hest.sample_files(hest_root[0], name.upper())["wsi"])
+    assert isinstance(wsi, TiledSlide) and len(wsi.level_dimensions) > 1
+    wsi.close()
 
 
 @pytest.mark.parametrize("name", ["sr1", "sr3"])
@@ -242,3 +247,18 @@ def test_the_sheet_takes_hest_rows_beside_space_ranger_ones(tmp_path):
     bad.write_text("sample\tdonor\tcohort\tkind\tpath\nTENX95\tp2\tc\thest\t/data/hest\nH1\td\tc\the\t/x.svs\n")
     with pytest.raises(InputError, match=r"cohort 'c' mixes slide kinds \['he', 'hest'\]"):
         check_cohorts(load_sample_sheet(bad), bad)
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_counts_are_checked_block_by_block_and_the_spot_named(layout, tmp_path, monkeypatch):
+    import anndata as ad
+
+    counts = np.arange(40 * 6, dtype=np.float32).reshape(40, 6)
+    counts[33, 4] = 2.5  # in the 6th block of 6 rows
+    X = counts if layout == "dense" else sp.csr_matrix(counts)
+    ad.AnnData(X=X, obs=pd.DataFrame(index=[f"spot{i}" for i in range(40)])).write_h5ad(tmp_path / "x.h5ad")
+    monkeypatch.setattr(hest, "COUNT_BLOCK_VALUES", 36)
+    backed = hest.open_st(tmp_path / "x.h5ad")
+    with pytest.raises(InputError, match=r"x.h5ad: X must hold counts \(non-negative integers\), found 2.5 at spot 'spot33'"):
+        hest.check_counts(backed, tmp_path / "x.h5ad")
+    backed.file.close()

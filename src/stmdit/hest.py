@@ -59,6 +59,7 @@ PSEUDO_SPOT_UM = {"Visium HD": 128.0, "Xenium": 100.0}
 VISIUM_DEFAULT_UM = (55.0, 100.0)  # Visium spot diameter and centre-to-centre distance
 EMBEDDED_TOLERANCE = 0.10
 COUNT_BLOCK_ROWS = 4096
+COUNT_BLOCK_VALUES = 2**24  # at most this many values of a dense X in memory at once (64 MB of float32)
 
 
 def sample_files(root: str | Path, sample_id: str) -> dict[str, Path]:
@@ -153,13 +154,14 @@ def open_st(path: str | Path):
 
 
 def check_counts(adata, path: str | Path) -> None:
-    """Every stored value of X is a finite non-negative integer (read COUNT_BLOCK_ROWS rows at a time)."""
+    """Every stored value of X is a finite non-negative integer (read in blocks of rows)."""
     import scipy.sparse as sp
 
     if adata.X is None:
         raise InputError(path, "X is empty: no counts")
-    for start in range(0, adata.n_obs, COUNT_BLOCK_ROWS):
-        block = adata.X[start:start + COUNT_BLOCK_ROWS]
+    rows = max(1, min(COUNT_BLOCK_ROWS, COUNT_BLOCK_VALUES // max(1, adata.n_vars)))  # bounds a dense block
+    for start in range(0, adata.n_obs, rows):
+        block = adata.X[start:start + rows]
         values = np.asarray(block.data if sp.issparse(block) else block)
         if values.dtype.kind in "iu":
             bad = values < 0
