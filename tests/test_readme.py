@@ -67,7 +67,7 @@ def run_all(commands: list[list[str]], cwd: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def fresh_clone(tmp_path_factory, visium_folders) -> Path:
+def fresh_clone(tmp_path_factory) -> Path:
     """The checkout's files as git sees them (tracked and untracked-not-ignored): no demo image,
     no results, no .snakemake. Plus the files the README tells a user to write."""
     root = tmp_path_factory.mktemp("clone")
@@ -86,7 +86,7 @@ def fresh_clone(tmp_path_factory, visium_folders) -> Path:
     # a user's own sheet: the demo's slides under other cohort names
     sheet = (root / "workflow" / "demo" / "samples.tsv").read_text()
     (root / "my_samples.tsv").write_text(sheet.replace("\tdemo_he\t", "\tmine_he\t").replace("\tdemo\t", "\tmine\t"))
-    write_hest_cohort(root, visium_folders)
+    write_hest_cohort(root)
     return root
 
 
@@ -110,17 +110,35 @@ def readme_text() -> str:
     return (REPO / "README.md").read_text()
 
 
-def write_hest_cohort(root: Path, visium_folders: dict[str, Path]) -> None:
+def write_hest_cohort(root: Path) -> None:
     """What the README's HEST section has the user do: HEST's table and samples under hest_data/, the
-    README's `stmdit hest-sheet` command run exactly as written, and its hest_melanoma.yaml."""
-    from hest_format import write_pseudo_spot_sample
+    README's `stmdit hest-sheet` command run exactly as written, and its hest_melanoma.yaml. The
+    samples are Xenium-like pseudo-spots of the real muscle Visium folder (planning reads only their
+    h5ad headers; without shared/data, a 4-spot stand-in)."""
+    from conftest import SHARED_DATA
+    from hest_format import hest_metadata, write_pseudo_spot_sample, write_pyramid
     from test_hest_sheet import write_table
 
     from stmdit.hest import sample_files
 
     write_table(root / "HEST_v1_1_0.csv", MELANOMA_ROWS)
     hest_root = root / "hest_data"
-    write_pseudo_spot_sample(visium_folders["sr1"], hest_root, "TENX158")
+    muscle = SHARED_DATA / "visium" / "mouse_muscle_Vis5A_sr1"
+    if muscle.exists():
+        write_pseudo_spot_sample(muscle, hest_root, "TENX158")
+    else:
+        import anndata as ad
+        import numpy as np
+
+        files = sample_files(hest_root, "TENX158")
+        for path in files.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        centres = np.array([[40.0, 40.0], [80.0, 40.0], [40.0, 80.0], [80.0, 80.0]])
+        st = ad.AnnData(X=np.ones((4, 3), dtype=np.float32))
+        st.obsm["spatial"] = centres
+        st.write_h5ad(files["st"])
+        write_pyramid(files["wsi"], np.full((128, 128, 3), 200, dtype=np.uint8), 2.5)
+        files["metadata"].write_text(json.dumps(hest_metadata("TENX158", 2.5, (128, 128), 4, "Xenium")))
     for sample in ("TENX115", "TENX117", "NCBI689", "TENX156"):
         for name, path in sample_files(hest_root, "TENX158").items():
             shutil.copy(path, sample_files(hest_root, sample)[name])
