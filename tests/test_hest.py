@@ -221,8 +221,10 @@ def test_pseudo_spot_technologies_need_no_metadata_geometry_but_spots_do(visium_
     with pytest.raises(InputError, match=r"ST1.json: spot_diameter must be a positive number of um for Spatial"):
         hest.read_hest_sample(tmp_path, "ST1")
     write_hest_sample(visium_folders["sr1"], tmp_path, "NOTECH", st_technology=None)
-    with pytest.raises(InputError, match=r"NOTECH.json: st_technology must name the technology"):
-        hest.read_hest_sample(tmp_path, "NOTECH")
+    assert hest.read_hest_sample(tmp_path, "NOTECH").diameter_px * hest.read_hest_sample(tmp_path, "NOTECH").um_per_px == 55
+    write_hest_sample(visium_folders["sr1"], tmp_path, "NOGEOM", st_technology=None, inter_spot_dist=None)
+    with pytest.raises(InputError, match=r"NOGEOM.json: inter_spot_dist must be a positive number of um for unknown"):
+        hest.read_hest_sample(tmp_path, "NOGEOM")
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ read in blocks through OpenSlide) and `metadata/{id}.json`. How the pipeline rea
   side is measured here from the spot centres (median nearest-neighbour distance x um/px), logged
   next to HEST's value, and used as the spot diameter: a patch is the pseudo-spot's square.
 - counts: `X`, read in blocks of rows; every stored value must be a finite non-negative integer.
-- technology: metadata `st_technology`.
+- technology: metadata `st_technology` (missing: a warning, and spots then need the metadata's
+  spot_diameter and inter_spot_dist).
 
 Bad input stops with one InputError naming the file and the field: a missing file, a missing or
 non-positive pixel_size_um_estimated, non-integer counts, spots outside the image, and the like.
@@ -127,9 +128,13 @@ def pixel_size(meta: dict[str, Any], path: str | Path) -> float:
 
 
 def technology(meta: dict[str, Any], path: str | Path) -> str:
+    """metadata st_technology; when missing, "unknown" (a warning): spots then need the metadata's
+    spot_diameter and inter_spot_dist."""
     value = meta.get("st_technology")
     if not isinstance(value, str) or not value.strip():
-        raise InputError(path, f"st_technology must name the technology (e.g. Visium), found {value!r}")
+        log.warning("%s: st_technology is missing (%r): reading the spots with the metadata's spot_diameter and"
+                    " inter_spot_dist", path, value)
+        return "unknown"
     return value.strip()
 
 
