@@ -15,6 +15,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 import zarr
 
@@ -30,6 +31,7 @@ TARGETS = [
 ]
 
 
+@pytest.mark.slow
 def test_a_space_ranger_and_a_hest_cohort_run_through_features_and_splits(tmp_path, visium_folders):
     work = tmp_path / "repo"
     shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(".venv", "results", ".snakemake", ".git", "*.svs"))
