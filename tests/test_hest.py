@@ -264,3 +264,23 @@ def test_counts_are_checked_block_by_block_and_the_spot_named(layout, tmp_path, 
     with pytest.raises(InputError, match=r"x.h5ad: X must hold counts \(non-negative integers\), found 2.5 at spot 'spot33'"):
         hest.check_counts(backed, tmp_path / "x.h5ad")
     backed.file.close()
+
+
+@pytest.mark.parametrize("degrees", [0.0, 9.0, -25.0])
+def test_a_derived_lattice_survives_a_rotated_slide(degrees, hest_root):
+    """Centres of a real Visium slide turned by `degrees` (a slide scanned askew): the derived
+    lattice finds the same hexagonal neighbours; a square grid (pseudo-spots) its 4 sides."""
+    sample = hest.read_hest_sample(hest_root[0], "SR1")
+    centres = sample.spots[["pxl_col", "pxl_row"]].to_numpy()
+    turn = np.deg2rad(degrees)
+    rotation = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+    rows, cols, packing, _ = hest.derive_lattice(centres @ rotation.T, "x")
+    truth = lattice_pairs(sample.spots["array_row"].to_numpy(), sample.spots["array_col"].to_numpy())
+    assert packing == "hex" and lattice_pairs(rows, cols) == truth
+
+    grid_rows, grid_cols = np.divmod(np.arange(20 * 15), 15)
+    square = np.column_stack([grid_cols * 9.0, grid_rows * 9.0]) @ rotation.T + 500
+    rows, cols, packing, pitch = hest.derive_lattice(square, "x")
+    offset = 2 * grid_cols + grid_rows % 2  # what obs array_row/array_col of a square grid become
+    assert packing == "square" and pitch == pytest.approx(9.0)
+    assert lattice_pairs(rows, cols) == lattice_pairs(grid_rows, offset)
