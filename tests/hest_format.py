@@ -12,7 +12,6 @@ so the converter the tests check is not the one that made its input.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import anndata as ad

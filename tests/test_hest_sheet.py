@@ -8,7 +8,6 @@ import csv
 import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from hest_format import write_hest_sample
