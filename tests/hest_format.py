@@ -4,7 +4,8 @@ A sample is HEST's layout (mahmoodlab/HEST: `st/{id}.h5ad`, `wsis/{id}.tif`, `me
 the Space Ranger lowres image becomes the WSI, a tiled pyramidal TIFF (tifffile + imagecodecs, LZW
 like HEST's own writer, resolution tags in pixels per cm); spot centres are Space Ranger's
 full-resolution positions times `tissue_lowres_scalef` (px of that image); um/px of that image is
-Visium's 55 um spot over the spot's lowres diameter (`spot_diameter_fullres` x `tissue_lowres_scalef`).
+10x's theoretical 65 um spot over the spot's lowres diameter (`spot_diameter_fullres` x
+`tissue_lowres_scalef`), 10x's definition of spot_diameter_fullres.
 The metadata carry HEST's field names. Written with scanpy/pandas/tifffile only, not with stmdit,
 so the converter the tests check is not the one that made its input.
 """
@@ -77,7 +78,7 @@ def write_hest_sample(outs: Path, root: Path, sample_id: str, *, counts_scale: f
     counts, positions, factors = space_ranger_spots(outs)
     scale = factors["tissue_lowres_scalef"]
     rgb = cv2.cvtColor(cv2.imread(str(outs / "spatial" / "tissue_lowres_image.png")), cv2.COLOR_BGR2RGB)
-    um_per_px = 55.0 / (factors["spot_diameter_fullres"] * scale)
+    um_per_px = 65.0 / (factors["spot_diameter_fullres"] * scale)
     for folder in ("st", "wsis", "metadata"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     x = positions["pxl_col_in_fullres"].to_numpy(dtype=np.float64) * scale + shift_px
@@ -110,7 +111,7 @@ def write_pseudo_spot_sample(outs: Path, root: Path, sample_id: str, technology:
     counts, positions, factors = space_ranger_spots(outs)
     scale = factors["tissue_lowres_scalef"]
     rgb = cv2.cvtColor(cv2.imread(str(outs / "spatial" / "tissue_lowres_image.png")), cv2.COLOR_BGR2RGB)
-    um_per_px = 55.0 / (factors["spot_diameter_fullres"] * scale)
+    um_per_px = 65.0 / (factors["spot_diameter_fullres"] * scale)
     side_px = side_um / um_per_px
     x = positions["pxl_col_in_fullres"].to_numpy() * scale
     y = positions["pxl_row_in_fullres"].to_numpy() * scale

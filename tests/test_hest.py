@@ -54,10 +54,10 @@ def test_a_hest_sample_ingests_to_the_space_ranger_spots(name, ingested, hest_ro
     np.testing.assert_allclose(from_hest["pxl_row"], from_sr["pxl_row"] * scale, rtol=1e-12)
     np.testing.assert_allclose(from_hest["pxl_col"], from_sr["pxl_col"] * scale, rtol=1e-12)
     assert (from_hest[["array_row", "array_col"]].to_numpy() == from_sr[["array_row", "array_col"]].to_numpy()).all()
-    # diameters agree in um: HEST's from spot_diameter (55 um), Space Ranger's spot_diameter_fullres
+    # diameters agree in um: HEST's the 65 um spot Space Ranger's spot_diameter_fullres measures
     hest_um = from_hest["diameter_px"].iloc[0] * um_per_px
     sr_um = from_sr["diameter_px"].iloc[0] * scale * um_per_px
-    assert hest_um == pytest.approx(55.0) and sr_um == pytest.approx(hest_um, rel=1e-9)
+    assert hest_um == pytest.approx(65.0) and sr_um == pytest.approx(hest_um, rel=1e-9)
     # the same pixels, so the same filter metrics and keep decisions
     for column in ("foreground", "laplacian_var", "tissue_fraction", "keep", "reason"):
         assert (from_hest[column].to_numpy() == from_sr[column].to_numpy()).all(), column
@@ -93,10 +93,10 @@ def hest_pixel_size(written: dict, rows: np.ndarray, cols: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("name, sr_diameter_um", [("sr1", 65.1), ("sr3", 70.0)])
-def test_with_hest_s_pixel_size_spots_are_55_um_and_100_um_apart(name, sr_diameter_um, visium_folders, tmp_path,
-                                                                  ingested, hest_root, caplog):
-    """HEST's own um/px (from the spacing) and spot_diameter (55 um): same spots, spacing 100 um, and
-    Space Ranger's spot_diameter_fullres measures 65 (70) um against it, which the reader does not use."""
+def test_with_hest_s_pixel_size_spots_are_100_um_apart_and_patches_65_um(name, sr_diameter_um, visium_folders,
+                                                                           tmp_path, ingested, hest_root, caplog):
+    """HEST's own um/px (from the spacing): same spots, spacing 100 um, patches around a 65 um spot, and
+    Space Ranger's spot_diameter_fullres measures 65 (70 in the CytAssist folder) um against it."""
     written = hest_root[1][name]
     from_sr = ingested[name][1]
     um_per_px = hest_pixel_size(written, from_sr["array_row"].to_numpy(), from_sr["array_col"].to_numpy())
@@ -108,12 +108,14 @@ def test_with_hest_s_pixel_size_spots_are_55_um_and_100_um_apart(name, sr_diamet
     assert list(sample.spots["barcode"]) == list(from_sr["barcode"])
     pitch_um = hest.centre_pitch(sample.spots[["pxl_col", "pxl_row"]].to_numpy(), "x") * um_per_px
     assert pitch_um == pytest.approx(100.0, rel=0.02)
-    assert sample.diameter_px * um_per_px == pytest.approx(55.0)
+    assert sample.diameter_px * um_per_px == pytest.approx(65.0)
     assert from_sr["diameter_px"].iloc[0] * written["scale"] * um_per_px == pytest.approx(sr_diameter_um, rel=0.02)
-    # the fixture's um/px (Space Ranger's diameter taken as 55 um) puts the centres too close: a warning
+    # a pixel size 20% off puts the centres 120 um apart: a warning
+    write_hest_sample(visium_folders[name], tmp_path, "WRONGPX", pixel_size_um_estimated=1.2 * um_per_px,
+                      pixel_size_um_embedded=None)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        hest.read_hest_sample(hest_root[0], name.upper())
+        hest.read_hest_sample(tmp_path, "WRONGPX")
     assert "not inter_spot_dist 100 um: is the pixel size right?" in caplog.text
 
 
@@ -159,7 +161,9 @@ def test_a_differing_embedded_pixel_size_is_a_warning(visium_folders, tmp_path, 
         assert "pixel_size_um_embedded" not in caplog.text
         meta_path.write_text(json.dumps({**meta, "pixel_size_um_embedded": written["um_per_px"] * 1.2}))
         sample = hest.read_hest_sample(tmp_path, "EMB")
-    assert "pixel_size_um_embedded 13.55 differs from pixel_size_um_estimated 11.29 by 20%" in caplog.text
+    estimated = written["um_per_px"]
+    assert (f"pixel_size_um_embedded {1.2 * estimated:.4g} differs from pixel_size_um_estimated {estimated:.4g} by 20%"
+            in caplog.text)
     assert sample.um_per_px == written["um_per_px"]
 
 

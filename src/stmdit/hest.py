@@ -18,12 +18,11 @@ read in blocks through OpenSlide) and `metadata/{id}.json`. How the pipeline rea
   `pixel_size_um_embedded` (the TIFF's own resolution) differs from it by more than 10%.
 - spot geometry: metadata `spot_diameter` and `inter_spot_dist` (um) for spot technologies (Visium:
   55 and 100 when the metadata lacks them, with a warning; Spatial Transcriptomics: required); a
-  warning when the centres' spacing at this um/px is more than 10% off inter_spot_dist. HEST
-  estimates pixel_size_um_estimated from the spacing (100 um along a Visium row) and writes
-  spot_diameter 55 (the physical spot), while Space Ranger's spot_diameter_fullres (what
-  `kind: visium` cuts patches with) is wider: 0.65 of the spacing in shared/data's Space Ranger 1.0
-  folder, 0.70 in its 3.0 CytAssist one. So a real HEST sample and its Space Ranger folder give the
-  same spots and counts, but patches 55/65 (or 55/70) as wide.
+  warning when the centres' spacing at this um/px is more than 10% off inter_spot_dist. A Visium
+  patch is cut around a 65 um spot, not the physical 55 um one: Space Ranger's spot_diameter_fullres,
+  which `kind: visium` cuts patches with, is by 10x's definition the diameter of a theoretical 65 um
+  spot (0.65 of the 100 um spacing in shared/data's Space Ranger 1.0 folder), so one slide read from
+  HEST or from its Space Ranger folder gives patches of the same size in um.
   Visium HD and Xenium samples hold pseudo-spots: HEST's readers pool Visium HD's 16 um bins into
   128 um squares and Xenium transcripts into 100 um squares (src/hest/readers.py), on a square grid
   whose pitch is the square's side, while the metadata keep the source bin (2 um) or nothing. Their
@@ -58,6 +57,7 @@ ST_DIR, WSI_DIR, METADATA_DIR = "st", "wsis", "metadata"
 # HEST's pseudo-spots: technology -> side of the square bins its readers pool into (um)
 PSEUDO_SPOT_UM = {"Visium HD": 128.0, "Xenium": 100.0}
 VISIUM_DEFAULT_UM = (55.0, 100.0)  # Visium spot diameter and centre-to-centre distance
+VISIUM_PATCH_SPOT_UM = 65.0  # the spot Space Ranger's spot_diameter_fullres measures (see the module doc)
 EMBEDDED_TOLERANCE = 0.10
 COUNT_BLOCK_ROWS = 4096
 COUNT_BLOCK_VALUES = 2**24  # at most this many values of a dense X in memory at once (64 MB of float32)
@@ -328,6 +328,10 @@ def spot_geometry(meta: dict[str, Any], tech: str, pitch_px: float | None, um_pe
         if value is None or value <= 0:
             raise InputError(meta_path, f"{name} must be a positive number of um for {tech}, found"
                                         f" {meta.get(name)!r}")
+    if tech == "Visium":
+        return VISIUM_PATCH_SPOT_UM, spacing, (f"Visium spots: patches around a {VISIUM_PATCH_SPOT_UM:g} um spot"
+                                               f" (Space Ranger's spot_diameter_fullres; metadata spot_diameter"
+                                               f" {diameter:g} um is the physical spot), spacing {spacing:g} um")
     return diameter, spacing, f"{tech} spots: diameter {diameter:g} um, spacing {spacing:g} um (metadata)"
 
 
