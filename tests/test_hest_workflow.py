@@ -70,7 +70,7 @@ def test_a_space_ranger_and_a_hest_cohort_run_through_features_and_splits(tmp_pa
     sr, hest_copy = (pd.read_parquet(results / "spots" / f"{s}.parquet") for s in ("sr_muscle", "MUSA"))
     assert list(sr["barcode"]) == list(hest_copy["barcode"]) and (sr["keep"] == hest_copy["keep"]).all()
     log = (results / "spots" / "MUSA.log").read_text()
-    assert "Visium spots: diameter 55 um, spacing 100 um (metadata)" in log
+    assert "Visium spots: patches around a 65 um spot (Space Ranger's spot_diameter_fullres; metadata spot_diameter 55 um is the physical spot), spacing 100 um" in log
 
     splits = pd.read_parquet(results / "splits" / "hest.parquet")
     assert set(splits.loc[splits["split"] == "test", "donor"]) == {"mouse_c"}
