@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -85,7 +86,69 @@ def fresh_clone(tmp_path_factory) -> Path:
     # a user's own sheet: the demo's slides under other cohort names
     sheet = (root / "workflow" / "demo" / "samples.tsv").read_text()
     (root / "my_samples.tsv").write_text(sheet.replace("\tdemo_he\t", "\tmine_he\t").replace("\tdemo\t", "\tmine\t"))
+    write_hest_cohort(root)
     return root
+
+
+# HEST's table rows of the README's melanoma cohort (and two it filters out), for `stmdit hest-sheet`
+MELANOMA_ROWS = [
+    ("TENX115", "Human Skin Preview Data (Xenium Human Skin Gene Expression Panel)", "Skin", "Cancer", "SKCM",
+     "Homo sapiens", "patient 2", "Xenium", "", "", "3886", ""),
+    ("TENX117", "Human Skin Preview Data (Xenium Human Skin Gene Expression Panel with Custom Add-On)", "Skin",
+     "Cancer", "SKCM", "Homo sapiens", "patient 1", "Xenium", "", "", "1830", ""),
+    ("TENX158", "FFPE Human Skin Primary Dermal Melanoma with 5K Human Pan Tissue and Pathways Panel", "Skin",
+     "Cancer", "SKCM", "Homo sapiens", "", "Xenium", "", "", "2179", ""),
+    ("NCBI689", "A cellular hierarchy in melanoma uncouples growth and metastasis", "Skin", "Cancer", "SKCM",
+     "Mus musculus", "", "Visium", "55", "100", "4992", "Visium melanoma_2"),
+    ("TENX156", "Characterization of immune cell populations in the tumor microenvironment of colorectal cancer"
+     " using high definition spatial profiling", "Bowel", "Cancer", "COAD", "Homo sapiens", "Patient 1", "Visium HD",
+     "2", "2", "2179", "Visium HD, Sample P1 CRC"),
+]
+
+
+def readme_text() -> str:
+    return (REPO / "README.md").read_text()
+
+
+def write_hest_cohort(root: Path) -> None:
+    """What the README's HEST section has the user do: HEST's table and samples under hest_data/, the
+    README's `stmdit hest-sheet` command run exactly as written, and its hest_melanoma.yaml. The
+    samples are Xenium-like pseudo-spots of the real muscle Visium folder (planning reads only their
+    h5ad headers; without shared/data, a 4-spot stand-in)."""
+    from conftest import SHARED_DATA
+    from hest_format import hest_metadata, write_pseudo_spot_sample, write_pyramid
+    from test_hest_sheet import write_table
+
+    from stmdit.hest import sample_files
+
+    write_table(root / "HEST_v1_1_0.csv", MELANOMA_ROWS)
+    hest_root = root / "hest_data"
+    muscle = SHARED_DATA / "visium" / "mouse_muscle_Vis5A_sr1"
+    if muscle.exists():
+        write_pseudo_spot_sample(muscle, hest_root, "TENX158")
+    else:
+        import anndata as ad
+        import numpy as np
+
+        files = sample_files(hest_root, "TENX158")
+        for path in files.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        centres = np.array([[40.0, 40.0], [80.0, 40.0], [40.0, 80.0], [80.0, 80.0]])
+        st = ad.AnnData(X=np.ones((4, 3), dtype=np.float32))
+        st.obsm["spatial"] = centres
+        st.write_h5ad(files["st"])
+        write_pyramid(files["wsi"], np.full((128, 128, 3), 200, dtype=np.uint8), 2.5)
+        files["metadata"].write_text(json.dumps(hest_metadata("TENX158", 2.5, (128, 128), 4, "Xenium")))
+    for sample in ("TENX115", "TENX117", "NCBI689", "TENX156"):
+        for name, path in sample_files(hest_root, "TENX158").items():
+            shutil.copy(path, sample_files(hest_root, sample)[name])
+    command = next(line for line in readme_text().splitlines() if line.startswith("stmdit hest-sheet "))
+    result = subprocess.run([sys.executable, "-m", "stmdit", *shlex.split(command)[1:]], cwd=root, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(root / "src")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Xenium: 3 passed, 0 dropped" in result.stdout, result.stdout
+    block = re.search(r"```yaml\n# hest_melanoma.yaml\n(.*?)```", readme_text(), re.DOTALL)
+    (root / "hest_melanoma.yaml").write_text(block.group(1))
 
 
 def test_readme_commands_plan_on_a_fresh_clone(fresh_clone, tmp_path):
@@ -110,6 +173,12 @@ def test_readme_commands_plan_on_a_fresh_clone(fresh_clone, tmp_path):
             continue
         assert result["returncode"] == 0, f"`{command} -n` failed:\n{result['output'][-3000:]}"
         outputs[command] = result["output"]
+    # the README's HEST cohort: the sheet `stmdit hest-sheet` wrote, with the donors the README names
+    hest = outputs["snakemake all --profile slurm --configfile workflow/paper/config.yaml hest_melanoma.yaml"]
+    assert re.search(r"^spots\s+3$", hest, re.MULTILINE), hest[-3000:]
+    sheet = pd.read_csv(fresh_clone / "hest_melanoma.tsv", sep="\t")
+    assert list(sheet["sample"]) == ["TENX115", "TENX117", "TENX158"] and set(sheet["kind"]) == {"hest"}
+    assert list(sheet["donor"]) == ["TENX115_patient_2", "TENX117_patient_1", "TENX158"]
     # plain snakemake on a fresh clone fetches the demo image first
     assert re.search(r"^fetch_demo_image\s+1$", outputs["snakemake"], re.MULTILINE), outputs["snakemake"]
     # the user's sheet: the cohorts default to its only Visium and H&E-only ones, and the log says so

@@ -20,6 +20,7 @@ COMMANDS = {
     "fetch-demo-image": "stmdit.resources",
     "demo-data": "stmdit.demo",
     "spots": "stmdit.spots",
+    "hest-sheet": "stmdit.hest_sheet",
     "expression": "stmdit.expression",
     "features": "stmdit.features",
     "split": "stmdit.split",

@@ -115,7 +115,20 @@ def load_sample_sheet(path: str | Path, schema_dir: Path | None = None) -> pd.Da
             raise InputError(path, f"line {line}: mpp is only for kind=he slides (Visium scale comes from scalefactors)")
         if row["kind"] == "he" and (row["image"] or row["labels"]):
             raise InputError(path, f"line {line}: image/labels columns are only for kind=visium slides")
+        if row["kind"] == "hest" and (row["image"] or row["mpp"]):
+            raise InputError(path, f"line {line}: image/mpp columns are not for kind=hest samples (the HEST WSI and"
+                                   " its metadata's pixel_size_um_estimated give them)")
     return sheet.set_index("sample", drop=False)
+
+
+EXPRESSION_KINDS = ("visium", "hest")  # slides with spatial expression (Space Ranger or HEST-1k)
+
+
+def counts_file(row) -> str:
+    """The count matrix of a sample-sheet row with expression: the Space Ranger HDF5, or HEST's h5ad."""
+    if row["kind"] == "hest":
+        return f"{row['path']}/st/{row['sample']}.h5ad"
+    return f"{row['path']}/filtered_feature_bc_matrix.h5"
 
 
 def cohorts(sheet: pd.DataFrame) -> list[str]:
@@ -128,15 +141,16 @@ def cohort_samples(sheet: pd.DataFrame, cohort: str) -> list[str]:
 
 
 def expression_cohorts(sheet: pd.DataFrame) -> list[str]:
-    """Cohorts whose slides all carry Visium expression."""
-    return [c for c in cohorts(sheet) if (sheet.loc[sheet["cohort"] == c, "kind"] == "visium").all()]
+    """Cohorts whose slides all carry spatial expression (Space Ranger or HEST slides)."""
+    return [c for c in cohorts(sheet) if sheet.loc[sheet["cohort"] == c, "kind"].isin(EXPRESSION_KINDS).all()]
 
 
 def check_cohorts(sheet: pd.DataFrame, path: str | Path) -> None:
-    """A cohort mixes no slide kinds: expression stages need all slides to be Visium."""
+    """A cohort mixes no H&E-only slides with slides carrying expression (Space Ranger and HEST slides
+    may share a cohort): expression stages need every slide's counts."""
     for cohort in cohorts(sheet):
         kinds = set(sheet.loc[sheet["cohort"] == cohort, "kind"])
-        if len(kinds) > 1:
+        if "he" in kinds and len(kinds) > 1:
             raise InputError(path, f"cohort {cohort!r} mixes slide kinds {sorted(kinds)}; put H&E-only slides in their own cohort")
 
 

@@ -90,12 +90,17 @@ def read_slide_counts(matrix_path: str | Path, spots: pd.DataFrame) -> ad.AnnDat
     matrix_path = Path(matrix_path)
     if not matrix_path.exists():
         raise InputError(matrix_path, "count matrix not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            counts = sc.read_10x_h5(matrix_path)
-    except Exception as exc:  # h5py/scanpy raise many types for a damaged file
-        raise InputError(matrix_path, f"cannot read 10x HDF5 matrix: {exc}") from None
+    if matrix_path.suffix == ".h5ad":  # a HEST sample's st/{id}.h5ad
+        from stmdit.hest import read_counts
+
+        counts = read_counts(matrix_path)
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                counts = sc.read_10x_h5(matrix_path)
+        except Exception as exc:  # h5py/scanpy raise many types for a damaged file
+            raise InputError(matrix_path, f"cannot read 10x HDF5 matrix: {exc}") from None
     counts.var_names_make_unique()
     missing = ~spots["barcode"].isin(counts.obs_names)
     if missing.any():
@@ -225,7 +230,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("expression", help="per-cohort expression: gene filter, seurat_v3 HVGs, normalise, scale")
     p.add_argument("--cohort", required=True)
     p.add_argument("--spots", nargs="+", required=True, type=Path, help="results/spots/{sample}.parquet, sheet order")
-    p.add_argument("--matrices", nargs="+", required=True, type=Path, help="filtered_feature_bc_matrix.h5, same order")
+    p.add_argument("--matrices", nargs="+", required=True, type=Path, help="filtered_feature_bc_matrix.h5 (or a HEST st/{id}.h5ad), same order")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--min-spots-per-gene", type=int, default=10)
     p.add_argument("--n-hvg", type=int, default=3000)

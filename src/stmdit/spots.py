@@ -1,10 +1,12 @@
 """Ingest one slide: in-tissue spots, spot-centred patches and the spot filters (paper A.3).
 
-    stmdit spots --sample S --donor D --cohort C --kind visium|he --path P [--image IMG]
+    stmdit spots --sample S --donor D --cohort C --kind visium|hest|he --path P [--image IMG]
         [--labels CSV] [--mpp 0.499] --out-spots results/spots/S.parquet
         --out-patches results/patches/S.zarr [thresholds, see --help]
 
 Spots. `visium`: the barcodes of the Space Ranger matrix (all in tissue), with their positions.
+`hest`: a HEST-1k sample (`--path` the HEST root, `--sample` its id; stmdit.hest says how its
+fields map), patches cut from its pyramidal WSI in blocks.
 `he` (H&E only): a Visium-like hexagonal grid of pseudo-spots (diameter `--he-spot-diameter-um`,
 centre-to-centre `--he-spot-spacing-um`, at the slide's um/px; barcodes "r{array_row}_c{array_col}"
 with Visium's doubled column index), keeping those whose disc has at least `--he-min-tissue` of
@@ -153,6 +155,26 @@ def load_visium_slide(outs_dir: str | Path, image: str | Path | None = None,
     inputs = [files["matrix"], files["positions"], files["scalefactors"], source.path]
     return Slide(spots, float(factors["spot_diameter_fullres"]), pixels, source.path, source.scale,
                  pd.Index(folder.positions.index), inputs)
+
+
+def load_hest_slide(root: str | Path, sample_id: str, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> Slide:
+    """A HEST sample (see stmdit.hest): its in-tissue spots and the opened WSI (read in blocks)."""
+    from stmdit import hest
+
+    sample = hest.read_hest_sample(root, sample_id)
+    pixels = open_image(sample.files["wsi"], max_image_mb)
+    try:
+        hest.check_inside(sample, pixels.width, pixels.height)
+    except InputError:
+        pixels.close()
+        raise
+    for note in sample.notes:
+        log.info("%s: %s", sample_id, note)
+    log.info("%s: %d in-tissue spots, spot diameter %.1f px (%.1f um); WSI %s (%d x %d px)", sample_id,
+             len(sample.spots), sample.diameter_px, sample.diameter_px * sample.um_per_px, sample.files["wsi"],
+             pixels.width, pixels.height)
+    inputs = [sample.files["st"], sample.files["metadata"], sample.files["wsi"]]
+    return Slide(sample.spots, sample.diameter_px, pixels, sample.files["wsi"], 1.0, sample.known_barcodes, inputs)
 
 
 def check_spots_inside(spots: pd.DataFrame, shape: tuple[int, ...], scale: float, image_path: Path) -> None:
@@ -427,9 +449,14 @@ def read_kept_spots(paths, columns) -> pd.DataFrame:
 
 
 def load_slide(kind: str, path: str | Path, image: str | Path | None, mpp: float | None,
-               grid: GridParams, filters: FilterParams, max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> Slide:
+               grid: GridParams, filters: FilterParams, max_image_mb: float = DEFAULT_MAX_IMAGE_MB,
+               sample: str | None = None) -> Slide:
     if kind == "visium":
         return load_visium_slide(path, image, max_image_mb)
+    if kind == "hest":
+        if image is not None or mpp is not None:
+            raise InputError(path, "--image and --mpp are not for HEST samples (the WSI and its metadata give them)")
+        return load_hest_slide(path, sample, max_image_mb)
     if kind == "he":
         if image is not None:
             log.warning("--image is ignored for an H&E-only slide (the slide itself is the image)")
@@ -524,7 +551,7 @@ def run_spots(
     max_image_mb: float = DEFAULT_MAX_IMAGE_MB,
 ) -> pd.DataFrame:
     """The whole stage for one slide; returns the spots table it wrote."""
-    slide = load_slide(kind, path, image, mpp, grid, filters, max_image_mb)
+    slide = load_slide(kind, path, image, mpp, grid, filters, max_image_mb, sample)
     try:
         return spots_of_slide(slide, sample, donor, cohort, kind, path, out_spots, out_patches, labels, mpp,
                               patch, filters, grid)
@@ -584,8 +611,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sample", required=True)
     p.add_argument("--donor", required=True)
     p.add_argument("--cohort", required=True)
-    p.add_argument("--kind", required=True, choices=["visium", "he"])
-    p.add_argument("--path", required=True, type=Path, help="Space Ranger outs/ folder, or the H&E slide image")
+    p.add_argument("--kind", required=True, choices=["visium", "hest", "he"])
+    p.add_argument("--path", required=True, type=Path,
+                   help="Space Ranger outs/ folder, the HEST root (kind hest: --sample is the HEST id), or the H&E slide")
     p.add_argument("--image", type=Path, default=None, help="full-resolution H&E of a Visium slide")
     p.add_argument("--labels", type=Path, default=None, help="CSV with columns barcode,label")
     p.add_argument("--mpp", type=float, default=None, help="um/px of an H&E slide (else its openslide.mpp-x)")

@@ -13,12 +13,14 @@ from stmdit.config import (
     check_test_donors,
     cohort_samples,
     cohorts,
+    counts_file,
     expression_cohorts,
     load_sample_sheet,
     resolve_cohorts,
     validate_config,
 )
 from stmdit import job_resources
+from stmdit.hest import sample_files as hest_sample_files
 from stmdit.errors import InputError
 from stmdit.models_config import model_rows, resolve_models, skipped_models
 from stmdit.provenance import params_hash
@@ -104,6 +106,10 @@ def spots_inputs(wildcards):
     row = sample_row(wildcards.sample)
     if row["kind"] == "he":
         files = {"slide": row["path"]}
+    elif row["kind"] == "hest":
+        files = {name: str(path) for name, path in hest_sample_files(row["path"], row["sample"]).items()}
+        if row["labels"]:
+            files["labels"] = row["labels"]
     else:
         files = {
             "matrix": f"{row['path']}/filtered_feature_bc_matrix.h5",
@@ -159,7 +165,7 @@ def cohort_paths(cohort, kind):
     if kind == "patches":
         return [f"results/patches/{s}.zarr" for s in samples]
     if kind == "matrices":
-        return [f"{SAMPLES.loc[s, 'path']}/filtered_feature_bc_matrix.h5" for s in samples]
+        return [counts_file(SAMPLES.loc[s]) for s in samples]
     raise ValueError(kind)
 
 
