@@ -135,6 +135,9 @@ def write_generated_copies(work: Path, config: dict, cohort) -> dict[str, int]:
     from stmdit.models_config import resolve_models
     from stmdit.perturb import parse_alphas, perturbation_rows, read_spot_labels
 
+    import logging
+
+    logging.getLogger("stmdit.features").setLevel(logging.WARNING)  # one line per store otherwise
     results = work / "results"
     models = resolve_models(config)
     written: dict[str, int] = {}
@@ -160,7 +163,7 @@ def write_generated_copies(work: Path, config: dict, cohort) -> dict[str, int]:
             if regime in ("uni_ge", "uni"):
                 copy(results / "features" / h / "h0mini.zarr", ood_test,
                      results / "eval" / name / h / f"{regime}_h0mini.zarr")
-        if model.uses_ge and 5 in model.tables:
+        if model.uses_ge and 5 in model.tables:  # Table 5's perturbation rows
             settings = config["evaluate"]["perturbation"]
             split_table = __import__("pandas").read_parquet(results / "splits" / f"{v}.parquet", columns=["key", "split"])
             train = split_table.loc[split_table["split"] == "train", "key"].astype(str).tolist()
@@ -258,13 +261,13 @@ def collect(rusage: Path, work: Path, cohorts: tuple[str, str]) -> dict[tuple[st
 
 
 def cohort_spots(work: Path, cohort) -> dict[str, int]:
-    """Spots of each cohort (rows of its slides' spots tables: Visium in tissue, H&E pseudo-spots)."""
+    """Kept spots of each cohort (what the cohort rules read; the paper's counts are of kept spots)."""
     import pandas as pd
 
     counts = {}
     for name, slides in ((cohort.visium_cohort, cohort.visium_slides), (cohort.he_cohort, cohort.he_slides)):
         paths = [work / "results" / "spots" / f"{s}.parquet" for s in slides]
-        counts[name] = sum(len(pd.read_parquet(p, columns=["key"])) for p in paths if p.exists())
+        counts[name] = int(sum(pd.read_parquet(p, columns=["keep"])["keep"].sum() for p in paths if p.exists()))
     return counts
 
 
@@ -288,8 +291,10 @@ def scale_table(measured: list[dict], visium_cohort: str) -> list[dict]:
             paper_job = PAPER_VISIUM_SPOTS if visium else PAPER_HE_SPOTS
             n_time_s, n_time_l = n_s, n_l
         paper_cohort = PAPER_VISIUM_SPOTS if visium else PAPER_HE_SPOTS
-        per_spot = (l["peak_rss"] - s["peak_rss"]) / (n_l - n_s) if n_l != n_s else float("nan")
-        base = s["peak_rss"] - per_spot * n_s
+        # below 3x more spots per job (the spots rows of an H&E slide whose tissue barely grew) the
+        # difference of two peaks says nothing of the cost per spot: no per-spot figure, no projection
+        per_spot = (l["peak_rss"] - s["peak_rss"]) / (n_l - n_s) if n_l >= 3 * n_s else float("nan")
+        base = s["peak_rss"] - per_spot * n_s if per_spot == per_spot else float("nan")
         slope = (math.log(l["wall_s"] / s["wall_s"]) / math.log(n_time_l / n_time_s)
                  if min(l["wall_s"], s["wall_s"]) > 0 and n_time_l != n_time_s else float("nan"))
         out_per_spot = l["out_bytes"] / max(n_time_l, 1)
@@ -297,12 +302,17 @@ def scale_table(measured: list[dict], visium_cohort: str) -> list[dict]:
             "rule": rule, "cohort": cohort, "jobs": [s["jobs"], l["jobs"]], "spots": [n_s, n_l],
             "peak_rss_gb": [round(s["peak_rss"] / 1e9, 3), round(l["peak_rss"] / 1e9, 3)],
             "wall_s": [round(s["wall_s"], 1), round(l["wall_s"], 1)],
-            "rss_bytes_per_spot": round(per_spot), "rss_base_gb": round(base / 1e9, 3),
-            "time_loglog_slope": round(slope, 3), "out_bytes_per_spot": round(out_per_spot),
-            "paper_spots": round(paper_job), "projected_peak_gb": round((base + per_spot * paper_job) / 1e9, 2),
+            "rss_bytes_per_spot": _round(per_spot), "rss_base_gb": _round(base / 1e9, 3),
+            "time_loglog_slope": _round(slope, 3), "out_bytes_per_spot": round(out_per_spot),
+            "paper_spots": round(paper_job), "projected_peak_gb": _round((base + per_spot * paper_job) / 1e9, 2),
             "projected_out_gb": round(out_per_spot * paper_cohort / 1e9, 2),
         })
     return table
+
+
+def _round(value: float, digits: int | None = None):
+    """round(), None for nan (JSON null; the markdown prints a dash)."""
+    return None if value != value else round(value, digits)
 
 
 STAGE_ORDER = {"spots": 0, "expression": 1, "split": 2, "features": 3, "deepspot": 4, "regressors": 5, "eval": 6}
@@ -317,16 +327,21 @@ def _stage(rule: str) -> str:
     return "eval"
 
 
+def _fmt(value, spec: str) -> str:
+    return value if isinstance(value, str) else format(value, spec)
+
+
 def markdown_table(table: list[dict], sizes: list[int]) -> str:
     header = ("| rule | cohort | jobs | spots | peak RSS GB | RSS bytes/spot above base | base GB | wall s | "
               "time log-log slope | out bytes/spot | paper spots | projected peak GB | projected out GB |")
     lines = [header, "|" + "---|" * 13]
     for r in table:
+        r = {k: ("-" if v is None else v) for k, v in r.items()}
         lines.append(f"| {r['rule']} | {r['cohort']} | {r['jobs'][0]} / {r['jobs'][1]} | {r['spots'][0]:,} / "
                      f"{r['spots'][1]:,} | {r['peak_rss_gb'][0]:.2f} / {r['peak_rss_gb'][1]:.2f} | "
-                     f"{r['rss_bytes_per_spot']:,} | {r['rss_base_gb']:.2f} | {r['wall_s'][0]} / {r['wall_s'][1]} | "
+                     f"{_fmt(r['rss_bytes_per_spot'], ',')} | {_fmt(r['rss_base_gb'], '.2f')} | {r['wall_s'][0]} / {r['wall_s'][1]} | "
                      f"{r['time_loglog_slope']} | {r['out_bytes_per_spot']:,} | {r['paper_spots']:,} | "
-                     f"{r['projected_peak_gb']:.2f} | {r['projected_out_gb']:.2f} |")
+                     f"{_fmt(r['projected_peak_gb'], '.2f')} | {r['projected_out_gb']:.2f} |")
     return "\n".join(lines)
 
 

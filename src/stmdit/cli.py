@@ -69,10 +69,22 @@ def own_peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def process_elapsed_s() -> float | None:
+    """Seconds since this process started (interpreter start-up and imports included), from /proc."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def write_rusage_record(directory: str, command: str, argv: list[str], wall_s: float, exit_code: int) -> None:
     """One JSON per `stmdit` process into `directory` (env STMDIT_RUSAGE_DIR; read by `stmdit bench scale`)."""
     self_usage, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    record = {"command": command, "argv": argv, "cwd": os.getcwd(), "wall_s": wall_s, "exit_code": exit_code,
+    elapsed = process_elapsed_s()
+    record = {"command": command, "argv": argv, "cwd": os.getcwd(), "wall_s": wall_s if elapsed is None else elapsed,
+              "command_s": wall_s, "exit_code": exit_code,
               "vmhwm_bytes": own_peak_rss_bytes(), "ru_maxrss_self_bytes": self_usage.ru_maxrss * 1024,
               "ru_maxrss_children_bytes": children.ru_maxrss * 1024,
               "cpu_s": self_usage.ru_utime + self_usage.ru_stime + children.ru_utime + children.ru_stime}
