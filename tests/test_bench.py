@@ -238,9 +238,9 @@ def test_bench_scale_measures_every_rule_at_two_sizes(tmp_path):
     import sys
 
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
-    result = subprocess.run([sys.executable, "-m", "stmdit", "bench", "scale", "--sizes", "150,1500", "--out",
-                             str(tmp_path), "--genes", "1500", "--he-gigapixels", "0.1", "--tile", "256"],
-                            env=env, capture_output=True, text=True, cwd=REPO)
+    command = [sys.executable, "-m", "stmdit", "bench", "scale", "--sizes", "120,1200", "--out", str(tmp_path),
+               "--genes", "1500", "--he-gigapixels", "0.06", "--tile", "256", "--n-boot", "4"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     doc = json.loads((tmp_path / "scale.json").read_text())
     rows = doc["table"]

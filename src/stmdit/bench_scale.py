@@ -63,9 +63,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source-image", type=Path, default=REPO / "resources" / "cmu_small_region.svs",
                    help="the real H&E the slides are tiled from")
     p.add_argument("--tile", type=int, default=512, help="TIFF tile side in px")
+    p.add_argument("--n-boot", type=int, default=20,
+                   help="bootstrap resamples and permutations of FID and AUC (a fixed cost per job, not per spot)")
 
 
-def bench_config(cohort, stages: set[str]) -> dict[str, Any]:
+def bench_config(cohort, lowered: dict) -> dict[str, Any]:
     """config.yaml with the generated sheet, smoke encoders, two models and the LOWERED counts."""
     import yaml
 
@@ -80,7 +82,7 @@ def bench_config(cohort, stages: set[str]) -> dict[str, Any]:
     config["features"]["batch_size"] = 64
     config["models"] = MODELS
     config["virtual"]["experiments"] = {}
-    for (section, key), value in {**LOWERED, **PAPER_SHAPES}.items():
+    for (section, key), value in {**lowered, **PAPER_SHAPES}.items():
         config[section][key] = value
     return config
 
@@ -359,10 +361,11 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"stmdit bench scale: need two sizes or more (got {sizes}) and stages among {STAGES}"
                          f"{f' (unknown: {sorted(unknown)})' if unknown else ''}")
     args.out.mkdir(parents=True, exist_ok=True)
+    lowered = {**LOWERED, **{("evaluate", key): args.n_boot for key in ("n_boot", "auc_n_boot", "null_n_perm")}}
     defaults = yaml.safe_load((REPO / "config.yaml").read_text())
     print(f"bench scale: sizes {sizes} Visium spots, stages {','.join(s for s in STAGES if s in stages)}, "
           f"{args.cores} cores, under {args.out}")
-    print("  lowered for time: " + ", ".join(f"{a}.{b} {defaults[a].get(b)} -> {v}" for (a, b), v in LOWERED.items()))
+    print("  lowered for time: " + ", ".join(f"{a}.{b} {defaults[a].get(b)} -> {v}" for (a, b), v in lowered.items()))
     print("  paper shapes: " + ", ".join(f"{a}.{b} {v}" for (a, b), v in PAPER_SHAPES.items())
           + f", {args.genes:,} genes, image encoders {', '.join(IMAGE_ENCODERS)} (smoke, real output widths)")
     print("  generated tiles: copies of the real features of the same spots (no diffusion model trained or sampled)")
@@ -382,7 +385,7 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
         print(f"size {size:,}: cohort written in {generate_s:.0f} s ({len(cohort.visium_slides)} Visium slides over "
               f"{len(cohort.donors)} donors, {cohort.visium_spots:,} spots in tissue; {len(cohort.he_slides)} H&E-only "
               f"slides of {cohort.files['he_40x.tif']['gigapixels']} gigapixels)", flush=True)
-        config = bench_config(cohort, stages)
+        config = bench_config(cohort, lowered)
         config_path = root / "bench.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         phases = {"data_s": run_snakemake(work, config_path, stage_targets(cohort, stages), args.cores, rusage, log)}
@@ -404,7 +407,7 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
     projected_out = sum(r["projected_out_gb"] for r in table)
     ge_tokens_gb = GE_TOKEN_BYTES_PER_SPOT * (PAPER_VISIUM_SPOTS + PAPER_HE_SPOTS) / 1e9
     result = {"benchmark": "scale", "sizes": sizes, "stages": sorted(stages), "cores": args.cores,
-              "lowered": {f"{a}.{b}": v for (a, b), v in LOWERED.items()}, "table": table,
+              "lowered": {f"{a}.{b}": v for (a, b), v in lowered.items()}, "table": table,
               "projected_disk_gb_measured_rules": round(projected_out, 1),
               "ge_token_stores_gb_by_shape_not_run": round(ge_tokens_gb, 1),
               "runs": [{k: v for k, v in m.items() if k != "rules"} for m in measured]}
