@@ -110,7 +110,7 @@ def run_snakemake(work: Path, config_path: Path, targets: list[str], cores: int,
                   allowed_rules: list[str] | None = None) -> float:
     command = [str(Path(sys.executable).parent / "snakemake"), *targets, "--snakefile", str(REPO / "Snakefile"),
                "--directory", str(work), "--configfile", str(config_path), "--cores", str(cores),
-               "--rerun-triggers", "mtime", "--nolock", "--keep-incomplete"]
+               "--rerun-triggers", "mtime", "--nolock"]
     if allowed_rules:
         command += ["--allowed-rules", *allowed_rules]
     env = {**os.environ, "STMDIT_RUSAGE_DIR": str(rusage),
@@ -210,7 +210,8 @@ OUT_OPTIONS = ("--out", "--out-spots", "--out-patches", "--out-model", "--out-lo
 def _path_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    # symlinks (replicated slides) are not counted again
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.is_dir() else 0
 
 
 def rule_of(record: dict, cohorts: tuple[str, str]) -> tuple[str, str] | None:
