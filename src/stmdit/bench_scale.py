@@ -129,6 +129,7 @@ def write_generated_copies(work: Path, config: dict, cohort) -> dict[str, int]:
     results/eval/{model}/{cohort}/{regime}_{encoder}.zarr (the test split; on the H&E-only cohort its
     seeded subsample of sample.ood_max_spots), and each GE model's perturbation store (rows of
     stmdit.perturb.perturbation_rows) with its features (the reference spot's real H0-mini features)."""
+    import pandas as pd
     import zarr
 
     from stmdit.evaluate import read_split_keys
@@ -167,7 +168,7 @@ def write_generated_copies(work: Path, config: dict, cohort) -> dict[str, int]:
                      results / "eval" / name / h / f"{regime}_h0mini.zarr")
         if model.uses_ge and 5 in model.tables:  # Table 5's perturbation rows
             settings = config["evaluate"]["perturbation"]
-            split_table = __import__("pandas").read_parquet(results / "splits" / f"{v}.parquet", columns=["key", "split"])
+            split_table = pd.read_parquet(results / "splits" / f"{v}.parquet", columns=["key", "split"])
             train = split_table.loc[split_table["split"] == "train", "key"].astype(str).tolist()
             expression = results / "expression" / f"{v}.h5ad"
             rows, _ = perturbation_rows([tuple(p) for p in settings["pairs"]],
