@@ -254,4 +254,4 @@ def test_bench_scale_measures_every_rule_at_two_sizes(tmp_path):
     assert doc["projected_disk_gb_measured_rules"] > 0
     markdown = (tmp_path / "scale.md").read_text()
     assert "| deepspot_train | scale |" in markdown and "Projected disk at the paper's counts" in markdown
-    assert "copies of the real features" in result.stdout
+    assert "copies of the real features of the test spots" in result.stdout

@@ -6,8 +6,8 @@ Per size: write the cohort; write a full configuration (config.yaml with the gen
 smoke encoders, two models and lowered iteration counts; memory-deciding shapes stay the paper's:
 20,000 genes, 1,536-d UNI, 3,072-d Midnight, the 1,024 x 1,024 Midnight+MLP, DeepSpot's 512 hidden
 units); run the data stages through Snakemake; then, for the evaluation stages, write the generated
-tiles' features as copies of the real features of the same spots (no diffusion model is trained or
-sampled) and run fid, ood_fid, auc, perturbation and the tables through Snakemake with only those
+tiles' features as copies of the real features of the test spots, permuted among them (no diffusion
+model is trained or sampled) and run fid, ood_fid, auc, perturbation and the tables through Snakemake with only those
 rules allowed. Every `stmdit` process writes its exact peak RSS (VmHWM) and wall time to
 $STMDIT_RUSAGE_DIR (stmdit.cli); records are attributed to rules by command and output path.
 """
@@ -125,7 +125,7 @@ def run_snakemake(work: Path, config_path: Path, targets: list[str], cores: int,
 
 
 def write_generated_copies(work: Path, config: dict, cohort) -> dict[str, int]:
-    """The evaluation inputs of the generated tiles, as copies of the real features of the same spots:
+    """The evaluation inputs of the generated tiles, as copies of the real features of the test spots, permuted:
     results/eval/{model}/{cohort}/{regime}_{encoder}.zarr (the test split; on the H&E-only cohort its
     seeded subsample of sample.ood_max_spots), and each GE model's perturbation store (rows of
     stmdit.perturb.perturbation_rows) with its features (the reference spot's real H0-mini features)."""
@@ -145,11 +145,14 @@ def write_generated_copies(work: Path, config: dict, cohort) -> dict[str, int]:
     models = resolve_models(config)
     written: dict[str, int] = {}
 
-    def copy(real: Path, keys: list[str], out: Path, extra: dict | None = None) -> None:
+    def copy(real: Path, keys: list[str], out: Path, seed: int, extra: dict | None = None) -> None:
+        # each spot gets the real features of another test spot (a seeded permutation per store):
+        # exact copies would make every FID 0, whose degenerate covariances are no measure of the cost
         group = zarr.open_group(str(real), mode="r")
-        embedding = read_feature_rows(real, keys, ["embedding"])["embedding"]
+        donors = list(np.random.default_rng(seed).permutation(np.asarray(keys, dtype=object)))
+        embedding = read_feature_rows(real, donors, ["embedding"])["embedding"]
         attrs = {"encoder": dict(group.attrs.get("encoder") or {}), "encoders": dict(group.attrs.get("encoders") or {}),
-                 "bench_scale": "copy of the real features of the same spots (no model was sampled)"}
+                 "bench_scale": "real features of other test spots (a seeded permutation; no model was sampled)"}
         write_feature_store(out, keys, [{"embedding": embedding}], {"embedding": embedding.shape[1:]}, attrs,
                             extra_arrays=extra)
         written[str(out.relative_to(work))] = len(keys)
@@ -158,14 +161,15 @@ def write_generated_copies(work: Path, config: dict, cohort) -> dict[str, int]:
     test = read_split_keys(results / "splits" / f"{v}.parquet", "test")
     ood_test = subsample_keys(read_split_keys(results / "splits" / f"{h}.parquet", "test"),
                               config["sample"]["ood_max_spots"], config["sample"]["ood_seed"])
-    for name, model in models.items():
-        for regime in model.regimes:
+    for number, (name, model) in enumerate(models.items()):
+        for index, regime in enumerate(model.regimes):
+            seed = 1000 * number + index  # the same permutation for a regime's three encoders
             for encoder in ("h0mini", "uni2h", "midnight"):
                 copy(results / "features" / v / f"{encoder}.zarr", test,
-                     results / "eval" / name / v / f"{regime}_{encoder}.zarr")
+                     results / "eval" / name / v / f"{regime}_{encoder}.zarr", seed)
             if regime in ("uni_ge", "uni"):
                 copy(results / "features" / h / "h0mini.zarr", ood_test,
-                     results / "eval" / name / h / f"{regime}_h0mini.zarr")
+                     results / "eval" / name / h / f"{regime}_h0mini.zarr", seed)
         if model.uses_ge and 5 in model.tables:  # Table 5's perturbation rows
             settings = config["evaluate"]["perturbation"]
             split_table = pd.read_parquet(results / "splits" / f"{v}.parquet", columns=["key", "split"])
@@ -370,7 +374,8 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
     print("  lowered for time: " + ", ".join(f"{a}.{b} {defaults[a].get(b)} -> {v}" for (a, b), v in lowered.items()))
     print("  paper shapes: " + ", ".join(f"{a}.{b} {v}" for (a, b), v in PAPER_SHAPES.items())
           + f", {args.genes:,} genes, image encoders {', '.join(IMAGE_ENCODERS)} (smoke, real output widths)")
-    print("  generated tiles: copies of the real features of the same spots (no diffusion model trained or sampled)")
+    print("  generated tiles: copies of the real features of the test spots, permuted among them (no diffusion model"
+          " trained or sampled)")
     print(f"  skipped: GE token stores (CancerFoundation 601 x 256 float16 per spot = {GE_TOKEN_BYTES_PER_SPOT:,} "
           "bytes, uncompressed) and what needs them (train, sample, perturb-sample, features_cancerfoundation[_ptpl]);"
           " sd3_vae latents")
