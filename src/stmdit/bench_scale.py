@@ -347,7 +347,8 @@ def markdown_table(table: list[dict], sizes: list[int]) -> str:
         r = {k: ("-" if v is None else v) for k, v in r.items()}
         lines.append(f"| {r['rule']} | {r['cohort']} | {r['jobs'][0]} / {r['jobs'][1]} | {r['spots'][0]:,} / "
                      f"{r['spots'][1]:,} | {r['peak_rss_gb'][0]:.2f} / {r['peak_rss_gb'][1]:.2f} | "
-                     f"{_fmt(r['rss_bytes_per_spot'], ',')} | {_fmt(r['rss_base_gb'], '.2f')} | {r['wall_s'][0]} / {r['wall_s'][1]} | "
+                     f"{_fmt(r['rss_bytes_per_spot'], ',')} | {_fmt(r['rss_base_gb'], '.2f')} | "
+                     f"{r['wall_s'][0]} / {r['wall_s'][1]} | "
                      f"{r['time_loglog_slope']} | {r['out_bytes_per_spot']:,} | {r['paper_spots']:,} | "
                      f"{_fmt(r['projected_peak_gb'], '.2f')} | {r['projected_out_gb']:.2f} |")
     return "\n".join(lines)
@@ -355,7 +356,8 @@ def markdown_table(table: list[dict], sizes: list[int]) -> str:
 
 @benchmark("scale", _arguments)
 def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
-    """Each rule's exact peak RSS, time and output size through Snakemake at two cohort sizes, projected to the paper's counts."""
+    """Each rule's exact peak RSS, time and output size through Snakemake at two cohort sizes, projected
+    to the paper's counts."""
     import yaml
 
     from stmdit.scale_cohort import write_scale_cohort
@@ -387,7 +389,8 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         he_spots = round(size * PAPER_HE_SPOTS / PAPER_VISIUM_SPOTS)
         cohort = write_scale_cohort(root / "cohort", size, he_spots, args.source_image, n_genes=args.genes,
-                                    he_gigapixels=args.he_gigapixels, tile=args.tile, log=lambda m: print(m, flush=True))
+                                    he_gigapixels=args.he_gigapixels, tile=args.tile,
+                                    log=lambda message: print(message, flush=True))
         generate_s = time.perf_counter() - started
         print(f"size {size:,}: cohort written in {generate_s:.0f} s ({len(cohort.visium_slides)} Visium slides over "
               f"{len(cohort.donors)} donors, {cohort.visium_spots:,} spots in tissue; {len(cohort.he_slides)} H&E-only "

@@ -136,7 +136,8 @@ def visium_side_for(spots: int, tissue_fraction: float = 0.95) -> int:
     """The smallest side (a multiple of the pyramid's block) whose grid has at least `spots` in tissue."""
     block = MirroredTissue.BLOCK
     spacing = SPOT_SPACING_UM / VISIUM_MPP
-    side = max(4 * block, int(math.sqrt(spots * spacing ** 2 * math.sqrt(3) / 2 / min(tissue_fraction, 0.78))) // block * block)
+    area = spots * spacing ** 2 * math.sqrt(3) / 2 / min(tissue_fraction, 0.78)  # a first guess, then search
+    side = max(4 * block, int(math.sqrt(area)) // block * block)
     while visium_grid_count(side, tissue_fraction) < spots:
         side += block
     while side > 4 * block and visium_grid_count(side - block, tissue_fraction) >= spots:
@@ -204,7 +205,8 @@ def write_scale_cohort(root: str | Path, visium_spots: int, he_spots: int, sourc
         files[f"templates/{donor}/filtered_feature_bc_matrix.h5"] = {
             "bytes": (outs / "filtered_feature_bc_matrix.h5").stat().st_size, "spots": len(barcodes),
             "genes": n_genes, "nonzeros": nnz, "detected_per_spot": round(nnz / max(len(barcodes), 1))}
-        log(f"  {donor}: {len(barcodes):,} spots x {n_genes:,} genes, {nnz / max(len(barcodes), 1):,.0f} detected per spot")
+        log(f"  {donor}: {len(barcodes):,} spots x {n_genes:,} genes, "
+            f"{nnz / max(len(barcodes), 1):,.0f} detected per spot")
 
     rows = ["sample\tdonor\tcohort\tkind\tpath\timage\tlabels\tmpp"]
     visium_slides = []
@@ -227,7 +229,8 @@ def write_scale_cohort(root: str | Path, visium_spots: int, he_spots: int, sourc
     copies = max(2, math.ceil(he_spots / (0.6 * full)))
     fraction = min(0.6, he_spots / copies / full)
     he_image = root / "he_40x.tif"
-    write_pyramidal_tiff(he_image, MirroredTissue(source, he_side, he_side, tissue_fraction=fraction), HE_MPP, tile=tile)
+    he_tissue = MirroredTissue(source, he_side, he_side, tissue_fraction=fraction)
+    write_pyramidal_tiff(he_image, he_tissue, HE_MPP, tile=tile)
     files[he_image.name] = {"bytes": he_image.stat().st_size, "px": f"{he_side} x {he_side}",
                             "gigapixels": round(he_side * he_side / 1e9, 2), "tissue_fraction": round(fraction, 4)}
     he_slides = []
