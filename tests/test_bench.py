@@ -131,3 +131,128 @@ def test_deepspot_benchmark_reports_peak_rss_per_spot(tmp_path):
     import anndata as ad
 
     assert ad.read_h5ad(tmp_path / "deepspot_120" / "ptpl.h5ad").shape == (120, 40)
+
+
+# --------------------------------------------------------------------------------------------
+# bench scale: the synthetic cohort's formats, the rusage hook, and the benchmark end to end
+
+
+def test_scale_cohort_matrix_is_a_10x_file_the_expression_step_reads(tmp_path):
+    """Real gene symbols, 3,000-5,000 detected genes per spot, integer counts >= 1, labels' programs."""
+    import numpy as np
+    import pandas as pd
+
+    from stmdit.expression import read_slide_counts
+    from stmdit.genesets import load_gene_list
+    from stmdit.scale_cohort import gene_table, write_10x_h5_blocks
+
+    genes = gene_table(20_000)
+    assert len(genes) == 20_000 and genes["symbol"].is_unique and {"TP53", "EGFR", "CD8A"} <= set(genes["symbol"])
+    barcodes = np.array([f"AAAC{i:06d}-1" for i in range(40)])
+    labels = np.array(["Tumor", "Stroma", "Immune", "Tumor"] * 10, dtype=object)
+    path = tmp_path / "filtered_feature_bc_matrix.h5"
+    nnz = write_10x_h5_blocks(path, barcodes, labels, genes, seed=3, block=7)  # blocks that do not divide 40
+    spots = pd.DataFrame({"barcode": barcodes[::-1], "key": [f"s:{b}" for b in barcodes[::-1]], "pxl_col": 0.0,
+                          "pxl_row": 0.0})
+    counts = read_slide_counts(path, spots)
+    assert counts.shape == (40, 20_000) and counts.X.nnz == nnz
+    detected = np.diff(counts.X.tocsr().indptr)
+    assert 3_000 <= detected.mean() <= 5_000 and detected.min() > 2_000
+    assert counts.X.data.min() >= 1 and np.all(counts.X.data == np.round(counts.X.data))
+    coding = load_gene_list("hgnc").symbols
+    assert np.isin(counts.var_names, list(coding)).mean() > 0.95
+
+
+def test_scale_cohort_tiff_is_tiled_pyramidal_jpeg_written_tile_by_tile(tmp_path, demo_image):
+    """A 4096 x 4096 RGB level 0 is 50 MB; the writer never holds more than a few tiles of it."""
+    import tracemalloc
+
+    import tifffile
+
+    from stmdit.bigslide import DOWNSAMPLES, MirroredTissue, read_source, write_pyramidal_tiff
+
+    tissue = MirroredTissue(read_source(demo_image), 4096, 4096)
+    whole_level0 = 4096 * 4096 * 3
+    tracemalloc.start()
+    try:
+        write_pyramidal_tiff(tmp_path / "slide.tif", tissue, mpp=0.25, tile=128)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < whole_level0 / 8, f"writer held {peak / 1e6:.1f} MB"
+    with tifffile.TiffFile(tmp_path / "slide.tif") as tif:
+        levels = tif.series[0].levels
+        assert [level.shape[:2] for level in levels] == [(4096 // d, 4096 // d) for d in (1, *DOWNSAMPLES)]
+        page = tif.pages[0]
+        assert page.is_tiled and (page.tilelength, page.tilewidth) == (128, 128)
+        assert page.compression == tifffile.COMPRESSION.JPEG
+
+
+def test_scale_cohort_sheet_has_donors_replicated_slides_and_a_large_he_slide(tmp_path, demo_image):
+    import pandas as pd
+
+    from stmdit.config import load_sample_sheet
+    from stmdit.scale_cohort import write_scale_cohort
+
+    cohort = write_scale_cohort(tmp_path, visium_spots=200, he_spots=150, source_image=demo_image, n_genes=500,
+                                he_gigapixels=0.05, log=lambda message: None)
+    sheet = load_sample_sheet(cohort.sheet)
+    visium = sheet[sheet["kind"] == "visium"]
+    assert visium["donor"].nunique() >= 3 and cohort.visium_spots >= 200
+    for _, row in visium.iterrows():
+        assert pd.read_csv(row["labels"])["label"].isin(["Tumor", "Stroma", "Immune"]).all()
+    assert any((tmp_path / "slides" / s / "outs" / "filtered_feature_bc_matrix.h5").is_symlink() for s in visium.index)
+    he = sheet[sheet["kind"] == "he"]
+    assert len(he) >= 2 and cohort.files["he_40x.tif"]["gigapixels"] >= 0.05
+
+
+def test_every_stmdit_process_writes_its_peak_rss_when_asked(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "STMDIT_RUSAGE_DIR": str(tmp_path / "rusage"),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "models.json"
+    subprocess.run([sys.executable, "-m", "stmdit", "models-json", "--rows", "[]", "--out", str(out)], env=env,
+                   check=True, capture_output=True)
+    records = [json.loads(p.read_text()) for p in (tmp_path / "rusage").glob("*.json")]
+    assert len(records) == 1 and records[0]["command"] == "models-json" and records[0]["exit_code"] == 0
+    assert records[0]["argv"][-1] == str(out)
+    assert 5e6 < records[0]["vmhwm_bytes"] < 2e9 and records[0]["wall_s"] >= records[0]["command_s"] > 0
+
+
+SCALE_RULES = {"spots", "expression", "split", "features[uni2h]", "features[deepspot_fm]", "features[h0mini]",
+               "features[midnight]", "deepspot_train", "deepspot_predict", "eval_regressor[oracle]",
+               "eval_regressor[midnight_mlp]", "noise_features[uni2h]", "noise_features[midnight]", "fid", "ood_fid",
+               "auc", "perturbation", "tables"}
+
+
+def test_bench_scale_measures_every_rule_at_two_sizes(tmp_path):
+    """`stmdit bench scale` end to end at small sizes (few genes, small H&E slides): one row per rule
+    with a peak RSS at each size, finite slopes and a projection to the paper's counts."""
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
+    command = [sys.executable, "-m", "stmdit", "bench", "scale", "--sizes", "120,1200", "--out", str(tmp_path),
+               "--genes", "1500", "--he-gigapixels", "0.06", "--tile", "256", "--n-boot", "4"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    doc = json.loads((tmp_path / "scale.json").read_text())
+    rows = doc["table"]
+    assert {r["rule"] for r in rows} == SCALE_RULES
+    for row in rows:
+        assert all(rss > 0 for rss in row["peak_rss_gb"]) and all(t > 0 for t in row["wall_s"]), row
+        assert row["spots"][1] > row["spots"][0] and math.isfinite(row["time_loglog_slope"]), row
+        assert row["projected_out_gb"] >= 0
+    cohort_rows = [r for r in rows if r["rule"] != "spots"]
+    assert all(r["projected_peak_gb"] is not None and r["projected_peak_gb"] > 0 for r in cohort_rows)
+    assert doc["projected_disk_gb_measured_rules"] > 0
+    markdown = (tmp_path / "scale.md").read_text()
+    assert "| deepspot_train | scale |" in markdown and "Projected disk at the paper's counts" in markdown
+    assert "copies of the real features of the test spots" in result.stdout

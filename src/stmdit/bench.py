@@ -1003,6 +1003,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    import stmdit.bench_scale  # noqa: F401  (registers `scale`; its own module, it imports this one)
+
     p = subparsers.add_parser("bench", help="time a pipeline stage (see `stmdit bench <name> -h`)")
     names = p.add_subparsers(dest="benchmark", required=True, metavar="<name>")
     for name, function in BENCHMARKS.items():

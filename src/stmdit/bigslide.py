@@ -102,10 +102,10 @@ def visium_barcodes(n: int, seed: int) -> np.ndarray:
 
 
 def write_visium_folder(outs: str | Path, tissue: MirroredTissue, mpp: float, spot_diameter_um: float = 55.0,
-                        spot_spacing_um: float = 100.0, seed: int = 0) -> int:
-    """A Space Ranger 2.x-like outs/ folder (tissue_positions.csv, scalefactors_json.json, a 10x HDF5
-    matrix with one gene) for a Visium grid over `tissue` at `mpp`; spots whose centre lies on the
-    tissue ellipse are in tissue. Matrix barcodes are sorted, as Space Ranger writes them (so matrix
+                        spot_spacing_um: float = 100.0, seed: int = 0, write_matrix: bool = True) -> int:
+    """A Space Ranger 2.x-like outs/ folder (tissue_positions.csv, scalefactors_json.json and, unless
+    `write_matrix` is false, a 10x HDF5 matrix with one gene: stmdit.scale_cohort writes a full one)
+    for a Visium grid over `tissue` at `mpp`; spots whose centre lies on the tissue ellipse are in tissue. Matrix barcodes are sorted, as Space Ranger writes them (so matrix
     order is spatially random). Returns the number of in-tissue spots."""
     import h5py
     import pandas as pd
@@ -133,6 +133,8 @@ def write_visium_folder(outs: str | Path, tissue: MirroredTissue, mpp: float, sp
     }))
     matrix_barcodes = np.sort(barcodes[in_tissue].astype(str))
     n = len(matrix_barcodes)
+    if not write_matrix:
+        return n
     with h5py.File(outs / "filtered_feature_bc_matrix.h5", "w") as f:
         f.attrs["library_ids"] = np.array([b"bench"])
         f.attrs["filetype"] = "matrix"

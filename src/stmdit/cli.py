@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
+import os
+import resource
 import sys
 import time
 
@@ -52,6 +55,46 @@ COMMANDS = {
 
 log = logging.getLogger("stmdit")
 
+RUSAGE_DIR_ENV = "STMDIT_RUSAGE_DIR"
+
+
+def own_peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM of its address space since exec). ru_maxrss can carry the
+    peak of the process that forked us (Linux records the parent's copied high-water mark at exec)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def process_elapsed_s() -> float | None:
+    """Seconds since this process started (interpreter start-up and imports included), from /proc."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def write_rusage_record(directory: str, command: str, argv: list[str], wall_s: float, exit_code: int) -> None:
+    """One JSON per `stmdit` process into `directory` (env STMDIT_RUSAGE_DIR; read by `stmdit bench scale`)."""
+    self_usage, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    elapsed = process_elapsed_s()
+    record = {"command": command, "argv": argv, "cwd": os.getcwd(), "wall_s": wall_s if elapsed is None else elapsed,
+              "command_s": wall_s, "exit_code": exit_code,
+              "vmhwm_bytes": own_peak_rss_bytes(), "ru_maxrss_self_bytes": self_usage.ru_maxrss * 1024,
+              "ru_maxrss_children_bytes": children.ru_maxrss * 1024,
+              "cpu_s": self_usage.ru_utime + self_usage.ru_stime + children.ru_utime + children.ru_stime}
+    os.makedirs(directory, exist_ok=True)
+    name = os.path.join(directory, f"{command}-{os.getpid()}-{time.time_ns()}.json")
+    with open(name + ".tmp", "w") as out:
+        json.dump(record, out)
+    os.replace(name + ".tmp", name)
+
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; with `command`, only that command's module is imported."""
@@ -78,10 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.perf_counter()
     log.info("stmdit %s: %s", __version__, " ".join(argv))
+    exit_code = 1
     try:
         args.func(args)
+        exit_code = 0
     except InputError as err:
         print(f"stmdit {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        exit_code = 2
+        return exit_code
+    finally:
+        if os.environ.get(RUSAGE_DIR_ENV):
+            write_rusage_record(os.environ[RUSAGE_DIR_ENV], args.command, argv, time.perf_counter() - started,
+                                exit_code)
     log.info("%s finished in %.1f s", args.command, time.perf_counter() - started)
     return 0
