@@ -69,7 +69,8 @@ def test_tiles_in_their_spots_palette_beat_the_null_and_broken_generators_do_not
     keys = [f"s:{i}" for i in range(n)]
     palettes = random_palettes(n, seed=1)
     real = palette_tiles(palettes, seed=2)
-    patches = [write_store(tmp_path / "a.zarr", keys[:30], real[:30]), write_store(tmp_path / "b.zarr", keys[30:], real[30:])]
+    patches = [write_store(tmp_path / "a.zarr", keys[:30], real[:30]),
+               write_store(tmp_path / "b.zarr", keys[30:], real[30:])]
     # the spot's palette, a little off, in a layout of its own: what UNI should give
     own_palette = palette_tiles(palettes * np.random.default_rng(3).uniform(0.9, 1.1, size=(n, 3)), seed=4)
     samples = {
