@@ -12,7 +12,7 @@ import pytest
 import zarr
 
 from stmdit.errors import InputError
-from stmdit.palette import axis_correlations, mean_colour, palette_report
+from stmdit.palette import CONSTANT_SD, axis_correlations, mean_colour, palette_report
 
 
 def palette_tiles(palettes: np.ndarray, seed: int, size: int = 64) -> np.ndarray:
@@ -61,6 +61,11 @@ def test_axis_correlations_are_zero_for_a_constant_column():
     generated = real.copy()
     generated[:, 1] = 5.0
     assert axis_correlations(real, generated) == pytest.approx([1.0, 0.0, 1.0])
+    # grey tiles: a* and b* are 0 up to rounding, which must not correlate with anything
+    rng_tiles = np.random.default_rng(1).integers(0, 256, size=(20, 8, 8, 1), dtype=np.uint8)
+    grey = mean_colour(np.repeat(rng_tiles, 3, axis=-1), "lab")
+    assert np.abs(grey[:, 1:]).max() < 0.1 and grey[:, 1:].std(axis=0).max() < CONSTANT_SD
+    assert axis_correlations(real, grey)[1:] == pytest.approx([0.0, 0.0])
 
 
 @pytest.mark.parametrize("space", ["lab", "rgb"])

@@ -48,13 +48,20 @@ def mean_colour(images: np.ndarray, space: str = "lab") -> np.ndarray:
                      for tile in images]).astype(np.float64) if len(images) else np.zeros((0, 3))
 
 
+# below this spread over spots (L*a*b* or RGB units) a colour axis counts as constant: a twentieth of a
+# just-noticeable difference (Delta E 1); OpenCV gives grey tiles a* and b* within +-0.03, not 0
+CONSTANT_SD = 0.05
+
+
 def axis_correlations(real: np.ndarray, generated: np.ndarray) -> np.ndarray:
-    """Pearson r over rows, per column, of two (N, 3) colour tables (0 where a column is constant)."""
+    """Pearson r over rows, per column, of two (N, 3) colour tables; 0 where a column is constant
+    (e.g. a* and b* of grey tiles, which vary only by rounding)."""
     real = real - real.mean(axis=0)
     generated = generated - generated.mean(axis=0)
     numerator = (real * generated).sum(axis=0)
     denominator = np.sqrt((real * real).sum(axis=0) * (generated * generated).sum(axis=0))
-    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 1e-12)
+    varies = (real.std(axis=0) > CONSTANT_SD) & (generated.std(axis=0) > CONSTANT_SD)
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=varies)
 
 
 def bootstrap_palette_r(real: np.ndarray, generated: np.ndarray, n_boot: int, seed: int) -> dict:
