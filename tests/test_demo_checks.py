@@ -1,20 +1,32 @@
-"""`stmdit demo-checks`: the learning checks `make demo` prints, on hand-made evaluation JSONs."""
+"""`stmdit demo-checks`: the learning checks `make demo` prints, on hand-made evaluation JSONs and on
+JSONs the metrics compute from small inputs of a working, a shuffled-condition and an untrained
+generator."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+import numpy as np
 import pytest
+import zarr
 
+from stmdit import metrics
 from stmdit.demo_checks import learning_checks, run, stage_times
+from stmdit.palette import palette_report
 
 
 def interval(mean: float, half: float = 10.0) -> dict:
     return {"point": mean - 1, "mean": mean, "lo": mean - half, "hi": mean + half}
 
 
-def write_eval(results, model: str, fid: dict, oracle_uni_ge: dict | None = None, null: dict | None = None):
+def palette_entry(r: float, carries: bool) -> dict:
+    return {"point": r, "lo": r - 0.05, "hi": r + 0.05, "carries_palette": carries,
+            "null": {"point": 0.0, "lo": -0.05, "hi": 0.05}}
+
+
+def write_eval(results, model: str, fid: dict, oracle_uni_ge: dict | None = None, null: dict | None = None,
+               palette: dict | None = None):
     folder = results / "eval" / model / "demo"
     folder.mkdir(parents=True)
     (folder / "fid.json").write_text(json.dumps({"regimes": fid}))
@@ -22,6 +34,9 @@ def write_eval(results, model: str, fid: dict, oracle_uni_ge: dict | None = None
     null = null or {"auc": 0.0, "lo": -0.02, "hi": 0.02}
     (folder / "auc.json").write_text(json.dumps({"regressors": {
         "oracle": {"generated": generated, "null": {"empirical": null, "noise_tiles": null}}}}))
+    palette = palette or {r: palette_entry(0.8, True) for r in ("uni", "uni_ge") if r in fid}
+    (folder / "palette.json").write_text(json.dumps({"regimes": palette}))
+    return folder
 
 
 def by_name(checks):
@@ -69,13 +84,133 @@ def test_stage_times_sum_jobs_per_stage(tmp_path):
     assert table.loc["fid", "seconds"] == pytest.approx(2.0) and table.loc["demo_data", "jobs"] == 1
 
 
-def test_layout_check_passes_only_above_the_other_spot_null(tmp_path):
-    write_eval(tmp_path, "Base", {"uni": interval(150), "uncond": interval(280)})
-    folder = tmp_path / "eval" / "Base" / "demo"
-    def layout(mean, follows):
-        return {"regimes": {"uni": {"mean": mean, "lo": mean - 0.02, "hi": mean + 0.02, "follows_layout": follows,
-                                    "null": {"mean": 0.0, "lo": -0.02, "hi": 0.02}}}}
-    (folder / "layout.json").write_text(json.dumps(layout(0.003, False)))
-    assert by_name(learning_checks(tmp_path, "demo"))["Base: uni tiles follow their spot's layout"] is False
-    (folder / "layout.json").write_text(json.dumps(layout(0.3, True)))
-    assert by_name(learning_checks(tmp_path, "demo"))["Base: uni tiles follow their spot's layout"] is True
+def test_palette_check_passes_only_above_the_other_spot_null(tmp_path):
+    write_eval(tmp_path, "Base", {"uni": interval(150), "uncond": interval(280)},
+               palette={"uni": palette_entry(0.02, False)})
+    folder = write_eval(tmp_path, "NoPalette", {"uni": interval(150), "uncond": interval(280)})
+    (folder / "palette.json").unlink()
+    passed = by_name(learning_checks(tmp_path, "demo"))
+    assert passed["Base: uni tiles carry their spot's palette"] is False
+    assert passed["NoPalette: palette.json exists"] is False
+    assert run(argparse.Namespace(results=str(tmp_path), cohort="demo", strict=True)) == 1
+
+
+def test_layout_is_a_diagnostic_line_not_a_check(tmp_path, capsys):
+    folder = write_eval(tmp_path, "Base", {"uni": interval(150), "uncond": interval(280)})
+    entry = {"mean": 0.003, "lo": -0.02, "hi": 0.02, "follows_layout": False, "null": {"mean": 0.0, "lo": -0.02,
+                                                                                        "hi": 0.02}}
+    (folder / "layout.json").write_text(json.dumps({"regimes": {"uni": entry, "uncond": entry}}))
+    checks = learning_checks(tmp_path, "demo")
+    layout = [c for c in checks if "layout" in c.name]
+    assert [(c.name, c.passed) for c in layout] == [("Base: layout agreement (diagnostic, not a check)", None)]
+    assert run(argparse.Namespace(results=str(tmp_path), cohort="demo", strict=True)) == 0
+    out = capsys.readouterr().out
+    assert "[INFO] Base: layout agreement (diagnostic, not a check): uni r 0.003 [-0.020, 0.020]" in out
+    assert f"{len(checks) - 1} of {len(checks) - 1} checks pass" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Each check computed by the metrics from small inputs: a working generator passes, a generator with
+# shuffled conditions or an untrained one fails.
+
+N_SPOTS, N_TRAIN, N_GENES = 80, 200, 40
+REGIMES = ("uni_ge", "uni", "uncond")
+
+
+class TinyCohort:
+    """Spots with a hidden tissue state z (4-d) that their image features, expression and palette all
+    follow. A generator conditioned on spot j makes the features and the palette of z_j."""
+
+    def __init__(self, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.rng = rng
+        self.to_features = rng.normal(size=(4, 16))
+        self.to_genes = rng.normal(size=(4, N_GENES))
+        self.to_colour = rng.normal(0, 25, size=(4, 3))
+        self.z_train, self.z_test = rng.normal(size=(N_TRAIN, 4)), rng.normal(size=(N_SPOTS, 4))
+
+    def features(self, z):
+        return z @ self.to_features + self.rng.normal(0, 0.3, size=(len(z), 16))
+
+    def expression(self, z):
+        return np.log1p(np.exp(z @ self.to_genes + self.rng.normal(0, 0.5, size=(len(z), N_GENES))))
+
+    def tiles(self, z):
+        """64 px tiles in the palette of z, each with its own random layout of light and dark blocks."""
+        palette = np.array([180.0, 120.0, 170.0]) + z @ self.to_colour
+        shade = np.kron(self.rng.uniform(0.7, 1.3, size=(len(z), 8, 8)), np.ones((8, 8)))[..., None]
+        tiles = palette[:, None, None, :] * shade + self.rng.normal(0, 10, size=(len(z), 64, 64, 3))
+        return np.clip(tiles, 0, 255).astype(np.uint8)
+
+
+def image_store(path, keys, images):
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("images", data=images, chunks=(16, *images.shape[1:]))
+    group.create_array("spot_key", data=np.array(keys, dtype=str))
+    return path
+
+
+def evaluate_generator(tmp_path, cohort: TinyCohort, generator: str) -> None:
+    """fid.json, auc.json and palette.json of one generator, from the metrics' own functions."""
+    keys = [f"s:{i}" for i in range(N_SPOTS)]
+    folder = tmp_path / "eval" / generator / "demo"
+    folder.mkdir(parents=True)
+    z_real = cohort.z_test
+    real_features = cohort.features(z_real)
+    patches = image_store(folder / "patches.zarr", keys, cohort.tiles(z_real))
+    conditions = {"working": z_real, "shuffled": z_real[np.roll(np.arange(N_SPOTS), 17)],
+                  "untrained": np.zeros_like(z_real)}[generator]
+    generated_z = {"uni_ge": conditions, "uni": conditions,
+                   # without a condition a working model draws from a narrower, shifted distribution
+                   "uncond": conditions if generator == "untrained" else 0.3 * cohort.rng.normal(size=z_real.shape) + 1}
+    features = {r: cohort.features(z) for r, z in generated_z.items()}
+    fid = {r: metrics.fid_bootstrap(real_features, f, n_boot=100, seed=0) for r, f in features.items()}
+    (folder / "fid.json").write_text(json.dumps({"regimes": fid}))
+
+    oracle = metrics.fit_oracle(cohort.features(cohort.z_train), cohort.expression(cohort.z_train), ks=(5, 10, 20))
+    scored = metrics.transcriptomic_fidelity(oracle, cohort.expression(z_real)[:, oracle.gene_rank], real_features,
+                                             {"uni_ge": features["uni_ge"]}, n_boot=100, seed=0, n_perm=100)
+    (folder / "auc.json").write_text(json.dumps({"regressors": {"oracle": scored}}))
+
+    samples = {r: image_store(folder / f"{r}.zarr", keys, cohort.tiles(generated_z[r])) for r in ("uni_ge", "uni")}
+    palette = palette_report([patches], samples, space="lab", n_boot=100, seed=0)
+    (folder / "palette.json").write_text(json.dumps({"regimes": palette}))
+
+
+@pytest.fixture(scope="module")
+def small_checks(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    cohort = TinyCohort()
+    for generator in ("working", "shuffled", "untrained"):
+        evaluate_generator(results, cohort, generator)
+    return by_name(learning_checks(results, "demo"))
+
+
+def test_a_working_generator_passes_every_check(small_checks):
+    working = {name: ok for name, ok in small_checks.items() if name.startswith("working:")}
+    assert all(working.values()), working
+    assert {"working: FID(uni_ge) below FID(uncond)", "working: oracle null (empirical) covers 0",
+            "working: uni tiles carry their spot's palette", "working: uni_ge tiles carry their spot's palette"} < set(working)
+
+
+def test_shuffled_conditions_fail_the_auc_and_palette_checks(small_checks):
+    assert not small_checks["shuffled: uni tiles carry their spot's palette"]
+    assert not small_checks["shuffled: uni_ge tiles carry their spot's palette"]
+    # FID compares distributions: shuffled conditions keep the distribution, so it cannot see them
+    assert small_checks["shuffled: FID(uni) below FID(uncond)"]
+
+
+def test_an_untrained_generator_fails_fid_auc_and_palette(small_checks):
+    for regime in ("uni", "uni_ge"):
+        assert not small_checks[f"untrained: FID({regime}) below FID(uncond)"]
+        assert not small_checks[f"untrained: {regime} tiles carry their spot's palette"]
+
+
+def test_the_oracle_auc_check_passes_only_for_the_working_generator(tmp_path):
+    cohort = TinyCohort(seed=1)
+    verdicts = {}
+    for generator in ("working", "shuffled", "untrained"):
+        evaluate_generator(tmp_path / generator, cohort, generator)
+        verdicts[generator] = by_name(learning_checks(tmp_path / generator, "demo"))[
+            "a GE model's Oracle AUC of UNI+GE tiles above 0"]
+    assert verdicts == {"working": True, "shuffled": False, "untrained": False}

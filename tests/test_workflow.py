@@ -35,7 +35,7 @@ def test_dry_run_plans_every_stage():
     for rule in ("demo_data", "spots", "expression", "features_image", "features_cancerfoundation", "split",
                  "deepspot_train", "deepspot_predict", "features_cancerfoundation_ptpl", "train", "sample",
                  "perturb_sample", "sample_grid", "eval_features", "eval_regressor", "fid", "ood_fid", "swap_fid", "auc",
-                 "perturbation", "models_json", "figure_matched_spots", "fetch_demo_image", "figure_loss_curve",
+                 "perturbation", "models_json", "figure_matched_spots", "fetch_demo_image", "figure_loss_curve", "palette", "layout",
                  "virtual_sample", "virtual_report",
                  *(f"table{n}" for n in range(1, 7))):
         assert f"\n{rule} " in out, f"{rule} not planned"

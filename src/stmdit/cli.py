@@ -36,6 +36,7 @@ COMMANDS = {
     "sample-grid": "stmdit.sample",
     "matched-spots": "stmdit.matched",
     "layout": "stmdit.layout",
+    "palette": "stmdit.palette",
     "eval-features": "stmdit.evaluate",
     "fid": "stmdit.evaluate",
     "eval-regressor": "stmdit.evaluate",

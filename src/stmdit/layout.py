@@ -29,7 +29,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -87,40 +87,54 @@ def regime_layout(real_layout: np.ndarray, generated_layout: np.ndarray, n_boot:
     return entry
 
 
+def chunked_summaries(array, rows: Sequence[int], summarise: Callable[[np.ndarray], np.ndarray],
+                      width: int) -> np.ndarray:
+    """`summarise(array[rows])` (tiles (N, H, W, 3) -> (N, width)), read CHUNK_TILES tiles at a time."""
+    parts = [summarise(read_array_rows(array, list(rows[start:start + CHUNK_TILES])))
+             for start in range(0, len(rows), CHUNK_TILES)]
+    return np.concatenate(parts) if parts else np.zeros((0, width), np.float32)
+
+
 def chunked_layouts(array, rows: Sequence[int], cells: int) -> np.ndarray:
     """Coarse layouts of `array[rows]` (N, H, W, 3), read CHUNK_TILES tiles at a time."""
-    parts = [coarse_layout(read_array_rows(array, list(rows[start:start + CHUNK_TILES])), cells)
-             for start in range(0, len(rows), CHUNK_TILES)]
-    return np.concatenate(parts) if parts else np.zeros((0, cells * cells), np.float32)
+    return chunked_summaries(array, rows, lambda tiles: coarse_layout(tiles, cells), cells * cells)
 
 
-class RealLayouts:
-    """Coarse layouts of real tiles by spot key, read from the patches stores once."""
+class RealSummaries:
+    """Per-tile summaries of real tiles by spot key, read from the patches stores once."""
 
-    def __init__(self, patches: Sequence[Path], cells: int):
+    def __init__(self, patches: Sequence[Path], summarise: Callable[[np.ndarray], np.ndarray], width: int):
         self.stores = [store_keys(path) for path in patches]
-        self.cells = cells
+        self.summarise = summarise
+        self.width = width
         self.cache: dict[str, np.ndarray] = {}
 
     def __call__(self, keys: Sequence[str], source: Path) -> np.ndarray:
         wanted = [k for k in dict.fromkeys(keys) if k not in self.cache]
         for group, index in self.stores:
             mine = [k for k in wanted if k in index]
-            self.cache.update(zip(mine, chunked_layouts(group["images"], [index[k] for k in mine], self.cells)))
+            rows = [index[k] for k in mine]
+            self.cache.update(zip(mine, chunked_summaries(group["images"], rows, self.summarise, self.width)))
         missing = [k for k in keys if k not in self.cache]
         if missing:
             raise InputError(source, f"{len(missing)} spot(s) are in no --patches store, e.g. {missing[0]}")
         return np.stack([self.cache[k] for k in keys])
 
 
+def sample_store_keys(path: Path) -> tuple[object, list[str]]:
+    """An image store of generated tiles and its spot keys (at least 2: the other-spot null needs them)."""
+    group, _ = store_keys(path)
+    keys = list(string_values(group["spot_key"][:]))
+    if len(keys) < 2:
+        raise InputError(path, f"{len(keys)} tile(s): the other-spot null needs at least 2")
+    return group, keys
+
+
 def layout_report(patches: Sequence[Path], samples: Mapping[str, Path], cells: int, n_boot: int, seed: int) -> dict:
-    real_layouts = RealLayouts(patches, cells)
+    real_layouts = RealSummaries(patches, lambda tiles: coarse_layout(tiles, cells), cells * cells)
     regimes = {}
     for regime, path in samples.items():
-        group, _ = store_keys(path)
-        keys = list(string_values(group["spot_key"][:]))
-        if len(keys) < 2:
-            raise InputError(path, f"{len(keys)} tile(s): the layout null needs at least 2")
+        group, keys = sample_store_keys(path)
         try:
             generated = chunked_layouts(group["images"], range(len(keys)), cells)
         except ValueError as exc:

@@ -1,6 +1,6 @@
 # Evaluation: frozen-encoder features of generated tiles, then one JSON per metric (fid, auc,
-# perturbation, ood_fid, swap_fid) under results/eval/{model}/{cohort}/; the AUC regressors are fitted
-# once per training cohort (eval_regressor, results/eval/regressors/{cohort}/).
+# perturbation, ood_fid, swap_fid, palette, layout) under results/eval/{model}/{cohort}/; the AUC
+# regressors are fitted once per training cohort (eval_regressor, results/eval/regressors/{cohort}/).
 
 
 rule eval_features:
@@ -119,6 +119,37 @@ rule layout:
         CONDA_CPU
     shell:
         "python -m stmdit layout --patches @{input.patches_list} --samples {params.samples} --n-boot {params.n_boot}"
+        " --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort} --out {output} > {log} 2>&1"
+
+
+rule palette:
+    # The pass/fail check of what UNI carries (demo-checks); layout.json beside it is a diagnostic.
+    input:
+        patches=cohort_patches,
+        patches_list=cohort_list("patches"),
+        samples=lambda wildcards: [
+            f"results/samples/{wildcards.model}/{wildcards.cohort}/{r}.zarr" for r in MODELS[wildcards.model].regimes
+        ],
+    output:
+        "results/eval/{model}/{cohort}/palette.json",
+    params:
+        samples=lambda wildcards, input: " ".join(
+            f"{r}={path}" for r, path in zip(MODELS[wildcards.model].regimes, input.samples)
+        ),
+        n_boot=config["evaluate"]["n_boot"],
+        seed=config["evaluate"]["seed"],
+    log:
+        "results/eval/{model}/{cohort}/palette.log",
+    benchmark:
+        "results/benchmarks/eval/{model}/{cohort}/palette.tsv"
+    threads: 1
+    resources:
+        mem_mb=job_mem_mb("palette"),
+        runtime=job_runtime("palette"),
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit palette --patches @{input.patches_list} --samples {params.samples} --n-boot {params.n_boot}"
         " --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort} --out {output} > {log} 2>&1"
 
 
