@@ -303,6 +303,8 @@ def scale_table(measured: list[dict], visium_cohort: str) -> list[dict]:
         # difference of two peaks says nothing of the cost per spot: no per-spot figure, no projection
         per_spot = (l["peak_rss"] - s["peak_rss"]) / (n_l - n_s) if n_l >= 3 * n_s else float("nan")
         base = s["peak_rss"] - per_spot * n_s if per_spot == per_spot else float("nan")
+        if per_spot < 0:  # a peak that fell as the data grew is noise, not a negative cost: the larger peak stays
+            per_spot, base = 0.0, max(s["peak_rss"], l["peak_rss"])
         slope = (math.log(l["wall_s"] / s["wall_s"]) / math.log(n_time_l / n_time_s)
                  if min(l["wall_s"], s["wall_s"]) > 0 and n_time_l != n_time_s else float("nan"))
         out_per_spot = l["out_bytes"] / max(n_time_l, 1)
@@ -425,7 +427,8 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
     footer = (f"\nProjected disk at the paper's counts ({PAPER_VISIUM_SPOTS:,} Visium spots, {PAPER_HE_SPOTS:,} "
               f"H&E-only pseudo-spots): {projected_out:.1f} GB of the measured rules' outputs; GE token stores "
               f"(not run) would add {ge_tokens_gb:.1f} GB uncompressed by shape.\n"
-              "RSS per spot above base: (peak at the larger size - peak at the smaller) / spot difference; spots "
+              "RSS per spot above base: (peak at the larger size - peak at the smaller) / spot difference (0, and the "
+              "larger peak as the base, when the larger size peaked lower: noise); spots "
               "rows are per slide job (projected to a paper slide), other rows per cohort.")
     print(markdown + footer)
     (args.out / "scale.md").write_text(markdown + "\n" + footer + "\n")
