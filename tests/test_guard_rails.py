@@ -72,7 +72,7 @@ def test_trivial_and_moment_losses_are_the_losses_of_their_predictors():
     with the latents' per-element moments (`GaussianDenoiser`), both measured here by Monte Carlo
     through the training objectives' own noising."""
     assert trivial_loss("ddpm", np.zeros((4, 2, 2, 2))) == 1.0
-    for objective in ("ddpm", "flow"):
+    for objective in ("ddpm", "flow", "flow_x0"):
         model = GaussianDenoiser(GaussianConfig(objective=objective, in_channels=2, latent_size=4,
                                                 std_range=(0.1, 1.0), ge_fusion="none"))
         generator = torch.Generator().manual_seed(0)

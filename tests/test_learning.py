@@ -3,8 +3,8 @@
 A synthetic conditional dataset with two independent factors over a fixed spatial texture shared
 by all samples: UNI sets a tone (the latent's mean along one channel direction), GE a colour
 strength (along an orthogonal channel direction); both are uniform on [-1, 1]. For each
-fusion variant a small, non-bottlenecked denoiser is trained with the project's flow objective and
-per-sample draws, then sampled through the project's own sampler (`sample_latents`, Euler, all
+fusion variant a small, non-bottlenecked denoiser is trained with the project's flow objective (and,
+for PMA cross-attention, the x0-parametrised flow_x0 too) and per-sample draws, then sampled through the project's own sampler (`sample_latents`, Euler, all
 regimes). The samples' layout and colour are read back and compared with the truth.
 """
 
@@ -80,13 +80,13 @@ def config(fusion: str, tokens: str | None) -> DiTConfig:
                      ge_fusion=fusion, ge_tokens=tokens)
 
 
-def train(fusion: str, tokens: str | None) -> STMDiT:
+def train(fusion: str, tokens: str | None, objective_name: str = "flow") -> STMDiT:
     torch.manual_seed(0)
     model = STMDiT(config(fusion, tokens))
     side, strength = conditions(N_TRAIN, seed=1)
     uni, ge = encode(side, strength, seed=1)
     x0 = latents(side, strength, seed=1)
-    objective = get_objective("flow")
+    objective = get_objective(objective_name)
     optimiser = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     order = torch.Generator().manual_seed(2)
     for step in range(TRAIN_STEPS):
@@ -105,10 +105,10 @@ def train(fusion: str, tokens: str | None) -> STMDiT:
     return model.eval()
 
 
-def sample(model: STMDiT, regime: str, uni, ge) -> torch.Tensor:
+def sample(model: STMDiT, regime: str, uni, ge, objective: str = "flow") -> torch.Tensor:
     keys = [f"eval:{i}" for i in range(len(uni))]
     settings = SamplerSettings(regime=regime, steps=SAMPLE_STEPS, seed=42, s_uni=1.0, s_ge=1.0, batch_size=N_EVAL)
-    return sample_latents(model, "flow", keys, uni, ge if model.config.uses_ge else None, settings)
+    return sample_latents(model, objective, keys, uni, ge if model.config.uses_ge else None, settings)
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -122,16 +122,18 @@ def evaluation():
     return side, strength, uni, ge
 
 
-@pytest.mark.parametrize(("fusion", "tokens"), VARIANTS, ids=VARIANT_IDS)
-def test_samples_follow_their_conditions(fusion, tokens, evaluation):
+@pytest.mark.parametrize(("fusion", "tokens", "objective"),
+                         [(f, s, "flow") for f, s in VARIANTS] + [("xattn", "pma", "flow_x0")],
+                         ids=VARIANT_IDS + ["xattn-pma-flow_x0"])
+def test_samples_follow_their_conditions(fusion, tokens, objective, evaluation):
     torch.set_num_threads(2)
     side, strength, uni, ge = evaluation
-    model = train(fusion, tokens)
+    model = train(fusion, tokens, objective)
     data = latents(side, strength, seed=7)
     data_max = data.abs().max()
 
     regimes = ("uni_ge", "uni", "ge", "uncond") if model.config.uses_ge else ("uni", "uncond")
-    samples = {regime: sample(model, regime, uni, ge) for regime in regimes}
+    samples = {regime: sample(model, regime, uni, ge, objective) for regime in regimes}
     for regime, x in samples.items():
         assert torch.isfinite(x).all() and x.abs().max() < 1.5 * data_max, f"{regime}: samples left the data range"
 

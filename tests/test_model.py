@@ -296,6 +296,18 @@ def test_ddpm_and_flow_targets():
     torch.testing.assert_close(flow.x_t[2], 0.5 * (x0[2] + noise[2]))
     torch.testing.assert_close(flow.target, noise - x0)
     torch.testing.assert_close(flow.timestep, u * 1000)
+    flow_x0 = get_objective("flow_x0")
+    x0_batch = flow_x0.prepare(x0, noise, u)
+    assert torch.equal(x0_batch.x_t, flow.x_t) and torch.equal(x0_batch.timestep, flow.timestep)
+    assert torch.equal(x0_batch.target, x0)
+    assert torch.equal(flow_x0.x0_from_prediction(x0_batch.x_t, x0_batch.timestep, x0), x0)
+    # the velocity it steps with is noise - x0, the flow's target, wherever t > 0
+    velocity = flow_x0.solver_prediction(x0_batch.x_t[1:], x0_batch.timestep[1:], x0[1:])
+    torch.testing.assert_close(velocity, (noise - x0)[1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flow_x0.solver_prediction(x0_batch.x_t[2:3], x0_batch.timestep[2], x0[2:3]),
+                               (noise - x0)[2:3], rtol=1e-5, atol=1e-5)  # a scalar timestep, as the solvers pass
+    with pytest.raises(ValueError, match="t = 0"):
+        flow_x0.solver_prediction(x0_batch.x_t[:1], x0_batch.timestep[:1], x0[:1])
 
 
 def test_draws_do_not_depend_on_batch_composition():

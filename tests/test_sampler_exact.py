@@ -94,13 +94,20 @@ def ddim_reference(model: GaussianDenoiser, mean: torch.Tensor, steps: int, nois
     return x
 
 
+def flow_velocity(model: GaussianDenoiser, x: torch.Tensor, sigma: float, mean: torch.Tensor) -> torch.Tensor:
+    """The flow's velocity at sigma: the model's own prediction (flow), or (x - x0_hat) / sigma from
+    its x0 prediction (flow_x0, since x = sigma noise + (1 - sigma) x0 and v = noise - x0)."""
+    prediction = model.exact_prediction(x, T * sigma, mean).to(torch.float64)
+    return (x - prediction) / sigma if model.config.objective == "flow_x0" else prediction
+
+
 def euler_reference(model: GaussianDenoiser, mean: torch.Tensor, steps: int, noise: torch.Tensor) -> torch.Tensor:
     """Euler on the flow ODE dx/dsigma = v, sigma = linspace(1, 1/1000, N) then 0, the model
     evaluated at timestep 1000 sigma."""
     sigmas = np.append(np.linspace(1.0, 1.0 / T, steps), 0.0)
     x = noise.to(torch.float64)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        x = x + (sigma_next - sigma) * model.exact_prediction(x, T * sigma, mean).to(torch.float64)
+        x = x + (sigma_next - sigma) * flow_velocity(model, x, sigma, mean)
     return x
 
 
@@ -131,17 +138,18 @@ def heun_reference(model: GaussianDenoiser, mean: torch.Tensor, steps: int, nois
     sigmas = np.append(np.linspace(1.0, 1.0 / T, steps), 0.0)
     x = noise.to(torch.float64)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        v = model.exact_prediction(x, T * sigma, mean).to(torch.float64)
+        v = flow_velocity(model, x, sigma, mean)
         euler = x + (sigma_next - sigma) * v
         if sigma_next > 0:
-            v_end = model.exact_prediction(euler, T * sigma_next, mean).to(torch.float64)
+            v_end = flow_velocity(model, euler, sigma_next, mean)
             euler = x + (sigma_next - sigma) * (v + v_end) / 2
         x = euler
     return x
 
 
 REFERENCES = {("ddpm", "default"): ddim_reference, ("flow", "default"): euler_reference,
-              ("ddpm", "dpmpp_2m"): dpmpp_2m_reference, ("flow", "heun"): heun_reference}
+              ("ddpm", "dpmpp_2m"): dpmpp_2m_reference, ("flow", "heun"): heun_reference,
+              ("flow_x0", "default"): euler_reference}
 
 
 def reference_map(model: GaussianDenoiser, mean: torch.Tensor, steps: int,
@@ -173,7 +181,7 @@ def make_model(objective: str, **overrides) -> GaussianDenoiser:
 # --- 1. the project's samplers are the intended solvers ------------------------------------------
 
 
-@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+@pytest.mark.parametrize("objective", ["ddpm", "flow", "flow_x0"])
 @pytest.mark.parametrize("regime", ["uni_ge", "uni", "ge", "uncond"])
 def test_every_regime_samples_its_formula(objective, regime):
     """At the paper's scales each regime's samples are the solver's answer for the Gaussian its
@@ -222,7 +230,7 @@ def test_unit_guidance_is_the_full_conditional():
 CONVERGENCE_STEPS = (50, 100, 200, 1000)
 
 
-@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+@pytest.mark.parametrize("objective", ["ddpm", "flow", "flow_x0"])
 def test_samplers_converge_to_the_data_at_first_order(objective):
     """DDIM and Euler are first-order solvers: the error of the output mean/std against the exact
     continuous answer halves when the steps double, and at 1,000 steps it is within 1% of the data
@@ -247,7 +255,7 @@ def test_samplers_converge_to_the_data_at_first_order(objective):
     # flow starts at the data's own noise level: the limit is the data. DDPM's limit misses the data
     # by the terminal-SNR gap only (up to 5.7% of the std here, for guided means up to ~9).
     gap = ((mean - limit_mean) / model.std).abs().max().item()
-    assert (gap == 0) == (objective == "flow")
+    assert (gap == 0) == (objective != "ddpm")
     assert abs(data_error - gap) < errs[1000] + 1e-6 and (objective == "ddpm" or data_error < 0.01), (data_error, gap)
 
 
@@ -413,6 +421,26 @@ def flow_sigma_one_step_late(monkeypatch) -> None:
     monkeypatch.setattr(solvers, "build_scheduler", mutated)
 
 
+def flow_x0_read_as_velocity(monkeypatch) -> None:
+    """A flow_x0 model's x0 prediction stepped with as if it were the velocity."""
+    from stmdit.model.objectives import FlowX0Objective
+
+    monkeypatch.setattr(FlowX0Objective, "solver_prediction", lambda self, x_t, timestep, prediction: prediction)
+
+
+def flow_x0_time_one_step_late(monkeypatch) -> None:
+    """x0 turned into a velocity with the next sigma's t instead of the current one."""
+    from stmdit.model.objectives import FlowX0Objective
+
+    original = FlowX0Objective.solver_prediction
+
+    def mutated(self, x_t, timestep, prediction):
+        return original(self, x_t, timestep - T / 50, prediction) if timestep > T / 50 else \
+            original(self, x_t, timestep, prediction)
+
+    monkeypatch.setattr(FlowX0Objective, "solver_prediction", mutated)
+
+
 MUTATIONS = {
     "ddim_leading_spacing": ("ddpm", lambda mp: mp.setitem(solvers.DDIM_OPTIONS, "timestep_spacing", "leading")),
     "ddim_model_t_minus_1": ("ddpm", lambda mp: shift_model_timestep(mp, -1.0)),
@@ -420,6 +448,8 @@ MUTATIONS = {
     "flipped_uni_term": ("ddpm", lambda mp: flip_guidance_term(mp, "uni")),
     "flipped_ge_term": ("flow", lambda mp: flip_guidance_term(mp, "ge")),
     "flow_sigma_one_step_late": ("flow", flow_sigma_one_step_late),
+    "flow_x0_read_as_velocity": ("flow_x0", flow_x0_read_as_velocity),
+    "flow_x0_time_one_step_late": ("flow_x0", flow_x0_time_one_step_late),
 }
 
 

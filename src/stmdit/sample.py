@@ -43,6 +43,7 @@ from stmdit.loader import GeBatch, open_store, split_keys, store_rows
 from stmdit.metrics import subsample_keys
 from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, get_objective, guided_prediction, regime_spec
 from stmdit.model.guidance import ConditionCache
+from stmdit.models_config import OBJECTIVE_SOLVERS
 from stmdit.provenance import atomic_path, params_hash, provenance
 from stmdit.spots import read_kept_spots
 from stmdit.solvers import DEFAULT, SOLVERS, Predictor, check_solver, denoise, describe_scheduler, predictor_calls, solver_name
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 
 PAD_MULTIPLE = 8
 WEIGHTS_NAME = "ema.safetensors"
-OBJECTIVES = ("ddpm", "flow")
 LATENT_CHUNK_SPOTS = 8  # 8 x 64 KiB float32 latents per chunk
 IMAGE_CHUNK_SPOTS = 16  # as the patches stores: 16 x 256 x 256 x 3 = 3 MiB
 
@@ -110,8 +110,8 @@ def load_trained_model(model_dir: str | Path, device: torch.device | str = "cpu"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(training_path, f"cannot read the training settings: {exc}") from None
     objective = settings.get("objective")
-    if objective not in OBJECTIVES:
-        raise InputError(training_path, f"unknown objective {objective!r} (expected one of {', '.join(OBJECTIVES)})")
+    if objective not in OBJECTIVE_SOLVERS:
+        raise InputError(training_path, f"unknown objective {objective!r} (expected one of {', '.join(OBJECTIVE_SOLVERS)})")
     if not (model_dir / WEIGHTS_NAME).is_file():
         raise InputError(model_dir / WEIGHTS_NAME, "EMA weights not found: has training finished?")
     model = STMDiT.from_pretrained(model_dir, weights_name=WEIGHTS_NAME).to(device).eval()

@@ -21,6 +21,9 @@
 - heun: flow only, diffusers `FlowMatchHeunDiscreteScheduler` (shift 1.0): Euler's sigmas, each
   Euler step corrected by the velocity at its end (trapezoid), except the last step to sigma = 0.
 
+flow_x0 models predict x0 and are sampled by the flow solvers above, with v = (x_t - x0_hat) / t
+(guidance combines x0 predictions with weights summing to one, so it commutes with this map).
+
 Network evaluations per tile: `predictor_calls(solver, steps)` calls of the guided predictor (N for
 default and dpmpp_2m, 2N - 1 for heun), each one batched forward pass over the regime's
 conditionings (3 rows per tile for dual guidance).
@@ -36,7 +39,7 @@ import torch
 
 from stmdit.errors import InputError
 from stmdit.model import get_objective
-from stmdit.models_config import OBJECTIVE_SOLVERS  # without torch: the Snakefile checks sample.solver
+from stmdit.models_config import OBJECTIVE_ODE, OBJECTIVE_SOLVERS  # without torch: the Snakefile checks sample.solver
 
 DEFAULT, DPMPP_2M, HEUN = "default", "dpmpp_2m", "heun"
 SOLVERS = (DEFAULT, DPMPP_2M, HEUN)
@@ -63,7 +66,7 @@ def check_solver(objective: str, solver: str) -> None:
 def solver_name(objective: str, solver: str) -> str:
     """ddim / euler / dpmpp_2m / heun."""
     check_solver(objective, solver)
-    return SOLVER_NAMES[objective, solver]
+    return SOLVER_NAMES[OBJECTIVE_ODE[objective], solver]
 
 
 def predictor_calls(solver: str, steps: int) -> int:
@@ -77,7 +80,7 @@ def build_scheduler(objective: str, steps: int, device: torch.device | str | Non
                            FlowMatchHeunDiscreteScheduler)
 
     check_solver(objective, solver)
-    if objective == "ddpm":
+    if OBJECTIVE_ODE[objective] == "ddpm":
         training_config = get_objective("ddpm").scheduler.config
         if solver == DEFAULT:
             scheduler = DDIMScheduler.from_config(training_config, **DDIM_OPTIONS)
@@ -102,10 +105,12 @@ def describe_scheduler(objective: str, steps: int, solver: str) -> dict[str, Any
 @torch.inference_mode()
 def denoise(predict: Predictor, noise: torch.Tensor, objective: str, steps: int, solver: str = DEFAULT) -> torch.Tensor:
     """Run `solver` for `objective` from `noise`; `predict(x, t)` returns the model's (guided)
-    prediction at model timestep t (epsilon for ddpm, velocity for flow). Returns float32 x0."""
+    prediction at model timestep t (epsilon for ddpm, velocity for flow, x0 for flow_x0, which is
+    turned into the velocity the flow solvers step with). Returns float32 x0."""
     scheduler = build_scheduler(objective, steps, noise.device, solver)
+    to_solver = get_objective(objective).solver_prediction
     x = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        x = scheduler.step(predict(model_input, t).float(), t, x).prev_sample
+        x = scheduler.step(to_solver(model_input, t, predict(model_input, t).float()), t, x).prev_sample
     return x.float()

@@ -495,10 +495,11 @@ def train(settings: TrainSettings, split: Path, latents: Path, uni: Path, ge: Pa
 def trivial_loss(objective: str, latents: np.ndarray) -> float:
     """The loss of predicting the target's mean whatever the input (the floor a model that learned
     nothing sits at): ddpm E[eps^2] = 1; flow E|v - E v|^2 with v = noise - x0, = 1 + the mean
-    per-element variance of the training latents."""
+    per-element variance of the training latents; flow_x0 that variance alone."""
     if objective == "ddpm":
         return 1.0
-    return 1.0 + float(element_variance(latents).mean())
+    variance = float(element_variance(latents).mean())
+    return variance if objective == "flow_x0" else 1.0 + variance
 
 
 def element_variance(latents: np.ndarray, block: int = 1024) -> np.ndarray:
@@ -518,17 +519,19 @@ def element_variance(latents: np.ndarray, block: int = 1024) -> np.ndarray:
 def moment_loss(objective: str, latents: np.ndarray) -> float:
     """The expected loss (timesteps drawn as in training) of the best predictor that knows only each
     latent element's mean and variance s2: the exact predictor for Gaussian data, ddpm
-    mean_t a^2 s2 / (a^2 s2 + 1 - a^2), flow mean_t 1 + s2 - (t - (1 - t) s2)^2 / (t^2 + (1 - t)^2 s2).
-    A model that learns the spots' structure goes below it. It can sit well below the trivial loss
-    (ddpm 0.12 for variance 0.1, 0.28 for 1) or close to it (flow: 0.45 and 0.79 of it): a fixed
-    fraction of the trivial loss would not tell a stalled flow model from a learning one."""
+    mean_t a^2 s2 / (a^2 s2 + 1 - a^2), flow mean_t s2 / (t^2 + (1 - t)^2 s2) and flow_x0 (whose
+    error is the flow's times t^2) mean_t t^2 s2 / (t^2 + (1 - t)^2 s2). A model that learns the
+    spots' structure goes below it. It can sit well below the trivial loss (ddpm 0.12 for variance
+    0.1, 0.28 for 1) or close to it (flow: 0.45 and 0.79 of it): a fixed fraction of the trivial
+    loss would not tell a stalled flow model from a learning one."""
     variance = np.maximum(element_variance(latents).ravel(), 1e-12)
     if objective == "ddpm":
         t = get_objective("ddpm").scheduler.alphas_cumprod.double().numpy()[:, None]  # alpha_bar
         loss = lambda v: t * v / (t * v + 1 - t)  # noqa: E731
     else:
         t = ((np.arange(1000) + 0.5) / 1000)[:, None]
-        loss = lambda v: 1 + v - (t - (1 - t) * v) ** 2 / (t**2 + (1 - t) ** 2 * v)  # noqa: E731
+        weight = t**2 if objective == "flow_x0" else 1.0
+        loss = lambda v: weight * v / (t**2 + (1 - t) ** 2 * v)  # noqa: E731
     return float(sum(loss(variance[i:i + 1024]).sum() for i in range(0, len(variance), 1024)) / (len(t) * len(variance)))
 
 

@@ -7,7 +7,8 @@ closed form and affine in the noisy latent x:
 - ddpm, x_t = a x0 + s eps with a^2 = alpha_bar_t, s^2 = 1 - a^2 (the training schedule):
   E[eps | x_t] = s (x_t - a mu_c) / (a^2 std^2 + s^2);
 - flow, x_t = t noise + (1 - t) x0, model timestep 1000 t:
-  E[noise - x0 | x_t] = -mu_c + (t - (1 - t) std^2) (x_t - (1 - t) mu_c) / (t^2 + (1 - t)^2 std^2).
+  E[noise - x0 | x_t] = -mu_c + (t - (1 - t) std^2) (x_t - (1 - t) mu_c) / (t^2 + (1 - t)^2 std^2);
+- flow_x0, the same x_t: E[x0 | x_t] = mu_c + (1 - t) std^2 (x_t - (1 - t) mu_c) / (t^2 + (1 - t)^2 std^2).
 
 Both depend on mu_c linearly with a coefficient that does not, so a guidance combination with
 weights summing to one (every regime of `guidance.py`) is the exact predictor of
@@ -35,7 +36,7 @@ from stmdit.model.objectives import NUM_TRAIN_TIMESTEPS, get_objective
 class GaussianConfig:
     """Shapes of the exact denoiser, named as `DiTConfig` names them."""
 
-    objective: str = "ddpm"  # ddpm (epsilon) | flow (velocity)
+    objective: str = "ddpm"  # ddpm (epsilon) | flow (velocity) | flow_x0 (x0)
     in_channels: int = 4
     latent_size: int = 8
     uni_dim: int = 16
@@ -47,8 +48,8 @@ class GaussianConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.objective not in ("ddpm", "flow"):
-            raise ValueError(f"unknown objective {self.objective!r} (ddpm | flow)")
+        if self.objective not in ("ddpm", "flow", "flow_x0"):
+            raise ValueError(f"unknown objective {self.objective!r} (ddpm | flow | flow_x0)")
         if self.ge_fusion not in ("none", "adaln", "xattn"):
             raise ValueError(f"unknown ge_fusion {self.ge_fusion!r}")
 
@@ -75,8 +76,8 @@ def masked_token_mean(ge: GeBatch) -> torch.Tensor:
 
 
 class GaussianDenoiser(nn.Module):
-    """forward(x, t, uni, ge, drop_uni, drop_ge) -> the exact epsilon (ddpm) or velocity (flow) of
-    the spot's condition. Means: mu(0,0) = base, mu(u,0) = base + f(u), mu(0,g) = base + h(g),
+    """forward(x, t, uni, ge, drop_uni, drop_ge) -> the exact epsilon (ddpm), velocity (flow) or x0
+    (flow_x0) of the spot's condition. Means: mu(0,0) = base, mu(u,0) = base + f(u), mu(0,g) = base + h(g),
     mu(u,g) = base + f(u) + h(g) + tanh(f(u)) tanh(h(g)) (an interaction, so the full conditional is
     not the sum of the single ones); f linear in the UNI vector, h linear in the GE CLS and, for
     `xattn`, in the mean of the real GE tokens. Computed in float64, returned in x's dtype."""
@@ -154,8 +155,8 @@ class GaussianDenoiser(nn.Module):
         return self.exact_prediction(x, t, self.condition_mean(batch, uni, ge, keep_uni, keep_ge))
 
     def exact_prediction(self, x: torch.Tensor, t, mean: torch.Tensor) -> torch.Tensor:
-        """The exact epsilon (ddpm) or velocity (flow) at model timestep t for data N(mean, std^2);
-        float64 inside, x's dtype out."""
+        """The exact epsilon (ddpm), velocity (flow) or x0 (flow_x0) at model timestep t for data
+        N(mean, std^2); float64 inside, x's dtype out."""
         t = torch.as_tensor(t, device=x.device, dtype=torch.float64)
         t = (t.expand(x.shape[0]) if t.ndim == 0 else t)[:, None, None, None]
         x64 = x.to(torch.float64)
@@ -164,6 +165,8 @@ class GaussianDenoiser(nn.Module):
             return (s * (x64 - a * mean) / (a**2 * self.std**2 + s**2)).to(x.dtype)
         tau = flow_time(t)
         var = tau**2 + (1 - tau) ** 2 * self.std**2
+        if self.config.objective == "flow_x0":
+            return (mean + (1 - tau) * self.std**2 * (x64 - (1 - tau) * mean) / var).to(x.dtype)
         return (-mean + (tau - (1 - tau) * self.std**2) * (x64 - (1 - tau) * mean) / var).to(x.dtype)
 
     def sampler_limit(self, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +176,7 @@ class GaussianDenoiser(nn.Module):
         signal that pure noise lacks (the linear schedule's nonzero terminal SNR): the ODE maps
         x_T to mean + (x_T - a mean) std / sqrt(a^2 std^2 + s^2), so the mean is short by
         a std mean / sqrt(...) (about 0.6% of mean for std 1)."""
-        if self.config.objective == "flow":
+        if self.config.objective != "ddpm":
             return mean, self.std.expand_as(mean)
         a, s = ddpm_coefficients(self.alphas_cumprod, torch.tensor(float(NUM_TRAIN_TIMESTEPS - 1)))
         gain = self.std / torch.sqrt(a**2 * self.std**2 + s**2)
