@@ -28,7 +28,7 @@ from stmdit.provenance import write_json
 REGIMES_GE = ("uni_ge", "uni", "ge", "uncond")
 REGIMES_UNI_ONLY = ("uni", "uncond")
 SAMPLERS = {"ddpm": "ddim", "flow": "euler"}  # the default solver's; the others are named as their solver
-OBJECTIVE_SOLVERS = {"ddpm": ("default", "dpmpp_2m"), "flow": ("default", "heun")}  # stmdit.solvers
+OBJECTIVE_SOLVERS = {"ddpm": ("default", "dpmpp_2m"), "flow": ("default", "heun", "unipc")}  # stmdit.solvers
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # DiTConfig's defaults of the fields the bottleneck check reads (tests keep the two in step); here
 # so that the Snakefile can check `train.sizes` at parse time without importing torch.
