@@ -55,11 +55,11 @@ def test_sample_benchmark_counts_evaluations_and_measures_the_analytic_error(cap
 
     result = bench_sample(sample_bench_args(steps="10,20"))
     rows = {(r["name"], r["steps"]): r for r in result["rows"]}
-    assert set(rows) == {(n, s) for n in ("ddim", "dpmpp_2m", "euler", "heun") for s in (10, 20)}
+    assert set(rows) == {(n, s) for n in ("ddim", "dpmpp_2m", "euler", "heun", "unipc") for s in (10, 20)}
     assert [rows["heun", s]["predictor_calls_per_tile"] for s in (10, 20)] == [19, 39]
     assert all(r["forward_rows_per_tile"] == 3 * r["predictor_calls_per_tile"] for r in rows.values())
     assert all("tiles_per_s" not in r and "fid" not in r for r in rows.values())
-    for second, first in (("heun", "euler"), ("dpmpp_2m", "ddim")):
+    for second, first in (("heun", "euler"), ("dpmpp_2m", "ddim"), ("unipc", "euler")):
         assert all(rows[second, s]["std_error"] < rows[first, s]["std_error"] for s in (10, 20))
     assert "heun" in capsys.readouterr().out
 

@@ -156,8 +156,27 @@ def test_models_table_names_the_configured_solver(repo_root):
     assert {m.sampler for m in resolve_models(config).values()} == {"euler"}  # the demo's flow_x0 models
     config["sample"]["solver"] = "heun"
     with pytest.raises(InputError, match=r"sample.solver = 'heun': does not sample flow_x0 models such as \S+ "
-                                         r"\(use one of default\)"):
+                                         r"\(use one of default, unipc\)"):
         resolve_models(config)  # Heun's last correction would multiply an x0 model's error ~26x
     for entry in config["models"].values():
         entry["objective"] = "flow"
     assert {m.sampler for m in resolve_models(config).values()} == {"heun"}
+
+
+def test_unipc_is_a_flow_solver_in_config(repo_root):
+    """`sample.solver: unipc` passes the schema and names the demo's flow models' sampler; the paper
+    configuration, which has ddpm models too, refuses it at parse time."""
+    from stmdit.models_config import resolve_models
+
+    raw = yaml.safe_load((repo_root / "config.yaml").read_text())
+    raw["sample"]["solver"] = "unipc"
+    config = validate_config(raw, repo_root / "config.yaml")
+    assert {m.sampler for m in resolve_models(config).values()} == {"unipc"}
+    paper = load_config(repo_root / "workflow" / "paper" / "config.yaml")
+    paper["train"]["cohort"] = "10x_TuPro"
+    paper["sample"]["solver"] = "unipc"
+    with pytest.raises(InputError, match=r"sample.solver = 'unipc': does not sample ddpm models"):
+        resolve_models(paper)
+    raw["sample"]["solver"] = "unipc2"
+    with pytest.raises(InputError, match="unipc2"):
+        validate_config(raw, repo_root / "config.yaml")

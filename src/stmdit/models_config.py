@@ -32,7 +32,8 @@ OBJECTIVE_ODE = {"ddpm": "ddpm", "flow": "flow", "flow_x0": "flow"}
 SAMPLERS = {"ddpm": "ddim", "flow": "euler", "flow_x0": "euler"}  # the default solver's; the others are
 # named as their solver. No heun for flow_x0: its correction at sigma = 1/1000 multiplies the x0 error by
 # (sigma - 1/1000) / (2/1000), about 26 at 20 steps
-OBJECTIVE_SOLVERS = {"ddpm": ("default", "dpmpp_2m"), "flow": ("default", "heun"), "flow_x0": ("default",)}
+OBJECTIVE_SOLVERS = {"ddpm": ("default", "dpmpp_2m"), "flow": ("default", "heun", "unipc"),  # stmdit.solvers
+                     "flow_x0": ("default", "unipc")}
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # DiTConfig's defaults of the fields the bottleneck check reads (tests keep the two in step); here
 # so that the Snakefile can check `train.sizes` at parse time without importing torch.

@@ -4,7 +4,7 @@ sampling, the Table 5 inputs, is `stmdit.perturb`).
     stmdit sample --model-dir results/models/M --split results/splits/C.parquet --split-name test
         [--max-spots N --subsample-seed 42] --uni U.zarr [--ge G.zarr] --vae-impl smoke|real
         [--vae-weights P] [--vae-arch-json J] [--allow-hub] --regime uni_ge|uni|ge|uncond
-        --steps 50 [--solver default|dpmpp_2m|heun] --seed 42 --s-uni 4.0 --s-ge 3.0 --batch-size 32
+        --steps 50 [--solver default|dpmpp_2m|heun|unipc] --seed 42 --s-uni 4.0 --s-ge 3.0 --batch-size 32
         [--device auto] [--bf16]
         --out results/samples/M/C/REGIME.zarr
     stmdit sample-grid --spots S1.parquet ... --patches S1.zarr ... --samples uni_ge=A.zarr uni=B.zarr
@@ -147,7 +147,7 @@ class SamplerSettings:
     s_ge: float = 3.0
     batch_size: int = 32
     bf16: bool = False  # bf16 autocast of the denoiser on CUDA
-    solver: str = DEFAULT  # stmdit.solvers: default (DDIM / Euler), dpmpp_2m, heun (flow)
+    solver: str = DEFAULT  # stmdit.solvers: default (DDIM / Euler), dpmpp_2m, heun / unipc (flow)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -577,7 +577,7 @@ def add_sampler_options(p: argparse.ArgumentParser) -> None:
     add_vae_options(p)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--solver", choices=SOLVERS, default=DEFAULT,
-                   help="default: DDIM (ddpm) / Euler (flow), the paper's; dpmpp_2m; heun (flow only)")
+                   help="default: DDIM (ddpm) / Euler (flow), the paper's; dpmpp_2m; heun, unipc (flow only)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--s-uni", type=float, default=4.0)
     p.add_argument("--s-ge", type=float, default=3.0)
