@@ -37,6 +37,7 @@ COMMANDS = {
     "matched-spots": "stmdit.matched",
     "layout": "stmdit.layout",
     "palette": "stmdit.palette",
+    "texture": "stmdit.texture",
     "eval-features": "stmdit.evaluate",
     "fid": "stmdit.evaluate",
     "eval-regressor": "stmdit.evaluate",

@@ -123,6 +123,8 @@ FORMULAS: dict[str, Formula] = {
     "swap_fid": Formula(Cost(2000, per_loaded_mb=2, per_kspot=1), Cost(10, per_kspot=1), loads=_FEATURES),
     "layout": Formula(Cost(3000, per_kspot=1), Cost(10, per_kspot=0.2)),
     "palette": Formula(Cost(3000, per_kspot=1), Cost(10, per_kspot=0.2), note="reads every tile once, 256 at a time"),
+    "texture": Formula(Cost(3000, per_kspot=1), Cost(10, per_kspot=0.5),
+                       note="reads every tile once and decodes the real latents, 256 at a time"),
     "auc": Formula(Cost(3000, per_loaded_mb=1, per_mnnz=2), Cost(20, per_kspot=0.5), loads=_AUC_STORES,
                    note="predicts only (the regressors are fit once per cohort); test-split targets, "
                         "top-k columns dense"),

@@ -241,7 +241,7 @@ def all_targets():
     targets += expand("results/models/{model}/ema.safetensors", model=trained_models())
     targets += expand("results/tables/table{n}.md", n=TABLES)
     targets += expand("results/eval/{model}/{cohort}/{check}.json", model=list(MODELS), cohort=[TRAIN_COHORT],
-                      check=["palette", "layout"])
+                      check=["palette", "texture", "layout"])
     targets += report_figures()
     targets += virtual_targets()
     return targets

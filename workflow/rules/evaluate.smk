@@ -153,6 +153,38 @@ rule palette:
         " --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort} --out {output} > {log} 2>&1"
 
 
+rule texture:
+    # Grey roughness of the generated tiles against the same spots' real latents through the VAE.
+    input:
+        latents="results/features/{cohort}/sd3_vae.zarr",
+        samples=lambda wildcards: [
+            f"results/samples/{wildcards.model}/{wildcards.cohort}/{r}.zarr" for r in MODELS[wildcards.model].regimes
+        ],
+    output:
+        "results/eval/{model}/{cohort}/texture.json",
+    params:
+        samples=lambda wildcards, input: " ".join(
+            f"{r}={path}" for r, path in zip(MODELS[wildcards.model].regimes, input.samples)
+        ),
+        vae=vae_args(),
+        n_boot=config["evaluate"]["n_boot"],
+        seed=config["evaluate"]["seed"],
+    log:
+        "results/eval/{model}/{cohort}/texture.log",
+    benchmark:
+        "results/benchmarks/eval/{model}/{cohort}/texture.tsv"
+    threads: 1
+    resources:
+        mem_mb=job_mem_mb("texture"),
+        runtime=job_runtime("texture"),
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m stmdit texture --latents {input.latents} --samples {params.samples} {params.vae}"
+        " --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort}"
+        " --out {output} > {log} 2>&1"
+
+
 rule ood_fid:
     input:
         real="results/features/{cohort}/h0mini.zarr",

@@ -1,0 +1,92 @@
+"""`stmdit texture`: grey roughness of generated tiles against their spots' real tiles through the VAE."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from stmdit.encoders.smoke import SmokeVae
+from stmdit.errors import InputError
+from stmdit.texture import TARGET, grey_roughness, texture_report
+
+SIZE = 64  # 8 x 8 latents of the smoke VAE
+
+
+def test_grey_roughness_of_flat_checkerboard_and_smooth_tiles():
+    flat = np.full((1, SIZE, SIZE, 3), 128, np.uint8)
+    assert grey_roughness(flat)[0] == 0.0
+    blocks = (np.indices((SIZE // 8, SIZE // 8)).sum(0) % 2 * 255).astype(np.uint8)
+    checker = np.repeat(np.repeat(blocks, 8, 0), 8, 1)[None, ..., None].repeat(3, axis=-1)
+    assert grey_roughness(checker)[0] == pytest.approx(255.0**2)  # every neighbour pair differs by 255
+    ramp = np.tile(np.linspace(0, 255, SIZE), (SIZE, 1)).astype(np.uint8)[None, ..., None].repeat(3, axis=-1)
+    assert 0 < grey_roughness(ramp)[0] < 0.01 * grey_roughness(checker)[0]
+    with pytest.raises(ValueError, match="blocks"):
+        grey_roughness(np.zeros((1, 12, 12, 3), np.uint8))
+
+
+def write_store(path, keys, name, data):
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array(name, data=data, chunks=(4, *data.shape[1:]))
+    group.create_array("spot_key", data=np.array(keys, dtype=str))
+    return path
+
+
+def tissue_like(n: int, seed: int) -> np.ndarray:
+    """Tiles with structure at every scale: smoothed noise plus dark dots (nuclei) on a pink ground."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    tiles = []
+    for _ in range(n):
+        grey = cv2.GaussianBlur(rng.normal(0, 1, (SIZE, SIZE)), (0, 0), 3)
+        grey = 200 + 40 * grey / grey.std()
+        for y, x in rng.integers(4, SIZE - 4, size=(12, 2)):
+            cv2.circle(grey, (int(x), int(y)), 3, 70, -1)
+        tiles.append(np.stack([grey, 0.8 * grey, grey], -1))
+    return np.clip(tiles, 0, 255).astype(np.uint8)
+
+
+def test_generated_tiles_are_scored_against_the_real_tiles_through_the_vae(tmp_path):
+    """Tiles that are the real latents decoded score 1.0; a blurred generator and one that makes
+    independent 8-px squares fall outside TARGET on either side; the spots must be in the latents."""
+    codec = SmokeVae(torch.device("cpu"), latent_channels=4, input_size=SIZE)
+    n = 40
+    keys = [f"s:{i}" for i in range(n)]
+    latents = codec.encode(tissue_like(n, seed=0))["latent"]
+    latent_store = write_store(tmp_path / "latents.zarr", keys, "latent", latents)
+    rng = np.random.default_rng(1)
+    blurred = latents.mean(axis=(2, 3), keepdims=True) + 0.3 * (latents - latents.mean(axis=(2, 3), keepdims=True))
+    squares = codec.decode(latents + rng.normal(0, 2.0, latents.shape).astype(np.float32))  # independent latent pixels
+    stores = {
+        "perfect": write_store(tmp_path / "perfect.zarr", keys[::-1], "images", codec.decode(latents)[::-1]),
+        "blurred": write_store(tmp_path / "blurred.zarr", keys, "images", codec.decode(blurred.astype(np.float32))),
+        "squares": write_store(tmp_path / "squares.zarr", keys, "images", squares),
+    }
+    report = texture_report(latent_store, stores, codec, n_boot=50, seed=0)
+    assert report["perfect"]["ratio"] == pytest.approx(1.0) and report["perfect"]["within_target"]
+    assert report["perfect"]["lo"] <= 1.0 <= report["perfect"]["hi"]
+    assert report["blurred"]["ratio"] < TARGET[0] and not report["blurred"]["within_target"]
+    assert report["squares"]["ratio"] > TARGET[1] and not report["squares"]["within_target"]
+    stranger = write_store(tmp_path / "stranger.zarr", ["x:0", "x:1"], "images", codec.decode(latents[:2]))
+    with pytest.raises(InputError, match="latents.zarr"):
+        texture_report(latent_store, {"uni": stranger}, codec, n_boot=5, seed=0)
+
+
+def test_texture_command_writes_its_report(tmp_path):
+    codec = SmokeVae(torch.device("cpu"), latent_channels=16, input_size=256)
+    keys = [f"s:{i}" for i in range(6)]
+    latents = codec.encode(np.repeat(np.repeat(tissue_like(6, seed=2), 4, 1), 4, 2))["latent"]
+    write_store(tmp_path / "latents.zarr", keys, "latent", latents)
+    write_store(tmp_path / "uni.zarr", keys, "images", codec.decode(latents))
+    out = tmp_path / "texture.json"
+    subprocess.run([sys.executable, "-m", "stmdit", "texture", "--latents", str(tmp_path / "latents.zarr"),
+                    "--samples", f"uni={tmp_path / 'uni.zarr'}", "--vae-impl", "smoke", "--n-boot", "20",
+                    "--out", str(out)], check=True, capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["regimes"]["uni"]["ratio"] == pytest.approx(1.0) and report["target"] == list(TARGET)
