@@ -153,14 +153,14 @@ def test_models_table_names_the_configured_solver(repo_root):
     from stmdit.models_config import resolve_models
 
     config = load_config(repo_root / "config.yaml")
-    assert {m.sampler for m in resolve_models(config).values()} == {"euler"}  # the demo's flow_x0 models
+    assert {m.sampler for m in resolve_models(config).values()} == {"euler"}  # the demo's flow models
     config["sample"]["solver"] = "heun"
+    assert {m.sampler for m in resolve_models(config).values()} == {"heun"}
+    for entry in config["models"].values():
+        entry["objective"] = "flow_x0"
     with pytest.raises(InputError, match=r"sample.solver = 'heun': does not sample flow_x0 models such as \S+ "
                                          r"\(use one of default, unipc\)"):
         resolve_models(config)  # Heun's last correction would multiply an x0 model's error ~26x
-    for entry in config["models"].values():
-        entry["objective"] = "flow"
-    assert {m.sampler for m in resolve_models(config).values()} == {"heun"}
 
 
 def test_unipc_is_a_flow_solver_in_config(repo_root):
