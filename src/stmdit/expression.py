@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import anndata as ad
 import numpy as np
@@ -118,6 +120,41 @@ def read_slide_counts(matrix_path: str | Path, spots: pd.DataFrame) -> ad.AnnDat
     return counts
 
 
+EXPRESSION_BLOCK_ROWS = 4096
+
+
+@dataclass
+class CohortExpression:
+    """A cohort's expression before X: `adata` has everything of the h5ad but X (None); X is
+    log1p(normalise_total(`source`)) row by row, computed in blocks (`x_blocks`) so that the
+    cohort never holds raw and normalised matrices at once. `source` is layers["counts"] (int32),
+    or the float counts themselves when they are not whole numbers."""
+
+    adata: ad.AnnData
+    source: sp.csr_matrix
+    target_sum: float
+
+    def x_blocks(self, block_rows: int | None = None) -> Iterator[sp.csr_matrix]:
+        block_rows = block_rows or EXPRESSION_BLOCK_ROWS
+        for start in range(0, self.source.shape[0], block_rows):
+            yield normalised_log1p(self.source[start : start + block_rows], self.target_sum)
+
+    def x(self) -> sp.csr_matrix:
+        blocks = list(self.x_blocks())
+        return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+
+
+def normalised_log1p(counts: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
+    """scanpy's normalize_total(target_sum) then log1p of float32 `counts`, as CSR float32: per row,
+    so a block of rows gets the values those rows get in the whole matrix."""
+    import scanpy as sc
+
+    block = ad.AnnData(X=sp.csr_matrix(counts, dtype=np.float32))
+    sc.pp.normalize_total(block, target_sum=target_sum)
+    sc.pp.log1p(block)
+    return sp.csr_matrix(block.X, dtype=np.float32)
+
+
 def build_expression(
     cohort: str,
     spots_paths: list[str | Path],
@@ -128,6 +165,23 @@ def build_expression(
     scale_max: float | None = None,
     protein_coding: GeneList | None = None,
 ) -> ad.AnnData:
+    """The cohort's expression AnnData with X in memory (`cohort_expression`, then X)."""
+    expression = cohort_expression(cohort, spots_paths, matrix_paths, min_spots_per_gene, n_hvg, target_sum,
+                                   scale_max, protein_coding)
+    expression.adata.X = expression.x()
+    return expression.adata
+
+
+def cohort_expression(
+    cohort: str,
+    spots_paths: list[str | Path],
+    matrix_paths: list[str | Path],
+    min_spots_per_gene: int = 10,
+    n_hvg: int = 3000,
+    target_sum: float = 1e4,
+    scale_max: float | None = None,
+    protein_coding: GeneList | None = None,
+) -> CohortExpression:
     import scanpy as sc
 
     if len(spots_paths) != len(matrix_paths):
@@ -146,6 +200,7 @@ def build_expression(
     if len(gene_sets) > 1:
         log.warning("slides have different gene lists: taking their union, absent genes count 0")
     adata = ad.concat(slides, join="outer", merge="first", fill_value=0)
+    del slides  # the per-slide copies
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
     adata.obs["cohort"] = cohort
 
@@ -155,6 +210,10 @@ def build_expression(
     if adata.n_vars == 0:
         raise InputError(matrix_paths[0], f"no gene is detected in >= {min_spots_per_gene} spots of cohort {cohort!r}")
     adata.layers["counts"] = sp.csr_matrix(adata.X, dtype=np.int32)
+    # X is normalised from the int32 counts when they hold the float32 values exactly (whole counts)
+    whole = np.array_equal(adata.layers["counts"].data, adata.X.data)
+    source = adata.layers["counts"] if whole else adata.X
+    adata.X = None
     gene_sets = {}
     if protein_coding is not None:  # before the HVGs: a list of another species stops here
         gene_ids = adata.var["gene_ids"].astype(str).to_numpy() if "gene_ids" in adata.var else None
@@ -168,14 +227,17 @@ def build_expression(
     sc.pp.highly_variable_genes(
         adata, flavor="seurat_v3", n_top_genes=n_top, batch_key="sample", layer="counts", subset=False
     )
-    sc.pp.normalize_total(adata, target_sum=target_sum)
-    sc.pp.log1p(adata)
-    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    expression = CohortExpression(adata, source, target_sum)
 
     hvg_genes = adata.var_names[adata.var["highly_variable"]]
     order = adata.var.loc[hvg_genes, "highly_variable_rank"].sort_values(kind="stable").index
-    hvg = adata[:, order].copy()
-    hvg.X = hvg.X.toarray()
+    columns = adata.var_names.get_indexer(order)
+    dense = np.empty((adata.n_obs, len(order)), dtype=np.float32)  # the HVGs' log1p values, then scaled
+    start = 0
+    for block in expression.x_blocks():
+        dense[start : start + block.shape[0]] = block[:, columns].toarray()
+        start += block.shape[0]
+    hvg = ad.AnnData(X=dense, var=pd.DataFrame(index=order))
     sc.pp.scale(hvg, max_value=scale_max)
     adata.obsm["hvg_scaled"] = np.asarray(hvg.X, dtype=np.float32)
     adata.uns["hvg_genes"] = np.asarray(order, dtype=str)
@@ -192,7 +254,24 @@ def build_expression(
         log.info("%d of the %d HVGs are protein-coding", record["protein_coding_hvgs"], record["hvgs"])
         adata.uns["gene_sets"] = gene_sets
     log.info("cohort %s: %d spots x %d genes, %d HVGs", cohort, adata.n_obs, adata.n_vars, len(order))
-    return adata
+    return expression
+
+
+def write_expression_h5ad(expression: CohortExpression, path: Path) -> None:
+    """The h5ad of `expression`: everything but X through anndata, then X appended block by block
+    (one block of normalised rows in memory at a time)."""
+    import h5py
+    from anndata.io import sparse_dataset, write_elem
+
+    expression.adata.write_h5ad(path)
+    with h5py.File(path, "a") as handle:
+        blocks = expression.x_blocks()
+        first = next(blocks)
+        first.indptr = first.indptr.astype(np.int64)  # room for more than 2^31 non-zeros once appended
+        write_elem(handle, "X", first)
+        stored = sparse_dataset(handle["X"])
+        for block in blocks:
+            stored.append(block)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -204,16 +283,17 @@ def run(args: argparse.Namespace) -> None:
         "scale_max": args.scale_max,
         "protein_coding": args.protein_coding,
     }
-    adata = build_expression(
+    expression = cohort_expression(
         args.cohort, args.spots, args.matrices, args.min_spots_per_gene, args.n_hvg, args.target_sum, args.scale_max,
         protein_coding=load_gene_list(args.protein_coding),
     )
+    adata = expression.adata
     # h5ad cannot store None: record an unset clip as the string "none"
     recorded = {k: ("none" if v is None else v) for k, v in params.items()}
     gene_list = [] if args.protein_coding in (BUNDLED, NONE) else [args.protein_coding]
     adata.uns["stmdit"] = provenance("expression", recorded, [*args.spots, *args.matrices, *gene_list])
     with atomic_path(args.out) as tmp:
-        adata.write_h5ad(tmp.with_suffix(".h5ad"))
+        write_expression_h5ad(expression, tmp.with_suffix(".h5ad"))
         tmp.with_suffix(".h5ad").rename(tmp)
     log.info("wrote %s", args.out)
     if args.gene_sets_json is not None:
