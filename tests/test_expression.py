@@ -145,3 +145,23 @@ def test_blocked_expression_equals_the_whole_cohort_in_memory(two_slide_cohort, 
         assert list(got.obs_names) == list(expected.obs_names)
         for column in ("n_cells", "highly_variable", "highly_variable_rank", "mean", "std"):
             np.testing.assert_array_equal(got.var[column].to_numpy(), expected.var[column].to_numpy())
+            assert got.var[column].dtype == expected.var[column].dtype
+
+
+def test_slides_with_different_genes_stack_as_anndata_concat_does():
+    """union_columns + stack_rows (no second copy of the counts) give anndata's outer-join concat."""
+    import scipy.sparse as sp
+
+    from stmdit.expression import stack_rows, union_columns
+
+    rng = np.random.default_rng(2)
+    slides = []
+    for seed, genes in enumerate((["g1", "g3", "g2"], ["g2", "g4", "g1"], ["g1", "g2", "g3"])):
+        counts = sp.random(4 + seed, len(genes), density=0.6, format="csr", random_state=rng, dtype=np.float32)
+        slides.append(ad.AnnData(X=counts, obs=pd.DataFrame(index=[f"s{seed}:{i}" for i in range(4 + seed)]),
+                                 var=pd.DataFrame(index=genes)))
+    expected = ad.concat(slides, join="outer", merge="first", fill_value=0)
+    pieces = [union_columns(s.X, s.var_names, expected.var_names) for s in slides]
+    stacked = stack_rows(pieces)
+    assert pieces == [] and stacked.shape == expected.shape
+    np.testing.assert_array_equal(stacked.toarray(), expected.X.toarray())

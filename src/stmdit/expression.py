@@ -155,6 +155,33 @@ def normalised_log1p(counts: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
     return sp.csr_matrix(block.X, dtype=np.float32)
 
 
+def union_columns(piece: sp.csr_matrix, genes: pd.Index, union: pd.Index) -> sp.csr_matrix:
+    """A slide's counts with its columns placed among the cohort's genes (anndata's outer join:
+    genes the slide lacks count 0)."""
+    if genes.equals(union):
+        return piece
+    return sp.csr_matrix((piece.data, union.get_indexer(genes)[piece.indices], piece.indptr),
+                         shape=(piece.shape[0], len(union)))
+
+
+def stack_rows(pieces: list[sp.csr_matrix]) -> sp.csr_matrix:
+    """The pieces' rows one under the other, emptying `pieces` as they are copied: the result's
+    pages are written piece by piece, so the pieces and the result are never both resident."""
+    n_rows, nnz, n_columns = sum(p.shape[0] for p in pieces), sum(p.nnz for p in pieces), pieces[0].shape[1]
+    index = np.int32 if max(nnz, n_columns) < 2**31 - 1 else np.int64
+    data, indices = np.empty(nnz, pieces[0].dtype), np.empty(nnz, index)
+    indptr = np.zeros(n_rows + 1, index)
+    row = at = 0
+    while pieces:
+        piece = pieces.pop(0)
+        data[at : at + piece.nnz] = piece.data
+        indices[at : at + piece.nnz] = piece.indices
+        indptr[row + 1 : row + 1 + piece.shape[0]] = piece.indptr[1:] + at
+        row, at = row + piece.shape[0], at + piece.nnz
+        del piece
+    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_columns))
+
+
 def build_expression(
     cohort: str,
     spots_paths: list[str | Path],
@@ -186,34 +213,48 @@ def cohort_expression(
 
     if len(spots_paths) != len(matrix_paths):
         raise ValueError("one count matrix per spots table is needed")
-    slides = []
+    slides, pieces = [], []  # the slides' obs/var/obsm, and their counts apart (concatenated without a copy)
     for spots_path, matrix_path in zip(spots_paths, matrix_paths):
         spots = read_kept_spots(spots_path)
         if spots.empty:
             log.warning("%s: no kept spots, slide contributes nothing", spots_path)
             continue
-        slides.append(read_slide_counts(matrix_path, spots))
-        log.info("read %s: %d kept spots x %d genes", matrix_path, slides[-1].n_obs, slides[-1].n_vars)
+        slide = read_slide_counts(matrix_path, spots)
+        pieces.append(slide.X)
+        slide.X = None
+        slides.append(slide)
+        log.info("read %s: %d kept spots x %d genes", matrix_path, slide.n_obs, slide.n_vars)
     if not slides:
         raise InputError(spots_paths[0], f"cohort {cohort!r} has no kept spots")
     gene_sets = {tuple(s.var_names) for s in slides}
     if len(gene_sets) > 1:
         log.warning("slides have different gene lists: taking their union, absent genes count 0")
     adata = ad.concat(slides, join="outer", merge="first", fill_value=0)
-    del slides  # the per-slide copies
-    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    pieces = [union_columns(piece, slide.var_names, adata.var_names) for piece, slide in zip(pieces, slides)]
+    del slides, slide
     adata.obs["cohort"] = cohort
 
+    # scanpy's filter_genes(min_cells): n_cells = spots with a positive count; genes below it dropped
     n_before = adata.n_vars
-    sc.pp.filter_genes(adata, min_cells=min_spots_per_gene)
+    n_cells = sum(np.bincount(piece.indices[piece.data > 0], minlength=n_before).astype(np.int64) for piece in pieces)
+    keep = n_cells >= min_spots_per_gene
+    adata.var["n_cells"] = n_cells
+    if not keep.all():
+        adata = adata[:, keep].copy()
+        for i in range(len(pieces)):
+            pieces[i] = pieces[i][:, keep]
     log.info("kept %d of %d genes seen in >= %d spots", adata.n_vars, n_before, min_spots_per_gene)
     if adata.n_vars == 0:
         raise InputError(matrix_paths[0], f"no gene is detected in >= {min_spots_per_gene} spots of cohort {cohort!r}")
-    adata.layers["counts"] = sp.csr_matrix(adata.X, dtype=np.int32)
-    # X is normalised from the int32 counts when they hold the float32 values exactly (whole counts)
-    whole = np.array_equal(adata.layers["counts"].data, adata.X.data)
-    source = adata.layers["counts"] if whole else adata.X
-    adata.X = None
+    # X is normalised from the int32 counts when they hold the float32 values exactly (whole counts),
+    # else from the float32 values, kept beside the counts
+    if all(np.array_equal(piece.data, piece.data.astype(np.int32)) for piece in pieces):
+        for i in range(len(pieces)):
+            pieces[i] = sp.csr_matrix(pieces[i], dtype=np.int32)
+        source = adata.layers["counts"] = stack_rows(pieces)
+    else:
+        source = stack_rows(pieces)
+        adata.layers["counts"] = sp.csr_matrix(source, dtype=np.int32)
     gene_sets = {}
     if protein_coding is not None:  # before the HVGs: a list of another species stops here
         gene_ids = adata.var["gene_ids"].astype(str).to_numpy() if "gene_ids" in adata.var else None
@@ -267,7 +308,8 @@ def write_expression_h5ad(expression: CohortExpression, path: Path) -> None:
     with h5py.File(path, "a") as handle:
         blocks = expression.x_blocks()
         first = next(blocks)
-        first.indptr = first.indptr.astype(np.int64)  # room for more than 2^31 non-zeros once appended
+        if expression.source.nnz >= 2**31 - 1:  # room for all non-zeros once appended (scipy wants one index dtype)
+            first.indptr, first.indices = first.indptr.astype(np.int64), first.indices.astype(np.int64)
         write_elem(handle, "X", first)
         stored = sparse_dataset(handle["X"])
         for block in blocks:
