@@ -155,6 +155,18 @@ def normalised_log1p(counts: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
     return sp.csr_matrix(block.X, dtype=np.float32)
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by large arrays back to the system (glibc keeps freed heap pages otherwise,
+    and the peak RSS grows with every slide read); a no-op where malloc_trim does not exist."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def union_columns(piece: sp.csr_matrix, genes: pd.Index, union: pd.Index) -> sp.csr_matrix:
     """A slide's counts with its columns placed among the cohort's genes (anndata's outer join:
     genes the slide lacks count 0)."""
@@ -223,6 +235,7 @@ def cohort_expression(
         pieces.append(slide.X)
         slide.X = None
         slides.append(slide)
+        release_freed_memory()  # the whole matrix read for this slide, freed: back to the system
         log.info("read %s: %d kept spots x %d genes", matrix_path, slide.n_obs, slide.n_vars)
     if not slides:
         raise InputError(spots_paths[0], f"cohort {cohort!r} has no kept spots")
@@ -252,6 +265,7 @@ def cohort_expression(
         for i in range(len(pieces)):
             pieces[i] = sp.csr_matrix(pieces[i], dtype=np.int32)
         source = adata.layers["counts"] = stack_rows(pieces)
+        release_freed_memory()
     else:
         source = stack_rows(pieces)
         adata.layers["counts"] = sp.csr_matrix(source, dtype=np.int32)
