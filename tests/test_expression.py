@@ -165,3 +165,25 @@ def test_slides_with_different_genes_stack_as_anndata_concat_does():
     stacked = stack_rows(pieces)
     assert pieces == [] and stacked.shape == expected.shape
     np.testing.assert_array_equal(stacked.toarray(), expected.X.toarray())
+
+
+def test_obs_var_and_uns_are_read_without_the_matrices(two_slide_cohort, tmp_path):
+    """read_h5ad_elements gives the obs, var and uns that anndata's backed mode gives (which also
+    loads layers["counts"] and obsm); a missing or damaged file is one InputError naming it."""
+    from stmdit.errors import InputError
+    from stmdit.expression import read_cohort_obs, read_h5ad_elements
+
+    out, _, _ = two_slide_cohort
+    backed = ad.read_h5ad(out, backed="r")
+    obs, var, uns = read_h5ad_elements(out, "obs", "var", "uns")
+    pd.testing.assert_frame_equal(obs, backed.obs)
+    pd.testing.assert_frame_equal(var, backed.var)
+    assert sorted(uns) == sorted(backed.uns) and uns["stmdit"]["step"] == backed.uns["stmdit"]["step"] == "expression"
+    np.testing.assert_array_equal(uns["hvg_genes"], backed.uns["hvg_genes"])
+    assert list(read_cohort_obs(out).index) == list(backed.obs_names.astype(str))
+    backed.file.close()
+    with pytest.raises(InputError, match="expression file not found"):
+        read_h5ad_elements(tmp_path / "absent.h5ad", "obs")
+    (tmp_path / "damaged.h5ad").write_bytes(b"not hdf5")
+    with pytest.raises(InputError, match="cannot read h5ad"):
+        read_cohort_obs(tmp_path / "damaged.h5ad")

@@ -55,7 +55,7 @@ import zarr
 
 from stmdit import metrics, report
 from stmdit.errors import InputError
-from stmdit.expression import read_cohort_h5ad, read_cohort_obs
+from stmdit.expression import read_cohort_h5ad, read_cohort_obs, read_h5ad_elements  # noqa: F401 (read_cohort_h5ad: tests)
 from stmdit.genesets import protein_coding_columns
 from stmdit.features import (
     SamplePatches,
@@ -441,9 +441,7 @@ def log1p_cp10k_sparse(counts: Any) -> sp.csr_matrix:
 
 def hvg_columns(path: str | Path) -> np.ndarray:
     """Column indices of the highly variable genes of a cohort h5ad (all genes when unflagged)."""
-    import anndata as ad
-
-    var = ad.read_h5ad(path, backed="r").var
+    (var,) = read_h5ad_elements(path, "var")
     if "highly_variable" not in var:
         log.warning("%s has no highly_variable flags: the Oracle regresses all genes", path)
         return np.arange(len(var))
@@ -456,15 +454,9 @@ MIDNIGHT_GENE_SETS = ("protein_coding", "all")
 def midnight_columns(path: str | Path, gene_set: str) -> tuple[np.ndarray, dict[str, Any]]:
     """The genes Midnight+MLP regresses: the cohort's protein-coding genes (paper D.4; var["protein_coding"]
     and the list's record from the expression step) or all of them; with the record of the choice."""
-    import anndata as ad
-
     if gene_set not in MIDNIGHT_GENE_SETS:
         raise InputError(None, f"--midnight-genes must be one of {list(MIDNIGHT_GENE_SETS)}, got {gene_set!r}")
-    adata = ad.read_h5ad(path, backed="r")
-    try:
-        var, uns = adata.var.copy(), dict(adata.uns)
-    finally:
-        adata.file.close()
+    var, uns = read_h5ad_elements(path, "var", "uns")
     if gene_set == "all":
         return np.arange(len(var)), {"name": "all", "n_genes": len(var)}
     return protein_coding_columns(var, uns, path, "use --midnight-genes all")
@@ -520,13 +512,7 @@ def read_expression_log1p(path: str | Path, keys: Sequence[str], columns: Sequen
 
 def expression_gene_count(path: str | Path) -> int:
     """How many genes (var rows) a cohort h5ad has, read without its matrices."""
-    import anndata as ad
-
-    adata = ad.read_h5ad(path, backed="r")
-    try:
-        return int(adata.n_vars)
-    finally:
-        adata.file.close()
+    return len(read_h5ad_elements(path, "var")[0])
 
 
 REGRESSORS = ("oracle", "midnight_mlp")

@@ -57,17 +57,25 @@ def read_cohort_h5ad(path: str | Path, *, counts: bool = True) -> ad.AnnData:
     return adata
 
 
-def read_cohort_obs(path: str | Path) -> pd.DataFrame:
-    """obs of a cohort h5ad, read without loading the matrices; index = spot keys (str)."""
+def read_h5ad_elements(path: str | Path, *names: str) -> list:
+    """Top-level elements of an h5ad (obs, var, uns), read alone: anndata's backed mode would load
+    layers and obsm (the whole counts matrix) too. A missing uns reads as {}."""
+    import h5py
+    from anndata.io import read_elem
+
     path = Path(path)
     if not path.exists():
         raise InputError(path, "expression file not found")
     try:
-        adata = ad.read_h5ad(path, backed="r")
-        obs = adata.obs.copy()
-        adata.file.close()
+        with h5py.File(path, "r") as handle:
+            return [read_elem(handle[name]) if name in handle or name != "uns" else {} for name in names]
     except Exception as exc:  # h5py/anndata raise many types for a damaged file
         raise InputError(path, f"cannot read h5ad: {exc}") from None
+
+
+def read_cohort_obs(path: str | Path) -> pd.DataFrame:
+    """obs of a cohort h5ad, read without loading the matrices; index = spot keys (str)."""
+    (obs,) = read_h5ad_elements(path, "obs")
     obs.index = obs.index.astype(str)
     return obs
 
