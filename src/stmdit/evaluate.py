@@ -55,7 +55,7 @@ import zarr
 
 from stmdit import metrics, report
 from stmdit.errors import InputError
-from stmdit.expression import read_cohort_h5ad, read_cohort_obs, read_h5ad_elements  # noqa: F401 (read_cohort_h5ad: tests)
+from stmdit.expression import read_cohort_obs, read_h5ad_elements, stack_rows
 from stmdit.genesets import protein_coding_columns
 from stmdit.features import (
     SamplePatches,
@@ -503,8 +503,7 @@ def read_expression_log1p(path: str | Path, keys: Sequence[str], columns: Sequen
             pieces.append(normalised if columns is None else normalised[:, np.asarray(columns)])
     if not pieces:
         return sp.csr_matrix((0, width), dtype=np.float32)
-    result = sp.vstack(pieces, format="csr") if len(pieces) > 1 else pieces[0]
-    del pieces
+    result = stack_rows(pieces)  # empties `pieces` as it fills the result: never both in memory
     if (np.diff(file_order) != 1).any():  # keys not in file order: put the rows back in key order
         result = result[np.argsort(file_order, kind="stable")]
     return result
@@ -644,13 +643,16 @@ def auc_document(
     features["uni2h"] = {"real": str(real_uni), "generated": {r: str(p) for r, p in gen_uni.items()},
                          "noise_tiles": str(noise_uni) if noise_uni else None}
     impls += [fitted["oracle"]["encoders"], *(store.impls for store in [*uni_stores.values(), *noise.values()])]
+    del uni_stores, noise  # scored: not held while the Midnight+MLP is
 
     if midnight_mlp is not None:
         payload = fitted["midnight_mlp"]
         midnight_keys, midnight_stores = read_generated(gen_midnight)
         if set(midnight_keys) != set(test_keys):
             raise InputError(next(iter(gen_midnight.values())), "the Midnight stores do not hold the spots of the UNI stores")
-        midnight_stores = {r: read_features(s.path, test_keys) for r, s in midnight_stores.items()}
+        if midnight_keys != test_keys:  # the same spots in another order: read again in the UNI stores' order
+            for regime in list(midnight_stores):
+                midnight_stores[regime] = read_features(midnight_stores[regime].path, test_keys)
         noise = read_noise_control(noise_midnight, test_keys)
         regressors["midnight_mlp"] = score_regressor(payload["regressor"], real_midnight, test_keys, midnight_stores,
                                                      read_expression_log1p(expression, test_keys, payload["columns"]),
