@@ -489,10 +489,11 @@ def fit_midnight_mlp(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    features = features.astype(np.float32)  # what the MLP is fitted on; the float64 copy is freed before the targets
     target = dense_float32(train_expression)
     mlp = MLPRegressor(hidden_layer_sizes=tuple(hidden_layer_sizes), max_iter=max_iter, random_state=seed, **mlp_kwargs)
     model = make_pipeline(StandardScaler(), mlp) if standardize else mlp
-    model.fit(features.astype(np.float32), target)
+    model.fit(features, target)
     return MidnightMLPRegressor(model=model, gene_rank=gene_rank, ks=capped_ks(ks, len(gene_rank)))
 
 
