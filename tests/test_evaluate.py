@@ -564,6 +564,14 @@ def test_blocked_expression_reader_equals_reading_the_whole_anndata(tmp_path, de
             np.testing.assert_array_equal(got.toarray(), expected.toarray())
             subset = evaluate.read_expression_log1p(path, wanted, columns, block_rows=block)
             np.testing.assert_array_equal(subset.toarray(), expected[:, columns].toarray())
+        # auc's truth: only the top-max(k) ranked genes of the regressor's columns, the same values
+        rank = np.array([3, 0, 4, 1, 2])
+        payload = {"columns": columns, "regressor": argparse.Namespace(gene_rank=rank, ks=(1, 3))}
+        truth = evaluate.read_scored_truth(path, wanted, payload)
+        assert truth.shape == (len(wanted), len(columns)) and set(truth.indices) <= set(rank[:3])
+        for k in (1, 3):
+            np.testing.assert_array_equal(metrics._dense_columns(truth, rank[:k]),
+                                          metrics._dense_columns(expected[:, columns], rank[:k]))
     assert evaluate.read_expression_log1p(path, keys[4:5]).nnz == 0
     assert evaluate.expression_gene_count(path) == genes
     with pytest.raises(InputError, match="not in the expression file"):

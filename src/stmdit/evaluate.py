@@ -634,12 +634,11 @@ def auc_document(
     log.info("expression %s: %d test spots x %d genes (log1p CP10k)", expression, len(test_keys), n_genes)
 
     regressors, features, impls = {}, {}, []
-    hvgs = fitted["oracle"]["columns"]
     noise = read_noise_control(noise_uni, test_keys)
     # each regressor's genes read on their own (not all genes, then a copy of its columns)
     regressors["oracle"] = score_regressor(fitted["oracle"]["regressor"], real_uni, test_keys, uni_stores,
-                                           read_expression_log1p(expression, test_keys, hvgs), n_boot, seed, n_perm,
-                                           noise)
+                                           read_scored_truth(expression, test_keys, fitted["oracle"]), n_boot, seed,
+                                           n_perm, noise)
     features["uni2h"] = {"real": str(real_uni), "generated": {r: str(p) for r, p in gen_uni.items()},
                          "noise_tiles": str(noise_uni) if noise_uni else None}
     impls += [fitted["oracle"]["encoders"], *(store.impls for store in [*uni_stores.values(), *noise.values()])]
@@ -655,7 +654,7 @@ def auc_document(
                 midnight_stores[regime] = read_features(midnight_stores[regime].path, test_keys)
         noise = read_noise_control(noise_midnight, test_keys)
         regressors["midnight_mlp"] = score_regressor(payload["regressor"], real_midnight, test_keys, midnight_stores,
-                                                     read_expression_log1p(expression, test_keys, payload["columns"]),
+                                                     read_scored_truth(expression, test_keys, payload),
                                                      n_boot, seed, n_perm, noise)
         regressors["midnight_mlp"]["genes"] = payload["gene_set"]
         features["midnight"] = {"real": str(real_midnight), "generated": {r: str(p) for r, p in gen_midnight.items()},
@@ -678,6 +677,17 @@ def auc_document(
     inputs += [path for path in (noise_uni, noise_midnight) if path is not None]
     return report.auc_json(model=model, cohort=cohort, regressors=regressors, features=features,
                            encoders=merge_impls(*impls), params=params, inputs=inputs)
+
+
+def read_scored_truth(expression: str | Path, test_keys: Sequence[str], payload: Mapping[str, Any]) -> sp.csr_matrix:
+    """The test spots' expression in the columns a fitted regressor was fitted on (payload["columns"]),
+    holding only the top-max(k) genes it is scored on: the other columns are left empty (never read),
+    so not all ~20,000 genes of every test spot are held while scoring."""
+    columns = np.asarray(payload["columns"])
+    regressor = payload["regressor"]
+    top = np.asarray(regressor.gene_rank[: max(regressor.ks)])
+    ranked = read_expression_log1p(expression, test_keys, columns[top])
+    return sp.csr_matrix((ranked.data, top[ranked.indices], ranked.indptr), shape=(ranked.shape[0], len(columns)))
 
 
 def read_noise_control(path: str | Path | None, test_keys: Sequence[str]) -> dict[str, FeatureSet]:
