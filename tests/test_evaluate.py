@@ -530,3 +530,53 @@ def test_auc_with_a_torch_fitted_midnight_mlp_records_its_impl(cohort, tmp_path)
                 "--gen-uni", f"uni_ge={cohort['generated']['uni_ge', 'uni2h'][0]}", "--model", MODEL,
                 "--cohort", COHORT, "--out", tmp_path / "bad.json")
     assert not (tmp_path / "bad.json").exists()
+
+
+def read_expression_log1p_whole(path, keys):
+    """The former reader: the whole AnnData in memory, counts[rows] then log1p CP10k of all genes."""
+    adata = ad.read_h5ad(path)
+    rows = pd.Index(adata.obs_names.astype(str)).get_indexer(pd.Index(keys))
+    return evaluate.log1p_cp10k_sparse(sp.csr_matrix(adata.layers["counts"])[rows])
+
+
+@pytest.mark.parametrize("dense_layer", [False, True])
+def test_blocked_expression_reader_equals_reading_the_whole_anndata(tmp_path, dense_layer):
+    """read_expression_log1p reads layers["counts"] alone in blocks of rows: for keys in file order,
+    shuffled, a subset, and with only some columns, its values are bit-identical to the former
+    whole-AnnData path (then [:, columns]); an empty spot stays zero."""
+    rng = np.random.default_rng(8)
+    n, genes = 53, 40
+    dense = rng.integers(1, 60, size=(n, genes)) * (rng.random((n, genes)) < 0.3)
+    dense[4] = 0
+    counts = sp.csr_matrix(dense.astype(np.int32))
+    keys = [f"S:{i:03d}" for i in range(n)]
+    adata = ad.AnnData(X=sp.csr_matrix(counts, dtype=np.float32), obs=pd.DataFrame(index=keys),
+                       layers={"counts": counts.toarray() if dense_layer else counts})
+    adata.obsm["hvg_scaled"] = rng.normal(size=(n, 5)).astype(np.float32)
+    path = tmp_path / "expr.h5ad"
+    adata.write_h5ad(path)
+    columns = np.array([0, 3, 4, 17, 39])
+    for wanted in (keys, list(rng.permutation(keys)), keys[5:30:3], [keys[4], keys[0]]):
+        expected = read_expression_log1p_whole(path, wanted)
+        for block in (1, 7, 4096):
+            got = evaluate.read_expression_log1p(path, wanted, block_rows=block)
+            assert got.dtype == np.float32 and got.shape == expected.shape
+            np.testing.assert_array_equal(got.toarray(), expected.toarray())
+            subset = evaluate.read_expression_log1p(path, wanted, columns, block_rows=block)
+            np.testing.assert_array_equal(subset.toarray(), expected[:, columns].toarray())
+        # auc's truth: only the top-max(k) ranked genes of the regressor's columns, the same values
+        rank = np.array([3, 0, 4, 1, 2])
+        payload = {"columns": columns, "regressor": argparse.Namespace(gene_rank=rank, ks=(1, 3))}
+        truth = evaluate.read_scored_truth(path, wanted, payload)
+        assert truth.shape == (len(wanted), len(columns)) and set(truth.indices) <= set(rank[:3])
+        for k in (1, 3):
+            np.testing.assert_array_equal(metrics._dense_columns(truth, rank[:k]),
+                                          metrics._dense_columns(expected[:, columns], rank[:k]))
+    assert evaluate.read_expression_log1p(path, keys[4:5]).nnz == 0
+    assert evaluate.expression_gene_count(path) == genes
+    with pytest.raises(InputError, match="not in the expression file"):
+        evaluate.read_expression_log1p(path, ["S:999"])
+    del adata.layers["counts"]
+    adata.write_h5ad(tmp_path / "nocounts.h5ad")
+    with pytest.raises(InputError, match="no raw counts"):
+        evaluate.read_expression_log1p(tmp_path / "nocounts.h5ad", keys)

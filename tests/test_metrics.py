@@ -452,3 +452,35 @@ def test_fid_bootstrap_gives_the_same_interval_on_any_number_of_threads():
     one = metrics.fid_bootstrap(real, gen, n_boot=30, seed=1, threads=1)
     three = metrics.fid_bootstrap(real, gen, n_boot=30, seed=1, threads=3)
     assert (one["lo"], one["hi"], one["mean"]) == (three["lo"], three["hi"], three["mean"])
+
+
+def test_blocked_column_variance_equals_one_whole_float64_copy():
+    """The gene ranking's variances from CSC copies of a few columns at a time are bit-identical to
+    those of one float64 CSC copy of the whole matrix (the former computation)."""
+    rng = np.random.default_rng(21)
+    counts = sparse.random(300, 50, density=0.2, format="csr", random_state=rng, dtype=np.float32)
+    counts.data = np.log1p(rng.poisson(3.0, size=counts.nnz) + 1).astype(np.float32)
+    whole = sparse.csc_matrix(counts, dtype=np.float64)
+    mean = np.asarray(whole.mean(axis=0)).ravel()
+    expected = np.asarray(whole.multiply(whole).mean(axis=0)).ravel() - mean**2
+    for matrix in (counts, counts.tocsc(), sparse.coo_matrix(counts)):
+        for block in (7, 50, 1024):
+            np.testing.assert_array_equal(metrics._column_variance(matrix, block_columns=block), expected)
+    assert metrics._column_variance(counts[:, :0]).shape == (0,)
+
+
+def test_scoring_views_of_the_top_genes_equals_scoring_one_copy_per_k():
+    """transcriptomic_fidelity's truth per k are views of one dense top-max(k) block: the curve,
+    bootstrap and permutation null are bit-identical to those of a dense copy per k (the former path)."""
+    train_x, train_y, test_x, test_y = count_cohort(np.random.default_rng(5))
+    oracle = metrics.fit_oracle(train_x, sparse.csr_matrix(train_y), ks=(10, 40, 80), n_components=16)
+    test_sparse = sparse.csr_matrix(test_y.astype(np.float32))
+    noise = np.random.default_rng(6).normal(size=test_x.shape)
+    result = metrics.transcriptomic_fidelity(oracle, test_sparse, test_x, {"noise": noise}, n_boot=30, seed=2,
+                                             n_perm=30)
+    copies = {k: metrics._dense_columns(test_sparse, oracle.gene_rank[:k]) for k in oracle.ks}
+    assert all(c.flags.c_contiguous for c in copies.values())
+    predictions = oracle.predict_by_k(test_x)
+    assert result["real"] == metrics._score_predictions(predictions, copies, 30, 2, 0.05)
+    assert result["generated"]["noise"] == metrics._score_features(oracle, noise, copies, 30, 2, 0.05)
+    assert result["null"]["empirical"] == metrics.permutation_null(predictions, copies, n_perm=30, seed=2)

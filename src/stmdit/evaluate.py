@@ -55,7 +55,7 @@ import zarr
 
 from stmdit import metrics, report
 from stmdit.errors import InputError
-from stmdit.expression import read_cohort_h5ad, read_cohort_obs
+from stmdit.expression import read_cohort_obs, read_h5ad_elements, stack_rows
 from stmdit.genesets import protein_coding_columns
 from stmdit.features import (
     SamplePatches,
@@ -441,9 +441,7 @@ def log1p_cp10k_sparse(counts: Any) -> sp.csr_matrix:
 
 def hvg_columns(path: str | Path) -> np.ndarray:
     """Column indices of the highly variable genes of a cohort h5ad (all genes when unflagged)."""
-    import anndata as ad
-
-    var = ad.read_h5ad(path, backed="r").var
+    (var,) = read_h5ad_elements(path, "var")
     if "highly_variable" not in var:
         log.warning("%s has no highly_variable flags: the Oracle regresses all genes", path)
         return np.arange(len(var))
@@ -456,32 +454,64 @@ MIDNIGHT_GENE_SETS = ("protein_coding", "all")
 def midnight_columns(path: str | Path, gene_set: str) -> tuple[np.ndarray, dict[str, Any]]:
     """The genes Midnight+MLP regresses: the cohort's protein-coding genes (paper D.4; var["protein_coding"]
     and the list's record from the expression step) or all of them; with the record of the choice."""
-    import anndata as ad
-
     if gene_set not in MIDNIGHT_GENE_SETS:
         raise InputError(None, f"--midnight-genes must be one of {list(MIDNIGHT_GENE_SETS)}, got {gene_set!r}")
-    adata = ad.read_h5ad(path, backed="r")
-    try:
-        var, uns = adata.var.copy(), dict(adata.uns)
-    finally:
-        adata.file.close()
+    var, uns = read_h5ad_elements(path, "var", "uns")
     if gene_set == "all":
         return np.arange(len(var)), {"name": "all", "n_genes": len(var)}
     return protein_coding_columns(var, uns, path, "use --midnight-genes all")
 
 
-def read_expression_log1p(path: str | Path, keys: Sequence[str]) -> sp.csr_matrix:
-    """log1p CP10k of all genes of layers["counts"] for `keys`, rows in that order."""
+EXPRESSION_BLOCK_ROWS = 4096
+
+
+def read_expression_log1p(path: str | Path, keys: Sequence[str], columns: Sequence[int] | None = None,
+                          block_rows: int = EXPRESSION_BLOCK_ROWS) -> sp.csr_matrix:
+    """log1p CP10k of layers["counts"] for `keys`, rows in that order: of all genes, or of `columns`
+    only (the library size is over all genes either way).
+
+    Reads layers["counts"] alone (not X nor obsm), `block_rows` cohort rows at a time, and keeps
+    only the result: no float64 or whole-cohort copy of the counts. The values are those of
+    `log1p_cp10k_sparse` of the whole counts' rows (normalising is row by row), then `[:, columns]`."""
+    import h5py
+    from anndata.io import sparse_dataset
+
     path = Path(path)
-    adata = read_cohort_h5ad(path)
-    rows = pd.Index(adata.obs_names.astype(str)).get_indexer(pd.Index(keys))
+    obs_names = read_cohort_obs(path).index  # not found / unreadable: InputError naming the file
+    rows = pd.Index(obs_names).get_indexer(pd.Index([str(k) for k in keys]))
     if (rows < 0).any():
         raise InputError(path, f"{int((rows < 0).sum())} spot(s) are not in the expression file, "
                                f"e.g. {keys[int(np.flatnonzero(rows < 0)[0])]}")
-    counts = sp.csr_matrix(adata.layers["counts"])[rows]
-    if counts.data.size and (not np.isfinite(counts.data).all() or counts.data.min() < 0):
-        raise InputError(path, 'layers["counts"] has negative or non-finite values: raw counts expected')
-    return log1p_cp10k_sparse(counts)
+    with h5py.File(path, "r") as handle:
+        if "layers" not in handle or "counts" not in handle["layers"]:
+            raise InputError(path, 'no raw counts: layers["counts"] is missing')
+        stored = handle["layers"]["counts"]
+        if not isinstance(stored, h5py.Dataset):  # sparse (CSR or CSC) group
+            stored = sparse_dataset(stored)
+        width = stored.shape[1] if columns is None else len(columns)
+        file_order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[file_order]
+        pieces = []
+        for start in range(0, len(obs_names), block_rows):
+            lo, hi = np.searchsorted(sorted_rows, [start, start + block_rows])
+            if lo == hi:
+                continue
+            counts = sp.csr_matrix(stored[start : start + block_rows])[sorted_rows[lo:hi] - start]
+            if counts.data.size and (not np.isfinite(counts.data).all() or counts.data.min() < 0):
+                raise InputError(path, 'layers["counts"] has negative or non-finite values: raw counts expected')
+            normalised = log1p_cp10k_sparse(counts)
+            pieces.append(normalised if columns is None else normalised[:, np.asarray(columns)])
+    if not pieces:
+        return sp.csr_matrix((0, width), dtype=np.float32)
+    result = stack_rows(pieces)  # empties `pieces` as it fills the result: never both in memory
+    if (np.diff(file_order) != 1).any():  # keys not in file order: put the rows back in key order
+        result = result[np.argsort(file_order, kind="stable")]
+    return result
+
+
+def expression_gene_count(path: str | Path) -> int:
+    """How many genes (var rows) a cohort h5ad has, read without its matrices."""
+    return len(read_h5ad_elements(path, "var")[0])
 
 
 REGRESSORS = ("oracle", "midnight_mlp")
@@ -520,17 +550,17 @@ def fit_regressor(
     else:
         columns, gene_set = midnight_columns(expression, midnight_genes)
         log.info("Midnight+MLP regresses %d genes (%s)", len(columns), midnight_genes)
-    train_expression = read_expression_log1p(expression, train_keys)
-    n_genes = train_expression.shape[1]
+    n_genes = expression_gene_count(expression)
+    train_expression = read_expression_log1p(expression, train_keys, columns)  # only the regressed genes
     train_features = read_features(features, train_keys)
     log.info("%s: fitting on %d train spots x %d genes (of %d)", kind, len(train_keys), len(columns), n_genes)
     started = time.perf_counter()
     if kind == "oracle":
-        regressor = metrics.fit_oracle(train_features.embedding, train_expression[:, columns], ks=ks,
+        regressor = metrics.fit_oracle(train_features.embedding, train_expression, ks=ks,
                                        n_components=n_components, seed=seed)
         params = {"ks": list(ks), "pca": n_components, "seed": seed}
     else:
-        regressor = metrics.fit_midnight_mlp(train_features.embedding, train_expression[:, columns], ks=ks,
+        regressor = metrics.fit_midnight_mlp(train_features.embedding, train_expression, ks=ks,
                                              hidden_layer_sizes=mlp_hidden, max_iter=mlp_max_iter, seed=seed,
                                              impl=mlp_impl, device=device)
         params = {"ks": list(ks), "mlp_hidden": list(mlp_hidden), "mlp_max_iter": mlp_max_iter, "seed": seed,
@@ -596,33 +626,36 @@ def auc_document(
         fitted["midnight_mlp"] = load_regressor(midnight_mlp, "midnight_mlp")
     test_keys, uni_stores = read_generated(gen_uni)
     check_in_split(test_keys, read_split_keys(split, TEST), split, TEST, next(iter(uni_stores.values())).path)
-    test_expression = read_expression_log1p(expression, test_keys)
+    n_genes = expression_gene_count(expression)
     for kind, payload in fitted.items():
-        if payload["n_genes"] != test_expression.shape[1]:
+        if payload["n_genes"] != n_genes:
             raise InputError(oracle if kind == "oracle" else midnight_mlp,
-                             f"fitted on {payload['n_genes']} genes, but {expression} has {test_expression.shape[1]}")
-    log.info("expression %s: %d test spots x %d genes (log1p CP10k)", expression, len(test_keys),
-             test_expression.shape[1])
+                             f"fitted on {payload['n_genes']} genes, but {expression} has {n_genes}")
+    log.info("expression %s: %d test spots x %d genes (log1p CP10k)", expression, len(test_keys), n_genes)
 
     regressors, features, impls = {}, {}, []
-    hvgs = fitted["oracle"]["columns"]
     noise = read_noise_control(noise_uni, test_keys)
+    # each regressor's genes read on their own (not all genes, then a copy of its columns)
     regressors["oracle"] = score_regressor(fitted["oracle"]["regressor"], real_uni, test_keys, uni_stores,
-                                           test_expression[:, hvgs], n_boot, seed, n_perm, noise)
+                                           read_scored_truth(expression, test_keys, fitted["oracle"]), n_boot, seed,
+                                           n_perm, noise)
     features["uni2h"] = {"real": str(real_uni), "generated": {r: str(p) for r, p in gen_uni.items()},
                          "noise_tiles": str(noise_uni) if noise_uni else None}
     impls += [fitted["oracle"]["encoders"], *(store.impls for store in [*uni_stores.values(), *noise.values()])]
+    del uni_stores, noise  # scored: not held while the Midnight+MLP is
 
     if midnight_mlp is not None:
         payload = fitted["midnight_mlp"]
         midnight_keys, midnight_stores = read_generated(gen_midnight)
         if set(midnight_keys) != set(test_keys):
             raise InputError(next(iter(gen_midnight.values())), "the Midnight stores do not hold the spots of the UNI stores")
-        midnight_stores = {r: read_features(s.path, test_keys) for r, s in midnight_stores.items()}
+        if midnight_keys != test_keys:  # the same spots in another order: read again in the UNI stores' order
+            for regime in list(midnight_stores):
+                midnight_stores[regime] = read_features(midnight_stores[regime].path, test_keys)
         noise = read_noise_control(noise_midnight, test_keys)
         regressors["midnight_mlp"] = score_regressor(payload["regressor"], real_midnight, test_keys, midnight_stores,
-                                                     test_expression[:, payload["columns"]], n_boot, seed, n_perm,
-                                                     noise)
+                                                     read_scored_truth(expression, test_keys, payload),
+                                                     n_boot, seed, n_perm, noise)
         regressors["midnight_mlp"]["genes"] = payload["gene_set"]
         features["midnight"] = {"real": str(real_midnight), "generated": {r: str(p) for r, p in gen_midnight.items()},
                                 "noise_tiles": str(noise_midnight) if noise_midnight else None}
@@ -644,6 +677,17 @@ def auc_document(
     inputs += [path for path in (noise_uni, noise_midnight) if path is not None]
     return report.auc_json(model=model, cohort=cohort, regressors=regressors, features=features,
                            encoders=merge_impls(*impls), params=params, inputs=inputs)
+
+
+def read_scored_truth(expression: str | Path, test_keys: Sequence[str], payload: Mapping[str, Any]) -> sp.csr_matrix:
+    """The test spots' expression in the columns a fitted regressor was fitted on (payload["columns"]),
+    holding only the top-max(k) genes it is scored on: the other columns are left empty (never read),
+    so not all ~20,000 genes of every test spot are held while scoring."""
+    columns = np.asarray(payload["columns"])
+    regressor = payload["regressor"]
+    top = np.asarray(regressor.gene_rank[: max(regressor.ks)])
+    ranked = read_expression_log1p(expression, test_keys, columns[top])
+    return sp.csr_matrix((ranked.data, top[ranked.indices], ranked.indptr), shape=(ranked.shape[0], len(columns)))
 
 
 def read_noise_control(path: str | Path | None, test_keys: Sequence[str]) -> dict[str, FeatureSet]:

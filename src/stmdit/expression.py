@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import anndata as ad
 import numpy as np
@@ -55,17 +57,25 @@ def read_cohort_h5ad(path: str | Path, *, counts: bool = True) -> ad.AnnData:
     return adata
 
 
-def read_cohort_obs(path: str | Path) -> pd.DataFrame:
-    """obs of a cohort h5ad, read without loading the matrices; index = spot keys (str)."""
+def read_h5ad_elements(path: str | Path, *names: str) -> list:
+    """Top-level elements of an h5ad (obs, var, uns), read alone: anndata's backed mode would load
+    layers and obsm (the whole counts matrix) too. A missing uns reads as {}."""
+    import h5py
+    from anndata.io import read_elem
+
     path = Path(path)
     if not path.exists():
         raise InputError(path, "expression file not found")
     try:
-        adata = ad.read_h5ad(path, backed="r")
-        obs = adata.obs.copy()
-        adata.file.close()
+        with h5py.File(path, "r") as handle:
+            return [read_elem(handle[name]) if name in handle or name != "uns" else {} for name in names]
     except Exception as exc:  # h5py/anndata raise many types for a damaged file
         raise InputError(path, f"cannot read h5ad: {exc}") from None
+
+
+def read_cohort_obs(path: str | Path) -> pd.DataFrame:
+    """obs of a cohort h5ad, read without loading the matrices; index = spot keys (str)."""
+    (obs,) = read_h5ad_elements(path, "obs")
     obs.index = obs.index.astype(str)
     return obs
 
@@ -118,6 +128,80 @@ def read_slide_counts(matrix_path: str | Path, spots: pd.DataFrame) -> ad.AnnDat
     return counts
 
 
+EXPRESSION_BLOCK_ROWS = 4096
+
+
+@dataclass
+class CohortExpression:
+    """A cohort's expression before X: `adata` has everything of the h5ad but X (None); X is
+    log1p(normalise_total(`source`)) row by row, computed in blocks (`x_blocks`) so that the
+    cohort never holds raw and normalised matrices at once. `source` is layers["counts"] (int32),
+    or the float counts themselves when they are not whole numbers."""
+
+    adata: ad.AnnData
+    source: sp.csr_matrix
+    target_sum: float
+
+    def x_blocks(self, block_rows: int | None = None) -> Iterator[sp.csr_matrix]:
+        block_rows = block_rows or EXPRESSION_BLOCK_ROWS
+        for start in range(0, self.source.shape[0], block_rows):
+            yield normalised_log1p(self.source[start : start + block_rows], self.target_sum)
+
+    def x(self) -> sp.csr_matrix:
+        blocks = list(self.x_blocks())
+        return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+
+
+def normalised_log1p(counts: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
+    """scanpy's normalize_total(target_sum) then log1p of float32 `counts`, as CSR float32: per row,
+    so a block of rows gets the values those rows get in the whole matrix."""
+    import scanpy as sc
+
+    block = ad.AnnData(X=sp.csr_matrix(counts, dtype=np.float32))
+    sc.pp.normalize_total(block, target_sum=target_sum)
+    sc.pp.log1p(block)
+    return sp.csr_matrix(block.X, dtype=np.float32)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by large arrays back to the system (glibc keeps freed heap pages otherwise,
+    and the peak RSS grows with every slide read); a no-op where malloc_trim does not exist."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def union_columns(piece: sp.csr_matrix, genes: pd.Index, union: pd.Index) -> sp.csr_matrix:
+    """A slide's counts with its columns placed among the cohort's genes (anndata's outer join:
+    genes the slide lacks count 0)."""
+    if genes.equals(union):
+        return piece
+    return sp.csr_matrix((piece.data, union.get_indexer(genes)[piece.indices], piece.indptr),
+                         shape=(piece.shape[0], len(union)))
+
+
+def stack_rows(pieces: list[sp.csr_matrix]) -> sp.csr_matrix:
+    """The pieces' rows one under the other, emptying `pieces` as they are copied: the result's
+    pages are written piece by piece, so the pieces and the result are never both resident."""
+    n_rows, nnz, n_columns = sum(p.shape[0] for p in pieces), sum(p.nnz for p in pieces), pieces[0].shape[1]
+    index = np.int32 if max(nnz, n_columns) < 2**31 - 1 else np.int64
+    data, indices = np.empty(nnz, pieces[0].dtype), np.empty(nnz, index)
+    indptr = np.zeros(n_rows + 1, index)
+    row = at = 0
+    while pieces:
+        piece = pieces.pop(0)
+        data[at : at + piece.nnz] = piece.data
+        indices[at : at + piece.nnz] = piece.indices
+        indptr[row + 1 : row + 1 + piece.shape[0]] = piece.indptr[1:] + at
+        row, at = row + piece.shape[0], at + piece.nnz
+        del piece
+    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_columns))
+
+
 def build_expression(
     cohort: str,
     spots_paths: list[str | Path],
@@ -128,33 +212,71 @@ def build_expression(
     scale_max: float | None = None,
     protein_coding: GeneList | None = None,
 ) -> ad.AnnData:
+    """The cohort's expression AnnData with X in memory (`cohort_expression`, then X)."""
+    expression = cohort_expression(cohort, spots_paths, matrix_paths, min_spots_per_gene, n_hvg, target_sum,
+                                   scale_max, protein_coding)
+    expression.adata.X = expression.x()
+    return expression.adata
+
+
+def cohort_expression(
+    cohort: str,
+    spots_paths: list[str | Path],
+    matrix_paths: list[str | Path],
+    min_spots_per_gene: int = 10,
+    n_hvg: int = 3000,
+    target_sum: float = 1e4,
+    scale_max: float | None = None,
+    protein_coding: GeneList | None = None,
+) -> CohortExpression:
     import scanpy as sc
 
     if len(spots_paths) != len(matrix_paths):
         raise ValueError("one count matrix per spots table is needed")
-    slides = []
+    slides, pieces = [], []  # the slides' obs/var/obsm, and their counts apart (concatenated without a copy)
     for spots_path, matrix_path in zip(spots_paths, matrix_paths):
         spots = read_kept_spots(spots_path)
         if spots.empty:
             log.warning("%s: no kept spots, slide contributes nothing", spots_path)
             continue
-        slides.append(read_slide_counts(matrix_path, spots))
-        log.info("read %s: %d kept spots x %d genes", matrix_path, slides[-1].n_obs, slides[-1].n_vars)
+        slide = read_slide_counts(matrix_path, spots)
+        pieces.append(slide.X)
+        slide.X = None
+        slides.append(slide)
+        release_freed_memory()  # the whole matrix read for this slide, freed: back to the system
+        log.info("read %s: %d kept spots x %d genes", matrix_path, slide.n_obs, slide.n_vars)
     if not slides:
         raise InputError(spots_paths[0], f"cohort {cohort!r} has no kept spots")
     gene_sets = {tuple(s.var_names) for s in slides}
     if len(gene_sets) > 1:
         log.warning("slides have different gene lists: taking their union, absent genes count 0")
     adata = ad.concat(slides, join="outer", merge="first", fill_value=0)
-    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    pieces = [union_columns(piece, slide.var_names, adata.var_names) for piece, slide in zip(pieces, slides)]
+    del slides, slide
     adata.obs["cohort"] = cohort
 
+    # scanpy's filter_genes(min_cells): n_cells = spots with a positive count; genes below it dropped
     n_before = adata.n_vars
-    sc.pp.filter_genes(adata, min_cells=min_spots_per_gene)
+    n_cells = sum(np.bincount(piece.indices[piece.data > 0], minlength=n_before).astype(np.int64) for piece in pieces)
+    keep = n_cells >= min_spots_per_gene
+    adata.var["n_cells"] = n_cells
+    if not keep.all():
+        adata = adata[:, keep].copy()
+        for i in range(len(pieces)):
+            pieces[i] = pieces[i][:, keep]
     log.info("kept %d of %d genes seen in >= %d spots", adata.n_vars, n_before, min_spots_per_gene)
     if adata.n_vars == 0:
         raise InputError(matrix_paths[0], f"no gene is detected in >= {min_spots_per_gene} spots of cohort {cohort!r}")
-    adata.layers["counts"] = sp.csr_matrix(adata.X, dtype=np.int32)
+    # X is normalised from the int32 counts when they hold the float32 values exactly (whole counts),
+    # else from the float32 values, kept beside the counts
+    if all(np.array_equal(piece.data, piece.data.astype(np.int32)) for piece in pieces):
+        for i in range(len(pieces)):
+            pieces[i] = sp.csr_matrix(pieces[i], dtype=np.int32)
+        source = adata.layers["counts"] = stack_rows(pieces)
+        release_freed_memory()
+    else:
+        source = stack_rows(pieces)
+        adata.layers["counts"] = sp.csr_matrix(source, dtype=np.int32)
     gene_sets = {}
     if protein_coding is not None:  # before the HVGs: a list of another species stops here
         gene_ids = adata.var["gene_ids"].astype(str).to_numpy() if "gene_ids" in adata.var else None
@@ -168,14 +290,17 @@ def build_expression(
     sc.pp.highly_variable_genes(
         adata, flavor="seurat_v3", n_top_genes=n_top, batch_key="sample", layer="counts", subset=False
     )
-    sc.pp.normalize_total(adata, target_sum=target_sum)
-    sc.pp.log1p(adata)
-    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    expression = CohortExpression(adata, source, target_sum)
 
     hvg_genes = adata.var_names[adata.var["highly_variable"]]
     order = adata.var.loc[hvg_genes, "highly_variable_rank"].sort_values(kind="stable").index
-    hvg = adata[:, order].copy()
-    hvg.X = hvg.X.toarray()
+    columns = adata.var_names.get_indexer(order)
+    dense = np.empty((adata.n_obs, len(order)), dtype=np.float32)  # the HVGs' log1p values, then scaled
+    start = 0
+    for block in expression.x_blocks():
+        dense[start : start + block.shape[0]] = block[:, columns].toarray()
+        start += block.shape[0]
+    hvg = ad.AnnData(X=dense, var=pd.DataFrame(index=order))
     sc.pp.scale(hvg, max_value=scale_max)
     adata.obsm["hvg_scaled"] = np.asarray(hvg.X, dtype=np.float32)
     adata.uns["hvg_genes"] = np.asarray(order, dtype=str)
@@ -192,7 +317,25 @@ def build_expression(
         log.info("%d of the %d HVGs are protein-coding", record["protein_coding_hvgs"], record["hvgs"])
         adata.uns["gene_sets"] = gene_sets
     log.info("cohort %s: %d spots x %d genes, %d HVGs", cohort, adata.n_obs, adata.n_vars, len(order))
-    return adata
+    return expression
+
+
+def write_expression_h5ad(expression: CohortExpression, path: Path) -> None:
+    """The h5ad of `expression`: everything but X through anndata, then X appended block by block
+    (one block of normalised rows in memory at a time)."""
+    import h5py
+    from anndata.io import sparse_dataset, write_elem
+
+    expression.adata.write_h5ad(path)
+    with h5py.File(path, "a") as handle:
+        blocks = expression.x_blocks()
+        first = next(blocks)
+        if expression.source.nnz >= 2**31 - 1:  # room for all non-zeros once appended (scipy wants one index dtype)
+            first.indptr, first.indices = first.indptr.astype(np.int64), first.indices.astype(np.int64)
+        write_elem(handle, "X", first)
+        stored = sparse_dataset(handle["X"])
+        for block in blocks:
+            stored.append(block)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -204,16 +347,17 @@ def run(args: argparse.Namespace) -> None:
         "scale_max": args.scale_max,
         "protein_coding": args.protein_coding,
     }
-    adata = build_expression(
+    expression = cohort_expression(
         args.cohort, args.spots, args.matrices, args.min_spots_per_gene, args.n_hvg, args.target_sum, args.scale_max,
         protein_coding=load_gene_list(args.protein_coding),
     )
+    adata = expression.adata
     # h5ad cannot store None: record an unset clip as the string "none"
     recorded = {k: ("none" if v is None else v) for k, v in params.items()}
     gene_list = [] if args.protein_coding in (BUNDLED, NONE) else [args.protein_coding]
     adata.uns["stmdit"] = provenance("expression", recorded, [*args.spots, *args.matrices, *gene_list])
     with atomic_path(args.out) as tmp:
-        adata.write_h5ad(tmp.with_suffix(".h5ad"))
+        write_expression_h5ad(expression, tmp.with_suffix(".h5ad"))
         tmp.with_suffix(".h5ad").rename(tmp)
     log.info("wrote %s", args.out)
     if args.gene_sets_json is not None:

@@ -330,11 +330,21 @@ def log1p_cp10k(counts: Any) -> np.ndarray:
     return np.log1p(scaled).astype(np.float32)
 
 
-def _column_variance(matrix: Any) -> np.ndarray:
+VARIANCE_BLOCK_COLUMNS = 1024
+
+
+def _column_variance(matrix: Any, block_columns: int = VARIANCE_BLOCK_COLUMNS) -> np.ndarray:
+    """Per-column variance (E[x^2] - E[x]^2 in float64 for sparse input). Sparse input goes through
+    float64 CSC copies of `block_columns` columns at a time, never of the whole matrix; each column's
+    sums are the same as from one whole copy."""
     if sparse.issparse(matrix):
-        matrix = sparse.csc_matrix(matrix, dtype=np.float64)
-        mean = np.asarray(matrix.mean(axis=0)).ravel()
-        return np.asarray(matrix.multiply(matrix).mean(axis=0)).ravel() - mean**2
+        matrix = matrix if matrix.format in ("csr", "csc") else sparse.csr_matrix(matrix)
+        variances = [np.empty(0)]
+        for start in range(0, matrix.shape[1], block_columns):
+            block = sparse.csc_matrix(matrix[:, start : start + block_columns], dtype=np.float64)
+            mean = np.asarray(block.mean(axis=0)).ravel()
+            variances.append(np.asarray(block.multiply(block).mean(axis=0)).ravel() - mean**2)
+        return np.concatenate(variances)
     return np.asarray(matrix, np.float64).var(axis=0)
 
 
@@ -479,10 +489,11 @@ def fit_midnight_mlp(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    features = features.astype(np.float32)  # what the MLP is fitted on; the float64 copy is freed before the targets
     target = dense_float32(train_expression)
     mlp = MLPRegressor(hidden_layer_sizes=tuple(hidden_layer_sizes), max_iter=max_iter, random_state=seed, **mlp_kwargs)
     model = make_pipeline(StandardScaler(), mlp) if standardize else mlp
-    model.fit(features.astype(np.float32), target)
+    model.fit(features, target)
     return MidnightMLPRegressor(model=model, gene_rank=gene_rank, ks=capped_ks(ks, len(gene_rank)))
 
 
@@ -652,7 +663,8 @@ def transcriptomic_fidelity(
     real = as_feature_matrix(real_features, name="real test features")
     if test_expression.shape[0] != len(real):
         raise InputError(None, f"fidelity: {test_expression.shape[0]} expression rows for {len(real)} test spots")
-    true_by_k = {k: _dense_columns(test_expression, regressor.gene_rank[:k]) for k in regressor.ks}
+    top = _dense_columns(test_expression, regressor.gene_rank[: max(regressor.ks)])
+    true_by_k = {k: top[:, :k] for k in regressor.ks}  # views of the top-max(k) genes, not one copy per k
 
     def score(inputs: Mapping[str, np.ndarray], what: str) -> dict[str, Any]:
         scored = {}
