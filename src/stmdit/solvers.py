@@ -25,8 +25,8 @@
   predictor plus a corrector, on a grid from the noise.
 - heun: flow only, diffusers `FlowMatchHeunDiscreteScheduler` (shift 1.0): Euler's sigmas, each
   Euler step corrected by the velocity at its end (trapezoid), except the last step to sigma = 0.
-- unipc: flow (and flow_x0) only, UniPC (Zhao et al. 2023, arXiv:2302.04867): diffusers `UniPCMultistepScheduler`
-  with flow sigmas (shift 1.0) and the flow prediction, B(h) = e^h - 1 ("bh2"), order 2: a
+- unipc: flow and flow_x0 only, UniPC (Zhao et al. 2023, arXiv:2302.04867): diffusers
+  `UniPCMultistepScheduler` with flow sigmas (shift 1.0) and the flow prediction, B(h) = e^h - 1 ("bh2"), order 2: a
   predictor on x0 in lambda (first order at the first and the last step) and a corrector that reuses
   each evaluation for the step just taken, one evaluation per step. Its sigmas are linspace(1, 1/1000,
   N + 1) without the last (the first set to 1 - 1e-6, where lambda is finite), then 0; the model is

@@ -81,7 +81,8 @@ def texture_report(latent_path: Path, samples: dict[str, Path], codec, n_boot: i
             real_cache.update(zip(wanted, decoded_roughness(codec, latent_group["latent"], rows)))
         real = np.array([real_cache[k] for k in keys])
         try:
-            generated = chunked_summaries(group["images"], range(len(keys)), lambda t: grey_roughness(t)[:, None], 1)[:, 0]
+            generated = chunked_summaries(group["images"], range(len(keys)),
+                                          lambda tiles: grey_roughness(tiles)[:, None], 1)[:, 0]
         except ValueError as exc:
             raise InputError(path, str(exc)) from None
         ratio = float(generated.mean() / max(real.mean(), 1e-12))

@@ -1,5 +1,5 @@
-"""Training objectives (DDPM epsilon prediction, rectified flow with velocity or x0 prediction) and the per-sample randomness of a
-training step (noise, timestep draw, modality dropout).
+"""Training objectives (DDPM epsilon prediction, rectified flow predicting the velocity or x0) and
+the per-sample randomness of a training step (noise, timestep draw, modality dropout).
 
 Every random number of a sample comes from its own generator, seeded by (seed, step, sample id)
 through `stmdit.train_utils.sample_generator`, so a sample's draws do not depend on the batch it is in,
@@ -78,7 +78,6 @@ class DiffusionObjective:
     """Maps (x0, noise, u) to the model input and target; `loss` runs the model on a batch."""
 
     name: ClassVar[str]
-    ode: ClassVar[str]  # the ODE its samplers solve (stmdit.solvers): ddpm or flow
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
 
     def prepare(self, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor) -> NoisedBatch:
@@ -120,7 +119,6 @@ class DDPMObjective(DiffusionObjective):
     """T = 1000 discrete steps, linear betas 1e-4 -> 0.02, epsilon prediction."""
 
     name = "ddpm"
-    ode = "ddpm"
 
     def __init__(self):
         self.scheduler = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=1e-4, beta_end=0.02,
@@ -141,7 +139,6 @@ class FlowObjective(DiffusionObjective):
     """Rectified flow: x_t = t noise + (1 - t) x0, target velocity noise - x0, model timestep 1000 t."""
 
     name = "flow"
-    ode = "flow"
 
     def prepare(self, x0, noise, u):
         t = u.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
@@ -155,10 +152,9 @@ class FlowObjective(DiffusionObjective):
 
 class FlowX0Objective(FlowObjective):
     """Rectified flow parametrised by x0: the same x_t and timesteps as `flow`, but the model predicts
-    x0 and the loss is the MSE on x0 (the velocity's MSE weighted by t^2, which weights the large-t,
-    low-frequency part of the path less than `flow` does and keeps a small model's error off the
-    fine texture). Sampling solves the same flow ODE with v = (x_t - x0_hat) / t, which is finite at
-    every sigma the flow solvers evaluate (the smallest is 1/1000)."""
+    x0 and the loss is the MSE on x0 (the velocity's MSE weighted by t^2: the noisy end of the path
+    weighs less than in `flow`). Sampling solves the same flow ODE with v = (x_t - x0_hat) / t,
+    finite at every sigma Euler and UniPC evaluate (the smallest is 1/1000)."""
 
     name = "flow_x0"
 
@@ -178,6 +174,7 @@ class FlowX0Objective(FlowObjective):
     def _time(self, x_t, timestep):
         t = torch.as_tensor(timestep, dtype=x_t.dtype, device=x_t.device) / self.num_train_timesteps
         return (t.expand(len(x_t)) if t.ndim == 0 else t).reshape(-1, *([1] * (x_t.ndim - 1)))
+
 
 OBJECTIVES: dict[str, type[DiffusionObjective]] = {cls.name: cls for cls in (DDPMObjective, FlowObjective,
                                                                             FlowX0Objective)}
