@@ -229,6 +229,29 @@ SCALE_RULES = {"spots", "expression", "split", "features[uni2h]", "features[deep
                "auc", "perturbation", "tables"}
 
 
+def test_scale_table_projects_test_set_rules_by_their_test_spots():
+    """fid and auc read the test spots only: they are projected per test spot to the paper's 11,776;
+    ood_fid's subsample, capped at sample.ood_max_spots, is already paper size at the larger size."""
+    from stmdit.bench_scale import PAPER_TEST_SPOTS, PAPER_VISIUM_SPOTS, scale_table
+
+    def rules(peak_auc, peak_ood, peak_split):
+        return {("auc", "V"): {"jobs": 1, "peak_rss": peak_auc, "wall_s": 10.0, "out_bytes": 100},
+                ("ood_fid", "H"): {"jobs": 1, "peak_rss": peak_ood, "wall_s": 10.0, "out_bytes": 100},
+                ("split", "V"): {"jobs": 1, "peak_rss": peak_split, "wall_s": 1.0, "out_bytes": 100}}
+
+    small = {"spots": {"V": 3000, "H": 2000}, "test_spots": {"test": 1000, "ood": 2000},
+             "rules": rules(1e9 + 1000 * 2e5, 5e8, 1e9)}
+    large = {"spots": {"V": 30000, "H": 20000}, "test_spots": {"test": 10000, "ood": 10000},
+             "rules": rules(1e9 + 10000 * 2e5, 9e8, 1e9 + 27000 * 1e3)}
+    table = {r["rule"]: r for r in scale_table([small, large], "V")}
+    assert table["auc"]["spots"] == [1000, 10000] and table["auc"]["paper_spots"] == PAPER_TEST_SPOTS
+    assert table["auc"]["rss_bytes_per_spot"] == pytest.approx(2e5)
+    assert table["auc"]["projected_peak_gb"] == pytest.approx((1e9 + PAPER_TEST_SPOTS * 2e5) / 1e9, abs=0.01)
+    assert table["ood_fid"]["spots"] == [2000, 10000] and table["ood_fid"]["projected_peak_gb"] == pytest.approx(0.9)
+    assert table["split"]["spots"] == [3000, 30000] and table["split"]["paper_spots"] == PAPER_VISIUM_SPOTS
+    assert table["split"]["projected_peak_gb"] == pytest.approx((1e9 + PAPER_VISIUM_SPOTS * 1e3) / 1e9, abs=0.01)
+
+
 def test_bench_scale_measures_every_rule_at_two_sizes(tmp_path):
     """`stmdit bench scale` end to end at small sizes (few genes, small H&E slides): one row per rule
     with a peak RSS at each size, finite slopes and a projection to the paper's counts."""

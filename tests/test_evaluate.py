@@ -242,6 +242,26 @@ def test_fid_bad_inputs_name_the_file(cohort, tmp_path):
     assert not out.exists()
 
 
+def test_generated_stores_align_spots_and_read_each_store_only_when_asked(tmp_path):
+    keys = [f"s0:{i}" for i in range(6)]
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
+    feature_store(tmp_path / "a.zarr", keys, a)
+    order = [3, 5, 0, 1, 4, 2]
+    feature_store(tmp_path / "b.zarr", [keys[i] for i in order], b[order])
+    stores = evaluate.GeneratedStores({"uni": tmp_path / "a.zarr", "uni_ge": tmp_path / "b.zarr"})
+    assert stores.keys == keys and list(stores) == ["uni", "uni_ge"]
+    np.testing.assert_array_equal(stores["uni_ge"], b)  # rows of the other order, read in the first store's order
+    given = evaluate.GeneratedStores({"uni": tmp_path / "a.zarr"}, keys=keys[::-1])
+    np.testing.assert_array_equal(given["uni"], a[::-1])
+    # the rows are read when asked, not when the stores are opened
+    feature_store(tmp_path / "a.zarr", keys, a + 1)
+    np.testing.assert_array_equal(stores["uni"], a + 1)
+    with pytest.raises(InputError, match="same spots") as err:
+        evaluate.GeneratedStores({"uni": tmp_path / "a.zarr"}, keys=keys[:5])
+    assert err.value.path == str(tmp_path / "a.zarr")
+
+
 # ---------------------------------------------------------------------------------------------
 # AUC
 
@@ -476,7 +496,7 @@ def test_auc_from_saved_regressors_equals_the_single_job_fit(cohort, tmp_path):
 
     # The single-job path: fit on the train spots in the job (dense float64 targets, then float32).
     train = evaluate.read_split_keys(root / "split.parquet", "train")
-    test = evaluate.read_generated(gen)[0]
+    test = evaluate.GeneratedStores(gen).keys
     train_expr = evaluate.read_expression_log1p(root / "expr.h5ad", train)
     test_expr = evaluate.read_expression_log1p(root / "expr.h5ad", test)
     hvgs = evaluate.hvg_columns(root / "expr.h5ad")

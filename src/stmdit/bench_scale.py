@@ -33,6 +33,10 @@ PAPER_HE_SPOTS = 89_576
 PAPER_VISIUM_SLIDES = 18
 PAPER_HE_SLIDES = 4          # `stmdit bench dag`'s OOD sheet
 PAPER_GENES = 20_000
+PAPER_TEST_SPOTS = 11_776    # Visium test spots (paper-numbers.md); what fid and auc read
+PAPER_OOD_SPOTS = 10_000     # the seeded subsample of the H&E-only cohort that ood_fid reads
+# rules whose jobs read only the test spots: their memory and time follow those, not the cohort
+TEST_SPOT_RULES = {"fid": "test", "auc": "test", "ood_fid": "ood"}
 GE_TOKEN_BYTES_PER_SPOT = 601 * 256 * 2   # CancerFoundation tokens, float16, uncompressed
 
 STAGES = ("spots", "expression", "split", "features", "deepspot", "regressors", "eval")
@@ -279,6 +283,20 @@ def cohort_spots(work: Path, cohort) -> dict[str, int]:
     return counts
 
 
+def test_spots(work: Path, cohort, ood_max_spots: int) -> dict[str, int]:
+    """The spots the test-set rules read: the Visium cohort's test split ("test") and the H&E-only
+    cohort's test split capped at sample.ood_max_spots ("ood"); {} before the split has run."""
+    import pandas as pd
+
+    splits = {basis: work / "results" / "splits" / f"{name}.parquet"
+              for basis, name in (("test", cohort.visium_cohort), ("ood", cohort.he_cohort))}
+    counts = {basis: int((pd.read_parquet(path, columns=["split"])["split"] == "test").sum())
+              for basis, path in splits.items() if path.exists()}
+    if "ood" in counts:
+        counts["ood"] = min(counts["ood"], ood_max_spots)
+    return counts
+
+
 def scale_table(measured: list[dict], visium_cohort: str) -> list[dict]:
     """One row per (rule, cohort) measured at the two extreme sizes: peak RSS at each, bytes per spot
     above the fixed base, the log-log slope of time, output bytes per spot, projections."""
@@ -290,21 +308,29 @@ def scale_table(measured: list[dict], visium_cohort: str) -> list[dict]:
         rule, cohort = key
         s, l = small["rules"][key], large["rules"][key]
         visium = cohort == visium_cohort
+        paper_cohort = PAPER_VISIUM_SPOTS if visium else PAPER_HE_SPOTS  # what the outputs are projected to
         if rule == "spots":  # per-slide jobs: per-job spots, projected to a paper slide
             n_s, n_l = (max(r["job_spots"]) for r in (s, l))
             paper_job = PAPER_VISIUM_SPOTS / PAPER_VISIUM_SLIDES if visium else PAPER_HE_SPOTS / PAPER_HE_SLIDES
             n_time_s, n_time_l = sum(s["job_spots"]), sum(l["job_spots"])
+        elif rule in TEST_SPOT_RULES and TEST_SPOT_RULES[rule] in large.get("test_spots", {}):
+            basis = TEST_SPOT_RULES[rule]
+            n_s, n_l = small["test_spots"][basis], large["test_spots"][basis]
+            paper_job = PAPER_TEST_SPOTS if basis == "test" else PAPER_OOD_SPOTS
+            paper_cohort = paper_job
+            n_time_s, n_time_l = n_s, n_l
         else:
             n_s, n_l = small["spots"][cohort], large["spots"][cohort]
             paper_job = PAPER_VISIUM_SPOTS if visium else PAPER_HE_SPOTS
             n_time_s, n_time_l = n_s, n_l
-        paper_cohort = PAPER_VISIUM_SPOTS if visium else PAPER_HE_SPOTS
         # below 3x more spots per job (the spots rows of an H&E slide whose tissue barely grew) the
         # difference of two peaks says nothing of the cost per spot: no per-spot figure, no projection
         per_spot = (l["peak_rss"] - s["peak_rss"]) / (n_l - n_s) if n_l >= 3 * n_s else float("nan")
         base = s["peak_rss"] - per_spot * n_s if per_spot == per_spot else float("nan")
         if per_spot < 0:  # a peak that fell as the data grew is noise, not a negative cost: the larger peak stays
             per_spot, base = 0.0, max(s["peak_rss"], l["peak_rss"])
+        if per_spot != per_spot and n_l >= paper_job:  # the larger size already ran a paper-size job (a capped subsample)
+            per_spot, base = 0.0, l["peak_rss"]
         slope = (math.log(l["wall_s"] / s["wall_s"]) / math.log(n_time_l / n_time_s)
                  if min(l["wall_s"], s["wall_s"]) > 0 and n_time_l != n_time_s else float("nan"))
         out_per_spot = l["out_bytes"] / max(n_time_l, 1)
@@ -410,7 +436,8 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  generated-feature copies: {len(copies)} stores in {phases['copies_s']:.0f} s")
         cohorts = (cohort.visium_cohort, cohort.he_cohort)
         entry = {"size": size, "generate_s": round(generate_s, 1), **{k: round(v, 1) for k, v in phases.items()},
-                 "spots": cohort_spots(work, cohort), "cohort_files": cohort.files,
+                 "spots": cohort_spots(work, cohort),
+                 "test_spots": test_spots(work, cohort, config["sample"]["ood_max_spots"]), "cohort_files": cohort.files,
                  "disk_bytes": _path_bytes(root), "rules": collect(rusage, work, cohorts)}
         print(f"  snakemake: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
               + f"; {entry['disk_bytes'] / 1e9:.2f} GB on disk", flush=True)
@@ -429,7 +456,9 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
               f"(not run) would add {ge_tokens_gb:.1f} GB uncompressed by shape.\n"
               "RSS per spot above base: (peak at the larger size - peak at the smaller) / spot difference (0, and the "
               "larger peak as the base, when the larger size peaked lower: noise); spots "
-              "rows are per slide job (projected to a paper slide), other rows per cohort.")
+              "rows are per slide job (projected to a paper slide); fid and auc rows per test spot (projected to the "
+              f"paper's {PAPER_TEST_SPOTS:,}), ood_fid per spot of its subsample (capped at sample.ood_max_spots, "
+              f"projected to {PAPER_OOD_SPOTS:,}); other rows per cohort.")
     print(markdown + footer)
     (args.out / "scale.md").write_text(markdown + "\n" + footer + "\n")
     (args.out / "scale.json").write_text(json.dumps(result, indent=1, default=str))

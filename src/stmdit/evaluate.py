@@ -165,25 +165,55 @@ def read_features(path: str | Path, keys: Sequence[str] | None = None) -> Featur
     return FeatureSet(path, keys, embedding, impls)
 
 
-def read_generated(stores: Mapping[str, str | Path]) -> tuple[list[str], dict[str, FeatureSet]]:
-    """Features of each generated store, all aligned to the spots of the first one.
+class GeneratedStores(Mapping[str, np.ndarray]):
+    """The generated feature stores of one evaluation, name -> `embedding` of the same spots.
 
-    Every store must hold exactly the same spots (InputError naming the odd one out)."""
-    generated: dict[str, FeatureSet] = {}
-    keys: list[str] | None = None
-    for name, path in stores.items():
-        store = read_features(path)
-        if keys is None:
-            keys = store.keys
-        elif store.keys != keys:
-            if set(store.keys) != set(keys):
-                raise InputError(path, f"{name}: {len(store.keys)} spots that differ from the {len(keys)} spots of "
-                                       f"{next(iter(stores))} ({store.keys[0]!r} ...): every store must have the same spots")
-            store = read_features(path, keys)
-        generated[name] = store
-    if keys is None:
-        raise InputError(None, "no generated stores given")
-    return keys, generated
+    Opening checks every store's spot keys (the same set as the first store's, or as `keys` when
+    given) and reads its encoders; a store's rows are read only when it is asked for, in the order of
+    `keys`, so a caller that scores one store at a time holds one store, not all of them."""
+
+    def __init__(self, stores: Mapping[str, str | Path], keys: Sequence[str] | None = None):
+        if not stores:
+            raise InputError(None, "no generated stores given")
+        self.paths = {name: Path(path) for name, path in stores.items()}
+        self.impls: dict[str, dict[str, str]] = {}
+        self._in_order: dict[str, bool] = {}
+        self.keys = None if keys is None else [str(k) for k in keys]
+        first = next(iter(stores))
+        for name, path in self.paths.items():
+            group = open_feature_store(path)
+            if "embedding" not in group:
+                raise InputError(path, "feature store has no 'embedding' array")
+            store_keys = [str(k) for k in string_values(group["spot_key"][:])]
+            check_unique(store_keys, path)
+            if self.keys is None:
+                self.keys = store_keys
+            elif store_keys != self.keys and set(store_keys) != set(self.keys):
+                whose = "the given test spots" if keys is not None else first
+                raise InputError(path, f"{name}: {len(store_keys)} spots that differ from the {len(self.keys)} spots of "
+                                       f"{whose} ({self.keys[0]!r} ...): every store must have the same spots")
+            self._in_order[name] = store_keys == self.keys
+            self.impls[name] = encoder_impls(dict(group.attrs))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path = self.paths[name]
+        if self._in_order[name]:
+            embedding = np.asarray(open_feature_store(path)["embedding"][:])
+        else:
+            embedding = read_feature_rows(path, self.keys, ["embedding"])["embedding"]
+        if embedding.ndim != 2 or len(embedding) != len(self.keys):
+            raise InputError(path, f"'embedding' must be (spots, dim) with one row per spot key, found {embedding.shape}")
+        return embedding
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def first_path(self) -> Path:
+        return next(iter(self.paths.values()))
 
 
 def read_split_keys(path: str | Path, split_name: str) -> list[str]:
@@ -380,19 +410,30 @@ def fid_document(
     if kind != "swap" and report.primary_regime(generated) is None:
         raise InputError(None, f"{kind}: --generated needs regime uni_ge or uni, got {sorted(generated)}")
 
-    keys, stores = read_generated(generated)
+    stores = GeneratedStores(generated)
+    keys = stores.keys
     split_keys = read_split_keys(split, split_name)
-    check_in_split(keys, split_keys, split, split_name, next(iter(stores.values())).path)
+    check_in_split(keys, split_keys, split, split_name, stores.first_path)
     real_set = read_features(real, keys)
-    scores = {name: metrics.fid_bootstrap(real_set.embedding, store.embedding, n_boot=n_boot, seed=seed,
-                                          threads=threads)
-              for name, store in stores.items()}
-    for name, entry in scores.items():
-        log.info("%s FID %s: bootstrap mean %s [%s, %s], point %.3f, on %d spots", kind, name, entry["mean"],
-                 entry["lo"], entry["hi"], entry["point"], len(keys))
+    spot_labels = None
+    if kind == "fid" and (expression is not None or spots):
+        labels, label_sources = read_labels(expression, spots)
+        spot_labels = labels_of(labels, keys, label_sources)
+    tissue_boot = n_boot if n_boot_per_tissue is None else n_boot_per_tissue
+    scores, per_tissue = {}, {}
+    for name in stores:  # one generated store held at a time
+        embedding = stores[name]
+        scores[name] = metrics.fid_bootstrap(real_set.embedding, embedding, n_boot=n_boot, seed=seed, threads=threads)
+        log.info("%s FID %s: bootstrap mean %s [%s, %s], point %.3f, on %d spots", kind, name, scores[name]["mean"],
+                 scores[name]["lo"], scores[name]["hi"], scores[name]["point"], len(keys))
+        if spot_labels is not None:
+            per_tissue[name] = metrics.fid_per_label(real_set.embedding, embedding, spot_labels,
+                                                     min_spots=min_spots_per_tissue, n_boot=tissue_boot, seed=seed,
+                                                     threads=threads)
+        del embedding
 
     features = {"real": str(real), "generated": {name: str(path) for name, path in generated.items()}}
-    encoders = merge_impls(real_set.impls, *(store.impls for store in stores.values()))
+    encoders = merge_impls(real_set.impls, *stores.impls.values())
     params = {"kind": kind, "split_name": split_name, "n_boot": n_boot, "seed": seed, "alpha": 0.05,
               "n_spots": len(keys)}
     inputs = [real, *generated.values(), split]
@@ -404,15 +445,7 @@ def fid_document(
         check_seeded_subsample(keys, split_keys, seed, split)
         return report.ood_fid_json(regimes=scores, n_subsample=len(keys), seed=seed, params=params, inputs=inputs,
                                    **common)
-    per_tissue = {}
-    if expression is not None or spots:
-        labels, label_sources = read_labels(expression, spots)
-        spot_labels = labels_of(labels, keys, label_sources)
-        tissue_boot = n_boot if n_boot_per_tissue is None else n_boot_per_tissue
-        per_tissue = {name: metrics.fid_per_label(real_set.embedding, store.embedding, spot_labels,
-                                                  min_spots=min_spots_per_tissue, n_boot=tissue_boot, seed=seed,
-                                                  threads=threads)
-                      for name, store in stores.items()}
+    if spot_labels is not None:
         params.update(min_spots_per_tissue=min_spots_per_tissue, n_boot_per_tissue=tissue_boot)
         inputs += label_sources
     return report.fid_json(regimes=scores, per_tissue=per_tissue, params=params, inputs=inputs, **common)
@@ -624,8 +657,9 @@ def auc_document(
     fitted = {"oracle": load_regressor(oracle, "oracle")}
     if midnight_mlp is not None:
         fitted["midnight_mlp"] = load_regressor(midnight_mlp, "midnight_mlp")
-    test_keys, uni_stores = read_generated(gen_uni)
-    check_in_split(test_keys, read_split_keys(split, TEST), split, TEST, next(iter(uni_stores.values())).path)
+    uni_stores = GeneratedStores(gen_uni)
+    test_keys = uni_stores.keys
+    check_in_split(test_keys, read_split_keys(split, TEST), split, TEST, uni_stores.first_path)
     n_genes = expression_gene_count(expression)
     for kind, payload in fitted.items():
         if payload["n_genes"] != n_genes:
@@ -641,17 +675,12 @@ def auc_document(
                                            n_perm, noise)
     features["uni2h"] = {"real": str(real_uni), "generated": {r: str(p) for r, p in gen_uni.items()},
                          "noise_tiles": str(noise_uni) if noise_uni else None}
-    impls += [fitted["oracle"]["encoders"], *(store.impls for store in [*uni_stores.values(), *noise.values()])]
-    del uni_stores, noise  # scored: not held while the Midnight+MLP is
+    impls += [fitted["oracle"]["encoders"], *uni_stores.impls.values(), *(store.impls for store in noise.values())]
+    del noise  # scored: not held while the Midnight+MLP is
 
     if midnight_mlp is not None:
         payload = fitted["midnight_mlp"]
-        midnight_keys, midnight_stores = read_generated(gen_midnight)
-        if set(midnight_keys) != set(test_keys):
-            raise InputError(next(iter(gen_midnight.values())), "the Midnight stores do not hold the spots of the UNI stores")
-        if midnight_keys != test_keys:  # the same spots in another order: read again in the UNI stores' order
-            for regime in list(midnight_stores):
-                midnight_stores[regime] = read_features(midnight_stores[regime].path, test_keys)
+        midnight_stores = GeneratedStores(gen_midnight, keys=test_keys)  # read in the UNI stores' spot order
         noise = read_noise_control(noise_midnight, test_keys)
         regressors["midnight_mlp"] = score_regressor(payload["regressor"], real_midnight, test_keys, midnight_stores,
                                                      read_scored_truth(expression, test_keys, payload),
@@ -659,7 +688,7 @@ def auc_document(
         regressors["midnight_mlp"]["genes"] = payload["gene_set"]
         features["midnight"] = {"real": str(real_midnight), "generated": {r: str(p) for r, p in gen_midnight.items()},
                                 "noise_tiles": str(noise_midnight) if noise_midnight else None}
-        impls += [payload["encoders"], *(store.impls for store in [*midnight_stores.values(), *noise.values()])]
+        impls += [payload["encoders"], *midnight_stores.impls.values(), *(store.impls for store in noise.values())]
 
     oracle_params = fitted["oracle"]["provenance"]["params"]
     params = {"ks": oracle_params["ks"], "pca": oracle_params["pca"], "n_boot": n_boot, "n_perm": n_perm, "seed": seed,
@@ -695,12 +724,12 @@ def read_noise_control(path: str | Path | None, test_keys: Sequence[str]) -> dic
     return {} if path is None else {"noise_tiles": read_features(path, test_keys)}
 
 
-def score_regressor(regressor, real_path, test_keys, generated: Mapping[str, FeatureSet], test_expression,
+def score_regressor(regressor, real_path, test_keys, generated: Mapping[str, np.ndarray], test_expression,
                     n_boot: int, seed: int, n_perm: int = 1000,
                     controls: Mapping[str, FeatureSet] | None = None) -> dict[str, Any]:
     real_test = read_features(real_path, test_keys)
     scored = metrics.transcriptomic_fidelity(regressor, test_expression, real_test.embedding,
-                                             {r: s.embedding for r, s in generated.items()}, n_boot=n_boot, seed=seed,
+                                             generated, n_boot=n_boot, seed=seed,
                                              n_perm=n_perm, controls={c: s.embedding for c, s in (controls or {}).items()})
     null = scored["null"]["empirical"]
     log.info("%s AUC: real %.4f, %s; null %.4f [%.4f, %.4f] over %d permutations", regressor.name,

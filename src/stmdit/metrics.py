@@ -672,6 +672,7 @@ def transcriptomic_fidelity(
             features = as_feature_matrix(features, name=f"{what} features ({name})")
             _check_paired(real, features, f"fidelity ({name})")
             scored[name] = _score_features(regressor, features, true_by_k, n_boot, seed, alpha)
+            del features  # a lazy mapping (evaluate.GeneratedStores) then holds one store at a time
         return scored
 
     generated = score(generated_features, "generated")
