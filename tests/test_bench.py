@@ -261,7 +261,9 @@ def test_bench_scale_measures_every_rule_at_two_sizes(tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # PATH without the venv: the bench must run the rules with its own interpreter
+    env = {**os.environ, "PATH": os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                                 if p != os.path.dirname(sys.executable))}
     command = [sys.executable, "-m", "stmdit", "bench", "scale", "--sizes", "120,1200", "--out", str(tmp_path),
                "--genes", "1500", "--he-gigapixels", "0.06", "--tile", "256", "--n-boot", "4"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)

@@ -117,7 +117,9 @@ def run_snakemake(work: Path, config_path: Path, targets: list[str], cores: int,
                "--rerun-triggers", "mtime", "--nolock"]
     if allowed_rules:
         command += ["--allowed-rules", *allowed_rules]
+    # the rules' `python -m stmdit` must be this interpreter, with or without an activated venv
     env = {**os.environ, "STMDIT_RUSAGE_DIR": str(rusage),
+           "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")])),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
     with open(log, "a") as out:
