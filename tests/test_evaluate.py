@@ -260,6 +260,13 @@ def test_generated_stores_align_spots_and_read_each_store_only_when_asked(tmp_pa
     with pytest.raises(InputError, match="same spots") as err:
         evaluate.GeneratedStores({"uni": tmp_path / "a.zarr"}, keys=keys[:5])
     assert err.value.path == str(tmp_path / "a.zarr")
+    # a NaN in a generated or real store stops the scoring with the store and the spot
+    zarr.open_group(str(tmp_path / "b.zarr"), mode="r+")["embedding"][1, 2] = np.nan  # b's row 1 is keys[5]
+    with pytest.raises(InputError, match=f"NaN or inf values at spot {keys[5]}") as err:
+        stores["uni_ge"]
+    assert err.value.path == str(tmp_path / "b.zarr")
+    with pytest.raises(InputError, match=f"spot {keys[5]}"):
+        evaluate.read_features(tmp_path / "b.zarr")
 
 
 # ---------------------------------------------------------------------------------------------

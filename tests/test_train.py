@@ -211,3 +211,37 @@ def test_budget_in_epochs_becomes_steps_from_the_train_split(stores, tmp_path):
     assert list(pd.read_csv(out / "train_log.csv")["step"]) == list(range(1, 7))
     budget = json.loads((out / "training.json").read_text())["budget"]
     assert budget == {"epochs": 1.5, "steps_per_epoch": 4, "total_steps": 6, "train_spots": 32, "effective_batch": 8}
+
+
+def test_a_store_with_nan_or_inf_rows_stops_with_the_file_array_and_spot(stores, tmp_path):
+    """A feature store written elsewhere (or damaged) with a NaN or inf: one error naming the store, the
+    array and the first bad spot, when the rows are loaded (UNI) or when their batch is read (streamed tokens)."""
+    import shutil
+
+    import zarr
+
+    from stmdit.errors import InputError
+    from stmdit.features import read_feature_rows
+    from stmdit.loader import SpotFeatures, split_keys
+
+    keys = split_keys(stores / "split.parquet", "train")
+    uni, cf = tmp_path / "uni2h.zarr", tmp_path / "cf.zarr"
+    shutil.copytree(stores / "uni2h.zarr", uni)
+    shutil.copytree(stores / "cf.zarr", cf)
+    all_keys = [str(k) for k in zarr.open_group(str(uni), mode="r")["spot_key"][:]]
+    zarr.open_group(str(uni), mode="r+")["embedding"][all_keys.index(keys[7]), 3] = np.nan
+    with pytest.raises(InputError, match=f"'embedding' has NaN or inf values at spot {keys[7]}") as err:
+        SpotFeatures(keys, stores / "sd3_vae.zarr", uni, None, False)
+    assert err.value.path == str(uni)
+    with pytest.raises(InputError, match=f"spot {keys[7]}"):
+        read_feature_rows(uni, keys[::-1], ["embedding"])
+    read_feature_rows(uni, keys[:7], ["embedding"])  # the other rows read as before
+
+    zarr.open_group(str(cf), mode="r+")["tokens"][all_keys.index(keys[2]), 1, 0] = np.inf
+    streamed = SpotFeatures(keys, stores / "sd3_vae.zarr", stores / "uni2h.zarr", cf, True, tokens_in_memory_gb=0.0)
+    streamed.batch(np.array([0, 1, 3]))
+    with pytest.raises(InputError, match=f"'tokens' has NaN or inf values at spot {keys[2]}") as err:
+        streamed.batch(np.array([0, 2]))
+    assert err.value.path == str(cf)
+    with pytest.raises(InputError, match=f"spot {keys[2]}"):
+        SpotFeatures(keys, stores / "sd3_vae.zarr", stores / "uni2h.zarr", cf, True, tokens_in_memory_gb=1.0)

@@ -59,6 +59,7 @@ from stmdit.expression import read_cohort_obs, read_h5ad_elements, stack_rows
 from stmdit.genesets import protein_coding_columns
 from stmdit.features import (
     SamplePatches,
+    check_finite_rows,
     encode_batches,
     iter_kept_images,
     open_feature_store,
@@ -156,7 +157,7 @@ def read_features(path: str | Path, keys: Sequence[str] | None = None) -> Featur
     if keys is None:
         keys = [str(k) for k in string_values(group["spot_key"][:])]
         check_unique(keys, path)
-        embedding = np.asarray(group["embedding"][:])
+        embedding = check_finite_rows(np.asarray(group["embedding"][:]), path, "embedding", keys)
     else:
         keys = [str(k) for k in keys]
         embedding = read_feature_rows(path, keys, ["embedding"])["embedding"]
@@ -198,7 +199,8 @@ class GeneratedStores(Mapping[str, np.ndarray]):
     def __getitem__(self, name: str) -> np.ndarray:
         path = self.paths[name]
         if self._in_order[name]:
-            embedding = np.asarray(open_feature_store(path)["embedding"][:])
+            embedding = check_finite_rows(np.asarray(open_feature_store(path)["embedding"][:]), path, "embedding",
+                                          self.keys)
         else:
             embedding = read_feature_rows(path, self.keys, ["embedding"])["embedding"]
         if embedding.ndim != 2 or len(embedding) != len(self.keys):

@@ -208,6 +208,19 @@ def open_feature_store(path: str | Path) -> zarr.Group:
     return group
 
 
+def check_finite_rows(values: np.ndarray, source: str | Path, array_name: str, keys: Sequence[str]) -> np.ndarray:
+    """`values` (rows aligned with `keys`) when every value is finite; otherwise InputError naming
+    the store, the array and the first spot with a NaN or inf. Integer and bool arrays pass."""
+    if values.dtype.kind not in "fc" or values.size == 0:
+        return values
+    finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise InputError(source, f"array {array_name!r} has NaN or inf values at spot {keys[row]} (row {row} of "
+                                 f"those read; {int((~finite).sum())} such rows): recompute the store")
+    return values
+
+
 def store_row_arrays(group: zarr.Group) -> list[str]:
     """Names of the per-spot arrays of a store (the encoder outputs)."""
     shapes = (group.attrs.get("encoder") or {}).get("shapes") or {}
@@ -285,7 +298,7 @@ def read_feature_rows(
     for array_name in arrays or store_row_arrays(group):
         if array_name not in group:
             raise InputError(name, f"feature store has no array {array_name!r}")
-        out[array_name] = read_rows_in_blocks(group[array_name], rows)
+        out[array_name] = check_finite_rows(read_rows_in_blocks(group[array_name], rows), name, array_name, keys)
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 import zarr
 
 from stmdit.errors import InputError
-from stmdit.features import read_array_rows, string_values
+from stmdit.features import check_finite_rows, read_array_rows, string_values
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +93,25 @@ class SpotFeatures:
         take at most this much (float16); otherwise they stay in the store and are read per batch."""
         self.keys = list(keys)
         latent_group = open_store(latent_store)
-        self.latents = read_rows(latent_group["latent"], store_rows(latent_group, self.keys, latent_store))
+        self.latents = check_finite_rows(read_rows(latent_group["latent"], store_rows(latent_group, self.keys, latent_store)),
+                                         latent_store, "latent", self.keys)
         uni_group = open_store(uni_store)
-        self.uni = read_rows(uni_group["embedding"], store_rows(uni_group, self.keys, uni_store))
+        self.uni = check_finite_rows(read_rows(uni_group["embedding"], store_rows(uni_group, self.keys, uni_store)),
+                                     uni_store, "embedding", self.keys)
         self.ge_cls = None
         self.ge_tokens = None
         if ge_store is not None:
             ge_group = open_store(ge_store)
             self.ge_rows = store_rows(ge_group, self.keys, ge_store)
-            self.ge_cls = read_rows(ge_group["embedding"], self.ge_rows)
+            self.ge_cls = check_finite_rows(read_rows(ge_group["embedding"], self.ge_rows), ge_store, "embedding",
+                                            self.keys)
+            self.ge_store = ge_store
             if ge_tokens:
                 tokens, self.ge_mask = ge_group["tokens"], ge_group["token_mask"]
                 need_gb = len(self.keys) * math.prod(tokens.shape[1:]) * tokens.dtype.itemsize / 1e9
                 if need_gb <= tokens_in_memory_gb:
                     log.info("reading %.2f GB of GE tokens into memory", need_gb)
-                    self.ge_tokens = read_rows(tokens, self.ge_rows)
+                    self.ge_tokens = check_finite_rows(read_rows(tokens, self.ge_rows), ge_store, "tokens", self.keys)
                     self.ge_mask = read_rows(self.ge_mask, self.ge_rows)
                     self.ge_rows = np.arange(len(self.keys))
                 else:
@@ -135,7 +139,10 @@ class SpotFeatures:
             ge = GeBatch(torch.from_numpy(self.ge_cls[positions].astype(np.float32)))
             if self.ge_tokens is not None:
                 rows = self.ge_rows[positions]
-                ge.tokens = torch.from_numpy(self._rows(self.ge_tokens, rows).astype(np.float32))
+                tokens = self._rows(self.ge_tokens, rows)
+                if not isinstance(self.ge_tokens, np.ndarray):  # read from the store now: checked now
+                    check_finite_rows(tokens, self.ge_store, "tokens", [self.keys[p] for p in positions])
+                ge.tokens = torch.from_numpy(tokens.astype(np.float32))
                 ge.token_mask = torch.from_numpy(self._rows(self.ge_mask, rows).astype(bool))
             out["ge"] = ge
         return out
