@@ -4,7 +4,6 @@ stalls near the trivial floor is flagged, and each trained model gets a loss-cur
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -19,7 +18,7 @@ from stmdit.cli import main
 from stmdit.config import load_config
 from stmdit.errors import InputError
 from stmdit.model import DiTConfig, GaussianConfig, GaussianDenoiser, get_objective
-from stmdit.models_config import ARCH_DEFAULTS, resolve_models
+from stmdit.models_config import resolve_models
 from stmdit.report import plot_loss_curve
 from stmdit.train import STALL_FRACTION, loss_check, moment_loss, trivial_loss
 
@@ -32,8 +31,6 @@ def test_bottlenecked_dit_config_is_an_error_unless_allowed():
     assert DiTConfig(hidden_size=64, num_heads=4, patch_size=4, allow_bottleneck=True).allow_bottleneck
     DiTConfig(hidden_size=256, num_heads=4, patch_size=4)  # exactly p^2 C is fine
     DiTConfig()  # the paper's B: 768 >= 2^2 x 16
-    defaults = {f.name: f.default for f in dataclasses.fields(DiTConfig)}
-    assert {k: defaults[k] for k in ARCH_DEFAULTS} == ARCH_DEFAULTS
 
 
 def test_bottlenecked_size_stops_the_config_at_parse_time():
@@ -57,6 +54,32 @@ def test_bottlenecked_size_stops_the_config_at_parse_time():
     narrowed["models"][first]["arch"] = {"patch_size": 8}
     with pytest.raises(InputError, match=rf"train\.sizes\.B / models\.{first}\.arch .*8\^2 x 16 = 1024"):
         resolve_models(narrowed)
+
+
+
+def test_every_configured_size_is_built_as_a_dit_config_at_parse_time():
+    """A size that `stmdit train` could not build stops the config when it is read, naming the key."""
+    config = load_config(ROOT / "config.yaml")
+    resolve_models(config)
+    heads = copy.deepcopy(config)
+    heads["train"]["sizes"][config["train"]["size"]]["num_heads"] = 7
+    with pytest.raises(InputError, match=rf"config key train\.sizes\.{config['train']['size']} \(model .*\): "
+                                         r"hidden_size \d+ is not divisible by num_heads 7"):
+        resolve_models(heads)
+    unknown = copy.deepcopy(config)
+    first = next(iter(unknown["models"]))
+    unknown["models"][first]["arch"] = {"hiden_size": 512}
+    with pytest.raises(InputError, match=rf"models\.{first}\.arch .*unknown DiTConfig field\(s\): hiden_size"):
+        resolve_models(unknown)
+
+
+def test_the_torch_free_fusion_table_is_the_registry():
+    from stmdit.dit_config import FUSION_KINDS, TOKEN_SOURCE_NAMES
+    from stmdit.model.fusion import GE_FUSIONS, TOKEN_SOURCES
+
+    assert {name: (cls.uses_ge, cls.uses_tokens) for name, cls in GE_FUSIONS.items()} == \
+        {name: tuple(kind) for name, kind in FUSION_KINDS.items()}
+    assert set(TOKEN_SOURCES) == TOKEN_SOURCE_NAMES
 
 
 def write_log(path: Path, losses, val_every: int = 4) -> Path:

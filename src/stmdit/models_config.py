@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stmdit.dit_config import DiTConfig
 from stmdit.errors import InputError
 from stmdit.provenance import write_json
 
@@ -35,34 +36,6 @@ SAMPLERS = {"ddpm": "ddim", "flow": "euler", "flow_x0": "euler"}  # the default 
 OBJECTIVE_SOLVERS = {"ddpm": ("default", "dpmpp_2m"), "flow": ("default", "heun", "unipc"),  # stmdit.solvers
                      "flow_x0": ("default", "unipc")}
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-# DiTConfig's defaults of the fields the bottleneck check reads (tests keep the two in step); here
-# so that the Snakefile can check `train.sizes` at parse time without importing torch.
-ARCH_DEFAULTS = {"hidden_size": 768, "patch_size": 2, "in_channels": 16}
-
-
-def bottleneck_error(hidden_size: int, patch_size: int, in_channels: int) -> str | None:
-    """Why a denoiser of this width cannot carry its input, or None. Each token holds
-    patch_size^2 x in_channels latent values; a narrower hidden state drops the rest, so neither
-    the noise nor the image can be predicted in full: the epsilon loss cannot fall below about
-    1 - hidden_size / (patch_size^2 x in_channels)."""
-    per_token = patch_size**2 * in_channels
-    if hidden_size >= per_token:
-        return None
-    return (f"bottlenecked denoiser: hidden_size {hidden_size} < patch_size^2 x in_channels = "
-            f"{patch_size}^2 x {in_channels} = {per_token} values per token, so the epsilon loss cannot fall "
-            f"below ~{1 - hidden_size / per_token:.2f}; use hidden_size >= {per_token} or a smaller patch, "
-            f"or set allow_bottleneck: true to accept it")
-
-
-def arch_bottleneck_error(arch: dict) -> str | None:
-    """`bottleneck_error` of a DiTConfig dict (missing fields at their defaults), None when the dict
-    opts in with allow_bottleneck: true."""
-    if arch.get("allow_bottleneck", False):
-        return None
-    values = {**ARCH_DEFAULTS, **{k: arch[k] for k in ARCH_DEFAULTS if k in arch}}
-    return bottleneck_error(values["hidden_size"], values["patch_size"], values["in_channels"])
-
-
 @dataclass(frozen=True)
 class ResolvedModel:
     model: str
@@ -147,10 +120,11 @@ def resolve_models(config: dict) -> dict[str, ResolvedModel]:
                 raise InputError(None, f"config key {where}: give the training budget as steps or as epochs, not both")
         if "steps" in own or "epochs" in own:  # a model's own budget replaces the inherited one
             inherited.pop("steps", None), inherited.pop("epochs", None)
-        problem = arch_bottleneck_error(arch)
-        if problem:
+        try:  # the denoiser that `stmdit train` will build, checked now rather than when training starts
+            DiTConfig.from_dict(arch)
+        except ValueError as exc:
             where = f"train.sizes.{train['size']}" + (f" / models.{model}.arch" if entry.get("arch") else "")
-            raise InputError(None, f"config key {where} (model {model}): {problem}")
+            raise InputError(None, f"config key {where} (model {model}): {exc}") from None
         settings = {
             **inherited,
             "micro_batch": train["micro_batch"][family],

@@ -23,86 +23,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stmdit.errors import InputError
-from stmdit.models_config import bottleneck_error
+from stmdit.dit_config import DiTConfig
 from stmdit.loader import GeBatch
 from stmdit.model.fusion import (
     GeContext,
     attention_bias_mask,
     build_fusion,
     drop_flags,
-    fusion_class,
-    token_source_class,
 )
 from stmdit.provenance import atomic_path, provenance, write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-@dataclass
-class DiTConfig:
-    """Every size of the denoiser. Defaults: B size on 16 x 32 x 32 SD3 latents, UNI only."""
-
-    hidden_size: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    patch_size: int = 2
-    in_channels: int = 16
-    latent_size: int = 32
-    mlp_ratio: float = 4.0
-    timestep_freq_dim: int = 256
-    uni_dim: int = 1536
-    ge_dim: int = 256
-    ge_fusion: str = "none"  # none | adaln | xattn
-    ge_tokens: str | None = None  # token source of xattn: direct | pma | perceiver | gsa
-    n_ge_queries: int = 32
-    max_ge_tokens: int = 1200
-    ge_source_heads: int = 4
-    perceiver_iterations: int = 2
-    gsa_layers: int = 1
-    # position-embedding grid scale of diffusers' PatchEmbed (PixCell-256: 0.5) and a learned-sigma
-    # output (2 x in_channels, PixArt's IDDPM head) of which the first in_channels are epsilon
-    interpolation_scale: float = 1.0
-    learned_sigma: bool = False
-    allow_bottleneck: bool = False  # accept hidden_size < patch_size^2 x in_channels (see bottleneck_error)
-
-    def __post_init__(self):
-        problem = bottleneck_error(self.hidden_size, self.patch_size, self.in_channels)
-        if problem and not self.allow_bottleneck:
-            raise ValueError(problem)
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.latent_size % self.patch_size:
-            raise ValueError(f"latent_size {self.latent_size} is not divisible by patch_size {self.patch_size}")
-        if self.ge_dim % self.ge_source_heads:
-            raise ValueError(f"ge_dim {self.ge_dim} is not divisible by ge_source_heads {self.ge_source_heads}")
-        fusion = fusion_class(self.ge_fusion)
-        if fusion.uses_tokens and self.ge_tokens is None:
-            raise ValueError(f"ge_fusion {self.ge_fusion!r} needs ge_tokens (a token source)")
-        if not fusion.uses_tokens and self.ge_tokens is not None:
-            raise ValueError(f"ge_tokens is only used by token fusions; ge_fusion {self.ge_fusion!r} takes none")
-        if self.ge_tokens is not None:
-            token_source_class(self.ge_tokens)
-
-    @property
-    def uses_ge(self) -> bool:
-        return fusion_class(self.ge_fusion).uses_ge
-
-    @property
-    def uses_ge_tokens(self) -> bool:
-        """Whether the loader should read CancerFoundation token sequences for this model."""
-        return fusion_class(self.ge_fusion).uses_tokens
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "DiTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown DiTConfig field(s): {', '.join(unknown)}")
-        return cls(**values)
 
 
 @dataclass

@@ -25,10 +25,11 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import PixArtAlphaTextProjection
 from torch import nn
 
+from stmdit.dit_config import FUSION_KINDS, TOKEN_SOURCE_NAMES, FusionKind
 from stmdit.loader import GeBatch
 
 if TYPE_CHECKING:
-    from stmdit.model.dit import DiTConfig
+    from stmdit.dit_config import DiTConfig
 
 GeContext = tuple[torch.Tensor, torch.Tensor]  # tokens (B, K, D), mask (B, K) bool, True = real token
 
@@ -37,11 +38,15 @@ TOKEN_SOURCES: dict[str, type["TokenSource"]] = {}
 
 
 def register_fusion(cls: type["GeFusion"]) -> type["GeFusion"]:
+    kind = FusionKind(uses_ge=cls.uses_ge, uses_tokens=cls.uses_tokens)
+    if FUSION_KINDS.setdefault(cls.name, kind) != kind:  # a built-in of the torch-free table, changed
+        raise ValueError(f"fusion {cls.name!r}: {kind} differs from stmdit.dit_config.FUSION_KINDS {FUSION_KINDS[cls.name]}")
     GE_FUSIONS[cls.name] = cls
     return cls
 
 
 def register_token_source(cls: type["TokenSource"]) -> type["TokenSource"]:
+    TOKEN_SOURCE_NAMES.add(cls.name)
     TOKEN_SOURCES[cls.name] = cls
     return cls
 
