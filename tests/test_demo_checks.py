@@ -11,13 +11,23 @@ import numpy as np
 import pytest
 import zarr
 
-from stmdit import metrics
+from stmdit import eval_json, metrics
 from stmdit.demo_checks import learning_checks, run, stage_times
 from stmdit.palette import palette_report
 
 
 def interval(mean: float, half: float = 10.0) -> dict:
-    return {"point": mean - 1, "mean": mean, "lo": mean - half, "hi": mean + half}
+    return {"point": mean - 1, "mean": mean, "lo": mean - half, "hi": mean + half, "n_real": 50, "n_gen": 50}
+
+
+def write_fid(folder, model: str, regimes: dict) -> None:
+    eval_json.write_eval_json(folder / "fid.json", eval_json.fid_json(
+        model=model, cohort="demo", regimes=regimes, features={}, encoders={}, params={}, inputs=[]))
+
+
+def write_auc(folder, model: str, regressors: dict) -> None:
+    eval_json.write_eval_json(folder / "auc.json", eval_json.auc_json(
+        model=model, cohort="demo", regressors=regressors, features={}, encoders={}, params={}, inputs=[]))
 
 
 def palette_entry(r: float, carries: bool) -> dict:
@@ -29,11 +39,11 @@ def write_eval(results, model: str, fid: dict, oracle_uni_ge: dict | None = None
                palette: dict | None = None):
     folder = results / "eval" / model / "demo"
     folder.mkdir(parents=True)
-    (folder / "fid.json").write_text(json.dumps({"regimes": fid}))
+    write_fid(folder, model, fid)
     generated = {"uni_ge": {"auc": oracle_uni_ge["mean"], **oracle_uni_ge}} if oracle_uni_ge else {}
     null = null or {"auc": 0.0, "lo": -0.02, "hi": 0.02}
-    (folder / "auc.json").write_text(json.dumps({"regressors": {
-        "oracle": {"generated": generated, "null": {"empirical": null, "noise_tiles": null}}}}))
+    write_auc(folder, model, {"oracle": {"ks": [5], "real": {"auc": 0.1, "lo": 0.05, "hi": 0.15},
+                                         "generated": generated, "null": {"empirical": null, "noise_tiles": null}}})
     palette = palette or {r: palette_entry(0.8, True) for r in ("uni", "uni_ge") if r in fid}
     (folder / "palette.json").write_text(json.dumps({"regimes": palette}))
     return folder
@@ -165,12 +175,12 @@ def evaluate_generator(tmp_path, cohort: TinyCohort, generator: str) -> None:
                    "uncond": conditions if generator == "untrained" else 0.3 * cohort.rng.normal(size=z_real.shape) + 1}
     features = {r: cohort.features(z) for r, z in generated_z.items()}
     fid = {r: metrics.fid_bootstrap(real_features, f, n_boot=100, seed=0) for r, f in features.items()}
-    (folder / "fid.json").write_text(json.dumps({"regimes": fid}))
+    write_fid(folder, generator, fid)
 
     oracle = metrics.fit_oracle(cohort.features(cohort.z_train), cohort.expression(cohort.z_train), ks=(5, 10, 20))
     scored = metrics.transcriptomic_fidelity(oracle, cohort.expression(z_real)[:, oracle.gene_rank], real_features,
                                              {"uni_ge": features["uni_ge"]}, n_boot=100, seed=0, n_perm=100)
-    (folder / "auc.json").write_text(json.dumps({"regressors": {"oracle": scored}}))
+    write_auc(folder, generator, {"oracle": scored})
 
     samples = {r: image_store(folder / f"{r}.zarr", keys, cohort.tiles(generated_z[r])) for r in ("uni_ge", "uni")}
     palette = palette_report([patches], samples, space="lab", n_boot=100, seed=0)

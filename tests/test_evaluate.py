@@ -15,7 +15,7 @@ import scipy.sparse as sp
 import torch
 import zarr
 
-from stmdit import evaluate, metrics, report
+from stmdit import eval_json, evaluate, metrics, report
 from stmdit.encoders import load_encoder
 from stmdit.errors import InputError
 from stmdit.features import string_values, write_feature_store
@@ -165,7 +165,7 @@ def test_fid_json_equals_an_independent_recomputation_and_renders_table_1(cohort
     out = tmp_path / "fid.json"
     run_cli(*fid_args(cohort, "fid", out, ["uni_ge", "uni", "ge"], "--expression", cohort["root"] / "expr.h5ad",
                       "--min-spots-per-tissue", "5", "--n-boot-per-tissue", "5"))
-    doc = report.load_eval_json(out)
+    doc = eval_json.load_eval_json(out)
     real = real_rows(cohort, "h0mini", cohort["gen_order"])
     labels = pd.Series(cohort["labels"], index=cohort["keys"])[cohort["gen_order"]].to_numpy()
     for regime in ("uni_ge", "uni", "ge"):
@@ -194,7 +194,7 @@ def test_fid_json_equals_an_independent_recomputation_and_renders_table_1(cohort
 def test_ood_and_swap_jsons_render_tables_3_and_6(cohort, tmp_path):
     run_cli(*fid_args(cohort, "ood", tmp_path / "ood_fid.json", ["uni_ge", "uni"]))
     run_cli(*fid_args(cohort, "swap", tmp_path / "swap_fid.json", ["deepspot", "visium"]))
-    ood, swap = report.load_eval_json(tmp_path / "ood_fid.json"), report.load_eval_json(tmp_path / "swap_fid.json")
+    ood, swap = eval_json.load_eval_json(tmp_path / "ood_fid.json"), eval_json.load_eval_json(tmp_path / "swap_fid.json")
     assert ood["n_subsample"] == len(cohort["test"]) and ood["seed"] == 7
     rows = [{"model": MODEL, "name": "AdaLN", "architecture": "PTPL-AdaLN"}]
     table3 = report.build_table(3, [ood], rows)
@@ -296,7 +296,7 @@ def test_auc_json_equals_a_direct_recomputation_and_renders_table_2(cohort, tmp_
             "--real-uni", root / "uni2h.zarr", "--gen-uni", *gen_uni, "--midnight-mlp", mlp,
             "--real-midnight", root / "midnight.zarr", "--gen-midnight", *gen_midnight, "--n-boot", "10",
             "--seed", "3", "--model", MODEL, "--cohort", COHORT, "--out", out)
-    doc = report.load_eval_json(out)
+    doc = eval_json.load_eval_json(out)
 
     train = [k for k, s in zip(cohort["keys"], cohort["splits"]) if s == "train"]
     test = cohort["gen_order"]
@@ -360,7 +360,7 @@ def test_noise_tiles_are_scored_as_a_null_that_covers_zero(cohort, tmp_path):
             "--gen-uni", f"uni_ge={cohort['generated']['uni_ge', 'uni2h'][0]}", "--noise-uni", noise_store,
             "--n-boot", "100", "--n-perm", "100", "--seed", "3",
             "--model", MODEL, "--cohort", COHORT, "--out", out)
-    doc = report.load_eval_json(out)
+    doc = eval_json.load_eval_json(out)
     null = doc["regressors"]["oracle"]["null"]
     assert null["noise_tiles"]["lo"] <= 0.0 <= null["noise_tiles"]["hi"]
     assert null["empirical"]["lo"] <= 0.0 <= null["empirical"]["hi"] and null["empirical"]["n_perm"] == 100
@@ -423,7 +423,7 @@ def test_perturbation_scores_constructed_walks_and_renders_table_5(cohort, tmp_p
     run_cli(*perturbation_args(cohort, samples, feats, tmp_path / "perturbation.json"))
     run_cli(*perturbation_args(cohort, samples, feats, tmp_path / "uni_null.json", "--variant", "uni_null",
                                "--weight", "0.5"))
-    doc = report.load_eval_json(tmp_path / "perturbation.json")
+    doc = eval_json.load_eval_json(tmp_path / "perturbation.json")
     pairs = doc["pairs"]
     assert pairs["T->S"]["transition"] == pytest.approx(1.0, abs=1e-5)
     assert pairs["T->S"]["monotonicity"] == pytest.approx(1.0)
@@ -432,7 +432,7 @@ def test_perturbation_scores_constructed_walks_and_renders_table_5(cohort, tmp_p
     assert pairs["I->T"]["composite"] == pytest.approx(0.0, abs=1e-6)
     assert pairs["T->S"]["n_ref"] == 4 and doc["alphas"] == list(metrics.PAPER_ALPHAS)
     assert doc["mean_composite"] == pytest.approx(0.0, abs=1e-5)
-    uni_null = report.load_eval_json(tmp_path / "uni_null.json")
+    uni_null = eval_json.load_eval_json(tmp_path / "uni_null.json")
     assert uni_null["model"] == f"{MODEL}@uni_null" and uni_null["variant"] == "uni_null"
     assert uni_null["pairs"]["T->S"]["composite"] == pytest.approx(1.5, abs=1e-5)
     assert doc["mode"] == "centroid" and doc["provenance"]["params"]["mode"] == "centroid"
@@ -448,14 +448,14 @@ def test_perturbation_scores_constructed_walks_and_renders_table_5(cohort, tmp_p
     spotwise_dir.mkdir()
     samples, feats = perturbation_stores(cohort, spotwise_dir, mode="spotwise")
     run_cli(*perturbation_args(cohort, samples, feats, spotwise_dir / "p.json", "--model", "spot"))
-    spotwise = report.load_eval_json(spotwise_dir / "p.json")
+    spotwise = eval_json.load_eval_json(spotwise_dir / "p.json")
     assert spotwise["mode"] == "spotwise"
     mixed = report.build_table(5, [doc, spotwise], [{"model": MODEL, "name": "AdaLN", "p": 0.5},
                                                     {"model": "spot", "name": "AdaLN spot-wise"}])
     assert "spotwise (each reference spot's own GE interpolated toward the target class centroid (not the " \
            "paper's)): AdaLN spot-wise" in " ".join(mixed.attrs["notes"])
     with pytest.raises(InputError, match="mode must be one of"):
-        report.perturbation_json(model="m", cohort="c", pairs=doc["pairs"], alphas=doc["alphas"],
+        eval_json.perturbation_json(model="m", cohort="c", pairs=doc["pairs"], alphas=doc["alphas"],
                                  monotonicity_weight=1.0, mode="nearest", encoders={}, params={}, inputs=[])
 
 
@@ -499,7 +499,7 @@ def test_auc_from_saved_regressors_equals_the_single_job_fit(cohort, tmp_path):
             "--midnight-mlp", mlp_path, "--real-midnight", root / "midnight.zarr",
             "--gen-midnight", *[f"{r}={p}" for r, p in gen_midnight.items()], "--n-boot", "20", "--n-perm", "20",
             "--seed", "3", "--model", MODEL, "--cohort", COHORT, "--out", out)
-    doc = report.load_eval_json(out)
+    doc = eval_json.load_eval_json(out)
 
     # The single-job path: fit on the train spots in the job (dense float64 targets, then float32).
     train = evaluate.read_split_keys(root / "split.parquet", "train")
@@ -548,7 +548,7 @@ def test_auc_with_a_torch_fitted_midnight_mlp_records_its_impl(cohort, tmp_path)
             "--midnight-mlp", mlp, "--real-midnight", root / "midnight.zarr",
             "--gen-midnight", f"uni_ge={cohort['generated']['uni_ge', 'midnight'][0]}", "--n-boot", "10",
             "--n-perm", "10", "--seed", "3", "--model", MODEL, "--cohort", COHORT, "--out", out)
-    doc = report.load_eval_json(out)
+    doc = eval_json.load_eval_json(out)
     assert doc["provenance"]["params"]["mlp_impl"] == "torch"
     assert np.isfinite(doc["regressors"]["midnight_mlp"]["real"]["auc"])
     with pytest.raises(InputError, match="fitted Oracle|not found"):

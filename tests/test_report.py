@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 
-from stmdit import report
+from stmdit import eval_json, report
 from stmdit.errors import InputError
 
 COHORT, OOD = "tupro", "tcga"
@@ -57,13 +57,13 @@ def eval_docs():
     for model, regimes in fids.items():
         per_tissue = {"uni_ge": {"labels": {"Tumor": fid_entry(250.0, 240.0, 260.0), "Stroma": fid_entry(300.0)},
                                  "skipped": {"Immune": "5 spots (< 50)"}, "min_spots": 50}} if "uni_ge" in regimes else {}
-        docs.append(report.fid_json(cohort=COHORT, regimes=regimes, per_tissue=per_tissue,
+        docs.append(eval_json.fid_json(cohort=COHORT, regimes=regimes, per_tissue=per_tissue,
                                     features={"real": "real.zarr", "generated": {}},
                                     **common(model, smoke=model == "adaln_p02")))
-    docs.append(report.auc_json(cohort=COHORT, features={}, regressors={
+    docs.append(eval_json.auc_json(cohort=COHORT, features={}, regressors={
         "oracle": regressor_entry(0.325, {"uni": fidelity_entry(0.229, 0.22, 0.24)}),
         "midnight_mlp": regressor_entry(0.130, {"uni": fidelity_entry(0.118)})}, **common("pixcell_b")))
-    docs.append(report.auc_json(cohort=COHORT, features={}, regressors={
+    docs.append(eval_json.auc_json(cohort=COHORT, features={}, regressors={
         "oracle": regressor_entry(0.325, {"uni_ge": fidelity_entry(0.243, 0.231, 0.252), "uni": fidelity_entry(0.2)})},
         **common("adaln_p01")))
     oods = {
@@ -72,17 +72,17 @@ def eval_docs():
         "ptpl_adaln_p06": {"uni_ge": fid_entry(783.3), "uni": fid_entry(772.8)},
     }
     for model, regimes in oods.items():
-        docs.append(report.ood_fid_json(cohort=OOD, regimes=regimes, n_subsample=10_000, seed=42, features={},
+        docs.append(eval_json.ood_fid_json(cohort=OOD, regimes=regimes, n_subsample=10_000, seed=42, features={},
                                         **common(model)))
     pairs = {"T->S": {"source": "Tumor", "target": "Stroma", "transition": -0.9, "monotonicity": 0.1, "composite": -0.781, "n_ref": 100},
              "T->I": {"source": "Tumor", "target": "Immune", "transition": 0.1, "monotonicity": 0.2, "composite": 0.280, "n_ref": 100},
              "I->T": {"source": "Immune", "target": "Tumor", "transition": 0.1, "monotonicity": 0.2, "composite": 0.287, "n_ref": 100}}
-    docs.append(report.perturbation_json(cohort=COHORT, pairs=pairs, alphas=[0, 0.25, 0.5, 0.75, 1],
+    docs.append(eval_json.perturbation_json(cohort=COHORT, pairs=pairs, alphas=[0, 0.25, 0.5, 0.75, 1],
                                          monotonicity_weight=1.0, mode="centroid", **common("adaln_p01")))
-    docs.append(report.perturbation_json(cohort=COHORT, pairs={k: pairs[k] for k in ("T->S", "T->I")},
+    docs.append(eval_json.perturbation_json(cohort=COHORT, pairs={k: pairs[k] for k in ("T->S", "T->I")},
                                          alphas=[0, 0.25, 0.5, 0.75, 1], monotonicity_weight=1.0, mode="centroid",
                                          **common("ptpl_adaln_p06")))
-    docs.append(report.swap_fid_json(cohort=COHORT, deepspot=fid_entry(277.5, 270.1, 284.0), visium=fid_entry(285.6),
+    docs.append(eval_json.swap_fid_json(cohort=COHORT, deepspot=fid_entry(277.5, 270.1, 284.0), visium=fid_entry(285.6),
                                      features={}, **common("ptpl_adaln_p06")))
     return docs
 
@@ -130,14 +130,14 @@ def test_fid_tables_print_the_bootstrap_mean_inside_its_interval_and_keep_the_ol
                "uncond": metrics.fid_bootstrap(real, rng.normal(size=real.shape) + 1.0, n_boot=30)}
     assert regimes["uni"]["point"] < regimes["uni"]["lo"]  # what Table 1 used to print outside its interval
     path = tmp_path / "fid.json"
-    report.write_eval_json(path, report.fid_json(model="m", cohort=COHORT, regimes=regimes, per_tissue={},
+    eval_json.write_eval_json(path, eval_json.fid_json(model="m", cohort=COHORT, regimes=regimes, per_tissue={},
                                                  features={}, **{k: v for k, v in common("m").items() if k != "model"}))
     stored = json.loads(path.read_text())["regimes"]
     for entry in stored.values():  # the fields older readers (and the before-stop hook) use
         assert {"point", "mean", "lo", "hi", "n_boot", "n_real", "n_gen"} <= set(entry)
     assert stored["uni"]["hi"] < stored["uncond"]["lo"]  # a disjoint-interval comparison still reads the same keys
 
-    df = report.build_table(1, [report.load_eval_json(path)], [{"model": "m", "name": "M"}])
+    df = report.build_table(1, [eval_json.load_eval_json(path)], [{"model": "m", "name": "M"}])
     cell = report.markdown_cells(df).loc[0, "UNI"]
     shown, lo, hi, point = map(float, re.fullmatch(r"([\d.]+) \[([\d.]+), ([\d.]+)\] \(point ([\d.]+)\)", cell).groups())
     assert lo <= shown <= hi
@@ -220,12 +220,12 @@ def test_bad_eval_json_names_the_file(tmp_path):
     path = tmp_path / "fid.json"
     path.write_text(json.dumps({"metric": "fid", "model": "m", "cohort": "c", "regimes": {"uni": {"point": 1.0}}}))
     with pytest.raises(InputError, match="lacks") as err:
-        report.load_eval_json(path)
+        eval_json.load_eval_json(path)
     assert str(path) in str(err.value)
     doc = eval_docs()[0]
     doc["regimes"]["uni"].pop("lo")
     with pytest.raises(InputError, match=r"regimes.uni lacks \['lo'\]"):
-        report.write_eval_json(tmp_path / "out.json", doc)
+        eval_json.write_eval_json(tmp_path / "out.json", doc)
     assert not (tmp_path / "out.json").exists()
     with pytest.raises(InputError, match="unknown keys"):
         report.ModelRow.from_dict({"model": "m", "colour": "red"})
@@ -235,8 +235,8 @@ def test_cli_table_and_figures(docs, tmp_path):
     paths = []
     for i, doc in enumerate(docs):
         paths.append(tmp_path / f"{doc['model']}_{doc['metric']}_{i}.json")
-        report.write_eval_json(paths[-1], doc)
-    assert report.load_eval_json(paths[0])["regimes"] == docs[0]["regimes"]
+        eval_json.write_eval_json(paths[-1], doc)
+    assert eval_json.load_eval_json(paths[0])["regimes"] == docs[0]["regimes"]
     models = tmp_path / "models.json"
     models.write_text(json.dumps({"models": MODELS}))
     parser = argparse.ArgumentParser()

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from stmdit.eval_json import load_eval_json
+
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +50,7 @@ def fid_checks(fid_files: dict[str, Path]) -> list[Check]:
     checks = []
     ge_beats_uncond = []
     for model, path in sorted(fid_files.items()):
-        regimes = json.loads(path.read_text())["regimes"]
+        regimes = load_eval_json(path)["regimes"]
         uncond = regimes["uncond"]
         for regime in ("uni", "uni_ge"):
             if regime in regimes:
@@ -71,7 +73,7 @@ def auc_checks(auc_files: dict[str, Path]) -> list[Check]:
     checks = []
     oracle_above_zero = []
     for model, path in sorted(auc_files.items()):
-        regressors = json.loads(path.read_text())["regressors"]
+        regressors = load_eval_json(path)["regressors"]
         oracle = regressors["oracle"]
         if "uni_ge" in oracle["generated"]:
             entry = oracle["generated"]["uni_ge"]

@@ -53,7 +53,7 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
-from stmdit import metrics, report
+from stmdit import eval_json, metrics
 from stmdit.errors import InputError
 from stmdit.expression import read_cohort_obs, read_h5ad_elements, stack_rows
 from stmdit.genesets import protein_coding_columns
@@ -403,13 +403,13 @@ def fid_document(
     the generated tiles. Real = the real tiles' features of the same spots, paired by key."""
     if kind not in FID_KINDS:
         raise InputError(None, f"--kind must be one of {list(FID_KINDS)}, got {kind!r}")
-    allowed = SWAP_CONDITIONS if kind == "swap" else report.REGIMES
+    allowed = SWAP_CONDITIONS if kind == "swap" else eval_json.REGIMES
     unknown = sorted(set(generated) - set(allowed))
     if unknown:
         raise InputError(None, f"{kind}: unknown generated names {unknown} (expected {list(allowed)})")
     if kind == "swap" and set(generated) != set(SWAP_CONDITIONS):
         raise InputError(None, f"swap: --generated needs exactly deepspot=... and visium=..., got {sorted(generated)}")
-    if kind != "swap" and report.primary_regime(generated) is None:
+    if kind != "swap" and eval_json.primary_regime(generated) is None:
         raise InputError(None, f"{kind}: --generated needs regime uni_ge or uni, got {sorted(generated)}")
 
     stores = GeneratedStores(generated)
@@ -441,16 +441,16 @@ def fid_document(
     inputs = [real, *generated.values(), split]
     common = dict(model=model, cohort=cohort, features=features, encoders=encoders)
     if kind == "swap":
-        return report.swap_fid_json(deepspot=scores["deepspot"], visium=scores["visium"], params=params,
+        return eval_json.swap_fid_json(deepspot=scores["deepspot"], visium=scores["visium"], params=params,
                                     inputs=inputs, **common)
     if kind == "ood":
         check_seeded_subsample(keys, split_keys, seed, split)
-        return report.ood_fid_json(regimes=scores, n_subsample=len(keys), seed=seed, params=params, inputs=inputs,
+        return eval_json.ood_fid_json(regimes=scores, n_subsample=len(keys), seed=seed, params=params, inputs=inputs,
                                    **common)
     if spot_labels is not None:
         params.update(min_spots_per_tissue=min_spots_per_tissue, n_boot_per_tissue=tissue_boot)
         inputs += label_sources
-    return report.fid_json(regimes=scores, per_tissue=per_tissue, params=params, inputs=inputs, **common)
+    return eval_json.fid_json(regimes=scores, per_tissue=per_tissue, params=params, inputs=inputs, **common)
 
 
 def check_seeded_subsample(keys: Sequence[str], split_keys: Sequence[str], seed: int, split: str | Path) -> None:
@@ -706,7 +706,7 @@ def auc_document(
     inputs = [expression, split, oracle, real_uni, *gen_uni.values()]
     inputs += [midnight_mlp, real_midnight, *gen_midnight.values()] if midnight_mlp is not None else []
     inputs += [path for path in (noise_uni, noise_midnight) if path is not None]
-    return report.auc_json(model=model, cohort=cohort, regressors=regressors, features=features,
+    return eval_json.auc_json(model=model, cohort=cohort, regressors=regressors, features=features,
                            encoders=merge_impls(*impls), params=params, inputs=inputs)
 
 
@@ -859,7 +859,7 @@ def perturbation_document(
     params = {"weight": weight, "variant": variant, "split": TRAIN, "centroids": "H0-mini, real train tiles per label",
               "mode": rows.mode}
     model_id = model if variant == "default" else f"{model}@uni_null"
-    doc = report.perturbation_json(model=model_id, cohort=cohort, pairs=pairs, alphas=alphas.tolist(),
+    doc = eval_json.perturbation_json(model=model_id, cohort=cohort, pairs=pairs, alphas=alphas.tolist(),
                                    monotonicity_weight=weight, mode=rows.mode,
                                    encoders=merge_impls(train.impls, generated.impls, rows.impls),
                                    params=params, inputs=[features, samples, real, expression, split])
@@ -873,7 +873,7 @@ def perturbation_document(
 
 def _finish(out: Path, doc: Mapping[str, Any] | None, started: float, read: Iterable) -> None:
     if doc is not None:
-        report.write_eval_json(out, doc)
+        eval_json.write_eval_json(out, doc)
     log.info("read %s; wrote %s in %.1f s", ", ".join(str(p) for p in read), out, time.perf_counter() - started)
 
 
@@ -901,7 +901,7 @@ def blas_threads(threads: int):
 
 def run_fid(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    allowed = SWAP_CONDITIONS if args.kind == "swap" else report.REGIMES
+    allowed = SWAP_CONDITIONS if args.kind == "swap" else eval_json.REGIMES
     generated = parse_named_paths(args.generated, "--generated", allowed)
     with blas_threads(args.threads):
         doc = fid_document(args.kind, args.real, generated, args.split, args.model, args.cohort, split_name=args.split_name,
@@ -926,8 +926,8 @@ def run_eval_regressor(args: argparse.Namespace) -> dict:
 
 def run_auc(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    gen_uni = parse_named_paths(args.gen_uni, "--gen-uni", report.REGIMES)
-    gen_midnight = parse_named_paths(args.gen_midnight or [], "--gen-midnight", report.REGIMES)
+    gen_uni = parse_named_paths(args.gen_uni, "--gen-uni", eval_json.REGIMES)
+    gen_midnight = parse_named_paths(args.gen_midnight or [], "--gen-midnight", eval_json.REGIMES)
     with blas_threads(args.threads):
         doc = auc_document(args.expression, args.split, args.oracle, args.real_uni, gen_uni, args.model, args.cohort,
                            midnight_mlp=args.midnight_mlp, real_midnight=args.real_midnight,

@@ -124,9 +124,9 @@ def matched_clusters(ge_store: Path, split: Path, expression: Path, keys_everywh
 def plot_matched(clusters: Sequence[Cluster], real: np.ndarray, generated: Mapping[str, np.ndarray],
                  png_path: str | Path) -> None:
     """Rows = clusters, columns = real tile then one per model."""
-    from stmdit.report import _pyplot, _save_figure
+    from stmdit.figures import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     columns = ["real", *generated]
     fig, axes = plt.subplots(len(clusters), len(columns), figsize=(1.4 * len(columns) + 1.4, 1.4 * len(clusters) + 0.4),
                              squeeze=False, layout="constrained")
@@ -139,7 +139,7 @@ def plot_matched(clusters: Sequence[Cluster], real: np.ndarray, generated: Mappi
                 ax.set_title(name, fontsize=8)
         axes[r, 0].set_ylabel(cluster.label, rotation=0, ha="right", va="center", fontsize=7)
     fig.suptitle("One test spot per GE cluster;\nsame key, UNI, GE, seed, guidance per row", fontsize=8)
-    _save_figure(fig, png_path)
+    save_figure(fig, png_path)
 
 
 def run_matched_spots(args: argparse.Namespace) -> Path:

@@ -6,42 +6,7 @@
     stmdit figure --kind per-tissue-fid|auc-curves --evals ... --out results/figures/F.png
         [--models-json models.json] [--regime uni_ge] [--regressor oracle]
 
-Evaluation JSON layouts (one file per model, cohort and metric; build them with the `*_json`
-functions below and write them with `write_eval_json`, which checks the layout, so the producer
-and this report cannot drift). Regimes are "uni_ge", "uni", "ge", "uncond"; a model has the
-regimes it can be sampled in (a UNI-only baseline: "uni" only). An FID entry is what
-`stmdit.metrics.fid_bootstrap` returns: {"point", "mean", "lo", "hi", "n_boot", "n_real", "n_gen",
-...}; tables print the bootstrap mean with its percentile interval and the point next to it.
-
-results/eval/{model}/{cohort}/fid.json          Tables 1 and 4
-    {"metric": "fid", "model", "cohort",
-     "regimes": {regime: FID entry},
-     "per_tissue": {regime: {"labels": {label: FID entry}, "skipped": {label: reason}, "min_spots"}},
-     "features": {"real": path, "generated": {regime: path}},
-     "encoders": {"h0mini": "smoke" | "real"}, "provenance": {...}}
-results/eval/{model}/{cohort}/auc.json          Table 2
-    {"metric": "auc", "model", "cohort",
-     "regressors": {"oracle" | "midnight_mlp": {"ks": [k...],
-         "real": {"curve": [r per k], "auc", "lo", "hi"},      (real test tiles: the ceiling)
-         "generated": {regime: {"curve", "auc", "lo", "hi"}},
-         "null": {"by_construction": 0.0,
-                  "empirical": {"curve", "auc", "lo", "hi", "sd", "n_perm"},   (permutation null)
-                  "empirical_method": text,
-                  "noise_tiles": {"curve", "auc", "lo", "hi"}}}},   (when noise tiles were scored)
-     "features": {...}, "encoders": {"uni2h": ..., "midnight": ...}, "provenance": {...}}
-    (a regressor entry is what `stmdit.metrics.transcriptomic_fidelity` returns)
-results/eval/{model}/{cohort}/perturbation.json Table 5
-    {"metric": "perturbation", "model", "cohort", "alphas": [...], "monotonicity_weight",
-     "mode": "centroid" (GE between the source and target class centroids, paper D.7) | "spotwise",
-     "pairs": {"T->S": {"source", "target", "transition", "monotonicity", "composite", "n_ref"}, ...},
-     "mean_composite", "encoders": {"h0mini": ..., "cancerfoundation": ...}, "provenance": {...}}
-results/eval/{model}/{ood cohort}/ood_fid.json  Table 3 (cohort = the H&E-only one)
-    {"metric": "ood_fid", "model", "cohort", "n_subsample", "seed", "regimes": {regime: FID entry},
-     "features": {...}, "encoders": {...}, "provenance": {...}}
-results/eval/{model}/{cohort}/swap_fid.json     Table 6 (PTPL models fed DeepSpot vs Visium GE)
-    {"metric": "swap_fid", "model", "cohort", "regime": "uni_ge",
-     "conditions": {"deepspot": FID entry, "visium": FID entry},
-     "features": {...}, "encoders": {...}, "provenance": {...}}
+The evaluation JSONs' layouts, builders and checks are `stmdit.eval_json`'s.
 
 Which rows a table has comes from the models file (JSON list, or {"models": [...]}), one entry
 per model: {"model": id in the eval paths, "name": the paper's row label, "p", "family",
@@ -68,20 +33,19 @@ import pandas as pd
 
 from stmdit import __version__
 from stmdit.errors import InputError
-from stmdit.provenance import atomic_path, provenance, write_json
+from stmdit.eval_json import (
+    PERTURBATION_MODES,
+    REGIMES,
+    REGRESSORS,
+    check_eval_json,
+    load_eval_json,
+    primary_regime,
+)
+from stmdit.figures import pyplot, save_figure
+from stmdit.provenance import atomic_path
 
 log = logging.getLogger(__name__)
 
-REGIMES = ("uni_ge", "uni", "ge", "uncond")
-FID_ENTRY_KEYS = ("point", "lo", "hi", "n_real", "n_gen")
-EVAL_LAYOUTS = {
-    "fid": ("model", "cohort", "regimes", "per_tissue", "features", "encoders", "provenance"),
-    "auc": ("model", "cohort", "regressors", "features", "encoders", "provenance"),
-    "perturbation": ("model", "cohort", "alphas", "monotonicity_weight", "mode", "pairs", "mean_composite", "encoders",
-                     "provenance"),
-    "ood_fid": ("model", "cohort", "n_subsample", "seed", "regimes", "features", "encoders", "provenance"),
-    "swap_fid": ("model", "cohort", "regime", "conditions", "features", "encoders", "provenance"),
-}
 TABLE_METRIC = {1: "fid", 2: "auc", 3: "ood_fid", 4: "fid", 5: "perturbation", 6: "swap_fid"}
 TABLE_TITLES = {
     1: "Test FID (H0-mini) by conditioning regime",
@@ -91,134 +55,8 @@ TABLE_TITLES = {
     5: "Perturbation composite (median per pair; three-pair mean)",
     6: "PTPL models fed DeepSpot vs Visium GE: test FID",
 }
-REGRESSORS = {"oracle": "Oracle", "midnight_mlp": "Midnight+MLP"}
 PAPER_PAIR_ORDER = ("T->S", "T->I", "I->T")
-# How a perturbation series interpolates the GE input (stmdit.perturb.MODES), as Table 5 states it.
-PERTURBATION_MODES = {
-    "centroid": "GE interpolated between the source and target class centroids (paper D.7)",
-    "spotwise": "each reference spot's own GE interpolated toward the target class centroid (not the paper's)",
-}
 SMOKE_LINE = "made with smoke (weight-free) encoders: numbers are not comparable to the paper"
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation JSONs: builders, checks, loading
-
-
-def check_eval_json(doc: Mapping[str, Any], source: str | Path | None = None) -> None:
-    """InputError naming `source` unless `doc` has the layout of its metric (module docstring)."""
-    metric = doc.get("metric") if isinstance(doc, Mapping) else None
-    if metric not in EVAL_LAYOUTS:
-        raise InputError(source, f"not an stmdit evaluation JSON: 'metric' is {metric!r}, expected one of {sorted(EVAL_LAYOUTS)}")
-    missing = [key for key in EVAL_LAYOUTS[metric] if key not in doc]
-    if missing:
-        raise InputError(source, f"{metric} JSON lacks {missing}")
-    entries: dict[str, Any] = {}
-    if metric in ("fid", "ood_fid"):
-        entries = {f"regimes.{r}": e for r, e in doc["regimes"].items()}
-        unknown = sorted(set(doc["regimes"]) - set(REGIMES))
-        if unknown:
-            raise InputError(source, f"unknown regimes {unknown} (known: {list(REGIMES)})")
-    elif metric == "swap_fid":
-        entries = {f"conditions.{c}": e for c, e in doc["conditions"].items()}
-        if set(doc["conditions"]) != {"deepspot", "visium"}:
-            raise InputError(source, f"swap_fid conditions must be deepspot and visium, got {sorted(doc['conditions'])}")
-    for where, entry in entries.items():
-        lacking = [key for key in FID_ENTRY_KEYS if key not in entry]
-        if lacking:
-            raise InputError(source, f"{where} lacks {lacking}")
-    if metric == "auc":
-        for name, entry in doc["regressors"].items():
-            lacking = [key for key in ("ks", "real", "generated", "null") if key not in entry]
-            if name not in REGRESSORS or lacking:
-                raise InputError(source, f"regressor {name!r}: expected one of {sorted(REGRESSORS)} with ks/real/generated/null")
-    if metric == "perturbation":
-        for pair, entry in doc["pairs"].items():
-            if "composite" not in entry:
-                raise InputError(source, f"pair {pair!r} lacks 'composite'")
-
-
-def _document(metric: str, model: str, cohort: str, params: Mapping[str, Any], inputs: Sequence, **content) -> dict:
-    doc = {"metric": metric, "model": model, "cohort": cohort, **content}
-    doc["provenance"] = provenance(metric, dict(params), list(inputs))
-    check_eval_json(doc)
-    return doc
-
-
-def fid_json(model, cohort, regimes, features, encoders, params, inputs, per_tissue=None) -> dict:
-    """fid.json: `regimes` maps regime -> `fid_bootstrap` result; `per_tissue` regime -> `fid_per_label`."""
-    return _document("fid", model, cohort, params, inputs, regimes=dict(regimes), per_tissue=dict(per_tissue or {}),
-                     features=dict(features), encoders=dict(encoders))
-
-
-def auc_json(model, cohort, regressors, features, encoders, params, inputs) -> dict:
-    """auc.json: `regressors` maps "oracle"/"midnight_mlp" -> `transcriptomic_fidelity` result."""
-    return _document("auc", model, cohort, params, inputs, regressors=dict(regressors), features=dict(features),
-                     encoders=dict(encoders))
-
-
-def perturbation_json(model, cohort, pairs, alphas, monotonicity_weight, mode, encoders, params, inputs) -> dict:
-    """perturbation.json: `pairs` maps "T->S" etc. -> `perturbation_scores` result plus source/target;
-    `mode` is how the GE input was interpolated (PERTURBATION_MODES)."""
-    if mode not in PERTURBATION_MODES:
-        raise InputError(None, f"perturbation mode must be one of {sorted(PERTURBATION_MODES)}, got {mode!r}")
-    composites = [entry["composite"] for entry in pairs.values()]
-    return _document("perturbation", model, cohort, params, inputs, pairs=dict(pairs), alphas=list(alphas),
-                     monotonicity_weight=float(monotonicity_weight), mode=mode,
-                     mean_composite=float(np.mean(composites)), encoders=dict(encoders))
-
-
-def ood_fid_json(model, cohort, regimes, n_subsample, seed, features, encoders, params, inputs) -> dict:
-    """ood_fid.json on the H&E-only cohort: `regimes` as in fid.json (UNI+GE from PTPL GE)."""
-    return _document("ood_fid", model, cohort, params, inputs, regimes=dict(regimes), n_subsample=int(n_subsample),
-                     seed=int(seed), features=dict(features), encoders=dict(encoders))
-
-
-def swap_fid_json(model, cohort, deepspot, visium, features, encoders, params, inputs, regime="uni_ge") -> dict:
-    """swap_fid.json: FID entries of one PTPL model conditioned on DeepSpot and on Visium GE."""
-    return _document("swap_fid", model, cohort, params, inputs, regime=regime,
-                     conditions={"deepspot": dict(deepspot), "visium": dict(visium)}, features=dict(features),
-                     encoders=dict(encoders))
-
-
-def write_eval_json(path: str | Path, doc: Mapping[str, Any]) -> None:
-    """Check the layout, then write atomically."""
-    check_eval_json(doc, path)
-    write_json(path, doc)
-
-
-def write_fid_json(path, **fields_) -> None:
-    write_eval_json(path, fid_json(**fields_))
-
-
-def write_auc_json(path, **fields_) -> None:
-    write_eval_json(path, auc_json(**fields_))
-
-
-def write_perturbation_json(path, **fields_) -> None:
-    write_eval_json(path, perturbation_json(**fields_))
-
-
-def write_ood_fid_json(path, **fields_) -> None:
-    write_eval_json(path, ood_fid_json(**fields_))
-
-
-def write_swap_fid_json(path, **fields_) -> None:
-    write_eval_json(path, swap_fid_json(**fields_))
-
-
-def load_eval_json(path: str | Path) -> dict:
-    """Read and check one evaluation JSON; the file it came from is kept under "source"."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "evaluation JSON does not exist") from None
-    except json.JSONDecodeError as err:
-        raise InputError(path, f"not valid JSON ({err})") from None
-    check_eval_json(doc, path)
-    doc["source"] = str(path)
-    return doc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,12 +129,6 @@ def _index(eval_jsons: Iterable, metric: str, cohort: str | None) -> dict[str, d
 
 def _table_rows(n: int, rows: list[ModelRow], index: Mapping[str, dict]) -> list[ModelRow]:
     return [row for row in rows if (n in row.tables if row.tables is not None else row.model in index)]
-
-
-def primary_regime(regimes: Iterable[str]) -> str | None:
-    """The regime a single-number column reports: UNI+GE when sampled, else UNI."""
-    regimes = set(regimes)
-    return next((r for r in ("uni_ge", "uni") if r in regimes), None)
 
 
 def fid_shown(entry: Mapping[str, Any] | None) -> float | None:
@@ -618,23 +450,6 @@ def write_table(df: pd.DataFrame, tsv_path: str | Path, md_path: str | Path, foo
 # Figures
 
 
-def _save_figure(fig, path: str | Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _display_names(model_rows: Iterable | None) -> dict[str, str]:
     return {row.model: row.name for row in _as_rows(model_rows or [])}
 
@@ -643,7 +458,7 @@ def plot_per_tissue_fid(fid_docs: Sequence[Mapping], png_path: str | Path, regim
                         model_rows: Iterable | None = None) -> None:
     """Grouped bars: FID per tissue label (x) and model (bars): the bootstrap mean with its
     percentile interval when resampled (else the point estimate), as in the tables."""
-    plt = _pyplot()
+    plt = pyplot()
     names = _display_names(model_rows)
     docs = [d for d in fid_docs if regime in d.get("per_tissue", {})]
     if not docs:
@@ -661,7 +476,7 @@ def plot_per_tissue_fid(fid_docs: Sequence[Mapping], png_path: str | Path, regim
     ax.set_xticks(np.arange(len(labels)), labels, rotation=30, ha="right")
     ax.set_ylabel(f"FID (H0-mini), {regime}")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    _save_figure(fig, png_path)
+    save_figure(fig, png_path)
 
 
 def _err(entry: Mapping | None, side: str) -> float:
@@ -674,7 +489,7 @@ def plot_auc_curves(auc_docs: Sequence[Mapping], png_path: str | Path, regressor
                     model_rows: Iterable | None = None) -> None:
     """Median per-gene Pearson r against k: each model (its UNI+GE regime, else UNI), the
     real-tile ceiling and the empirical null of the first document."""
-    plt = _pyplot()
+    plt = pyplot()
     names = _display_names(model_rows)
     docs = [d for d in auc_docs if regressor in d.get("regressors", {})]
     if not docs:
@@ -695,7 +510,7 @@ def plot_auc_curves(auc_docs: Sequence[Mapping], png_path: str | Path, regressor
     ax.set_ylabel("median Pearson r")
     ax.set_title(REGRESSORS.get(regressor, regressor))
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    _save_figure(fig, png_path)
+    save_figure(fig, png_path)
 
 
 def read_train_log(path: str | Path) -> pd.DataFrame:
@@ -718,7 +533,7 @@ def plot_loss_curve(log_path: str | Path, png_path: str | Path, name: str,
     """Training loss (each logged step) and EMA validation loss against the optimizer step, log y,
     with the trivial loss (predicting the mean) and the stall threshold of `train.loss_check` as
     horizontal lines when known."""
-    plt = _pyplot()
+    plt = pyplot()
     table = read_train_log(log_path)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     train_rows = table.dropna(subset=["loss"])
@@ -735,7 +550,7 @@ def plot_loss_curve(log_path: str | Path, png_path: str | Path, name: str,
     ax.set_ylabel("loss (MSE)")
     ax.set_title(name)
     ax.legend(fontsize="small")
-    _save_figure(fig, png_path)
+    save_figure(fig, png_path)
 
 
 def run_loss_curve(args: argparse.Namespace) -> None:
