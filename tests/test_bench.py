@@ -281,3 +281,10 @@ def test_bench_scale_measures_every_rule_at_two_sizes(tmp_path):
     markdown = (tmp_path / "scale.md").read_text()
     assert "| deepspot_train | scale |" in markdown and "Projected disk at the paper's counts" in markdown
     assert "copies of the real features of the test spots" in result.stdout
+    # every job's peak fits in what its rule asked Snakemake for (job_resources' formulas on the real inputs)
+    assert all(r["mem_of_request"] is not None and r["mem_of_request"] < 1 for r in rows), \
+        [(r["rule"], r["mem_of_request"]) for r in rows if not r["mem_of_request"] or r["mem_of_request"] >= 1]
+    # --tabulate rebuilds the same table from the run folders, running nothing
+    again = subprocess.run([*command, "--tabulate"], env=env, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert json.loads((tmp_path / "scale.json").read_text())["table"] == rows

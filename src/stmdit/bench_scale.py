@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source-image", type=Path, default=REPO / "resources" / "cmu_small_region.svs",
                    help="the real H&E the slides are tiled from")
     p.add_argument("--tile", type=int, default=512, help="TIFF tile side in px")
+    p.add_argument("--tabulate", action="store_true",
+                   help="only rebuild the table from the runs already under --out (nothing is written or run)")
     p.add_argument("--n-boot", type=int, default=20,
                    help="bootstrap resamples and permutations of FID and AUC (a fixed cost per job, not per spot)")
 
@@ -249,18 +252,43 @@ def rule_of(record: dict, cohorts: tuple[str, str]) -> tuple[str, str] | None:
     return (names[command], cohort) if command in names else None
 
 
-def collect(rusage: Path, work: Path, cohorts: tuple[str, str]) -> dict[tuple[str, str], dict]:
+def requested_resources(log: Path) -> dict[str, dict[str, float]]:
+    """output path -> {"mem_mb", "runtime"} that Snakemake asked for the job writing it (the
+    `resources:` line of each job in the run's log: job_resources' formulas on the real inputs)."""
+    requested: dict[str, dict[str, float]] = {}
+    outputs: list[str] = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        line = line.strip()
+        if line.startswith("output:"):
+            outputs = [o.strip() for o in line[len("output:"):].split(",") if o.strip()]
+        elif line.startswith("resources:") and outputs:
+            values = dict(part.strip().split("=", 1) for part in line[len("resources:"):].split(",") if "=" in part)
+            if "mem_mb" in values and "runtime" in values:
+                for output in outputs:
+                    requested[output] = {"mem_mb": float(values["mem_mb"]), "runtime": float(values["runtime"])}
+            outputs = []
+    return requested
+
+
+def collect(rusage: Path, work: Path, cohorts: tuple[str, str], log: Path | None = None) -> dict[tuple[str, str], dict]:
     """Per (rule, cohort): jobs, max peak RSS over jobs, summed wall time, summed output bytes, and
     for spots the spots per job (rows of its spots table)."""
     import pandas as pd
 
     rows: dict[tuple[str, str], dict] = {}
+    requested = requested_resources(log) if log is not None else {}
     for path in sorted(rusage.glob("*.json")):
         record = json.loads(path.read_text())
         key = rule_of(record, cohorts)
         if key is None or record["exit_code"] != 0:
             continue
-        row = rows.setdefault(key, {"jobs": 0, "peak_rss": 0, "wall_s": 0.0, "out_bytes": 0, "job_spots": []})
+        row = rows.setdefault(key, {"jobs": 0, "peak_rss": 0, "wall_s": 0.0, "out_bytes": 0, "job_spots": [],
+                                    "mem_of_request": None, "time_of_request": None})
+        asked = next((requested[v] for o in OUT_OPTIONS if (v := _option(record["argv"], o)) in requested), None)
+        if asked is not None:  # the job's peak and wall time as fractions of what Snakemake asked for it
+            peak = max(record["vmhwm_bytes"], record["ru_maxrss_children_bytes"])
+            row["mem_of_request"] = max(row["mem_of_request"] or 0.0, peak / (asked["mem_mb"] * 1e6))
+            row["time_of_request"] = max(row["time_of_request"] or 0.0, record["wall_s"] / (asked["runtime"] * 60))
         row["jobs"] += 1
         row["peak_rss"] = max(row["peak_rss"], record["vmhwm_bytes"], record["ru_maxrss_children_bytes"])
         row["wall_s"] += record["wall_s"]
@@ -344,6 +372,8 @@ def scale_table(measured: list[dict], visium_cohort: str) -> list[dict]:
             "time_loglog_slope": _round(slope, 3), "out_bytes_per_spot": round(out_per_spot),
             "paper_spots": round(paper_job), "projected_peak_gb": _round((base + per_spot * paper_job) / 1e9, 2),
             "projected_out_gb": round(out_per_spot * paper_cohort / 1e9, 2),
+            "mem_of_request": _round(l.get("mem_of_request") or float("nan"), 2),
+            "time_of_request": _round(l.get("time_of_request") or float("nan"), 3),
         })
     return table
 
@@ -371,8 +401,9 @@ def _fmt(value, spec: str) -> str:
 
 def markdown_table(table: list[dict], sizes: list[int]) -> str:
     header = ("| rule | cohort | jobs | spots | peak RSS GB | RSS bytes/spot above base | base GB | wall s | "
-              "time log-log slope | out bytes/spot | paper spots | projected peak GB | projected out GB |")
-    lines = [header, "|" + "---|" * 13]
+              "time log-log slope | out bytes/spot | paper spots | projected peak GB | projected out GB | "
+              "peak / mem_mb asked | wall / runtime asked |")
+    lines = [header, "|" + "---|" * 15]
     for r in table:
         r = {k: ("-" if v is None else v) for k, v in r.items()}
         lines.append(f"| {r['rule']} | {r['cohort']} | {r['jobs'][0]} / {r['jobs'][1]} | {r['spots'][0]:,} / "
@@ -380,8 +411,36 @@ def markdown_table(table: list[dict], sizes: list[int]) -> str:
                      f"{_fmt(r['rss_bytes_per_spot'], ',')} | {_fmt(r['rss_base_gb'], '.2f')} | "
                      f"{r['wall_s'][0]} / {r['wall_s'][1]} | "
                      f"{r['time_loglog_slope']} | {r['out_bytes_per_spot']:,} | {r['paper_spots']:,} | "
-                     f"{_fmt(r['projected_peak_gb'], '.2f')} | {r['projected_out_gb']:.2f} |")
+                     f"{_fmt(r['projected_peak_gb'], '.2f')} | {r['projected_out_gb']:.2f} | "
+                     f"{_fmt(r.get('mem_of_request', '-'), '.2f')} | {_fmt(r.get('time_of_request', '-'), '.3f')} |")
     return "\n".join(lines)
+
+
+def cohort_of_sheet(sheet: Path) -> SimpleNamespace:
+    """The cohort names and slides of a run's samples.tsv (what `--tabulate` needs of a ScaleCohort)."""
+    import pandas as pd
+
+    table = pd.read_csv(sheet, sep="\t")
+    visium, he = table[table["kind"] == "visium"], table[table["kind"] == "he"]
+    return SimpleNamespace(visium_cohort=str(visium["cohort"].iloc[0]), he_cohort=str(he["cohort"].iloc[0]),
+                           visium_slides=visium["sample"].astype(str).tolist(), he_slides=he["sample"].astype(str).tolist(),
+                           files={})
+
+
+def measure_run(root: Path, size: int, phases: dict[str, float], cohort=None) -> dict[str, Any]:
+    """One size's entry of the table, read from its run folder: spots, test spots, disk and each rule's
+    rusage records joined with what Snakemake asked for the job."""
+    import yaml
+
+    if not (root / "rusage").is_dir():
+        raise SystemExit(f"stmdit bench scale --tabulate: no run under {root}")
+    cohort = cohort or cohort_of_sheet(root / "cohort" / "samples.tsv")
+    config = yaml.safe_load((root / "bench.yaml").read_text())
+    work = root / "work"
+    return {"size": size, **{k: round(v, 1) for k, v in phases.items()}, "visium_cohort": cohort.visium_cohort,
+            "spots": cohort_spots(work, cohort), "test_spots": test_spots(work, cohort, config["sample"]["ood_max_spots"]),
+            "cohort_files": cohort.files, "disk_bytes": _path_bytes(root),
+            "rules": collect(root / "rusage", work, (cohort.visium_cohort, cohort.he_cohort), root / "snakemake.log")}
 
 
 @benchmark("scale", _arguments)
@@ -415,6 +474,9 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
     for size in sizes:
         root = args.out / f"n{size}"
         work, rusage, log = root / "work", root / "rusage", root / "snakemake.log"
+        if args.tabulate:
+            measured.append(measure_run(root, size, phases={}))
+            continue
         work.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         he_spots = round(size * PAPER_HE_SPOTS / PAPER_VISIUM_SPOTS)
@@ -436,15 +498,11 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
             targets = [f"results/tables/table{n}.md" for n in range(1, 6)]
             phases["eval_s"] = run_snakemake(work, config_path, targets, args.cores, rusage, log, EVAL_RULES)
             print(f"  generated-feature copies: {len(copies)} stores in {phases['copies_s']:.0f} s")
-        cohorts = (cohort.visium_cohort, cohort.he_cohort)
-        entry = {"size": size, "generate_s": round(generate_s, 1), **{k: round(v, 1) for k, v in phases.items()},
-                 "spots": cohort_spots(work, cohort),
-                 "test_spots": test_spots(work, cohort, config["sample"]["ood_max_spots"]), "cohort_files": cohort.files,
-                 "disk_bytes": _path_bytes(root), "rules": collect(rusage, work, cohorts)}
-        print(f"  snakemake: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
+        entry = measure_run(root, size, {"generate_s": generate_s, **phases}, cohort)
+        print("  snakemake: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
               + f"; {entry['disk_bytes'] / 1e9:.2f} GB on disk", flush=True)
         measured.append(entry)
-    table = scale_table(measured, cohort.visium_cohort)
+    table = scale_table(measured, measured[-1]["visium_cohort"])
     projected_out = sum(r["projected_out_gb"] for r in table)
     ge_tokens_gb = GE_TOKEN_BYTES_PER_SPOT * (PAPER_VISIUM_SPOTS + PAPER_HE_SPOTS) / 1e9
     result = {"benchmark": "scale", "sizes": sizes, "stages": sorted(stages), "cores": args.cores,

@@ -91,9 +91,9 @@ class Formula:
 _FEATURES = ("real", "generated", "deepspot", "visium")
 _AUC_STORES = ("real_uni", "real_midnight", "noise_uni", "noise_midnight", "gen_uni", "gen_midnight")
 
-# One row per rule. Calibration points (issue 16): spots 4,992 spots / 0.58 Gpx took 49-69 s;
-# expression 29,970 spots (~120 M counts) took 45 s at 1.6 GB; features (deepspot_fm, smoke)
-# 29,970 spots took 455 s at 2.9 GB. Paper scale: 115,000 spots, ~460 M counts, 25,000 px slides.
+# One row per rule, calibrated on `stmdit bench scale --sizes 5000,50000` (its last two columns: each
+# rule's peak RSS and wall time over what these formulas asked, at 37,630 spots x 20,000 genes,
+# ~150 M counts): every peak within its request. Paper scale: 115,000 spots, ~460 M counts.
 FORMULAS: dict[str, Formula] = {
     "spots": Formula(Cost(1536, per_kspot=0.5, per_gigapixel=20), Cost(5, per_kspot=0.1, per_gigapixel=2),
                      note="reads its slide in blocks: at most 2 GB for any slide"),
@@ -105,10 +105,10 @@ FORMULAS: dict[str, Formula] = {
     "features_cancerfoundation": Formula(Cost(3000, per_kspot=10, per_mnnz=2), Cost(10, per_kspot=1),
                                          note="counts read in row blocks"),
     "features_cancerfoundation_ptpl": Formula(Cost(3000, per_kspot=10, per_mnnz=2), Cost(10, per_kspot=1)),
-    "deepspot_train": Formula(Cost(3000, per_loaded_mb=1, per_mnnz=4), Cost(30, per_kspot=2),
+    "deepspot_train": Formula(Cost(4500, per_loaded_mb=1.5, per_mnnz=4), Cost(30, per_kspot=2),
                               loads=("features",),
                               note="features whole, sparse targets read in gene blocks, running sums"),
-    "deepspot_predict": Formula(Cost(2000, per_loaded_mb=1, per_kspot=2), Cost(10, per_kspot=0.2),
+    "deepspot_predict": Formula(Cost(2500, per_loaded_mb=1, per_kspot=16), Cost(10, per_kspot=0.2),
                                 loads=("features",), note="predictions written in chunks"),
     "train": Formula(Cost(6000, per_loaded_mb=1), Cost(24 * 60), loads=("uni",),
                      note="runtime is one job's wall-clock budget; retries resume, they do not grow it"),
