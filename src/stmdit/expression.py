@@ -37,6 +37,7 @@ import scipy.sparse as sp
 
 from stmdit.errors import InputError
 from stmdit.genesets import BUNDLED, NONE, GeneList, annotate_cohort, load_gene_list
+from stmdit.memory import release_freed_memory
 from stmdit.provenance import atomic_path, provenance, write_json
 
 log = logging.getLogger(__name__)
@@ -161,18 +162,6 @@ def normalised_log1p(counts: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
     sc.pp.normalize_total(block, target_sum=target_sum)
     sc.pp.log1p(block)
     return sp.csr_matrix(block.X, dtype=np.float32)
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by large arrays back to the system (glibc keeps freed heap pages otherwise,
-    and the peak RSS grows with every slide read); a no-op where malloc_trim does not exist."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def union_columns(piece: sp.csr_matrix, genes: pd.Index, union: pd.Index) -> sp.csr_matrix:
