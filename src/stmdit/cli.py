@@ -18,7 +18,6 @@ import time
 
 from stmdit import __version__
 from stmdit.errors import InputError
-from stmdit.memory import return_large_blocks_to_os
 
 COMMANDS = {
     "fetch-demo-image": "stmdit.resources",
@@ -123,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     started = time.perf_counter()
-    return_large_blocks_to_os()  # batch-sized buffers freed go back to the system (stmdit.memory)
     log.info("stmdit %s: %s", __version__, " ".join(argv))
     exit_code = 1
     try:

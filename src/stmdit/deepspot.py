@@ -81,6 +81,7 @@ from stmdit.encoders.base import autocast, resolve_device
 from stmdit.errors import InputError
 from stmdit.expression import read_kept_spots
 from stmdit.features import open_feature_store, read_feature_rows
+from stmdit.memory import return_large_blocks_to_os
 from stmdit.deepspot_targets import (
     MAX_BYTES_PER_NONZERO,
     PROTEIN_CODING,
@@ -945,6 +946,7 @@ def choose_baselines(wanted: bool, max_gb: float, n_spots: int, n_genes: int) ->
 
 
 def run_train(args: argparse.Namespace) -> Path:
+    return_large_blocks_to_os()  # per-batch buffers freed go back to the system (stmdit.memory)
     config = training_config(args)
     needed = training_memory_bytes(args.expression, args.features)
     require(args.expression, needed, "deepspot-train of this cohort")
@@ -1014,6 +1016,7 @@ def train_stage(args: argparse.Namespace, config: TrainingConfig) -> Path:
 
 
 def run_predict(args: argparse.Namespace) -> Path:
+    return_large_blocks_to_os()
     if args.batch_size < 1:
         raise InputError(None, f"--batch-size must be at least 1, got {args.batch_size}")
     needed = feature_memory_bytes(args.features) + MOMENT_BLOCK_BYTES

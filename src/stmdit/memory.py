@@ -4,7 +4,8 @@ glibc serves an allocation from its heap unless it is larger than the mmap thres
 threshold to the size of every mmapped block freed (up to 32 MiB). A job that frees and allocates
 batch-sized buffers (tens of MB) all the time ends up serving them from the heap, whose freed holes
 stay resident: DeepSpot's training at 37,630 spots peaked at 5.37 GB that way, and at 4.96 GB with a
-fixed threshold (`stmdit bench scale`'s run, notes of issue 16).
+fixed threshold (`stmdit bench scale`'s run, notes of issue 16). deepspot-train and deepspot-predict set it;
+other commands keep glibc's default (their cost with it, e.g. page faults per step in training, is unmeasured).
 """
 
 from __future__ import annotations
