@@ -213,7 +213,9 @@ def check_finite_rows(values: np.ndarray, source: str | Path, array_name: str, k
     the store, the array and the first spot with a NaN or inf. Integer and bool arrays pass."""
     if values.dtype.kind not in "fc" or values.size == 0:
         return values
-    finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    # in blocks of rows: a mask of every value of a token store at once would be as large as the store
+    finite = np.concatenate([np.isfinite(values[start:start + 1024]).reshape(len(values[start:start + 1024]), -1)
+                             .all(axis=1) for start in range(0, len(values), 1024)])
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
         raise InputError(source, f"array {array_name!r} has NaN or inf values at spot {keys[row]} (row {row} of "

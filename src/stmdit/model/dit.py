@@ -8,7 +8,6 @@ diffusers' parts (PatchEmbed, Timesteps/TimestepEmbedding, Attention, FeedForwar
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
