@@ -23,6 +23,7 @@ from stmdit.deepspot import (
     donor_folds,
     hex_neighbour_index,
     leave_one_donor_out,
+    load_model,
     load_model_dir,
     load_spot_features,
     neighbour_embeddings,
@@ -31,6 +32,7 @@ from stmdit.deepspot import (
     read_cohort_spots,
     read_split_roles,
     register,
+    save_weights,
     spot_models,
     train_deepspot,
 )
@@ -287,16 +289,22 @@ def test_he_cohort_uses_the_all_donor_model(cohort):
     assert he.uns["stmdit"]["step"] == "deepspot-predict"
 
 
-def test_negatives_are_clipped_and_pseudo_counts_match(cohort):
+def test_negatives_are_clipped_and_pseudo_counts_match(cohort, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     ptpl = ad.read_h5ad(cohort["ptpl"])
     assert ptpl.X.dtype == np.float32 and ptpl.X.min() >= 0
     np.testing.assert_allclose(ptpl.layers["counts"].toarray(), np.expm1(ptpl.X), rtol=1e-6)
     assert ptpl.layers["counts"].dtype == np.float32
 
-    models = load_model_dir(cohort["model_dir"])
-    with torch.no_grad():
-        for model in (models.all_donors, *models.by_held_out_donor.values()):
-            model.rho.bias[:, 0] -= 50.0  # gene 0 now predicted far below zero
+    model_dir = shutil.copytree(cohort["model_dir"], tmp_path / "model")
+    for weights in model_dir.glob("*.safetensors"):  # fold models are read from disk when asked for
+        state = load_file(str(weights))
+        state["rho.bias"][:, 0] -= 50.0  # gene 0 now predicted far below zero
+        save_file(state, str(weights))
+    models = load_model_dir(model_dir)
     spots = cohort["spots"]
     features = load_spot_features(cohort["store"], spots)
     raw = predict_log1p(models.by_held_out_donor["A"], features, np.arange(len(spots)), device="cpu", clip=False)
@@ -344,6 +352,47 @@ def test_same_seed_same_output_and_batch_size_independence(cohort):
     model = runs[0].models["A"]
     np.testing.assert_allclose(predict_log1p(model, features, rows, batch_size=7, device="cpu"),
                                predict_log1p(model, features, rows, batch_size=1000, device="cpu"), atol=1e-6)
+
+
+def test_fold_models_written_as_trained_equal_the_models_kept_in_memory(cohort, tmp_path):
+    """deepspot-train hands each fold model to disk once scored instead of holding every donor's model
+    while the next trains: what is loaded back predicts exactly as the model kept in memory, and no
+    trained model carries its last step's gradients (as large as its weights)."""
+    training = read_training_cohort(cohort["expression"])
+    features = load_spot_features(cohort["store"], cohort["spots"])
+    folds = donor_folds(training.donors, read_split_roles(cohort["split"], training.keys, training.donors))
+    config = TrainingConfig(**{**TINY, "epochs": 5})
+    kept = leave_one_donor_out(features, training.targets, folds, config, baselines=False)
+    saved = []
+
+    def save(index, fold, model):
+        assert all(p.grad is None for p in model.parameters())
+        save_weights(tmp_path / f"fold{index}.safetensors", model, fold.held_out_donor)
+        saved.append(fold.held_out_donor)
+
+    streamed = leave_one_donor_out(features, training.targets, folds, config, baselines=False, save_model=save)
+    assert saved == [f.held_out_donor for f in folds] and streamed.models == {}
+    assert np.array_equal(kept.pearson["deepspot"], streamed.pearson["deepspot"], equal_nan=True)
+    rows = np.arange(len(features))
+    for index, fold in enumerate(folds):
+        model = kept.models[fold.held_out_donor]
+        loaded = load_model(tmp_path / f"fold{index}.safetensors", model.config)
+        assert np.array_equal(predict_log1p(model, features, rows, device="cpu"),
+                              predict_log1p(loaded, features, rows, device="cpu"))
+
+
+def test_a_model_directory_holds_one_fold_model_at_a_time(cohort):
+    import gc
+    import weakref
+
+    models = load_model_dir(cohort["model_dir"])
+    donors = list(models.by_held_out_donor)
+    assert len(donors) >= 2
+    first = weakref.ref(models.by_held_out_donor[donors[0]])
+    assert models.by_held_out_donor[donors[0]] is first()  # asked again: not read again
+    models.by_held_out_donor[donors[1]]
+    gc.collect()
+    assert first() is None
 
 
 def test_the_cli_reproduces_its_output(cohort, tmp_path):

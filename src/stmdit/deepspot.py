@@ -67,7 +67,7 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -137,7 +137,8 @@ def neighbour_embeddings(tile: torch.Tensor, index: torch.Tensor) -> torch.Tenso
 
 @dataclass
 class SpotFeatures:
-    """DeepSpot's inputs for the spots `keys`: tile (N, D) float32, sub-tiles (N, 9, D) as stored,
+    """DeepSpot's inputs for the spots `keys`: tile (N, D) and sub-tiles (N, 9, D) as stored (float16 in a
+    deepspot_fm store; each batch converts its own rows to float32),
     hex neighbours (N, 6) rows into these spots (-1 = none), and the store's encoder description."""
 
     keys: list[str]
@@ -155,18 +156,19 @@ class SpotFeatures:
 
     def batch(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = torch.as_tensor(rows, dtype=torch.long)
-        tile = self.tile[rows]
+        tile = self.tile[rows].float()
         subtiles = self.subtiles[rows].float()
-        neighbours = neighbour_embeddings(self.tile, self.neighbours[rows])
+        neighbours = neighbour_embeddings(self.tile, self.neighbours[rows]).float()
         return tile.to(device), subtiles.to(device), neighbours.to(device)
 
     def pooled(self) -> np.ndarray:
         """(N, 3D) baseline features: tile, mean sub-tile, mean of the present neighbours (0 if none)."""
         index = self.neighbours
         present = (index >= 0).float()
-        neighbour_sum = (neighbour_embeddings(self.tile, index) * present.unsqueeze(-1)).sum(1)
+        tile = self.tile.float()
+        neighbour_sum = (neighbour_embeddings(tile, index) * present.unsqueeze(-1)).sum(1)
         neighbour_mean = neighbour_sum / present.sum(1, keepdim=True).clamp(min=1)
-        return torch.cat([self.tile, self.subtiles.float().mean(1), neighbour_mean], dim=1).numpy()
+        return torch.cat([tile, self.subtiles.float().mean(1), neighbour_mean], dim=1).numpy()
 
 
 def load_spot_features(store_path: str | Path, spots: pd.DataFrame) -> SpotFeatures:
@@ -195,7 +197,7 @@ def load_spot_features(store_path: str | Path, spots: pd.DataFrame) -> SpotFeatu
              float((neighbours >= 0).sum(1).mean()), n_isolated)
     return SpotFeatures(
         keys=keys,
-        tile=torch.as_tensor(np.asarray(rows["embedding"], dtype=np.float32)),
+        tile=torch.as_tensor(np.asarray(rows["embedding"])),
         subtiles=torch.as_tensor(np.asarray(rows["subtiles"])),
         neighbours=torch.as_tensor(neighbours),
         encoder=encoder,
@@ -367,6 +369,7 @@ def train_deepspot(features: SpotFeatures, targets, rows: np.ndarray, config: Tr
                 total += float(loss.detach()) * len(batch)
             progress.set_postfix(mse=f"{total / len(rows):.4f}")
             log.debug("%s epoch %d: training MSE %.4f (standardised units)", desc, epoch + 1, total / len(rows))
+    model.zero_grad(set_to_none=True)  # the last step's gradients are as large as the weights
     return model.eval()
 
 
@@ -650,10 +653,13 @@ def fold_pearson(features: SpotFeatures, targets, fold: Fold, config: TrainingCo
 
 def leave_one_donor_out(features: SpotFeatures, targets, folds: Sequence[Fold], config: TrainingConfig,
                         baselines: bool = True, mlp_hidden: int = 256, mlp_max_iter: int = 50,
-                        predict_batch_size: int = 1024) -> LodoResult:
+                        predict_batch_size: int = 1024,
+                        save_model: Callable[[int, Fold, DeepSpot], None] | None = None) -> LodoResult:
     """Train one DeepSpot model per fold; out-of-fold Pearson r of DeepSpot and (optionally) the
     RidgeCV and MLP baselines on the same folds, over the spots the folds label, from running sums
-    (no spots x genes matrix of predictions is ever held)."""
+    (no spots x genes matrix of predictions is ever held). With `save_model`, each fold's model is
+    handed to it (fold index, fold, model) once scored and not kept: one fold model's weights are
+    as large as its training data's targets at a few hundred spots, and a cohort has one per donor."""
     pooled = features.pooled() if baselines else None
     models = {}
     by_fold: dict[str, dict[str, PearsonSums]] = {}
@@ -662,7 +668,11 @@ def leave_one_donor_out(features: SpotFeatures, targets, folds: Sequence[Fold], 
                  "donors", k + 1, len(folds), fold.held_out_donor, len(fold.label_rows), len(fold.train_rows))
         model, sums = fold_pearson(features, targets, fold, config, pooled, mlp_hidden, mlp_max_iter,
                                    predict_batch_size)
-        models[fold.held_out_donor] = model
+        if save_model is None:
+            models[fold.held_out_donor] = model
+        else:
+            save_model(k, fold, model)
+        del model
         by_fold[fold.held_out_donor] = sums
     methods = list(next(iter(by_fold.values()))) if by_fold else ["deepspot"]
     pearson = {}
@@ -684,33 +694,49 @@ def weights_name(held_out_donor: str | None, index: int = 0) -> str:
     return f"{ALL_DONORS}.safetensors" if held_out_donor is None else f"lodo-{index:02d}.safetensors"
 
 
-def save_model_dir(path: str | Path, all_donors: DeepSpot, folds: Sequence[Fold], fold_models: Mapping[str, DeepSpot],
-                   plan: Mapping[str, Any], info: Mapping[str, Any]) -> Path:
-    """Write config.json (with the fold plan) and the weights (safetensors) of the all-training-donor and
-    fold models atomically."""
+def save_weights(path: Path, model: DeepSpot, held_out_donor: str) -> None:
+    """One model's weights (safetensors), its held-out donor ("" for the all-training-donor model) in
+    the file's metadata."""
     from safetensors.torch import save_file
 
-    def state(model: DeepSpot) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"held_out_donor": held_out_donor})
 
-    path = Path(path)
-    config = {
+
+def model_dir_config(architecture: Mapping[str, Any], plan: Mapping[str, Any], info: Mapping[str, Any]) -> dict:
+    """config.json of a model directory: `info`, the architecture, the fold plan and each model's weights."""
+    return {
         **info,
-        "architecture": all_donors.config,
+        "architecture": dict(architecture),
         "fold_plan": dict(plan),
         "all_donors": {"weights": weights_name(None), "donors": plan["all_training_donors"]["train_donors"]},
         "folds": [{"held_out_donor": f["held_out_donor"], "weights": f["weights"], "train_donors": f["train_donors"]}
                   for f in plan["folds"]],
     }
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        save_file(state(all_donors), str(tmp / weights_name(None)), metadata={"held_out_donor": ""})
-        for k, fold in enumerate(folds):
-            save_file(state(fold_models[fold.held_out_donor]), str(tmp / weights_name(fold.held_out_donor, k)),
-                      metadata={"held_out_donor": fold.held_out_donor})
-        (tmp / MODEL_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-    log.info("wrote %s: all-training-donor model and %d leave-one-donor-out models", path, len(folds))
-    return path
+
+
+class FoldModels(Mapping[str, DeepSpot]):
+    """A model directory's fold models by held-out donor, each read from its weights when asked for.
+    Only the last one read is held: a cohort has one fold model per training donor, each as large as
+    its output layer (hidden x genes x ensemble), and predictions take the donors' spots in turn."""
+
+    def __init__(self, paths: Mapping[str, Path], architecture: Mapping[str, Any]):
+        self.paths, self.architecture = dict(paths), dict(architecture)
+        self._held: tuple[str, DeepSpot] | None = None
+        for path in self.paths.values():
+            check_weights_file(path)
+
+    def __getitem__(self, held_out_donor: str) -> DeepSpot:
+        if self._held is None or self._held[0] != held_out_donor:
+            self._held = None  # the previous model goes before the next is read
+            self._held = (held_out_donor, load_model(self.paths[held_out_donor], self.architecture))
+        return self._held[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
 
 @dataclass
@@ -720,11 +746,24 @@ class ModelSet:
     path: Path
     config: dict[str, Any]
     all_donors: DeepSpot
-    by_held_out_donor: dict[str, DeepSpot]
+    by_held_out_donor: FoldModels
 
     @property
     def genes(self) -> pd.DataFrame:
         return pd.DataFrame(self.config["genes"]).set_index("gene")
+
+
+def check_weights_file(path: Path) -> None:
+    """The file exists and its safetensors header reads (the tensors are read by `load_model`)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise InputError(path, "model weights not found")
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            weights.keys()
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise InputError(path, f"cannot read weights: {exc}") from None
 
 
 def load_model(path: Path, architecture: Mapping[str, Any]) -> DeepSpot:
@@ -757,7 +796,7 @@ def load_model_dir(path: str | Path) -> ModelSet:
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(config_path, f"cannot read model config: {exc}") from None
     all_donors = load_model(path / config["all_donors"]["weights"], architecture)
-    by_donor = {f["held_out_donor"]: load_model(path / f["weights"], architecture) for f in folds}
+    by_donor = FoldModels({f["held_out_donor"]: path / f["weights"] for f in folds}, architecture)
     log.info("read %s: %d-d input -> %d genes, all-donor model + %d fold models", path,
              architecture["input_dim"], architecture["n_genes"], len(by_donor))
     return ModelSet(path, config, all_donors, by_donor)
@@ -978,22 +1017,38 @@ def train_stage(args: argparse.Namespace, config: TrainingConfig) -> Path:
     log.info("cohort %s: training donors %s (leave-one-donor-out), test donors %s (labelled by the model of all "
              "training donors); models learn from the %d train-split spots only", name, roles.training_donors,
              roles.test_donors, int(roles.trainable.sum()))
-    lodo = leave_one_donor_out(features, cohort.targets, folds, config, baselines=baselines,
-                               mlp_hidden=args.mlp_hidden, mlp_max_iter=args.mlp_max_iter)
-    summary = {m: summarise_pearson(r) for m, r in lodo.pearson.items()}
-    log.info("leave-one-donor-out Pearson r per gene (out-of-fold spots of the training donors):\n%s",
-             lodo_table(summary))
-    log.info("training the all-training-donor model on %d spots", len(final.train_rows))
-    test_pearson = {}
-    if final.label_rows.size == 0:
-        all_donors = train_deepspot(features, cohort.targets, final.train_rows, config, desc="all training donors")
-    else:
-        pooled = features.pooled() if baselines else None
-        all_donors, test_sums = fold_pearson(features, cohort.targets, final, config, pooled, args.mlp_hidden,
-                                             args.mlp_max_iter)
-        test_pearson = {m: summarise_pearson(sums.r()) for m, sums in test_sums.items()}
-        log.info("Pearson r per gene of the all-training-donor model on the test donors %s (reported only; "
-                 "nothing of them trains a model):\n%s", roles.test_donors, lodo_table(test_pearson))
+    genes = cohort.genes.reset_index(names="gene")
+    genes = genes.astype(object).where(genes.notna(), None)  # JSON has no NaN
+    info = {"stmdit": provenance("deepspot-train", params, inputs), "encoder": features.encoder,
+            "genes": genes.to_dict(orient="list"), "gene_set": cohort.gene_set, "training_cohort": str(cohort.path)}
+    with atomic_path(args.out_model) as staging:  # each model's weights written once trained, not held
+        staging.mkdir()
+
+        def save_fold_model(index: int, fold: Fold, model: DeepSpot) -> None:
+            save_weights(staging / weights_name(fold.held_out_donor, index), model, fold.held_out_donor)
+
+        lodo = leave_one_donor_out(features, cohort.targets, folds, config, baselines=baselines,
+                                   mlp_hidden=args.mlp_hidden, mlp_max_iter=args.mlp_max_iter,
+                                   save_model=save_fold_model)
+        summary = {m: summarise_pearson(r) for m, r in lodo.pearson.items()}
+        log.info("leave-one-donor-out Pearson r per gene (out-of-fold spots of the training donors):\n%s",
+                 lodo_table(summary))
+        log.info("training the all-training-donor model on %d spots", len(final.train_rows))
+        test_pearson = {}
+        if final.label_rows.size == 0:
+            all_donors = train_deepspot(features, cohort.targets, final.train_rows, config,
+                                        desc="all training donors")
+        else:
+            pooled = features.pooled() if baselines else None
+            all_donors, test_sums = fold_pearson(features, cohort.targets, final, config, pooled, args.mlp_hidden,
+                                                 args.mlp_max_iter)
+            test_pearson = {m: summarise_pearson(sums.r()) for m, sums in test_sums.items()}
+            log.info("Pearson r per gene of the all-training-donor model on the test donors %s (reported only; "
+                     "nothing of them trains a model):\n%s", roles.test_donors, lodo_table(test_pearson))
+        save_weights(staging / weights_name(None), all_donors, "")
+        config_json = model_dir_config(all_donors.config, plan, info)
+        (staging / MODEL_CONFIG).write_text(json.dumps(config_json, indent=2, sort_keys=True, default=str) + "\n")
+    log.info("wrote %s: all-training-donor model and %d leave-one-donor-out models", args.out_model, len(folds))
     report = {
         "stmdit": provenance("deepspot-train", params, inputs),
         "n_spots": len(cohort.keys),
@@ -1005,11 +1060,6 @@ def train_stage(args: argparse.Namespace, config: TrainingConfig) -> Path:
         "per_gene": {m: [None if not np.isfinite(v) else float(v) for v in r] for m, r in lodo.pearson.items()},
         "test_donors_pearson": test_pearson,
     }
-    genes = cohort.genes.reset_index(names="gene")
-    genes = genes.astype(object).where(genes.notna(), None)  # JSON has no NaN
-    info = {"stmdit": provenance("deepspot-train", params, inputs), "encoder": features.encoder,
-            "genes": genes.to_dict(orient="list"), "gene_set": cohort.gene_set, "training_cohort": str(cohort.path)}
-    save_model_dir(args.out_model, all_donors, lodo.folds, lodo.models, plan, info)
     write_json(args.out_lodo, report)
     log.info("wrote %s", args.out_lodo)
     return Path(args.out_model)
