@@ -4,6 +4,7 @@ recomputed independently, accepted by the report's tables, and bad inputs."""
 from __future__ import annotations
 
 import argparse
+import json
 import warnings
 
 import anndata as ad
@@ -607,3 +608,30 @@ def test_blocked_expression_reader_equals_reading_the_whole_anndata(tmp_path, de
     adata.write_h5ad(tmp_path / "nocounts.h5ad")
     with pytest.raises(InputError, match="no raw counts"):
         evaluate.read_expression_log1p(tmp_path / "nocounts.h5ad", keys)
+
+
+def test_bench_mlp_auc_scores_each_impl_on_the_same_real_test_tiles(cohort, tmp_path, capsys):
+    from stmdit.bench import BENCHMARKS
+    from stmdit.cli import main
+
+    root = cohort["root"]
+    _, sklearn_fit = fit_regressors(cohort, tmp_path / "sklearn")
+    _, torch_fit = fit_regressors(cohort, tmp_path / "torch", "--mlp-impl", "torch", "--device", "cpu")
+    common = ["bench", "mlp-auc", "--expression", root / "expr.h5ad", "--split", root / "split.parquet",
+              "--midnight", root / "midnight.zarr", "--n-boot", "20", "--seed", "3"]
+    assert main([str(a) for a in [*common, "--fitted", f"sklearn={sklearn_fit}", f"torch={torch_fit}"]]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # each fit scored exactly as the auc command scores its real test tiles
+    sklearn_entry = result["fits"]["sklearn"]
+    test = [k for k, s in zip(cohort["keys"], cohort["splits"]) if s == "test"]
+    payload = evaluate.load_regressor(sklearn_fit, "midnight_mlp")
+    expected = evaluate.score_regressor(payload["regressor"], root / "midnight.zarr", test, {},
+                                        evaluate.read_scored_truth(root / "expr.h5ad", test, payload), 20, 3,
+                                        n_perm=20)["real"]
+    assert sklearn_entry["auc"] == round(expected["auc"], 4) and sklearn_entry["lo"] == round(expected["lo"], 4)
+    torch_entry = result["fits"]["torch"]
+    assert torch_entry["params"]["impl"] == "torch" and torch_entry["auc"] != sklearn_entry["auc"]
+    assert torch_entry["within_reference_interval"] == (sklearn_entry["lo"] <= torch_entry["auc"] <= sklearn_entry["hi"])
+    assert "within_reference_interval" not in sklearn_entry and "mlp-auc" in BENCHMARKS
+    assert main([str(a) for a in [*common, "--fitted", f"torch={sklearn_fit}"]]) != 0
+    assert "fitted with impl 'sklearn', given as 'torch'" in capsys.readouterr().err

@@ -591,6 +591,55 @@ def bench_midnight_mlp(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# mlp-auc: Midnight+MLP fits of each impl scored on the same real test tiles
+# --------------------------------------------------------------------------------------------
+
+
+def _mlp_auc_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expression", required=True, type=Path, help="cohort h5ad (layers['counts'])")
+    p.add_argument("--split", required=True, type=Path)
+    p.add_argument("--midnight", required=True, type=Path, help="Midnight features of the real tiles")
+    p.add_argument("--fitted", required=True, nargs="+", metavar="IMPL=JOBLIB",
+                   help="Midnight+MLP fits (stmdit eval-regressor --mlp-impl IMPL); the first is the reference")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples over test spots")
+    p.add_argument("--seed", type=int, default=42)
+
+
+@benchmark("mlp-auc", _mlp_auc_arguments)
+def bench_mlp_auc(args: argparse.Namespace) -> dict[str, Any]:
+    """Midnight+MLP fits of different impls (sklearn, torch) scored as `stmdit auc` scores them on the
+    cohort's real test tiles: each AUC with its bootstrap interval (the same resamples for every fit),
+    its fit time, and whether it lies within the first fit's interval."""
+    from stmdit import evaluate, metrics
+    from stmdit.errors import InputError
+
+    fitted = evaluate.parse_named_paths(args.fitted, "--fitted", metrics.MLP_IMPLS)
+    test_keys = evaluate.read_split_keys(args.split, evaluate.TEST)
+    results: dict[str, Any] = {"benchmark": "mlp-auc", "n_test": len(test_keys), "n_boot": args.n_boot,
+                               "seed": args.seed, "fits": {}}
+    reference = None
+    for impl, path in fitted.items():
+        payload = evaluate.load_regressor(path, "midnight_mlp")
+        if payload["provenance"]["params"]["impl"] != impl:
+            raise InputError(path, f"fitted with impl {payload['provenance']['params']['impl']!r}, given as {impl!r}")
+        truth = evaluate.read_scored_truth(args.expression, test_keys, payload)
+        real = evaluate.score_regressor(payload["regressor"], args.midnight, test_keys, {}, truth, args.n_boot,
+                                        args.seed, n_perm=args.n_boot)["real"]
+        entry = {"auc": round(real["auc"], 4), "lo": round(real["lo"], 4), "hi": round(real["hi"], 4),
+                 "fit_s": round(payload["fit_seconds"], 2), "params": payload["provenance"]["params"]}
+        if reference is None:
+            reference = entry
+        else:
+            entry["within_reference_interval"] = bool(reference["lo"] <= entry["auc"] <= reference["hi"])
+        results["fits"][impl] = entry
+        inside = "" if entry is reference else (f"; within {next(iter(fitted))}'s interval: "
+                                               f"{entry['within_reference_interval']}")
+        print(f"{impl}: AUC {entry['auc']:.4f} [{entry['lo']:.4f}, {entry['hi']:.4f}], fit {entry['fit_s']:.2f} s{inside}")
+    print(json.dumps(results))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
 # sample: solvers against network evaluations (analytic error, tiles/s, FID), fused guidance
 # --------------------------------------------------------------------------------------------
 
