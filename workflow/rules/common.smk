@@ -186,29 +186,37 @@ def cohort_matrices(wildcards):
     return cohort_paths(wildcards.cohort, "matrices")
 
 
-def encoder_args(name):
-    """CLI flags of one encoder's config entry."""
-    entry = config["features"]["encoders"].get(name, {"impl": "smoke"})
-    args = [f"--impl {entry['impl']}"]
+def encoder_flags(entry, prefix="", bf16=False, variant=False):
+    """CLI flags of one encoder's config entry, for a command that names them --{prefix}impl,
+    --{prefix}weights, --{prefix}arch-json; --variant and --bf16 only for the commands that take them,
+    --allow-hub from features.allow_hub."""
+    args = [f"--{prefix}impl {entry['impl']}"]
     if entry.get("weights"):
-        args.append(f"--weights '{entry['weights']}'")
+        args.append(f"--{prefix}weights '{entry['weights']}'")
     if entry.get("arch"):
-        args.append(f"--arch-json '{json.dumps(entry['arch'])}'")
-    if entry.get("variant"):
+        args.append(f"--{prefix}arch-json '{json.dumps(entry['arch'])}'")
+    if variant and entry.get("variant"):
         args.append(f"--variant {entry['variant']}")
     if config["features"]["allow_hub"]:
         args.append("--allow-hub")
-    if config["features"]["bf16"]:
+    if bf16 and config["features"]["bf16"]:
         args.append("--bf16")
     return " ".join(args)
 
 
-def cancerfoundation_reference_args():
-    """--gene-selection / --l2-normalize of the cancerfoundation entry (unset: the encoder's default)."""
-    entry = config["features"]["encoders"].get("cancerfoundation", {})
-    args = []
-    if entry.get("gene_selection"):
-        args.append(f"--gene-selection {entry['gene_selection']}")
+def encoder_args(name):
+    """`stmdit features` flags of one encoder's config entry."""
+    return encoder_flags(encoder_entry(name), bf16=True, variant=True)
+
+
+def cancerfoundation_args():
+    """`stmdit features --encoder cancerfoundation` flags: the encoder's, and max_genes, seed,
+    gene_selection and l2_normalize where the config sets them (unset: the command's defaults)."""
+    entry = encoder_entry("cancerfoundation")
+    args = [encoder_args("cancerfoundation")]
+    for key in ("max_genes", "seed", "gene_selection"):
+        if entry.get(key) is not None:
+            args.append(f"--{key.replace('_', '-')} {entry[key]}")
     if entry.get("l2_normalize") is not None:
         args.append("--l2-normalize" if entry["l2_normalize"] else "--no-l2-normalize")
     return " ".join(args)
@@ -293,14 +301,20 @@ def sample_inputs(wildcards):
 
 
 def vae_args():
-    entry = encoder_entry("sd3_vae")
-    args = [f"--vae-impl {entry['impl']}"]
-    if entry.get("weights"):
-        args.append(f"--vae-weights '{entry['weights']}'")
-    if entry.get("arch"):
-        args.append(f"--vae-arch-json '{json.dumps(entry['arch'])}'")
-    if config["features"]["allow_hub"]:
-        args.append("--allow-hub")
+    return encoder_flags(encoder_entry("sd3_vae"), prefix="vae-")
+
+
+def sampler_args(seed=True):
+    """The `sample:` section as the flags of every command that generates tiles (sample,
+    perturb-sample, virtual-sample); perturb-sample passes its own --seed (evaluate.perturbation.seed)."""
+    section = config["sample"]
+    args = [f"--steps {section['steps']} --solver {section['solver']}"]
+    if seed:
+        args.append(f"--seed {section['seed']}")
+    args.append(f"--s-uni {section['s_uni']} --s-ge {section['s_ge']} --batch-size {section['batch_size']}"
+                f" --device {section['device']}")
+    if section["bf16"]:
+        args.append("--bf16")
     return " ".join(args)
 
 
@@ -350,17 +364,7 @@ def trained_models():
 
 
 def eval_encoder_args(wildcards):
-    entry = encoder_entry(wildcards.encoder)
-    args = [f"--impl {entry['impl']}"]
-    if entry.get("weights"):
-        args.append(f"--weights '{entry['weights']}'")
-    if entry.get("arch"):
-        args.append(f"--arch-json '{json.dumps(entry['arch'])}'")
-    if config["features"]["allow_hub"]:
-        args.append("--allow-hub")
-    if config["features"]["bf16"]:
-        args.append("--bf16")
-    return " ".join(args)
+    return encoder_flags(encoder_entry(wildcards.encoder), bf16=True)
 
 
 def regressor_fit_args(wildcards):
@@ -458,15 +462,7 @@ def virtual_inputs(wildcards):
 
 def virtual_h0mini_args():
     """The configured H0-mini (features.encoders.h0mini) as virtual-report flags."""
-    entry = encoder_entry("h0mini")
-    args = [f"--h0mini-impl {entry['impl']}"]
-    if entry.get("weights"):
-        args.append(f"--h0mini-weights '{entry['weights']}'")
-    if entry.get("arch"):
-        args.append(f"--h0mini-arch-json '{json.dumps(entry['arch'])}'")
-    if config["features"]["allow_hub"]:
-        args.append("--allow-hub")
-    return " ".join(args)
+    return encoder_flags(encoder_entry("h0mini"), prefix="h0mini-")
 
 
 def virtual_targets():

@@ -36,10 +36,7 @@ rule features_cancerfoundation:
     output:
         directory("results/features/{cohort}/cancerfoundation.zarr"),
     params:
-        encoder_args=encoder_args("cancerfoundation"),
-        max_genes=config["features"]["encoders"].get("cancerfoundation", {}).get("max_genes", 1199),
-        seed=config["features"]["encoders"].get("cancerfoundation", {}).get("seed", 0),
-        reference=cancerfoundation_reference_args(),
+        encoder_args=cancerfoundation_args(),
         batch_size=config["features"]["batch_size"],
         device=config["features"]["device"],
     log:
@@ -55,6 +52,5 @@ rule features_cancerfoundation:
         CONDA_GPU
     shell:
         "python -m stmdit features --encoder cancerfoundation {params.encoder_args}"
-        " --expression {input.expression} --out {output} --max-genes {params.max_genes}"
-        " --seed {params.seed} {params.reference} --batch-size {params.batch_size} --device {params.device}"
+        " --expression {input.expression} --out {output} --batch-size {params.batch_size} --device {params.device}"
         " > {log} 2>&1"

@@ -70,31 +70,17 @@ rule deepspot_predict:
         " --out {output} --device {params.device} {params.bf16} > {log} 2>&1"
 
 
-rule features_cancerfoundation_ptpl:
+use rule features_cancerfoundation as features_cancerfoundation_ptpl with:
+    # the same encoder over the DeepSpot pseudo-labels (PTPL) instead of the measured expression
     input:
         expression="results/ptpl/{cohort}.h5ad",
     output:
         directory("results/features/{cohort}/cancerfoundation_ptpl.zarr"),
-    params:
-        encoder_args=encoder_args("cancerfoundation"),
-        max_genes=config["features"]["encoders"].get("cancerfoundation", {}).get("max_genes", 1199),
-        seed=config["features"]["encoders"].get("cancerfoundation", {}).get("seed", 0),
-        reference=cancerfoundation_reference_args(),
-        batch_size=config["features"]["batch_size"],
-        device=config["features"]["device"],
     log:
         "results/features/{cohort}/cancerfoundation_ptpl.log",
     benchmark:
         "results/benchmarks/features/{cohort}/cancerfoundation_ptpl.tsv"
-    threads: 2
     resources:
         gpu=1,
         mem_mb=job_mem_mb("features_cancerfoundation_ptpl"),
         runtime=job_runtime("features_cancerfoundation_ptpl"),
-    conda:
-        CONDA_GPU
-    shell:
-        "python -m stmdit features --encoder cancerfoundation {params.encoder_args}"
-        " --expression {input.expression} --out {output} --max-genes {params.max_genes}"
-        " --seed {params.seed} {params.reference} --batch-size {params.batch_size} --device {params.device}"
-        " > {log} 2>&1"

@@ -17,14 +17,7 @@ rule sample:
             if wildcards.cohort in OOD_COHORTS else ""
         ),
         vae=vae_args(),
-        steps=config["sample"]["steps"],
-        solver=config["sample"]["solver"],
-        seed=config["sample"]["seed"],
-        s_uni=config["sample"]["s_uni"],
-        s_ge=config["sample"]["s_ge"],
-        batch_size=config["sample"]["batch_size"],
-        device=config["sample"]["device"],
-        bf16="--bf16" if config["sample"]["bf16"] else "",
+        sampler=sampler_args(),
     wildcard_constraints:
         store="uni_ge|uni|ge|uncond|uni_ge_visium",
     log:
@@ -41,8 +34,7 @@ rule sample:
     shell:
         "python -m stmdit sample --model-dir {params.model_dir} --split {input.split} --split-name test"
         " {params.subsample} --uni {input.uni} {params.ge} {params.vae} --regime {params.regime}"
-        " --steps {params.steps} --solver {params.solver} --seed {params.seed} --s-uni {params.s_uni} --s-ge {params.s_ge}"
-        " --batch-size {params.batch_size} --device {params.device} {params.bf16} --out {output} > {log} 2>&1"
+        " {params.sampler} --out {output} > {log} 2>&1"
 
 
 rule perturb_sample:
@@ -63,13 +55,7 @@ rule perturb_sample:
         seed=config["evaluate"]["perturbation"]["seed"],
         mode=config["evaluate"]["perturbation"]["mode"],
         vae=vae_args(),
-        steps=config["sample"]["steps"],
-        solver=config["sample"]["solver"],
-        s_uni=config["sample"]["s_uni"],
-        s_ge=config["sample"]["s_ge"],
-        batch_size=config["sample"]["batch_size"],
-        device=config["sample"]["device"],
-        bf16="--bf16" if config["sample"]["bf16"] else "",
+        sampler=sampler_args(seed=False),
     wildcard_constraints:
         store="perturbation|perturbation_uni_null",
     log:
@@ -87,9 +73,7 @@ rule perturb_sample:
         "python -m stmdit perturb-sample --model-dir {params.model_dir} --split {input.split}"
         " --expression {input.expression} --uni {input.uni} --ge {input.ge} --pairs '{params.pairs}'"
         " --alphas {params.alphas} --n-ref {params.n_ref} --seed {params.seed} --mode {params.mode} {params.uni_null}"
-        " {params.vae}"
-        " --steps {params.steps} --solver {params.solver} --s-uni {params.s_uni} --s-ge {params.s_ge} --batch-size {params.batch_size}"
-        " --device {params.device} {params.bf16} --out {output} > {log} 2>&1"
+        " {params.vae} {params.sampler} --out {output} > {log} 2>&1"
 
 
 rule sample_grid:

@@ -12,13 +12,7 @@ rule virtual_sample:
         model_dir=lambda wildcards: model_dir(VIRTUAL_EXPERIMENTS[wildcards.experiment]["model"]),
         spec=lambda wildcards: virtual_spec_json(wildcards.experiment),
         vae=vae_args(),
-        steps=config["sample"]["steps"],
-        seed=config["sample"]["seed"],
-        s_uni=config["sample"]["s_uni"],
-        s_ge=config["sample"]["s_ge"],
-        batch_size=config["sample"]["batch_size"],
-        device=config["sample"]["device"],
-        bf16="--bf16" if config["sample"]["bf16"] else "",
+        sampler=sampler_args(),
     wildcard_constraints:
         experiment="|".join(map(re.escape, VIRTUAL_EXPERIMENTS)) or "$^",
     log:
@@ -36,8 +30,7 @@ rule virtual_sample:
         "python -m stmdit virtual-sample --name {wildcards.experiment} --experiment-json '{params.spec}'"
         " --model-dir {params.model_dir} --split {input.split} --expression {input.expression}"
         " --uni {input.uni} --ge {input.ge} --spots @{input.spots_list} {params.vae}"
-        " --steps {params.steps} --seed {params.seed} --s-uni {params.s_uni} --s-ge {params.s_ge}"
-        " --batch-size {params.batch_size} --device {params.device} {params.bf16} --out {output} > {log} 2>&1"
+        " {params.sampler} --out {output} > {log} 2>&1"
 
 
 rule virtual_report:
