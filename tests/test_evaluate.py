@@ -20,6 +20,7 @@ from stmdit import eval_json, evaluate, metrics, report
 from stmdit.encoders import load_encoder
 from stmdit.errors import InputError
 from stmdit.features import string_values, write_feature_store
+from stmdit.split_table import split_keys
 
 torch.set_num_threads(1)
 
@@ -338,7 +339,7 @@ def test_auc_json_equals_a_direct_recomputation_and_renders_table_2(cohort, tmp_
 
 def test_noise_tiles_are_scored_as_a_null_that_covers_zero(cohort, tmp_path):
     root = cohort["root"]
-    split_test = evaluate.read_split_keys(root / "split.parquet", "test")
+    split_test = split_keys(root / "split.parquet", "test")
     for batch_size in ("3", "64"):  # the tiles depend on (seed, row) only, not on the batching
         run_cli("eval-features", "--encoder", "uni2h", "--impl", "smoke", "--noise-tiles-for", root / "split.parquet",
                 "--tile-size", "16", "--seed", "5", "--batch-size", batch_size, "--device", "cpu",
@@ -503,7 +504,7 @@ def test_auc_from_saved_regressors_equals_the_single_job_fit(cohort, tmp_path):
     doc = eval_json.load_eval_json(out)
 
     # The single-job path: fit on the train spots in the job (dense float64 targets, then float32).
-    train = evaluate.read_split_keys(root / "split.parquet", "train")
+    train = split_keys(root / "split.parquet", "train")
     test = evaluate.GeneratedStores(gen).keys
     train_expr = evaluate.read_expression_log1p(root / "expr.h5ad", train)
     test_expr = evaluate.read_expression_log1p(root / "expr.h5ad", test)

@@ -414,11 +414,11 @@ def bench_auc_null(args: argparse.Namespace) -> dict[str, Any]:
     counts how often the bootstrap CI of a fresh shuffle covers 0 over --n-shuffles shuffles."""
     import numpy as np
 
-    from stmdit import evaluate, metrics
+    from stmdit import evaluate, metrics, split_table
     from stmdit.encoders import load_encoder
 
-    train_keys = evaluate.read_split_keys(args.split, evaluate.TRAIN)
-    test_keys = evaluate.read_split_keys(args.split, evaluate.TEST)
+    train_keys = split_table.split_keys(args.split, split_table.TRAIN)
+    test_keys = split_table.split_keys(args.split, split_table.TEST)
     train_expression = evaluate.read_expression_log1p(args.expression, train_keys)
     test_expression = evaluate.read_expression_log1p(args.expression, test_keys)
     hvgs = evaluate.hvg_columns(args.expression)
@@ -610,11 +610,11 @@ def bench_mlp_auc(args: argparse.Namespace) -> dict[str, Any]:
     """Midnight+MLP fits of different impls (sklearn, torch) scored as `stmdit auc` scores them on the
     cohort's real test tiles: each AUC with its bootstrap interval (the same resamples for every fit),
     its fit time, and whether it lies within the first fit's interval."""
-    from stmdit import evaluate, metrics
+    from stmdit import evaluate, metrics, split_table
     from stmdit.errors import InputError
 
     fitted = evaluate.parse_named_paths(args.fitted, "--fitted", metrics.MLP_IMPLS)
-    test_keys = evaluate.read_split_keys(args.split, evaluate.TEST)
+    test_keys = split_table.split_keys(args.split, split_table.TEST)
     results: dict[str, Any] = {"benchmark": "mlp-auc", "n_test": len(test_keys), "n_boot": args.n_boot,
                                "seed": args.seed, "fits": {}}
     reference = None

@@ -141,11 +141,11 @@ def write_generated_copies(work: Path, config: dict, cohort) -> dict[str, int]:
     import pandas as pd
     import zarr
 
-    from stmdit.evaluate import read_split_keys
     from stmdit.features import read_feature_rows, write_feature_store
     from stmdit.metrics import subsample_keys
     from stmdit.models_config import resolve_models
     from stmdit.perturb import parse_alphas, perturbation_rows, read_spot_labels
+    from stmdit.split_table import split_keys
 
     import logging
 
@@ -167,8 +167,8 @@ def write_generated_copies(work: Path, config: dict, cohort) -> dict[str, int]:
         written[str(out.relative_to(work))] = len(keys)
 
     v, h = cohort.visium_cohort, cohort.he_cohort
-    test = read_split_keys(results / "splits" / f"{v}.parquet", "test")
-    ood_test = subsample_keys(read_split_keys(results / "splits" / f"{h}.parquet", "test"),
+    test = split_keys(results / "splits" / f"{v}.parquet", "test")
+    ood_test = subsample_keys(split_keys(results / "splits" / f"{h}.parquet", "test"),
                               config["sample"]["ood_max_spots"], config["sample"]["ood_seed"])
     for number, (name, model) in enumerate(models.items()):
         for index, regime in enumerate(model.regimes):

@@ -94,6 +94,7 @@ from stmdit.deepspot_targets import (
 from stmdit.h5ad_rows import H5adRows, write_h5ad_by_rows
 from stmdit.memory_budget import is_out_of_memory, out_of_memory, require
 from stmdit.provenance import atomic_path, provenance, write_json
+from stmdit.split_table import TEST, TRAIN, VAL, read_split_table
 
 log = logging.getLogger(__name__)
 
@@ -402,10 +403,6 @@ class Fold:
     label_rows: np.ndarray
 
 
-TRAIN_SPLIT = "train"
-SPLIT_NAMES = ("train", "val", "test")
-
-
 @dataclass(frozen=True)
 class SplitRoles:
     """What the cohort's split (results/splits/{cohort}.parquet) allows DeepSpot: only spots of
@@ -418,22 +415,13 @@ class SplitRoles:
 
     @property
     def trainable(self) -> np.ndarray:
-        return self.split == TRAIN_SPLIT
+        return self.split == TRAIN
 
 
 def read_split_roles(path: str | Path, keys: Sequence[str], donors: Sequence[str]) -> SplitRoles:
     """The split of each spot of the training cohort (`keys`, `donors` in the expression file's order)."""
     path = Path(path)
-    try:
-        table = pd.read_parquet(path, columns=["key", "donor", "split"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(path, f"cannot read split table (columns key, donor, split): {exc}") from None
-    unknown = sorted(set(table["split"].astype(str)) - set(SPLIT_NAMES))
-    if unknown:
-        raise InputError(path, f"unknown split name(s) {unknown}; expected {list(SPLIT_NAMES)}")
-    table = table.astype({"key": str, "donor": str, "split": str}).set_index("key")
-    if not table.index.is_unique:
-        raise InputError(path, f"spot key {table.index[table.index.duplicated()][0]} appears twice")
+    table = read_split_table(path, ["key", "donor", "split"]).set_index("key")
     donors = np.asarray(donors, dtype=object).astype(str)
     rows = table.index.get_indexer(pd.Index(keys))
     listed = rows >= 0
@@ -445,8 +433,8 @@ def read_split_roles(path: str | Path, keys: Sequence[str], donors: Sequence[str
         k = mismatch[0]
         raise InputError(path, f"spot {keys[k]} belongs to donor {table['donor'].iloc[rows[k]]!r} here but to "
                                f"{donors[k]!r} in the expression file")
-    test_donors = sorted(set(donors[split == "test"].tolist()))
-    training_donors = sorted(set(donors[np.isin(split, ["train", "val"])].tolist()))
+    test_donors = sorted(set(donors[split == TEST].tolist()))
+    training_donors = sorted(set(donors[np.isin(split, [TRAIN, VAL])].tolist()))
     both = sorted(set(test_donors) & set(training_donors))
     if both:
         raise InputError(path, f"donor(s) {both} have test spots and train/val spots: the split is not donor-level")
@@ -504,7 +492,7 @@ def fold_plan(folds: Sequence[Fold], final: Fold, roles: SplitRoles, donors: Seq
         "cohort": cohort,
         "training_donors": list(roles.training_donors),
         "test_donors": list(roles.test_donors),
-        "trained_on": f"spots of split {TRAIN_SPLIT!r} only: validation and test spots label, never train",
+        "trained_on": f"spots of split {TRAIN!r} only: validation and test spots label, never train",
         "folds": [entry(f, f"lodo:{f.held_out_donor}", weights_name(f.held_out_donor, k)) for k, f in enumerate(folds)],
         "all_training_donors": final_entry,
     }

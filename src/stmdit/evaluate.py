@@ -69,6 +69,7 @@ from stmdit.features import (
     write_feature_store,
 )
 from stmdit.provenance import atomic_path, provenance
+from stmdit.split_table import TEST, TRAIN, split_keys
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,6 @@ FID_KINDS = {"fid": "fid", "ood": "ood_fid", "swap": "swap_fid"}
 SWAP_CONDITIONS = ("deepspot", "visium")
 PERTURBATION_ROW_ARRAYS = ("pair", "ref_key", "alpha")
 PAIR_SEPARATOR = "->"
-TRAIN, TEST = "train", "test"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,22 +218,9 @@ class GeneratedStores(Mapping[str, np.ndarray]):
         return next(iter(self.paths.values()))
 
 
-def read_split_keys(path: str | Path, split_name: str) -> list[str]:
-    """Spot keys of one split of a split parquet (cohort order)."""
-    path = Path(path)
-    try:
-        table = pd.read_parquet(path, columns=["key", "split"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(path, f"cannot read split table (needs columns key, split): {exc}") from None
-    keys = table.loc[table["split"].astype(str) == split_name, "key"].astype(str).tolist()
-    if not keys:
-        raise InputError(path, f"no spot is in split {split_name!r} (splits: {sorted(table['split'].astype(str).unique())})")
-    return keys
-
-
-def check_in_split(keys: Sequence[str], split_keys: Sequence[str], split_path: str | Path, split_name: str,
+def check_in_split(keys: Sequence[str], in_split: Sequence[str], split_path: str | Path, split_name: str,
                    source: str | Path) -> None:
-    outside = pd.Index(keys).difference(pd.Index(split_keys))
+    outside = pd.Index(keys).difference(pd.Index(in_split))
     if len(outside):
         raise InputError(source, f"{len(outside)} spot(s) are not in split {split_name!r} of {split_path}, "
                                  f"e.g. {outside[0]}")
@@ -337,7 +324,7 @@ def extract_noise_features(
     carries no information about its spot, scored by `auc` like generated tiles (Table 2)."""
     if tile_size < 8:
         raise InputError(None, f"--tile-size must be at least 8 px, got {tile_size}")
-    keys = read_split_keys(split, split_name)
+    keys = split_keys(split, split_name)
     model, params = load_eval_encoder(encoder, impl, batch_size=batch_size, **encoder_options)
     params.update(split_name=split_name, tile_size=tile_size, seed=seed)
     control = f"uniform uint8 RGB noise, {tile_size} x {tile_size} px; row i from default_rng(({seed}, i))"
@@ -414,8 +401,8 @@ def fid_document(
 
     stores = GeneratedStores(generated)
     keys = stores.keys
-    split_keys = read_split_keys(split, split_name)
-    check_in_split(keys, split_keys, split, split_name, stores.first_path)
+    in_split = split_keys(split, split_name)
+    check_in_split(keys, in_split, split, split_name, stores.first_path)
     real_set = read_features(real, keys)
     spot_labels = None
     if kind == "fid" and (expression is not None or spots):
@@ -444,7 +431,7 @@ def fid_document(
         return eval_json.swap_fid_json(deepspot=scores["deepspot"], visium=scores["visium"], params=params,
                                     inputs=inputs, **common)
     if kind == "ood":
-        check_seeded_subsample(keys, split_keys, seed, split)
+        check_seeded_subsample(keys, in_split, seed, split)
         return eval_json.ood_fid_json(regimes=scores, n_subsample=len(keys), seed=seed, params=params, inputs=inputs,
                                    **common)
     if spot_labels is not None:
@@ -453,9 +440,9 @@ def fid_document(
     return eval_json.fid_json(regimes=scores, per_tissue=per_tissue, params=params, inputs=inputs, **common)
 
 
-def check_seeded_subsample(keys: Sequence[str], split_keys: Sequence[str], seed: int, split: str | Path) -> None:
+def check_seeded_subsample(keys: Sequence[str], in_split: Sequence[str], seed: int, split: str | Path) -> None:
     """Warn when the OOD spots are not the seeded subsample of the split (they should be)."""
-    expected = metrics.subsample_keys(split_keys, max_spots=len(keys), seed=seed)
+    expected = metrics.subsample_keys(in_split, max_spots=len(keys), seed=seed)
     if sorted(expected) != sorted(keys):
         log.warning("the %d generated OOD spots are not the subsample of %s at seed %d", len(keys), split, seed)
 
@@ -579,7 +566,7 @@ def fit_regressor(
 
     if kind not in REGRESSORS:
         raise InputError(None, f"--regressor must be one of {list(REGRESSORS)}, got {kind!r}")
-    train_keys = read_split_keys(split, TRAIN)
+    train_keys = split_keys(split, TRAIN)
     if kind == "oracle":
         columns, gene_set = hvg_columns(expression), None  # the Oracle: top-k HVGs
     else:
@@ -661,7 +648,7 @@ def auc_document(
         fitted["midnight_mlp"] = load_regressor(midnight_mlp, "midnight_mlp")
     uni_stores = GeneratedStores(gen_uni)
     test_keys = uni_stores.keys
-    check_in_split(test_keys, read_split_keys(split, TEST), split, TEST, uni_stores.first_path)
+    check_in_split(test_keys, split_keys(split, TEST), split, TEST, uni_stores.first_path)
     n_genes = expression_gene_count(expression)
     for kind, payload in fitted.items():
         if payload["n_genes"] != n_genes:
@@ -837,7 +824,7 @@ def perturbation_document(
     embedding = generated.embedding[pd.Index(generated.keys).get_indexer(rows.keys)]
 
     labels, label_sources = read_labels(expression)
-    train_keys = read_split_keys(split, TRAIN)
+    train_keys = split_keys(split, TRAIN)
     train = read_features(real, train_keys)
     centroids = metrics.class_centroids(train.embedding, labels_of(labels, train_keys, label_sources))
 

@@ -17,7 +17,8 @@ import pandas as pd
 
 from stmdit.errors import InputError
 from stmdit.expression import read_kept_spots
-from stmdit.provenance import provenance, write_parquet
+from stmdit.provenance import provenance
+from stmdit.split_table import SPLIT_NAMES, TEST, TRAIN, VAL, write_split_table
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def assign_splits(
     out = spots[["key", "sample", "donor"]].copy()
     donors = sorted(out["donor"].unique())
     if all_test:
-        out["split"] = "test"
+        out["split"] = TEST
         return out
     if test_donors is None:
         if len(donors) < 2:
@@ -65,18 +66,18 @@ def assign_splits(
         raise InputError(source, "every donor is a test donor: nothing is left to train on")
 
     is_test = out["donor"].isin(test_donors).to_numpy()
-    split = np.where(is_test, "test", "train").astype(object)
+    split = np.where(is_test, TEST, TRAIN).astype(object)
     pool = np.flatnonzero(~is_test)
     n_val = int(round(val_fraction * len(pool)))
     val_rows = np.random.default_rng(seed).choice(pool, size=n_val, replace=False)
-    split[val_rows] = "val"
+    split[val_rows] = VAL
     out["split"] = split
     return out
 
 
 def summary_table(splits: pd.DataFrame) -> str:
     table = splits.pivot_table(index="donor", columns="split", values="key", aggfunc="count", fill_value=0)
-    table = table.reindex(columns=[c for c in ("train", "val", "test") if c in table.columns])
+    table = table.reindex(columns=[c for c in SPLIT_NAMES if c in table.columns])
     table.loc["total"] = table.sum()
     return table.to_string()
 
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> None:
         "max_spots_per_slide": args.max_spots_per_slide,
         "all_test": args.all_test,
     }
-    write_parquet(splits, args.out, provenance("split", params, args.spots))
+    write_split_table(splits, args.out, provenance("split", params, args.spots))
     log.info("spots per split and donor:\n%s", summary_table(splits))
     log.info("wrote %s", args.out)
 
