@@ -304,18 +304,29 @@ def vae_args():
     return encoder_flags(encoder_entry("sd3_vae"), prefix="vae-")
 
 
+def config_flags(section, skip=()):
+    """A config section as its command's flags, each key as --key-with-dashes: a list gives its items
+    quoted, true the bare flag, false and null nothing. Every key of the section (but `skip`) must be
+    an option of the command, so a key added to the schema reaches the command without a rule edit."""
+    args = []
+    for key, value in section.items():
+        if key in skip or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, (list, tuple)):
+            args.append(" ".join([flag, *(f"'{item}'" for item in value)]))
+        else:
+            args.append(f"{flag} {value}")
+    return " ".join(args)
+
+
 def sampler_args(seed=True):
     """The `sample:` section as the flags of every command that generates tiles (sample,
-    perturb-sample, virtual-sample); perturb-sample passes its own --seed (evaluate.perturbation.seed)."""
-    section = config["sample"]
-    args = [f"--steps {section['steps']} --solver {section['solver']}"]
-    if seed:
-        args.append(f"--seed {section['seed']}")
-    args.append(f"--s-uni {section['s_uni']} --s-ge {section['s_ge']} --batch-size {section['batch_size']}"
-                f" --device {section['device']}")
-    if section["bf16"]:
-        args.append("--bf16")
-    return " ".join(args)
+    perturb-sample, virtual-sample); perturb-sample passes its own --seed (evaluate.perturbation.seed)
+    and only the sample rule subsamples H&E-only cohorts (ood_max_spots, ood_seed)."""
+    return config_flags(config["sample"], skip=("ood_max_spots", "ood_seed") + (() if seed else ("seed",)))
 
 
 def regime_stores(model, cohort, encoder):

@@ -9,19 +9,7 @@ rule spots:
         patches=directory("results/patches/{sample}.zarr"),
     params:
         sample_args=spots_sample_args,
-        patch_factor=config["spots"]["patch_factor"],
-        patch_size=config["spots"]["patch_size"],
-        grey_threshold=config["spots"]["grey_threshold"],
-        min_foreground=config["spots"]["min_foreground"],
-        min_laplacian_var=config["spots"]["min_laplacian_var"],
-        saturation_threshold=config["spots"]["saturation_threshold"],
-        value_threshold=config["spots"]["value_threshold"],
-        min_tissue=config["spots"]["min_tissue"],
-        exclude_labels=" ".join(f"'{label}'" for label in config["spots"]["exclude_labels"]),
-        he_spot_diameter_um=config["spots"]["he_spot_diameter_um"],
-        he_spot_spacing_um=config["spots"]["he_spot_spacing_um"],
-        he_min_tissue=config["spots"]["he_min_tissue"],
-        max_image_mb=config["spots"]["max_image_mb"],
+        settings=config_flags(config["spots"]),
     log:
         "results/spots/{sample}.log",
     benchmark:
@@ -35,11 +23,5 @@ rule spots:
     shell:
         "python -m stmdit spots {params.sample_args}"
         " --out-spots {output.spots} --out-patches {output.patches}"
-        " --patch-factor {params.patch_factor} --patch-size {params.patch_size}"
-        " --grey-threshold {params.grey_threshold} --min-foreground {params.min_foreground}"
-        " --min-laplacian-var {params.min_laplacian_var}"
-        " --saturation-threshold {params.saturation_threshold} --value-threshold {params.value_threshold}"
-        " --min-tissue {params.min_tissue} --exclude-labels {params.exclude_labels}"
-        " --he-spot-diameter-um {params.he_spot_diameter_um} --he-spot-spacing-um {params.he_spot_spacing_um}"
-        " --he-min-tissue {params.he_min_tissue} --max-image-mb {params.max_image_mb}"
+        " {params.settings}"
         " > {log} 2>&1"
