@@ -28,7 +28,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import anndata as ad
 import numpy as np
@@ -191,19 +191,9 @@ def stack_rows(pieces: list[sp.csr_matrix]) -> sp.csr_matrix:
     return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_columns))
 
 
-def build_expression(
-    cohort: str,
-    spots_paths: list[str | Path],
-    matrix_paths: list[str | Path],
-    min_spots_per_gene: int = 10,
-    n_hvg: int = 3000,
-    target_sum: float = 1e4,
-    scale_max: float | None = None,
-    protein_coding: GeneList | None = None,
-) -> ad.AnnData:
-    """The cohort's expression AnnData with X in memory (`cohort_expression`, then X)."""
-    expression = cohort_expression(cohort, spots_paths, matrix_paths, min_spots_per_gene, n_hvg, target_sum,
-                                   scale_max, protein_coding)
+def build_expression(*args: Any, **kwargs: Any) -> ad.AnnData:
+    """The cohort's expression AnnData with X in memory: `cohort_expression(*args, **kwargs)`, then X."""
+    expression = cohort_expression(*args, **kwargs)
     expression.adata.X = expression.x()
     return expression.adata
 

@@ -290,6 +290,15 @@ def read_json(path: Path) -> dict:
 # Images
 
 
+def encoder_identity(encoder: Any, with_digest: bool = True) -> dict[str, Any]:
+    """The first fields of every encoder's describe(): name, impl, model, weights and (with_digest)
+    the weights' sha256 for a real impl."""
+    identity = {"name": encoder.name, "impl": encoder.impl, "model": encoder.model, "weights": encoder.weights}
+    if with_digest:
+        identity["weights_sha256"] = weights_digest(encoder.weights) if encoder.impl == "real" else None
+    return identity
+
+
 @dataclass(frozen=True)
 class ImagePreprocess:
     """uint8 RGB (B, H, W, 3) -> normalised float (B, 3, S, S): resize to `input_size`, scale to
@@ -376,11 +385,7 @@ class ImageEncoder:
     def describe(self) -> dict[str, Any]:
         """What made the features: recorded in the store's attrs["encoder"]."""
         return {
-            "name": self.name,
-            "impl": self.impl,
-            "model": self.model,
-            "weights": self.weights,
-            "weights_sha256": weights_digest(self.weights) if self.impl == "real" else None,
+            **encoder_identity(self),
             "preprocessing": {**self.preprocess.describe(), "output": self.output_description()},
             "shapes": {k: list(v) for k, v in self.output_shapes.items()},
             "device": str(self.device),

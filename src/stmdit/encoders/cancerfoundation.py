@@ -43,6 +43,7 @@ from torch import nn
 from stmdit.encoders.base import (
     LoadOptions,
     autocast,
+    encoder_identity,
     load_state_dict_strict,
     read_json,
     read_state_dict,
@@ -454,10 +455,7 @@ class ExpressionEncoder:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "name": self.name,
-            "impl": self.impl,
-            "model": self.model,
-            "weights": self.weights,
+            **encoder_identity(self, with_digest=False),  # CancerFoundationEncoder adds it for the real weights
             "preprocessing": {
                 "genes": len(self.genes),
                 "gene_selection": (

@@ -24,10 +24,10 @@ from stmdit.encoders.base import (
     LoadOptions,
     as_image_tensor,
     autocast,
+    encoder_identity,
     log_hub_use,
     resolve_device,
     resolve_weights,
-    weights_digest,
 )
 from stmdit.errors import InputError
 
@@ -80,11 +80,7 @@ class LatentCodec:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "name": self.name,
-            "impl": self.impl,
-            "model": self.model,
-            "weights": self.weights,
-            "weights_sha256": weights_digest(self.weights) if self.impl == "real" else None,
+            **encoder_identity(self),
             "preprocessing": {
                 "input_size": self.input_size,
                 "resize": "bilinear, antialiased (only when patches are not input_size)",
