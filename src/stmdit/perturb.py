@@ -30,7 +30,7 @@ import torch
 import zarr
 
 from stmdit.errors import InputError
-from stmdit.features import read_array_rows
+from stmdit.features import check_finite_rows, read_array_rows
 from stmdit.loader import GeBatch, open_store, split_keys, store_rows
 from stmdit.metrics import choose_reference_spots, class_centroids, interpolate_ge
 from stmdit.model import GE, UNI_GE
@@ -109,7 +109,7 @@ def ge_centroids(ge_store: str | Path, keys: Sequence[str], labels: np.ndarray, 
     """Centroids of the `wanted` labels over `keys` (the train spots)."""
     group = open_store(ge_store)
     rows = store_rows(group, keys, ge_store)
-    cls = read_array_rows(group["embedding"], rows)
+    cls = check_finite_rows(read_array_rows(group["embedding"], rows), ge_store, "embedding", [str(k) for k in keys])
     wanted = [w for w in dict.fromkeys(wanted) if np.any(labels == w)]
     if not wanted:
         return {}
@@ -154,14 +154,16 @@ class PerturbationConditions:
         refs = list(dict.fromkeys(self.noise_keys))
         self.ref_index = {k: i for i, k in enumerate(refs)}
         uni_group = open_store(uni_store)
-        self.uni = read_array_rows(uni_group["embedding"], store_rows(uni_group, refs, uni_store))
+        self.uni = check_finite_rows(read_array_rows(uni_group["embedding"], store_rows(uni_group, refs, uni_store)),
+                                     uni_store, "embedding", refs)
         check_width(uni_store, "UNI embedding", self.uni.shape[-1], config.uni_dim)
         self.uni_null = uni_null
         group = open_store(ge_store)
         self.ge_tokens = self.ge_mask = None
         if mode == SPOTWISE:
             self.ge_rows = store_rows(group, refs, ge_store)
-            self.ge_cls = read_array_rows(group["embedding"], self.ge_rows)
+            self.ge_cls = check_finite_rows(read_array_rows(group["embedding"], self.ge_rows), ge_store, "embedding",
+                                            refs)
             check_width(ge_store, "GE embedding", self.ge_cls.shape[-1], config.ge_dim)
             if self.uses_tokens:
                 self.ge_tokens, self.ge_mask = token_arrays(group, ge_store)

@@ -1,7 +1,7 @@
 """Sampling from trained STMDiT models (paper 2.2, D.3): the library every sampling command uses.
 
 A `SamplingSession`, built from one `SessionSettings` (model folder, device, `SamplerSettings`,
-`CodecSettings`), opens the trained model once (EMA weights), checks that it can be
+`CodecSettings`), opens the trained model once (EMA weights, checked finite), checks that it can be
 sampled in the regime with the solver, opens the VAE decoder (`sd3_vae`) when first needed and
 checks it against the model, and gathers the provenance attributes; it then samples latents of
 given noise keys and conditions, and generates whole output stores (`write_sample_store`). The
@@ -35,7 +35,7 @@ import torch
 import zarr
 
 from stmdit.errors import InputError
-from stmdit.features import parse_arch, read_array_rows
+from stmdit.features import check_finite_rows, parse_arch, read_array_rows
 from stmdit.loader import GeBatch, open_store, store_rows
 from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, guided_prediction, regime_spec
 from stmdit.model.guidance import ConditionCache
@@ -93,6 +93,7 @@ def load_trained_model(model_dir: str | Path, device: torch.device | str = "cpu"
         from stmdit.encoders.base import weights_digest
 
         digest = weights_digest(transformer_folder(model_dir) / "diffusion_pytorch_model.safetensors")
+        check_finite_weights(model, transformer_folder(model_dir) / "diffusion_pytorch_model.safetensors")
         settings = {"objective": "ddpm", "pretrained": {"format": "pixcell", "path": str(model_dir),
                                                         "sha256": digest}}
         return TrainedModel(model_dir, model, "ddpm", settings, params_hash(settings))
@@ -110,8 +111,25 @@ def load_trained_model(model_dir: str | Path, device: torch.device | str = "cpu"
     if not (model_dir / WEIGHTS_NAME).is_file():
         raise InputError(model_dir / WEIGHTS_NAME, "EMA weights not found: has training finished?")
     model = STMDiT.from_pretrained(model_dir, weights_name=WEIGHTS_NAME).to(device).eval()
+    check_finite_weights(model, model_dir / WEIGHTS_NAME)
     settings_hash = (training.get("provenance") or {}).get("params_hash") or params_hash(settings)
     return TrainedModel(model_dir, model, objective, settings, settings_hash)
+
+
+def check_finite_weights(model: torch.nn.Module, weights_path: str | Path) -> None:
+    """InputError naming the weights file and the first tensor holding a NaN or inf: such a model
+    samples NaN latents, which the decoder turns into plausible-looking flat tiles."""
+    tensors = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point() or t.is_complex()]
+    if not tensors:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).cpu()  # one device sync
+    if bool(finite.all()):
+        return
+    name, tensor = tensors[int(torch.nonzero(~finite)[0])]
+    kinds = " and ".join(k for k, bad in (("NaN", torch.isnan(tensor).any()), ("inf", torch.isinf(tensor).any()))
+                         if bool(bad))
+    raise InputError(weights_path, f"tensor {name!r} holds {kinds} values ({int((~finite).sum())} of "
+                                   f"{len(tensors)} tensors are not finite): the model cannot be sampled")
 
 
 def check_regime(trained: TrainedModel, regime: str) -> None:
@@ -245,13 +263,16 @@ class StoreConditions:
         self.keys = [str(k) for k in keys]
         self.noise_keys = self.keys
         uni_group = open_store(uni_store)
-        self.uni = read_array_rows(uni_group["embedding"], store_rows(uni_group, self.keys, uni_store))
+        self.uni = check_finite_rows(read_array_rows(uni_group["embedding"], store_rows(uni_group, self.keys, uni_store)),
+                                     uni_store, "embedding", self.keys)
         check_width(uni_store, "UNI embedding", self.uni.shape[-1], config.uni_dim)
         self.ge_cls = self.ge_tokens = self.ge_mask = None
+        self.ge_store = ge_store
         if ge_store is not None:
             group = open_store(ge_store)
             self.ge_rows = store_rows(group, self.keys, ge_store)
-            self.ge_cls = read_array_rows(group["embedding"], self.ge_rows)
+            self.ge_cls = check_finite_rows(read_array_rows(group["embedding"], self.ge_rows), ge_store, "embedding",
+                                            self.keys)
             check_width(ge_store, "GE embedding", self.ge_cls.shape[-1], config.ge_dim)
             if config.uses_ge_tokens:
                 self.ge_tokens, self.ge_mask = token_arrays(group, ge_store)
@@ -266,7 +287,9 @@ class StoreConditions:
         ge = GeBatch(torch.from_numpy(self.ge_cls[positions].astype(np.float32)))
         if self.ge_tokens is not None:
             rows = self.ge_rows[positions]
-            ge.tokens = torch.from_numpy(read_array_rows(self.ge_tokens, rows).astype(np.float32))
+            tokens = check_finite_rows(read_array_rows(self.ge_tokens, rows), self.ge_store, "tokens",
+                                       [self.keys[p] for p in positions])
+            ge.tokens = torch.from_numpy(tokens.astype(np.float32))
             ge.token_mask = torch.from_numpy(read_array_rows(self.ge_mask, rows).astype(bool))
         return uni, ge
 
@@ -449,7 +472,7 @@ class SessionSettings:
 class SamplingSession:
     """A trained model opened for sampling on a device, with its decoder.
 
-    Opening loads the EMA model (InputError on missing or unreadable weights), refuses a
+    Opening loads the EMA model (InputError on missing, unreadable or non-finite weights), refuses a
     model that cannot be sampled in the regime or with the solver, and resolves the device; the
     decoder is loaded (and checked against the model) the first time `codec` is used."""
 

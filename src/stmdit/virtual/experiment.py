@@ -379,11 +379,13 @@ def experiment_conditions(args: argparse.Namespace, spec: ExperimentSpec, inputs
 
 
 def read_uni(uni_store: str | Path, keys: Sequence[str], config) -> np.ndarray:
-    """The UNI embeddings of `keys` (checked of the model's width)."""
+    """The UNI embeddings of `keys` (checked finite and of the model's width)."""
+    from stmdit.features import check_finite_rows
     from stmdit.sampling import check_width
 
     group = open_store(uni_store)
-    uni = read_array_rows(group["embedding"], store_rows(group, keys, uni_store))
+    uni = check_finite_rows(read_array_rows(group["embedding"], store_rows(group, keys, uni_store)), uni_store,
+                            "embedding", list(keys))
     check_width(uni_store, "UNI embedding", uni.shape[-1], config.uni_dim)
     return uni
 
