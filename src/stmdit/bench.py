@@ -751,7 +751,7 @@ def bench_sample(args: argparse.Namespace) -> dict[str, Any]:
         if args.fid_h0mini is not None:
             fid_keys = subsample_keys(keys, args.fid_spots, args.seed) if args.fid_spots else keys
             real = read_features(args.fid_h0mini, fid_keys).embedding
-            codec = session.codec
+            codec = session.open_codec()
             encoder, _ = load_eval_encoder("h0mini", args.h0mini_impl, weights=args.h0mini_weights, device=str(device))
             fid_inputs = (session.store_conditions(fid_keys, args.uni, args.ge), real, codec, encoder)
         uni, ge = timing[1].to(device), (None if timing[2] is None else timing[2].to(device))

@@ -250,7 +250,7 @@ def run_layout_probe(args: argparse.Namespace) -> Path:
                                               codec=CodecSettings.from_args(args)))
     trained, device = session.trained, session.device
     objective = get_objective(trained.objective)
-    codec = session.codec
+    codec = session.open_codec()
     latent_group = open_store(args.latents)
     if "latent" not in latent_group:
         raise InputError(args.latents, "not a latent store (needs the array latent)")

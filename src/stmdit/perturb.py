@@ -243,7 +243,7 @@ def run_perturb_sample(args: argparse.Namespace) -> Path:
     wanted = [*rows["target"].unique(), *(rows["source"].unique() if args.mode == CENTROID else [])]
     centroids = ge_centroids(args.ge, train_keys, train_labels, wanted, trained.config.uses_ge_tokens)
     conditions = PerturbationConditions(rows, args.uni, args.ge, centroids, trained.config, args.uni_null, args.mode)
-    session.codec  # noqa: B018 -- the decoder loads and is checked before the work starts
+    session.open_codec()
     log.info("perturbation (%s mode: %s): %d rows (%d pairs x refs x %d alphas), regime %s%s -> %s", args.mode,
              MODES[args.mode], len(rows), rows["pair"].nunique(), len(alphas), regime,
              " (UNI nulled)" if args.uni_null else "", args.out)

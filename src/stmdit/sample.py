@@ -37,7 +37,7 @@ def run_sample(args: argparse.Namespace) -> Path:
     if args.max_spots is not None:
         keys = subsample_keys(keys, args.max_spots, args.subsample_seed)
     conditions = session.store_conditions(keys, args.uni, args.ge)
-    session.codec  # noqa: B018 -- the decoder loads and is checked before the work starts
+    session.open_codec()
     log.info("sampling %d %s spots of %s with %s (%s, %s sampler, %d steps) in regime %s -> %s", len(keys),
              args.split_name, args.split, trained.path, trained.config.ge_fusion,
              solver_name(trained.objective, settings.solver),

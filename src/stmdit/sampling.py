@@ -474,7 +474,7 @@ class SamplingSession:
 
     Opening loads the EMA model (InputError on missing, unreadable or non-finite weights), refuses a
     model that cannot be sampled in the regime or with the solver, and resolves the device; the
-    decoder is loaded (and checked against the model) the first time `codec` is used."""
+    decoder is loaded (and checked against the model) by `open_codec` or at first use."""
 
     def __init__(self, settings: SessionSettings):
         self.settings = settings
@@ -502,12 +502,13 @@ class SamplingSession:
         return self.trained.path / WEIGHTS_NAME
 
     @property
-    def regime(self) -> str:
-        return self._require_sampler().regime
-
-    @property
     def codec(self):
         """The sd3_vae decoder, loaded at first use and checked against the model's latents."""
+        return self.open_codec()
+
+    def open_codec(self):
+        """Load the decoder (once) and check it against the model: commands call it before their
+        work starts, so a wrong decoder stops them early."""
         if self._codec is None:
             codec = load_codec(self.settings.codec, self.device)
             check_codec(self.trained, codec)

@@ -429,7 +429,7 @@ def run_virtual_sample(args: argparse.Namespace) -> Path:
     arms, control = build_arms(spec, inputs.cohort_genes, reencoder.genes, inputs.labels, reencoder.columns,
                                inputs.centroids)
     conditions, deviation = experiment_conditions(args, spec, inputs, arms, session.config)
-    session.codec  # noqa: B018 -- the decoder loads and is checked before the work starts
+    session.open_codec()
     log.info("virtual experiment %s: %d spots x %d arms (%s) with %s in regime %s -> %s", spec.name, len(inputs.keys),
              len(arms), ", ".join(f"{a.name}: {a.text or '-'}" for a in arms), session.trained.path, spec.regime,
              args.out)

@@ -125,7 +125,7 @@ def run_generate(args: argparse.Namespace) -> Path:
         arms.append(Arm("edited", None, edit, edit.text()))
     uni = read_uni(args.uni, keys, config) if regime == UNI_GE else None
     conditions = VirtualConditions(keys, arms, counts, genes, reencoder, uni, centroids, config.uses_ge_tokens)
-    session.codec  # noqa: B018 -- the decoder loads and is checked before the work starts
+    session.open_codec()
     out_dir = Path(args.out_dir)
     attrs = session.attrs("generate", cli_params(args),
                           [session.weights_path, args.ge, *(p for p in (args.expression, args.uni, args.vector) if p)])
