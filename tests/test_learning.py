@@ -16,7 +16,7 @@ import torch
 
 from stmdit.loader import GeBatch
 from stmdit.model import DiTConfig, STMDiT, draw_sample_randomness, get_objective
-from stmdit.sample import SamplerSettings, sample_latents
+from stmdit.sampling import SamplerSettings, sample_latents
 
 C, SIDE, UNI_DIM, GE_DIM, N_TOKENS = 4, 8, 16, 16, 6
 N_TRAIN, N_EVAL = 512, 128

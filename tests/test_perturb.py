@@ -10,7 +10,7 @@ import pytest
 import zarr
 
 from stmdit import perturb
-from stmdit import sample as sampling
+from stmdit import sample
 from stmdit.features import string_values
 from stmdit.metrics import class_centroids
 from stmdit.model import DiTConfig
@@ -20,7 +20,7 @@ from test_sample import LATENT_SHAPE, STEPS, TINY, cohort, models, read_store, s
 def cli(*argv: str):
     parser = argparse.ArgumentParser()
     subparsers = parser.add_subparsers(dest="command")
-    sampling.register(subparsers)
+    sample.register(subparsers)
     perturb.register(subparsers)
     args = parser.parse_args([str(a) for a in argv])
     return args.func(args)

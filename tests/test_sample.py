@@ -15,7 +15,7 @@ import pytest
 import torch
 import zarr
 
-from stmdit import sample as sampling
+from stmdit import sample, sample_grid, sampling
 from stmdit import solvers
 from stmdit.errors import InputError
 from stmdit.features import string_values, write_feature_store
@@ -38,7 +38,9 @@ STEPS = 4
 
 def cli(*argv: str):
     parser = argparse.ArgumentParser()
-    sampling.register(parser.add_subparsers(dest="command"))
+    subparsers = parser.add_subparsers(dest="command")
+    sample.register(subparsers)
+    sample_grid.register(subparsers)
     args = parser.parse_args([str(a) for a in argv])
     return args.func(args)
 

@@ -24,13 +24,13 @@ import pytest
 import torch
 import zarr
 
-from stmdit import sample as sampling
+from stmdit import sampling
 from stmdit import solvers
 from stmdit.features import string_values, write_feature_store
 from stmdit.loader import GeBatch
 from stmdit.model import guidance
 from stmdit.model.analytic import GaussianConfig, GaussianDenoiser, ddpm_coefficients, elementwise_affine_fit
-from stmdit.sample import SamplerSettings, initial_noise, sample_latents
+from stmdit.sampling import SamplerSettings, initial_noise, sample_latents
 
 torch.set_num_threads(1)
 

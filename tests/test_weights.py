@@ -324,7 +324,7 @@ def tiny_pixcell(tmp_path: Path, interpolation_scale: float = 0.5) -> tuple[Path
 
 def test_pixcell_release_loads_into_the_denoiser_and_matches_diffusers_forward(tmp_path):
     from stmdit.model.pixcell import load_pixcell
-    from stmdit.sample import load_trained_model
+    from stmdit.sampling import load_trained_model
 
     root, reference, uncond = tiny_pixcell(tmp_path)
     ours = load_pixcell(root).eval()

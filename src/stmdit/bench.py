@@ -679,7 +679,7 @@ def analytic_solver_error(objective: str, solver: str, steps: int, regime: str =
 
     from stmdit.loader import GeBatch
     from stmdit.model.analytic import GaussianConfig, GaussianDenoiser, elementwise_affine_fit
-    from stmdit.sample import SamplerSettings, initial_noise, sample_latents
+    from stmdit.sampling import SamplerSettings, initial_noise, sample_latents
 
     model = GaussianDenoiser(GaussianConfig(objective=objective, std_range=(0.25, 1.0)))
     generator = torch.Generator().manual_seed(1)
@@ -768,17 +768,19 @@ def bench_sample(args: argparse.Namespace) -> dict[str, Any]:
     from stmdit.errors import InputError
     from stmdit.model import regime_spec
     from stmdit.models_config import OBJECTIVE_SOLVERS
-    from stmdit.sample import (SamplerSettings, StoreConditions, check_regime, load_codec, load_trained_model,
-                               regime_uses_ge, resolve_device, sample_latents)
+    from stmdit.sampling import CodecSettings, SamplerSettings, SamplingSession, SessionSettings, regime_uses_ge
 
     steps_list = [int(v) for v in args.steps.split(",") if v.strip()]
-    trained = device = None
+    session = trained = device = None
     if args.model_dir is not None:
         if args.split is None or args.uni is None:
             raise InputError(None, "--model-dir needs --split and --uni (and --ge for GE regimes)")
-        device = resolve_device(args.device)
-        trained = load_trained_model(args.model_dir, device)
-        check_regime(trained, args.regime)
+        session = SamplingSession(SessionSettings(
+            model_dir=args.model_dir, device=args.device,
+            sampler=SamplerSettings(regime=args.regime, seed=args.seed, s_uni=args.s_uni, s_ge=args.s_ge,
+                                    batch_size=args.batch_size),
+            codec=CodecSettings(impl=args.vae_impl, weights=args.vae_weights)))
+        trained, device = session.trained, session.device
         if regime_uses_ge(args.regime) and args.ge is None:
             raise InputError(None, f"regime {args.regime} needs --ge")
     objectives = [trained.objective] if trained else list(OBJECTIVE_SOLVERS)
@@ -793,15 +795,14 @@ def bench_sample(args: argparse.Namespace) -> dict[str, Any]:
         from stmdit.metrics import fid, subsample_keys
 
         keys = split_keys(args.split, args.split_name)
-        ge_store = args.ge if regime_uses_ge(args.regime) else None
-        timed = StoreConditions(keys[:args.spots], args.uni, ge_store, trained.config)
+        timed = session.store_conditions(keys[:args.spots], args.uni, args.ge)
         timing = (timed.noise_keys, *timed.batch(np.arange(len(timed))))
         if args.fid_h0mini is not None:
             fid_keys = subsample_keys(keys, args.fid_spots, args.seed) if args.fid_spots else keys
             real = read_features(args.fid_h0mini, fid_keys).embedding
-            codec = load_codec(args.vae_impl, args.vae_weights, None, False, device, False)
+            codec = session.open_codec()
             encoder, _ = load_eval_encoder("h0mini", args.h0mini_impl, weights=args.h0mini_weights, device=str(device))
-            fid_inputs = (StoreConditions(fid_keys, args.uni, ge_store, trained.config), real, codec, encoder)
+            fid_inputs = (session.store_conditions(fid_keys, args.uni, args.ge), real, codec, encoder)
         uni, ge = timing[1].to(device), (None if timing[2] is None else timing[2].to(device))
         x = torch.randn(len(uni), trained.config.in_channels, trained.config.latent_size, trained.config.latent_size,
                         generator=torch.Generator().manual_seed(0)).to(device)
@@ -825,18 +826,18 @@ def bench_sample(args: argparse.Namespace) -> dict[str, Any]:
                 settings = SamplerSettings(regime=args.regime, steps=steps, seed=args.seed, s_uni=args.s_uni,
                                            s_ge=args.s_ge, batch_size=args.batch_size, solver=solver)
                 if timing is not None:
-                    sample_latents(trained.model, objective, timing[0], timing[1], timing[2],
-                                   SamplerSettings(regime=args.regime, steps=1, solver=solver), device)  # warm-up
+                    session.sample_latents(timing[0], timing[1], timing[2],
+                                           SamplerSettings(regime=args.regime, steps=1, solver=solver))  # warm-up
                     started = time.perf_counter()
-                    sample_latents(trained.model, objective, *timing, settings, device)
+                    session.sample_latents(*timing, settings)
                     row["tiles_per_s"] = len(timing[0]) / (time.perf_counter() - started)
                 if fid_inputs is not None:
                     conditions, real, codec, encoder = fid_inputs
                     features = []
                     for start in range(0, len(conditions), args.batch_size):
                         positions = np.arange(start, min(start + args.batch_size, len(conditions)))
-                        latents = sample_latents(trained.model, objective, [conditions.noise_keys[p] for p in positions],
-                                                 *conditions.batch(positions), settings, device)
+                        latents = session.sample_latents([conditions.noise_keys[p] for p in positions],
+                                                         *conditions.batch(positions), settings)
                         features.append(encoder.encode(codec.decode(latents))["embedding"])
                     row["fid"] = fid(real, np.concatenate(features))
                     row["fid_spots"] = len(conditions)

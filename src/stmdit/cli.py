@@ -33,7 +33,7 @@ COMMANDS = {
     "models-json": "stmdit.models_config",
     "sample": "stmdit.sample",
     "perturb-sample": "stmdit.perturb",
-    "sample-grid": "stmdit.sample",
+    "sample-grid": "stmdit.sample_grid",
     "matched-spots": "stmdit.matched",
     "layout": "stmdit.layout",
     "palette": "stmdit.palette",

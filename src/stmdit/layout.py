@@ -36,7 +36,7 @@ import numpy as np
 from stmdit.errors import InputError
 from stmdit.features import read_array_rows, string_values
 from stmdit.provenance import atomic_path, provenance
-from stmdit.sample import parse_named_paths, store_keys
+from stmdit.sample_grid import parse_named_paths, store_keys
 
 log = logging.getLogger(__name__)
 
@@ -239,17 +239,18 @@ def run_layout_probe(args: argparse.Namespace) -> Path:
     from stmdit.loader import open_store, split_keys, store_rows
     from stmdit.metrics import subsample_keys
     from stmdit.model import get_objective
-    from stmdit.sample import StoreConditions, check_codec, load_codec, load_trained_model, resolve_device
+    from stmdit.sampling import CodecSettings, SamplingSession, SessionSettings
     from stmdit.train_utils import sample_generator
     import torch
 
     if not 0.0 < args.noise_level < 1.0:
         raise InputError(None, f"--noise-level must lie in (0, 1), got {args.noise_level}")
-    device = resolve_device(args.device)
-    trained = load_trained_model(args.model_dir, device)
+    # the model and its decoder only: the probe does not run the sampler
+    session = SamplingSession(SessionSettings(model_dir=args.model_dir, device=args.device, sampler=None,
+                                              codec=CodecSettings.from_args(args)))
+    trained, device = session.trained, session.device
     objective = get_objective(trained.objective)
-    codec = load_codec(args.vae_impl, args.vae_weights, args.vae_arch_json, args.allow_hub, device, False)
-    check_codec(trained, codec)
+    codec = session.open_codec()
     latent_group = open_store(args.latents)
     if "latent" not in latent_group:
         raise InputError(args.latents, "not a latent store (needs the array latent)")
@@ -267,7 +268,7 @@ def run_layout_probe(args: argparse.Namespace) -> Path:
         if len(keys) < 2:
             raise InputError(args.split, f"split {split_name!r} has {len(keys)} spot(s); the probe needs at least 2")
         latents = read_array_rows(latent_group["latent"], store_rows(latent_group, keys, args.latents))
-        uni = StoreConditions(keys, args.uni, None, trained.config).uni
+        uni = session.store_conditions(keys, args.uni, None).uni
         noise = torch.stack([torch.randn(shape, generator=sample_generator(args.seed, "layout-probe", k)) for k in keys])
         splits[split_name] = entry = probe_split(trained.model, objective, latents, uni, noise, decode,
                                                  args.noise_level, args.batch_size, args.cells, args.n_boot, args.seed)
@@ -294,7 +295,7 @@ def run_layout_probe(args: argparse.Namespace) -> Path:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from stmdit.sample import add_vae_options
+    from stmdit.sampling import add_vae_options
 
     probe = subparsers.add_parser("layout-probe", help="what a trained model's clean-latent estimate takes from UNI: "
                                                         "layout and brightness, on train and test spots")

@@ -26,7 +26,7 @@ import numpy as np
 from stmdit.errors import InputError
 from stmdit.features import read_array_rows
 from stmdit.loader import open_store, split_keys, store_rows
-from stmdit.sample import parse_named_paths, read_image, store_keys
+from stmdit.sample_grid import parse_named_paths, read_image, store_keys
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import numpy as np
 from stmdit.errors import InputError
 from stmdit.layout import RealSummaries, chunked_summaries, derangement, sample_store_keys
 from stmdit.provenance import atomic_path, provenance
-from stmdit.sample import parse_named_paths
+from stmdit.sample_grid import parse_named_paths
 
 log = logging.getLogger(__name__)
 

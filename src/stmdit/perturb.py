@@ -30,24 +30,11 @@ import torch
 import zarr
 
 from stmdit.errors import InputError
-from stmdit.features import read_array_rows
+from stmdit.features import check_finite_rows, read_array_rows
 from stmdit.loader import GeBatch, open_store, split_keys, store_rows
 from stmdit.metrics import choose_reference_spots, class_centroids, interpolate_ge
 from stmdit.model import GE, UNI_GE
-from stmdit.sample import (
-    WEIGHTS_NAME,
-    add_sampler_options,
-    check_codec,
-    check_width,
-    cli_params,
-    common_attrs,
-    generate,
-    load_codec,
-    load_trained_model,
-    resolve_device,
-    sampler_settings,
-    token_arrays,
-)
+from stmdit.sampling import SamplingSession, SessionSettings, add_sampler_options, check_width, cli_params, token_arrays
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +109,7 @@ def ge_centroids(ge_store: str | Path, keys: Sequence[str], labels: np.ndarray, 
     """Centroids of the `wanted` labels over `keys` (the train spots)."""
     group = open_store(ge_store)
     rows = store_rows(group, keys, ge_store)
-    cls = read_array_rows(group["embedding"], rows)
+    cls = check_finite_rows(read_array_rows(group["embedding"], rows), ge_store, "embedding", [str(k) for k in keys])
     wanted = [w for w in dict.fromkeys(wanted) if np.any(labels == w)]
     if not wanted:
         return {}
@@ -167,14 +154,16 @@ class PerturbationConditions:
         refs = list(dict.fromkeys(self.noise_keys))
         self.ref_index = {k: i for i, k in enumerate(refs)}
         uni_group = open_store(uni_store)
-        self.uni = read_array_rows(uni_group["embedding"], store_rows(uni_group, refs, uni_store))
+        self.uni = check_finite_rows(read_array_rows(uni_group["embedding"], store_rows(uni_group, refs, uni_store)),
+                                     uni_store, "embedding", refs)
         check_width(uni_store, "UNI embedding", self.uni.shape[-1], config.uni_dim)
         self.uni_null = uni_null
         group = open_store(ge_store)
         self.ge_tokens = self.ge_mask = None
         if mode == SPOTWISE:
             self.ge_rows = store_rows(group, refs, ge_store)
-            self.ge_cls = read_array_rows(group["embedding"], self.ge_rows)
+            self.ge_cls = check_finite_rows(read_array_rows(group["embedding"], self.ge_rows), ge_store, "embedding",
+                                            refs)
             check_width(ge_store, "GE embedding", self.ge_cls.shape[-1], config.ge_dim)
             if self.uses_tokens:
                 self.ge_tokens, self.ge_mask = token_arrays(group, ge_store)
@@ -240,11 +229,9 @@ def perturbation_rows(pairs: Sequence[tuple[str, str]], alphas: Sequence[float],
 def run_perturb_sample(args: argparse.Namespace) -> Path:
     pairs, alphas = parse_pairs(args.pairs), parse_alphas(args.alphas)
     regime = GE if args.uni_null else UNI_GE
-    settings = sampler_settings(args, regime)
-    device = resolve_device(args.device)
-    trained = load_trained_model(args.model_dir, device)
-    if not trained.config.uses_ge:
-        raise InputError(trained.path, "perturbation sampling needs a GE model; this model is UNI-only")
+    session = SamplingSession(SessionSettings.from_args(
+        args, regime, needs_ge_model="perturbation sampling needs a GE model; this model is UNI-only"))
+    trained = session.trained
     train_keys = split_keys(args.split, "train")
     test_keys = split_keys(args.split, "test")
     train_labels = read_spot_labels(args.expression, train_keys)
@@ -256,13 +243,12 @@ def run_perturb_sample(args: argparse.Namespace) -> Path:
     wanted = [*rows["target"].unique(), *(rows["source"].unique() if args.mode == CENTROID else [])]
     centroids = ge_centroids(args.ge, train_keys, train_labels, wanted, trained.config.uses_ge_tokens)
     conditions = PerturbationConditions(rows, args.uni, args.ge, centroids, trained.config, args.uni_null, args.mode)
-    codec = load_codec(args.vae_impl, args.vae_weights, args.vae_arch_json, args.allow_hub, device, args.bf16)
-    check_codec(trained, codec)
+    session.open_codec()
     log.info("perturbation (%s mode: %s): %d rows (%d pairs x refs x %d alphas), regime %s%s -> %s", args.mode,
              MODES[args.mode], len(rows), rows["pair"].nunique(), len(alphas), regime,
              " (UNI nulled)" if args.uni_null else "", args.out)
-    inputs = [trained.path / WEIGHTS_NAME, args.split, args.expression, args.uni, args.ge]
-    attrs = common_attrs(trained, settings, args.vae_impl, "perturb-sample", cli_params(args), inputs)
+    inputs = [session.weights_path, args.split, args.expression, args.uni, args.ge]
+    attrs = session.attrs("perturb-sample", cli_params(args), inputs)
     attrs["perturbation"] = {
         "mode": args.mode,
         "mode_description": MODES[args.mode],
@@ -278,7 +264,7 @@ def run_perturb_sample(args: argparse.Namespace) -> Path:
     }
     extra = {"pair": rows["pair"].to_numpy(dtype=object), "ref_key": rows["ref_key"].to_numpy(dtype=object),
              "alpha": rows["alpha"].to_numpy(dtype=np.float64)}
-    return generate(trained, conditions, settings, codec, args.out, attrs, device, extra_arrays=extra)
+    return session.generate(conditions, args.out, attrs, extra_arrays=extra)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -26,7 +26,8 @@ from stmdit.features import read_array_rows
 from stmdit.layout import CHUNK_TILES, chunked_summaries, sample_store_keys
 from stmdit.loader import open_store, store_rows
 from stmdit.provenance import atomic_path, provenance
-from stmdit.sample import add_vae_options, load_codec, parse_named_paths
+from stmdit.sample_grid import parse_named_paths
+from stmdit.sampling import CodecSettings, add_vae_options, load_codec
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def run_texture(args: argparse.Namespace) -> Path:
     if args.n_boot < 1:
         raise InputError(None, f"--n-boot must be at least 1, got {args.n_boot}")
     samples = parse_named_paths(args.samples)
-    codec = load_codec(args.vae_impl, args.vae_weights, args.vae_arch_json, args.allow_hub, torch.device("cpu"), False)
+    codec = load_codec(CodecSettings.from_args(args), torch.device("cpu"))
     regimes = texture_report(args.latents, samples, codec, args.n_boot, args.seed)
     result = {
         "model": args.model, "cohort": args.cohort,

@@ -239,7 +239,7 @@ class Arm:
 
 
 class VirtualConditions:
-    """Rows (arm, spot) for `sample.generate`: the spot's UNI (None in regime ge) and the GE of its
+    """Rows (arm, spot) for `SamplingSession.generate`: the spot's UNI (None in regime ge) and the GE of its
     edited counts; `noise_keys` = the spot keys, so every arm of a spot starts from the same noise."""
 
     def __init__(self, spots: Sequence[str], arms: Sequence[Arm], counts: np.ndarray, cohort_genes: Sequence[str],
@@ -306,33 +306,28 @@ def build_arms(spec: ExperimentSpec, cohort_genes: Sequence[str], encoder_genes:
 # stmdit virtual-sample
 
 
-def run_virtual_sample(args: argparse.Namespace) -> Path:
-    from stmdit.expression import read_cohort_h5ad
-    from stmdit.sample import (
-        WEIGHTS_NAME,
-        check_codec,
-        check_regime,
-        check_width,
-        cli_params,
-        common_attrs,
-        generate,
-        load_codec,
-        load_trained_model,
-        resolve_device,
-        sampler_settings,
-    )
-    import scipy.sparse as sp
+@dataclass
+class ExperimentInputs:
+    """What an experiment reads before sampling: the chosen spots (spots-table rows), their raw counts,
+    the cohort's genes, the GE re-encoder, the toward: centroids and the split."""
 
-    spec = ExperimentSpec.from_json(args.name, args.experiment_json)
-    device = resolve_device(args.device)
-    trained = load_trained_model(args.model_dir, device)
-    if not trained.config.uses_ge:
-        raise InputError(trained.path, f"virtual experiment {spec.name}: the model is UNI-only (ge_fusion none); "
-                                       "a gene-expression edit cannot reach it")
-    check_regime(trained, spec.regime)
-    settings = sampler_settings(args, spec.regime)
-    settings.s_uni = args.s_uni if spec.s_uni is None else float(spec.s_uni)
-    settings.s_ge = args.s_ge if spec.s_ge is None else float(spec.s_ge)
+    chosen: pd.DataFrame
+    counts: np.ndarray
+    cohort_genes: list[str]
+    reencoder: GeReencoder
+    centroids: dict[str, np.ndarray]
+    labels: list[str]
+
+    @property
+    def keys(self) -> list[str]:
+        return self.chosen["key"].tolist()
+
+
+def read_experiment_inputs(args: argparse.Namespace, spec: ExperimentSpec) -> ExperimentInputs:
+    """The spots of `spec`, their counts, the re-encoder of the GE store and the train-spot centroids
+    of the labels that toward: edits name (as Table 5's)."""
+    from stmdit.expression import read_cohort_h5ad
+    import scipy.sparse as sp
 
     try:
         split = pd.read_parquet(args.split, columns=["key", "split"])
@@ -344,7 +339,6 @@ def run_virtual_sample(args: argparse.Namespace) -> Path:
     spots = read_spot_tables(args.spots)
     spots = spots[spots["key"].isin(obs_index)]
     chosen = select_spots(spots, split, spec)
-    keys = chosen["key"].tolist()
 
     reencoder = GeReencoder(args.ge, cohort_genes, weights=args.ge_weights, device=args.device)
     all_labels = sorted(spots["label"].unique())
@@ -362,39 +356,43 @@ def run_virtual_sample(args: argparse.Namespace) -> Path:
             raise InputError(args.split, f"virtual experiment {spec.name}: no train spot is labelled {empty[0]!r} "
                                          "(no centroid to move toward)")
         centroids = class_centroids_log1p(counts_matrix[train_rows].toarray(), train_labels, sorted(wanted))
-    arms, control = build_arms(spec, cohort_genes, reencoder.genes, all_labels, reencoder.columns, centroids)
+    counts = counts_matrix[obs_index.get_indexer(chosen["key"].tolist())].toarray().astype(np.float64)
+    return ExperimentInputs(chosen, counts, cohort_genes, reencoder, centroids, all_labels)
 
-    counts = counts_matrix[obs_index.get_indexer(keys)].toarray().astype(np.float64)
+
+def experiment_conditions(args: argparse.Namespace, spec: ExperimentSpec, inputs: ExperimentInputs,
+                          arms: Sequence[Arm], config) -> tuple[VirtualConditions, float]:
+    """The rows (arm, spot) to sample and the re-encoding deviation of the unedited counts from the
+    GE store (InputError beyond tolerance, before any sampling)."""
+    from stmdit.sampling import check_width
+
+    keys = inputs.keys
     ge_group = open_store(args.ge)
-    deviation = reencoder.check_reproduces(ge_group, counts, keys)
+    deviation = inputs.reencoder.check_reproduces(ge_group, inputs.counts, keys)
     log.info("re-encoded the unedited GE of %d spots with %s: relative deviation from %s %.2g", len(keys),
-             reencoder.params.get("impl"), args.ge, deviation)
-    uni = None
-    if spec.regime == UNI_GE:
-        uni_group = open_store(args.uni)
-        uni = read_array_rows(uni_group["embedding"], store_rows(uni_group, keys, args.uni))
-        check_width(args.uni, "UNI embedding", uni.shape[-1], trained.config.uni_dim)
-    check_width(args.ge, "GE embedding", ge_group["embedding"].shape[-1], trained.config.ge_dim)
-    conditions = VirtualConditions(keys, arms, counts, cohort_genes, reencoder, uni, centroids,
-                                   trained.config.uses_ge_tokens)
-    codec = load_codec(args.vae_impl, args.vae_weights, args.vae_arch_json, args.allow_hub, device, args.bf16)
-    check_codec(trained, codec)
-    log.info("virtual experiment %s: %d spots x %d arms (%s) with %s in regime %s -> %s", spec.name, len(keys),
-             len(arms), ", ".join(f"{a.name}: {a.text or '-'}" for a in arms), trained.path, spec.regime, args.out)
-    inputs = [trained.path / WEIGHTS_NAME, args.split, args.expression, args.uni, args.ge, *args.spots]
-    attrs = common_attrs(trained, settings, args.vae_impl, "virtual-sample", cli_params(args), inputs)
-    attrs["virtual"] = {
-        "experiment": spec.name,
-        "spec": {k: v for k, v in vars(spec).items()},
-        "arms": [{"arm": a.name, "dose": a.dose, "edit": a.text} for a in arms],
-        "control": control,
-        "n_spots": len(keys),
-        "encoder": {"store": str(args.ge), "params": reencoder.params, "genes": len(reencoder.genes),
-                    "reencode_deviation": deviation},
-        "noise": "per spot: sample_generator(seed, 'sample', spot key), the same in every arm",
-        "edit_units": "log1p CP10k (x = log1p(1e4 c / total)); * scales counts",
-    }
-    n = len(conditions)
+             inputs.reencoder.params.get("impl"), args.ge, deviation)
+    uni = read_uni(args.uni, keys, config) if spec.regime == UNI_GE else None
+    check_width(args.ge, "GE embedding", ge_group["embedding"].shape[-1], config.ge_dim)
+    conditions = VirtualConditions(keys, arms, inputs.counts, inputs.cohort_genes, inputs.reencoder, uni,
+                                   inputs.centroids, config.uses_ge_tokens)
+    return conditions, deviation
+
+
+def read_uni(uni_store: str | Path, keys: Sequence[str], config) -> np.ndarray:
+    """The UNI embeddings of `keys` (checked finite and of the model's width)."""
+    from stmdit.features import check_finite_rows
+    from stmdit.sampling import check_width
+
+    group = open_store(uni_store)
+    uni = check_finite_rows(read_array_rows(group["embedding"], store_rows(group, keys, uni_store)), uni_store,
+                            "embedding", list(keys))
+    check_width(uni_store, "UNI embedding", uni.shape[-1], config.uni_dim)
+    return uni
+
+
+def experiment_extra_arrays(conditions: VirtualConditions, arms: Sequence[Arm], chosen: pd.DataFrame
+                            ) -> dict[str, np.ndarray]:
+    """Per-row arrays of the output store: arm, ref_key, dose and the spot's label, slide and pixel position."""
     spot_rows = conditions.spot_index
     extra = {
         "arm": np.array([arms[a].name for a in conditions.arm_index], dtype=object),
@@ -405,12 +403,55 @@ def run_virtual_sample(args: argparse.Namespace) -> Path:
         "pxl_row": chosen["pxl_row"].to_numpy(np.float64)[spot_rows],
         "pxl_col": chosen["pxl_col"].to_numpy(np.float64)[spot_rows],
     }
-    assert all(len(v) == n for v in extra.values())
-    return generate(trained, conditions, settings, codec, args.out, attrs, device, extra_arrays=extra)
+    assert all(len(v) == len(conditions) for v in extra.values())
+    return extra
+
+
+def experiment_session_settings(args: argparse.Namespace, spec: ExperimentSpec):
+    """The sampling session of an experiment: its regime, and its s_uni / s_ge over the options'."""
+    from stmdit.sampling import SessionSettings
+
+    settings = SessionSettings.from_args(args, spec.regime, needs_ge_model=(
+        f"virtual experiment {spec.name}: the model is UNI-only (ge_fusion none); a gene-expression edit cannot "
+        "reach it"))
+    settings.sampler.s_uni = args.s_uni if spec.s_uni is None else float(spec.s_uni)
+    settings.sampler.s_ge = args.s_ge if spec.s_ge is None else float(spec.s_ge)
+    return settings
+
+
+def run_virtual_sample(args: argparse.Namespace) -> Path:
+    from stmdit.sampling import SamplingSession, cli_params
+
+    spec = ExperimentSpec.from_json(args.name, args.experiment_json)
+    session = SamplingSession(experiment_session_settings(args, spec))
+    inputs = read_experiment_inputs(args, spec)
+    reencoder = inputs.reencoder
+    arms, control = build_arms(spec, inputs.cohort_genes, reencoder.genes, inputs.labels, reencoder.columns,
+                               inputs.centroids)
+    conditions, deviation = experiment_conditions(args, spec, inputs, arms, session.config)
+    session.open_codec()
+    log.info("virtual experiment %s: %d spots x %d arms (%s) with %s in regime %s -> %s", spec.name, len(inputs.keys),
+             len(arms), ", ".join(f"{a.name}: {a.text or '-'}" for a in arms), session.trained.path, spec.regime,
+             args.out)
+    attrs = session.attrs("virtual-sample", cli_params(args), [session.weights_path, args.split, args.expression,
+                                                              args.uni, args.ge, *args.spots])
+    attrs["virtual"] = {
+        "experiment": spec.name,
+        "spec": {k: v for k, v in vars(spec).items()},
+        "arms": [{"arm": a.name, "dose": a.dose, "edit": a.text} for a in arms],
+        "control": control,
+        "n_spots": len(inputs.keys),
+        "encoder": {"store": str(args.ge), "params": reencoder.params, "genes": len(reencoder.genes),
+                    "reencode_deviation": deviation},
+        "noise": "per spot: sample_generator(seed, 'sample', spot key), the same in every arm",
+        "edit_units": "log1p CP10k (x = log1p(1e4 c / total)); * scales counts",
+    }
+    extra = experiment_extra_arrays(conditions, arms, inputs.chosen)
+    return session.generate(conditions, args.out, attrs, extra_arrays=extra)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from stmdit.sample import add_sampler_options
+    from stmdit.sampling import add_sampler_options
 
     p = subparsers.add_parser("virtual-sample", help="virtual tissue experiment: unedited and edited tiles per spot")
     add_sampler_options(p)

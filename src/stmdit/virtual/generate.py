@@ -68,13 +68,11 @@ def parse_gene_sets(items: list[str]) -> dict[str, list[str]]:
 def run_generate(args: argparse.Namespace) -> Path:
     import scipy.sparse as sp
 
-    from stmdit.features import read_array_rows
-    from stmdit.loader import open_store, store_rows
-    from stmdit.sample import (WEIGHTS_NAME, check_codec, check_regime, check_width, cli_params, common_attrs,
-                               generate, load_codec, load_trained_model, resolve_device, sampler_settings,
-                               write_png)
+    from stmdit.loader import open_store
+    from stmdit.sample_grid import write_png
+    from stmdit.sampling import SamplingSession, SessionSettings, cli_params
     from stmdit.virtual.edits import check_reaches_encoder, parse_edit
-    from stmdit.virtual.experiment import Arm, GeReencoder, class_centroids_log1p, VirtualConditions
+    from stmdit.virtual.experiment import Arm, GeReencoder, class_centroids_log1p, read_uni, VirtualConditions
 
     if (args.vector is None) == (not args.keys):
         raise InputError(None, "give either --keys (with --expression) or --vector")
@@ -83,12 +81,9 @@ def run_generate(args: argparse.Namespace) -> Path:
     regime = args.regime or (UNI_GE if args.keys and args.uni else GE)
     if regime == UNI_GE and (args.vector is not None or args.uni is None):
         raise InputError(None, "regime uni_ge needs --keys and --uni (a vector has no morphology)")
-    device = resolve_device(args.device)
-    trained = load_trained_model(args.model_dir, device)
-    if not trained.config.uses_ge:
-        raise InputError(trained.path, "the model is UNI-only (ge_fusion none): expression cannot reach it")
-    check_regime(trained, regime)
-    settings = sampler_settings(args, regime)
+    session = SamplingSession(SessionSettings.from_args(
+        args, regime, needs_ge_model="the model is UNI-only (ge_fusion none): expression cannot reach it"))
+    config = session.config
 
     labels: list[str] = []
     centroids: dict[str, np.ndarray] = {}
@@ -128,22 +123,17 @@ def run_generate(args: argparse.Namespace) -> Path:
             train_labels = adata.obs["label"].astype(str).reindex(train).to_numpy()
             centroids = class_centroids_log1p(matrix[obs.get_indexer(train)].toarray(), train_labels, edit.labels)
         arms.append(Arm("edited", None, edit, edit.text()))
-    uni = None
-    if regime == UNI_GE:
-        uni_group = open_store(args.uni)
-        uni = read_array_rows(uni_group["embedding"], store_rows(uni_group, keys, args.uni))
-        check_width(args.uni, "UNI embedding", uni.shape[-1], trained.config.uni_dim)
-    conditions = VirtualConditions(keys, arms, counts, genes, reencoder, uni, centroids, trained.config.uses_ge_tokens)
-    codec = load_codec(args.vae_impl, args.vae_weights, args.vae_arch_json, args.allow_hub, device, args.bf16)
-    check_codec(trained, codec)
+    uni = read_uni(args.uni, keys, config) if regime == UNI_GE else None
+    conditions = VirtualConditions(keys, arms, counts, genes, reencoder, uni, centroids, config.uses_ge_tokens)
+    session.open_codec()
     out_dir = Path(args.out_dir)
-    attrs = common_attrs(trained, settings, args.vae_impl, "generate", cli_params(args),
-                         [trained.path / WEIGHTS_NAME, args.ge, *(p for p in (args.expression, args.uni, args.vector) if p)])
+    attrs = session.attrs("generate", cli_params(args),
+                          [session.weights_path, args.ge, *(p for p in (args.expression, args.uni, args.vector) if p)])
     attrs["virtual"] = {"experiment": "generate", "arms": [{"arm": a.name, "dose": None, "edit": a.text} for a in arms],
                         "n_spots": len(keys), "noise": "per spot: sample_generator(seed, 'sample', key)"}
     extra = {"arm": np.array([arms[a].name for a in conditions.arm_index], dtype=object),
              "ref_key": np.array(conditions.noise_keys, dtype=object)}
-    store = generate(trained, conditions, settings, codec, out_dir / "tiles.zarr", attrs, device, extra_arrays=extra)
+    store = session.generate(conditions, out_dir / "tiles.zarr", attrs, extra_arrays=extra)
     import zarr
 
     images = zarr.open_group(str(store), mode="r")["images"]
@@ -155,7 +145,7 @@ def run_generate(args: argparse.Namespace) -> Path:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from stmdit.sample import add_sampler_options
+    from stmdit.sampling import add_sampler_options
 
     p = subparsers.add_parser("generate", help="one-off tiles of spots (or an expression vector), unedited and edited")
     add_sampler_options(p)

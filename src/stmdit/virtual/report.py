@@ -270,7 +270,7 @@ def write_multiscale(group, name: str, rgb: np.ndarray, min_side: int = 256) -> 
 
 
 def real_tiles_of(patches: Sequence[Path], keys: Sequence[str]) -> dict[str, np.ndarray]:
-    from stmdit.sample import store_keys
+    from stmdit.sample_grid import store_keys
 
     out = {}
     wanted = set(keys)
@@ -288,7 +288,7 @@ def real_tiles_of(patches: Sequence[Path], keys: Sequence[str]) -> dict[str, np.
 
 def run_virtual_report(args: argparse.Namespace) -> None:
     from stmdit.encoders import load_encoder
-    from stmdit.sample import write_png
+    from stmdit.sample_grid import write_png
 
     group, rows = read_tiles(args.tiles)
     attrs = dict(group.attrs)
