@@ -312,7 +312,7 @@ def config_flags(section, skip=()):
     for key, value in section.items():
         if key in skip or value is None or value is False:
             continue
-        flag = "--" + key.replace("_", "-")
+        flag = f"--{key.replace('_', '-')}"
         if value is True:
             args.append(flag)
         elif isinstance(value, (list, tuple)):
