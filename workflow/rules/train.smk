@@ -1,5 +1,7 @@
 # Train one model. A job that reaches its wall-clock budget checkpoints and exits 75; `retries`
-# resubmit it and the next job resumes exactly where it stopped.
+# resubmit it and the next job resumes exactly where it stopped. Inside a cluster job (remote mode)
+# the rule has no retries: rerunning there would restart training past the job's own deadline, over
+# and over, until SLURM kills the job; the submitting Snakemake resubmits instead.
 
 
 rule train:
@@ -21,7 +23,7 @@ rule train:
         "results/models/{model}/train.log",
     benchmark:
         "results/benchmarks/train/{model}.tsv"
-    retries: config["train"]["max_resubmissions"]
+    retries: 0 if workflow.remote_exec else config["train"]["max_resubmissions"]
     threads: 4
     resources:
         gpu=config["train"]["gpus"],
