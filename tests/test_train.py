@@ -190,7 +190,8 @@ def test_two_process_gloo_matches_one_process(stores, tmp_path):
 
 
 def test_tokens_in_memory_give_the_same_batches_as_streaming(stores):
-    from stmdit.loader import SpotFeatures, split_keys
+    from stmdit.loader import SpotFeatures
+    from stmdit.split_table import split_keys
 
     keys = split_keys(stores / "split.parquet", "train")
     args = (keys, stores / "sd3_vae.zarr", stores / "uni2h.zarr", stores / "cf.zarr", True)
@@ -222,7 +223,8 @@ def test_a_store_with_nan_or_inf_rows_stops_with_the_file_array_and_spot(stores,
 
     from stmdit.errors import InputError
     from stmdit.features import read_feature_rows
-    from stmdit.loader import SpotFeatures, split_keys
+    from stmdit.loader import SpotFeatures
+    from stmdit.split_table import split_keys
 
     keys = split_keys(stores / "split.parquet", "train")
     uni, cf = tmp_path / "uni2h.zarr", tmp_path / "cf.zarr"

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from stmdit.regimes import PAPER_S_GE, PAPER_S_UNI
+
 Benchmark = Callable[[argparse.Namespace], dict[str, Any]]
 BENCHMARKS: dict[str, Benchmark] = {}
 BENCHMARK_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
@@ -611,9 +613,10 @@ def bench_mlp_auc(args: argparse.Namespace) -> dict[str, Any]:
     cohort's real test tiles: each AUC with its bootstrap interval (the same resamples for every fit),
     its fit time, and whether it lies within the first fit's interval."""
     from stmdit import evaluate, metrics, split_table
+    from stmdit.cli import parse_named_paths
     from stmdit.errors import InputError
 
-    fitted = evaluate.parse_named_paths(args.fitted, "--fitted", metrics.MLP_IMPLS)
+    fitted = parse_named_paths(args.fitted, "--fitted", metrics.MLP_IMPLS)
     test_keys = split_table.split_keys(args.split, split_table.TEST)
     results: dict[str, Any] = {"benchmark": "mlp-auc", "n_test": len(test_keys), "n_boot": args.n_boot,
                                "seed": args.seed, "fits": {}}
@@ -653,8 +656,8 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regime", default="uni_ge")
     p.add_argument("--steps", default="10,20,50", help="comma-separated step counts")
     p.add_argument("--solvers", default=None, help="comma-separated (default: every solver of the objective)")
-    p.add_argument("--s-uni", type=float, default=4.0)
-    p.add_argument("--s-ge", type=float, default=3.0)
+    p.add_argument("--s-uni", type=float, default=PAPER_S_UNI)
+    p.add_argument("--s-ge", type=float, default=PAPER_S_GE)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--spots", type=int, default=8, help="spots of the timed batch")
     p.add_argument("--repeats", type=int, default=5, help="repeats of the fused-guidance timing")
@@ -669,8 +672,8 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
 
 
-def analytic_solver_error(objective: str, solver: str, steps: int, regime: str = "uni_ge", s_uni: float = 4.0,
-                          s_ge: float = 3.0, conditions: int = 3, draws: int = 4) -> dict[str, float]:
+def analytic_solver_error(objective: str, solver: str, steps: int, regime: str = "uni_ge",
+                          s_uni: float = PAPER_S_UNI, s_ge: float = PAPER_S_GE, conditions: int = 3, draws: int = 4) -> dict[str, float]:
     """Largest error of the sampled mean and std (the covariance is diagonal) against the exact
     answer, in data-std units, on `stmdit.model.analytic`'s Gaussian model (std 0.25..1 per element,
     as tests/test_sampler_exact.py measures it): the sampler is affine in its noise per element, so
@@ -791,10 +794,10 @@ def bench_sample(args: argparse.Namespace) -> dict[str, Any]:
     timing = fid_inputs = None
     if trained is not None:
         from stmdit.evaluate import load_eval_encoder, read_features
-        from stmdit.loader import split_keys
         from stmdit.metrics import fid, subsample_keys
+        from stmdit import split_table
 
-        keys = split_keys(args.split, args.split_name)
+        keys = split_table.split_keys(args.split, args.split_name)
         timed = session.store_conditions(keys[:args.spots], args.uni, args.ge)
         timing = (timed.noise_keys, *timed.batch(np.arange(len(timed))))
         if args.fid_h0mini is not None:

@@ -138,7 +138,6 @@ def write_generated_copies(work: Path, config: dict, cohort) -> dict[str, int]:
     results/eval/{model}/{cohort}/{regime}_{encoder}.zarr (the test split; on the H&E-only cohort its
     seeded subsample of sample.ood_max_spots), and each GE model's perturbation store (rows of
     stmdit.perturb.perturbation_rows) with its features (the reference spot's real H0-mini features)."""
-    import pandas as pd
     import zarr
 
     from stmdit.features import read_feature_rows, write_feature_store
@@ -181,8 +180,7 @@ def write_generated_copies(work: Path, config: dict, cohort) -> dict[str, int]:
                      results / "eval" / name / h / f"{regime}_h0mini.zarr", seed)
         if model.uses_ge and 5 in model.tables:  # Table 5's perturbation rows
             settings = config["evaluate"]["perturbation"]
-            split_table = pd.read_parquet(results / "splits" / f"{v}.parquet", columns=["key", "split"])
-            train = split_table.loc[split_table["split"] == "train", "key"].astype(str).tolist()
+            train = split_keys(results / "splits" / f"{v}.parquet", "train")
             expression = results / "expression" / f"{v}.h5ad"
             rows, _ = perturbation_rows([tuple(p) for p in settings["pairs"]],
                                         parse_alphas(",".join(map(str, settings["alphas"]))), test,

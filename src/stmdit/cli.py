@@ -15,6 +15,8 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
+from typing import Sequence
 
 from stmdit import __version__
 from stmdit.errors import InputError
@@ -56,6 +58,29 @@ COMMANDS = {
 }
 
 log = logging.getLogger("stmdit")
+
+BF16_DEFAULT = True  # as the config schema's features.bf16 and sample.bf16
+
+
+def add_bf16_option(parser: argparse.ArgumentParser) -> None:
+    """--bf16 / --no-bf16, on by default (as in the config): bf16 autocast on CUDA, ignored on CPU."""
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=BF16_DEFAULT,
+                        help="bf16 autocast on CUDA (ignored on CPU); --no-bf16 runs float32")
+
+
+def parse_named_paths(values: Sequence[str], option: str, allowed: Sequence[str] | None = None) -> dict[str, Path]:
+    """["uni_ge=a.zarr", "uni=b.zarr"] -> {"uni_ge": Path("a.zarr"), ...} for an option given as
+    NAME=PATH items; names from `allowed` when given, each at most once."""
+    named: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path or (allowed is not None and name not in allowed):
+            expected = f" with NAME one of {list(allowed)}" if allowed is not None else ""
+            raise InputError(None, f"{option} {value!r}: expected NAME=PATH{expected}")
+        if name in named:
+            raise InputError(None, f"{option}: {name} is given twice")
+        named[name] = Path(path)
+    return named
 
 RUSAGE_DIR_ENV = "STMDIT_RUSAGE_DIR"
 

@@ -78,6 +78,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stmdit.encoders.base import autocast, resolve_device
+from stmdit.cli import add_bf16_option
 from stmdit.errors import InputError
 from stmdit.expression import read_kept_spots
 from stmdit.features import open_feature_store, read_feature_rows
@@ -1110,7 +1111,7 @@ def register(subparsers) -> None:
                        help="standardise targets per gene on the training spots")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    train.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    add_bf16_option(train)
     train.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     train.add_argument("--no-baselines", action="store_true", help="skip the RidgeCV and MLP baselines")
     train.add_argument("--baselines-max-gb", type=float, default=4.0,
@@ -1130,5 +1131,5 @@ def register(subparsers) -> None:
     predict.add_argument("--out", required=True, type=Path, help="output h5ad (results/ptpl/{cohort}.h5ad)")
     predict.add_argument("--batch-size", type=int, default=1024)
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    predict.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    add_bf16_option(predict)
     predict.set_defaults(func=run_predict)

@@ -52,8 +52,8 @@ import numpy as np
 
 from stmdit.errors import InputError
 from stmdit.provenance import provenance, write_json
+from stmdit.regimes import REGIMES, UNI, UNI_GE
 
-REGIMES = ("uni_ge", "uni", "ge", "uncond")
 FID_ENTRY_KEYS = ("point", "lo", "hi", "n_real", "n_gen")
 EVAL_LAYOUTS = {
     "fid": ("model", "cohort", "regimes", "per_tissue", "features", "encoders", "provenance"),
@@ -74,7 +74,7 @@ PERTURBATION_MODES = {
 def primary_regime(regimes: Iterable[str]) -> str | None:
     """The regime a single-number column reports: UNI+GE when sampled, else UNI."""
     regimes = set(regimes)
-    return next((r for r in ("uni_ge", "uni") if r in regimes), None)
+    return next((r for r in (UNI_GE, UNI) if r in regimes), None)
 
 
 def check_eval_json(doc: Mapping[str, Any], source: str | Path | None = None) -> None:

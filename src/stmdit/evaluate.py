@@ -54,6 +54,7 @@ import scipy.sparse as sp
 import zarr
 
 from stmdit import eval_json, metrics
+from stmdit.cli import add_bf16_option, parse_named_paths
 from stmdit.errors import InputError
 from stmdit.expression import read_cohort_obs, read_h5ad_elements, stack_rows
 from stmdit.genesets import protein_coding_columns
@@ -257,19 +258,6 @@ def labels_of(labels: pd.Series, keys: Sequence[str], sources: Sequence[str]) ->
         raise InputError(", ".join(sources), f"{int(missing.sum())} spot(s) have no tissue label, e.g. "
                                              f"{keys[int(np.flatnonzero(missing)[0])]}")
     return found.to_numpy().astype(str)
-
-
-def parse_named_paths(values: Sequence[str], option: str, allowed: Sequence[str]) -> dict[str, Path]:
-    """["uni_ge=a.zarr", "uni=b.zarr"] -> {"uni_ge": Path("a.zarr"), ...}, names from `allowed`."""
-    named: dict[str, Path] = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not path or name not in allowed:
-            raise InputError(None, f"{option} {value!r}: expected NAME=PATH with NAME one of {list(allowed)}")
-        if name in named:
-            raise InputError(None, f"{option}: {name} is given twice")
-        named[name] = Path(path)
-    return named
 
 
 def parse_int_list(text: str, option: str) -> tuple[int, ...]:
@@ -962,7 +950,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output feature store (.zarr)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    add_bf16_option(p)
     p.set_defaults(func=run_eval_features)
 
     p = subparsers.add_parser("fid", help="H0-mini FID of generated vs real test tiles with bootstrap CIs")

@@ -52,6 +52,7 @@ import pandas as pd
 import zarr
 from tqdm import tqdm
 
+from stmdit.cli import add_bf16_option
 from stmdit.errors import InputError
 from stmdit.h5ad_rows import H5adRows
 from stmdit.provenance import atomic_path, provenance
@@ -588,7 +589,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output feature store (.zarr)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    add_bf16_option(parser)
     parser.add_argument("--max-genes", type=int, default=1199, help="cancerfoundation: at most this many HVGs")
     parser.add_argument("--seed", type=int, default=0, help="cancerfoundation: seed of the tie-breaking in binning")
     parser.add_argument("--gene-selection", choices=("cell_ranger", "hvg_rank"),

@@ -36,7 +36,8 @@ import numpy as np
 from stmdit.errors import InputError
 from stmdit.features import read_array_rows, string_values
 from stmdit.provenance import atomic_path, provenance
-from stmdit.sample_grid import parse_named_paths, store_keys
+from stmdit.cli import parse_named_paths
+from stmdit.sample_grid import store_keys
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def layout_report(patches: Sequence[Path], samples: Mapping[str, Path], cells: i
 
 
 def run_layout(args: argparse.Namespace) -> Path:
-    samples = parse_named_paths(args.samples)
+    samples = parse_named_paths(args.samples, "--samples")
     regimes = layout_report(args.patches, samples, args.cells, args.n_boot, args.seed)
     result = {
         "model": args.model, "cohort": args.cohort, "cells": args.cells,
@@ -236,7 +237,9 @@ def _probe_split(model, objective, latents, uni, noise, decode, noise_level, bat
 
 
 def run_layout_probe(args: argparse.Namespace) -> Path:
-    from stmdit.loader import open_store, split_keys, store_rows
+    from stmdit.features import open_feature_store
+    from stmdit.loader import store_rows
+    from stmdit.split_table import split_keys
     from stmdit.metrics import subsample_keys
     from stmdit.model import get_objective
     from stmdit.sampling import CodecSettings, SamplingSession, SessionSettings
@@ -251,7 +254,7 @@ def run_layout_probe(args: argparse.Namespace) -> Path:
     trained, device = session.trained, session.device
     objective = get_objective(trained.objective)
     codec = session.open_codec()
-    latent_group = open_store(args.latents)
+    latent_group = open_feature_store(args.latents)
     if "latent" not in latent_group:
         raise InputError(args.latents, "not a latent store (needs the array latent)")
     shape = tuple(latent_group["latent"].shape[1:])

@@ -17,24 +17,13 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 import zarr
 
 from stmdit.errors import InputError
-from stmdit.features import check_finite_rows, read_array_rows, string_values
+from stmdit.features import check_finite_rows, open_feature_store, read_array_rows, string_values
 
 log = logging.getLogger(__name__)
-
-
-def open_store(path: str | Path) -> zarr.Group:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "feature store not found")
-    try:
-        return zarr.open_group(str(path), mode="r")
-    except Exception as exc:  # zarr raises several types for a damaged store
-        raise InputError(path, f"cannot open feature store: {exc}") from None
 
 
 def store_rows(store: zarr.Group, keys: Iterable[str], path: str | Path) -> np.ndarray:
@@ -50,18 +39,6 @@ def store_rows(store: zarr.Group, keys: Iterable[str], path: str | Path) -> np.n
 def read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
     """array[rows] for arbitrary rows: chunk-aligned concurrent range reads (features.read_array_rows)."""
     return read_array_rows(array, rows)
-
-
-def split_keys(split_path: str | Path, split: str) -> list[str]:
-    split_path = Path(split_path)
-    try:
-        table = pd.read_parquet(split_path)
-    except (OSError, ValueError) as exc:
-        raise InputError(split_path, f"cannot read split table: {exc}") from None
-    keys = table.loc[table["split"] == split, "key"].tolist()
-    if not keys:
-        raise InputError(split_path, f"split {split!r} is empty")
-    return keys
 
 
 @dataclass
@@ -92,16 +69,16 @@ class SpotFeatures:
         """`tokens_in_memory_gb`: read the GE token rows of these spots into memory once when they
         take at most this much (float16); otherwise they stay in the store and are read per batch."""
         self.keys = list(keys)
-        latent_group = open_store(latent_store)
+        latent_group = open_feature_store(latent_store)
         self.latents = check_finite_rows(read_rows(latent_group["latent"], store_rows(latent_group, self.keys, latent_store)),
                                          latent_store, "latent", self.keys)
-        uni_group = open_store(uni_store)
+        uni_group = open_feature_store(uni_store)
         self.uni = check_finite_rows(read_rows(uni_group["embedding"], store_rows(uni_group, self.keys, uni_store)),
                                      uni_store, "embedding", self.keys)
         self.ge_cls = None
         self.ge_tokens = None
         if ge_store is not None:
-            ge_group = open_store(ge_store)
+            ge_group = open_feature_store(ge_store)
             self.ge_rows = store_rows(ge_group, self.keys, ge_store)
             self.ge_cls = check_finite_rows(read_rows(ge_group["embedding"], self.ge_rows), ge_store, "embedding",
                                             self.keys)

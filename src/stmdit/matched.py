@@ -24,9 +24,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from stmdit.errors import InputError
-from stmdit.features import read_array_rows
-from stmdit.loader import open_store, split_keys, store_rows
-from stmdit.sample_grid import parse_named_paths, read_image, store_keys
+from stmdit.features import open_feature_store, read_array_rows
+from stmdit.loader import store_rows
+from stmdit.split_table import TEST, split_keys
+from stmdit.cli import parse_named_paths
+from stmdit.sample_grid import read_image, store_keys
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +106,10 @@ def matched_clusters(ge_store: Path, split: Path, expression: Path, keys_everywh
     from stmdit.evaluate import log1p_cp10k_sparse
     from stmdit.expression import read_cohort_h5ad
 
-    test = [k for k in split_keys(split, "test") if k in keys_everywhere]
+    test = [k for k in split_keys(split, TEST) if k in keys_everywhere]
     if not test:
         raise InputError(split, "no test spot is in the patches stores and in every samples store")
-    group = open_store(ge_store)
+    group = open_feature_store(ge_store)
     embedding = read_array_rows(group["embedding"], store_rows(group, test, ge_store))
     labels, nearest = ge_clusters(test, embedding, n_clusters, seed)
     adata = read_cohort_h5ad(expression)
@@ -143,7 +145,7 @@ def plot_matched(clusters: Sequence[Cluster], real: np.ndarray, generated: Mappi
 
 
 def run_matched_spots(args: argparse.Namespace) -> Path:
-    samples = parse_named_paths(args.samples)
+    samples = parse_named_paths(args.samples, "--samples")
     check_matched(samples)
     sample_stores = {name: store_keys(path) for name, path in samples.items()}
     real_stores = [store_keys(path) for path in args.patches]

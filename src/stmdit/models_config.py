@@ -25,9 +25,8 @@ from typing import Any
 from stmdit.dit_config import DiTConfig
 from stmdit.errors import InputError
 from stmdit.provenance import write_json
+from stmdit.regimes import REGIMES as REGIMES_GE, REGIMES_UNI_ONLY
 
-REGIMES_GE = ("uni_ge", "uni", "ge", "uncond")
-REGIMES_UNI_ONLY = ("uni", "uncond")
 # The ODE each objective's samplers solve: flow_x0 predicts x0 but samples the flow's ODE (stmdit.solvers).
 OBJECTIVE_ODE = {"ddpm": "ddpm", "flow": "flow", "flow_x0": "flow"}
 SAMPLERS = {"ddpm": "ddim", "flow": "euler", "flow_x0": "euler"}  # the default solver's; the others are

@@ -28,7 +28,7 @@ import numpy as np
 from stmdit.errors import InputError
 from stmdit.layout import RealSummaries, chunked_summaries, derangement, sample_store_keys
 from stmdit.provenance import atomic_path, provenance
-from stmdit.sample_grid import parse_named_paths
+from stmdit.cli import parse_named_paths
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def palette_report(patches: Sequence[Path], samples: Mapping[str, Path], space: 
 def run_palette(args: argparse.Namespace) -> Path:
     if args.n_boot < 1:
         raise InputError(None, f"--n-boot must be at least 1, got {args.n_boot}")
-    samples = parse_named_paths(args.samples)
+    samples = parse_named_paths(args.samples, "--samples")
     regimes = palette_report(args.patches, samples, args.space, args.n_boot, args.seed)
     result = {
         "model": args.model, "cohort": args.cohort, "space": args.space, "axes": list(AXES[args.space]),

@@ -30,8 +30,9 @@ import torch
 import zarr
 
 from stmdit.errors import InputError
-from stmdit.features import check_finite_rows, read_array_rows
-from stmdit.loader import GeBatch, open_store, split_keys, store_rows
+from stmdit.features import check_finite_rows, open_feature_store, read_array_rows
+from stmdit.loader import GeBatch, store_rows
+from stmdit.split_table import TEST, TRAIN, split_keys
 from stmdit.metrics import choose_reference_spots, class_centroids, interpolate_ge
 from stmdit.model import GE, UNI_GE
 from stmdit.sampling import SamplingSession, SessionSettings, add_sampler_options, check_width, cli_params, token_arrays
@@ -107,7 +108,7 @@ def token_centroid(tokens: zarr.Array, mask: zarr.Array, rows: np.ndarray, block
 def ge_centroids(ge_store: str | Path, keys: Sequence[str], labels: np.ndarray, wanted: Iterable[str],
                  tokens: bool) -> dict[str, GeCentroid]:
     """Centroids of the `wanted` labels over `keys` (the train spots)."""
-    group = open_store(ge_store)
+    group = open_feature_store(ge_store)
     rows = store_rows(group, keys, ge_store)
     cls = check_finite_rows(read_array_rows(group["embedding"], rows), ge_store, "embedding", [str(k) for k in keys])
     wanted = [w for w in dict.fromkeys(wanted) if np.any(labels == w)]
@@ -153,12 +154,12 @@ class PerturbationConditions:
         self.uses_tokens = config.uses_ge_tokens
         refs = list(dict.fromkeys(self.noise_keys))
         self.ref_index = {k: i for i, k in enumerate(refs)}
-        uni_group = open_store(uni_store)
+        uni_group = open_feature_store(uni_store)
         self.uni = check_finite_rows(read_array_rows(uni_group["embedding"], store_rows(uni_group, refs, uni_store)),
                                      uni_store, "embedding", refs)
         check_width(uni_store, "UNI embedding", self.uni.shape[-1], config.uni_dim)
         self.uni_null = uni_null
-        group = open_store(ge_store)
+        group = open_feature_store(ge_store)
         self.ge_tokens = self.ge_mask = None
         if mode == SPOTWISE:
             self.ge_rows = store_rows(group, refs, ge_store)
@@ -232,8 +233,8 @@ def run_perturb_sample(args: argparse.Namespace) -> Path:
     session = SamplingSession(SessionSettings.from_args(
         args, regime, needs_ge_model="perturbation sampling needs a GE model; this model is UNI-only"))
     trained = session.trained
-    train_keys = split_keys(args.split, "train")
-    test_keys = split_keys(args.split, "test")
+    train_keys = split_keys(args.split, TRAIN)
+    test_keys = split_keys(args.split, TEST)
     train_labels = read_spot_labels(args.expression, train_keys)
     test_labels = read_spot_labels(args.expression, test_keys)
     rows, skipped = perturbation_rows(pairs, alphas, test_keys, test_labels, train_labels, args.n_ref, args.seed,

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from stmdit.errors import InputError
-from stmdit.loader import split_keys
+from stmdit.split_table import split_keys
 from stmdit.metrics import subsample_keys
 from stmdit.model import REGIMES, UNI_GE
 from stmdit.sampling import SamplingSession, SessionSettings, add_sampler_options, cli_params, regime_uses_ge

@@ -19,9 +19,10 @@ import pandas as pd
 import torch
 import zarr
 
+from stmdit.cli import parse_named_paths
 from stmdit.errors import InputError
-from stmdit.features import read_array_rows, string_values
-from stmdit.loader import open_store, store_rows
+from stmdit.features import open_feature_store, read_array_rows, string_values
+from stmdit.loader import store_rows
 from stmdit.provenance import atomic_path
 from stmdit.sampling import CodecSettings, add_vae_options, load_codec
 from stmdit.spots import read_kept_spots
@@ -38,18 +39,8 @@ def grid_size(n_rows: int, n_columns: int, tile_px: int) -> tuple[int, int]:
     return GRID_HEADER_HEIGHT + n_rows * (tile_px + GRID_GAP), GRID_LABEL_WIDTH + n_columns * (tile_px + GRID_GAP)
 
 
-def parse_named_paths(items: Sequence[str]) -> dict[str, Path]:
-    named = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise InputError(None, f"--samples: {item!r} is not REGIME=PATH")
-        named[name] = Path(path)
-    return named
-
-
 def store_keys(path: Path) -> tuple[zarr.Group, dict[str, int]]:
-    group = open_store(path)
+    group = open_feature_store(path)
     if "images" not in group or "spot_key" not in group:
         raise InputError(path, "not an image store (needs arrays images and spot_key)")
     return group, {k: i for i, k in enumerate(string_values(group["spot_key"][:]))}
@@ -105,7 +96,7 @@ def write_png(path: str | Path, rgb: np.ndarray) -> None:
 def run_sample_grid(args: argparse.Namespace) -> Path:
     if len(args.spots) != len(args.patches):
         raise InputError(None, f"{len(args.spots)} --spots tables but {len(args.patches)} --patches stores")
-    samples = parse_named_paths(args.samples)
+    samples = parse_named_paths(args.samples, "--samples")
     labels = read_labels_tables(args.spots)
     sample_stores = {name: store_keys(path) for name, path in samples.items()}
     real_stores = [store_keys(path) for path in args.patches]
@@ -114,7 +105,7 @@ def run_sample_grid(args: argparse.Namespace) -> Path:
         present &= labels.index.isin(list(index))
     latent_group = None
     if args.latents is not None:
-        latent_group = open_store(args.latents)
+        latent_group = open_feature_store(args.latents)
         if "latent" not in latent_group or "spot_key" not in latent_group:
             raise InputError(args.latents, "not a latent store (needs arrays latent and spot_key)")
         present &= labels.index.isin(list(string_values(latent_group["spot_key"][:])))

@@ -34,12 +34,14 @@ import numpy as np
 import torch
 import zarr
 
+from stmdit.cli import add_bf16_option
 from stmdit.errors import InputError
-from stmdit.features import check_finite_rows, parse_arch, read_array_rows
-from stmdit.loader import GeBatch, open_store, store_rows
+from stmdit.features import check_finite_rows, open_feature_store, parse_arch, read_array_rows
+from stmdit.loader import GeBatch, store_rows
 from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, guided_prediction, regime_spec
 from stmdit.model.guidance import ConditionCache
 from stmdit.models_config import OBJECTIVE_SOLVERS
+from stmdit.regimes import PAPER_S_GE, PAPER_S_UNI
 from stmdit.provenance import atomic_path, params_hash, provenance
 from stmdit.solvers import DEFAULT, SOLVERS, Predictor, check_solver, denoise, describe_scheduler, predictor_calls
 from stmdit.train_utils import sample_generator
@@ -156,8 +158,8 @@ class SamplerSettings:
     regime: str = UNI_GE
     steps: int = 50
     seed: int = 42
-    s_uni: float = 4.0
-    s_ge: float = 3.0
+    s_uni: float = PAPER_S_UNI
+    s_ge: float = PAPER_S_GE
     batch_size: int = 32
     bf16: bool = False  # bf16 autocast of the denoiser on CUDA
     solver: str = DEFAULT  # stmdit.solvers: default (DDIM / Euler), dpmpp_2m, heun / unipc (flow)
@@ -262,14 +264,14 @@ class StoreConditions:
     def __init__(self, keys: Sequence[str], uni_store: str | Path, ge_store: str | Path | None, config):
         self.keys = [str(k) for k in keys]
         self.noise_keys = self.keys
-        uni_group = open_store(uni_store)
+        uni_group = open_feature_store(uni_store)
         self.uni = check_finite_rows(read_array_rows(uni_group["embedding"], store_rows(uni_group, self.keys, uni_store)),
                                      uni_store, "embedding", self.keys)
         check_width(uni_store, "UNI embedding", self.uni.shape[-1], config.uni_dim)
         self.ge_cls = self.ge_tokens = self.ge_mask = None
         self.ge_store = ge_store
         if ge_store is not None:
-            group = open_store(ge_store)
+            group = open_feature_store(ge_store)
             self.ge_rows = store_rows(group, self.keys, ge_store)
             self.ge_cls = check_finite_rows(read_array_rows(group["embedding"], self.ge_rows), ge_store, "embedding",
                                             self.keys)
@@ -567,9 +569,9 @@ def add_sampler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", choices=SOLVERS, default=DEFAULT,
                    help="default: DDIM (ddpm) / Euler (flow), the paper's; dpmpp_2m; heun, unipc (flow only)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--s-uni", type=float, default=4.0)
-    p.add_argument("--s-ge", type=float, default=3.0)
+    p.add_argument("--s-uni", type=float, default=PAPER_S_UNI, help="UNI guidance scale (paper: %(default)s)")
+    p.add_argument("--s-ge", type=float, default=PAPER_S_GE, help="GE guidance scale (paper: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (ignored on CPU)")
+    add_bf16_option(p)
     p.add_argument("--out", type=Path, required=True)

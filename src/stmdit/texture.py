@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from stmdit.errors import InputError
-from stmdit.features import read_array_rows
+from stmdit.features import open_feature_store, read_array_rows
 from stmdit.layout import CHUNK_TILES, chunked_summaries, sample_store_keys
-from stmdit.loader import open_store, store_rows
+from stmdit.loader import store_rows
 from stmdit.provenance import atomic_path, provenance
-from stmdit.sample_grid import parse_named_paths
+from stmdit.cli import parse_named_paths
 from stmdit.sampling import CodecSettings, add_vae_options, load_codec
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def ratio_interval(generated: np.ndarray, real: np.ndarray, n_boot: int, seed: i
 
 
 def texture_report(latent_path: Path, samples: dict[str, Path], codec, n_boot: int, seed: int) -> dict:
-    latent_group = open_store(latent_path)
+    latent_group = open_feature_store(latent_path)
     if "latent" not in latent_group or "spot_key" not in latent_group:
         raise InputError(latent_path, "not a latent store (needs arrays latent and spot_key)")
     real_cache: dict[str, float] = {}
@@ -98,7 +98,7 @@ def texture_report(latent_path: Path, samples: dict[str, Path], codec, n_boot: i
 def run_texture(args: argparse.Namespace) -> Path:
     if args.n_boot < 1:
         raise InputError(None, f"--n-boot must be at least 1, got {args.n_boot}")
-    samples = parse_named_paths(args.samples)
+    samples = parse_named_paths(args.samples, "--samples")
     codec = load_codec(CodecSettings.from_args(args), torch.device("cpu"))
     regimes = texture_report(args.latents, samples, codec, args.n_boot, args.seed)
     result = {

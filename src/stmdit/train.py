@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 from stmdit.errors import InputError
-from stmdit.loader import SpotFeatures, split_keys
+from stmdit.loader import SpotFeatures
+from stmdit.split_table import TRAIN, VAL, split_keys
 from stmdit.model import DiTConfig, STMDiT, draw_sample_randomness, get_objective
 from stmdit.provenance import atomic_path, params_hash, provenance, write_json
 from stmdit.train_utils import (
@@ -183,9 +184,9 @@ class Trainer:
         if self.config.uses_ge and ge is None:
             raise InputError(None, f"model with ge_fusion={self.config.ge_fusion!r} needs a GE store (--ge)")
         ge_store = ge if self.config.uses_ge else None
-        self.train_data = SpotFeatures(split_keys(split, "train"), latents, uni, ge_store, self.config.uses_ge_tokens,
+        self.train_data = SpotFeatures(split_keys(split, TRAIN), latents, uni, ge_store, self.config.uses_ge_tokens,
                                        settings.tokens_in_memory_gb)
-        val_keys = split_keys(split, "val")[: settings.val_max_spots]
+        val_keys = split_keys(split, VAL)[: settings.val_max_spots]
         self.val_data = SpotFeatures(val_keys, latents, uni, ge_store, self.config.uses_ge_tokens)
         self.per_step = settings.micro_batch * settings.accumulation * self.dist.world
         if len(self.train_data) < self.per_step:

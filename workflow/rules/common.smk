@@ -199,8 +199,8 @@ def encoder_flags(entry, prefix="", bf16=False, variant=False):
         args.append(f"--variant {entry['variant']}")
     if config["features"]["allow_hub"]:
         args.append("--allow-hub")
-    if bf16 and config["features"]["bf16"]:
-        args.append("--bf16")
+    if bf16:
+        args.append("--bf16" if config["features"]["bf16"] else "--no-bf16")
     return " ".join(args)
 
 
@@ -306,14 +306,17 @@ def vae_args():
 
 def config_flags(section, skip=()):
     """A config section as its command's flags, each key as --key-with-dashes: a list gives its items
-    quoted, true the bare flag, false and null nothing. Every key of the section (but `skip`) must be
-    an option of the command, so a key added to the schema reaches the command without a rule edit."""
+    quoted, true the bare flag, false --no-key (booleans are argparse BooleanOptionalAction, so either
+    value is explicit), null nothing. Every key of the section (but `skip`) must be an option of the
+    command, so a key added to the schema reaches the command without a rule edit."""
     args = []
     for key, value in section.items():
-        if key in skip or value is None or value is False:
+        if key in skip or value is None:
             continue
         flag = f"--{key.replace('_', '-')}"
-        if value is True:
+        if value is False:
+            args.append(f"--no-{key.replace('_', '-')}")
+        elif value is True:
             args.append(flag)
         elif isinstance(value, (list, tuple)):
             args.append(" ".join([flag, *(f"'{item}'" for item in value)]))

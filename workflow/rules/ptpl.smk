@@ -25,7 +25,7 @@ rule deepspot_train:
             f"--baselines-max-gb {config['deepspot']['baselines_max_gb']}",
             f"--mlp-hidden {config['deepspot']['mlp_hidden']} --mlp-max-iter {config['deepspot']['mlp_max_iter']}",
             f"--device {config['features']['device']}",
-            "--bf16" if config["features"]["bf16"] else "",
+            "--bf16" if config["features"]["bf16"] else "--no-bf16",
         ]),
     log:
         f"results/ptpl/{TRAIN_COHORT}_deepspot.log",
@@ -53,7 +53,7 @@ rule deepspot_predict:
         "results/ptpl/{cohort}.h5ad",
     params:
         device=config["features"]["device"],
-        bf16="--bf16" if config["features"]["bf16"] else "",
+        bf16="--bf16" if config["features"]["bf16"] else "--no-bf16",
     log:
         "results/ptpl/{cohort}.log",
     benchmark:

@@ -19,11 +19,7 @@ import torch
 
 from stmdit.loader import GeBatch
 
-UNI_GE = "uni_ge"
-UNI = "uni"
-GE = "ge"
-UNCOND = "uncond"
-REGIMES = (UNI_GE, UNI, GE, UNCOND)
+from stmdit.regimes import GE, PAPER_S_GE, PAPER_S_UNI, REGIMES, UNCOND, UNI, UNI_GE  # noqa: F401
 
 
 BOTH_NULL = (True, True)  # (drop_uni, drop_ge)
@@ -120,19 +116,19 @@ def batched_predictions(
     return list(prediction.chunk(n, dim=0))
 
 
-def dual_guidance(model, x, t, uni, ge, s_uni: float = 4.0, s_ge: float = 3.0, cache=None) -> torch.Tensor:
+def dual_guidance(model, x, t, uni, ge, s_uni: float = PAPER_S_UNI, s_ge: float = PAPER_S_GE, cache=None) -> torch.Tensor:
     """e(0,0) + s_uni (e(u,0) - e(0,0)) + s_ge (e(u,g) - e(u,0)), three conditionings in one pass."""
     e00, eu0, eug = batched_predictions(model, x, t, uni, ge, [BOTH_NULL, UNI_ONLY, BOTH_KEPT], cache)
     return e00 + s_uni * (eu0 - e00) + s_ge * (eug - eu0)
 
 
-def single_guidance(model, x, t, uni, s_uni: float = 4.0, cache=None) -> torch.Tensor:
+def single_guidance(model, x, t, uni, s_uni: float = PAPER_S_UNI, cache=None) -> torch.Tensor:
     """e(0) + s_uni (e(u) - e(0)), GE nulled: UNI-only models, or the "uni" regime of GE models."""
     e0, eu = batched_predictions(model, x, t, uni, None, [BOTH_NULL, UNI_ONLY], cache)
     return e0 + s_uni * (eu - e0)
 
 
-def ge_guidance(model, x, t, ge, s_ge: float = 3.0, cache=None) -> torch.Tensor:
+def ge_guidance(model, x, t, ge, s_ge: float = PAPER_S_GE, cache=None) -> torch.Tensor:
     """e(0,0) + s_ge (e(0,g) - e(0,0)), UNI nulled: the "ge" regime."""
     e00, e0g = batched_predictions(model, x, t, None, ge, [BOTH_NULL, GE_ONLY], cache)
     return e00 + s_ge * (e0g - e00)
@@ -145,8 +141,8 @@ def guided_prediction(
     uni: torch.Tensor | None,
     ge: GeBatch | None,
     regime: str = UNI_GE,
-    s_uni: float = 4.0,
-    s_ge: float = 3.0,
+    s_uni: float = PAPER_S_UNI,
+    s_ge: float = PAPER_S_GE,
     cache: ConditionCache | None = None,
 ) -> torch.Tensor:
     """The guided prediction of one denoising step in `regime` (one batched forward pass):

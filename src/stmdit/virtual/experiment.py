@@ -32,10 +32,11 @@ import pandas as pd
 import torch
 
 from stmdit.errors import InputError
-from stmdit.features import read_array_rows, string_values
-from stmdit.loader import GeBatch, open_store, store_rows
+from stmdit.features import open_feature_store, read_array_rows, string_values
+from stmdit.loader import GeBatch, store_rows
 from stmdit.model import GE, UNI_GE
 from stmdit.spots import read_kept_spots
+from stmdit.split_table import TRAIN, read_split_table
 from stmdit.virtual.edits import (
     Edit,
     apply_edit,
@@ -183,7 +184,7 @@ class GeReencoder:
         from stmdit.encoders import load_encoder
 
         self.path = Path(ge_store)
-        group = open_store(ge_store)
+        group = open_feature_store(ge_store)
         if "token_genes" not in group:
             raise InputError(ge_store, "the GE store has no token_genes array (not written by stmdit features "
                                        "--encoder cancerfoundation)")
@@ -329,10 +330,7 @@ def read_experiment_inputs(args: argparse.Namespace, spec: ExperimentSpec) -> Ex
     from stmdit.expression import read_cohort_h5ad
     import scipy.sparse as sp
 
-    try:
-        split = pd.read_parquet(args.split, columns=["key", "split"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(args.split, f"cannot read split table (needs key, split): {exc}") from None
+    split = read_split_table(args.split)
     adata = read_cohort_h5ad(args.expression)
     cohort_genes = [str(g) for g in adata.var_names]
     obs_index = pd.Index([str(k) for k in adata.obs_names])
@@ -343,7 +341,7 @@ def read_experiment_inputs(args: argparse.Namespace, spec: ExperimentSpec) -> Ex
     reencoder = GeReencoder(args.ge, cohort_genes, weights=args.ge_weights, device=args.device)
     all_labels = sorted(spots["label"].unique())
     # toward: centroids over the train spots of each label (as Table 5's)
-    train_keys = obs_index.intersection(pd.Index(split.loc[split["split"] == "train", "key"].astype(str)))
+    train_keys = obs_index.intersection(pd.Index(split.loc[split["split"] == TRAIN, "key"].astype(str)))
     train_rows = obs_index.get_indexer(train_keys)
     train_labels = spots["label"].reindex(train_keys).fillna("unlabelled").to_numpy()
     counts_matrix = sp.csr_matrix(adata.layers["counts"])
@@ -367,7 +365,7 @@ def experiment_conditions(args: argparse.Namespace, spec: ExperimentSpec, inputs
     from stmdit.sampling import check_width
 
     keys = inputs.keys
-    ge_group = open_store(args.ge)
+    ge_group = open_feature_store(args.ge)
     deviation = inputs.reencoder.check_reproduces(ge_group, inputs.counts, keys)
     log.info("re-encoded the unedited GE of %d spots with %s: relative deviation from %s %.2g", len(keys),
              inputs.reencoder.params.get("impl"), args.ge, deviation)
@@ -383,7 +381,7 @@ def read_uni(uni_store: str | Path, keys: Sequence[str], config) -> np.ndarray:
     from stmdit.features import check_finite_rows
     from stmdit.sampling import check_width
 
-    group = open_store(uni_store)
+    group = open_feature_store(uni_store)
     uni = check_finite_rows(read_array_rows(group["embedding"], store_rows(group, keys, uni_store)), uni_store,
                             "embedding", list(keys))
     check_width(uni_store, "UNI embedding", uni.shape[-1], config.uni_dim)

@@ -25,6 +25,7 @@ import pandas as pd
 
 from stmdit.errors import InputError
 from stmdit.model import GE, UNI_GE
+from stmdit.split_table import TRAIN, split_keys
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def parse_gene_sets(items: list[str]) -> dict[str, list[str]]:
 def run_generate(args: argparse.Namespace) -> Path:
     import scipy.sparse as sp
 
-    from stmdit.loader import open_store
+    from stmdit.features import open_feature_store
     from stmdit.sample_grid import write_png
     from stmdit.sampling import SamplingSession, SessionSettings, cli_params
     from stmdit.virtual.edits import check_reaches_encoder, parse_edit
@@ -88,7 +89,7 @@ def run_generate(args: argparse.Namespace) -> Path:
     labels: list[str] = []
     centroids: dict[str, np.ndarray] = {}
     if args.vector is not None:
-        group = open_store(args.ge)
+        group = open_feature_store(args.ge)
         from stmdit.features import string_values
 
         encoder_genes = [str(g) for g in string_values(group["token_genes"][:])[1:]]
@@ -118,8 +119,7 @@ def run_generate(args: argparse.Namespace) -> Path:
         if edit.labels:
             if args.split is None or args.vector is not None:
                 raise InputError(None, "toward: edits need --keys, --expression and --split (train-spot centroids)")
-            split = pd.read_parquet(args.split, columns=["key", "split"])
-            train = obs.intersection(pd.Index(split.loc[split["split"] == "train", "key"].astype(str)))
+            train = obs.intersection(pd.Index(split_keys(args.split, TRAIN)))
             train_labels = adata.obs["label"].astype(str).reindex(train).to_numpy()
             centroids = class_centroids_log1p(matrix[obs.get_indexer(train)].toarray(), train_labels, edit.labels)
         arms.append(Arm("edited", None, edit, edit.text()))

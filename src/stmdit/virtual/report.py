@@ -56,9 +56,9 @@ def paired_bootstrap(edit: np.ndarray, control: np.ndarray, n_boot: int, seed: i
 
 
 def read_tiles(path: str | Path) -> tuple[Any, pd.DataFrame]:
-    from stmdit.loader import open_store
+    from stmdit.features import open_feature_store
 
-    group = open_store(path)
+    group = open_feature_store(path)
     needed = ("images", "spot_key", "arm", "ref_key", "dose", "label", "sample", "pxl_row", "pxl_col")
     missing = [name for name in needed if name not in group]
     if missing or "virtual" not in group.attrs:
