@@ -41,6 +41,22 @@ def test_dry_run_plans_every_stage():
         assert f"\n{rule} " in out, f"{rule} not planned"
 
 
+def test_config_booleans_reach_commands_either_way(tmp_path):
+    """bf16 true in the config gives --bf16, false --no-bf16 (the commands default to on): a false
+    value is passed, not left to the command's default."""
+    override = tmp_path / "no_bf16.yaml"
+    override.write_text("sample:\n  bf16: false\nfeatures:\n  bf16: false\n")
+    for configs, flag in [(["config.yaml"], "--bf16"), (["config.yaml", str(override)], "--no-bf16")]:
+        result = snakemake("-n", "-p", "--forceall", "results/samples/PixCell-Flow-B/demo/uni.zarr",
+                           "--configfile", *configs)
+        assert result.returncode == 0, result.stderr[-3000:]
+        commands = [line for line in result.stdout.splitlines() if "python -m stmdit" in line]
+        for command in ("stmdit sample ", "stmdit features "):
+            planned = [c for c in commands if command in c]
+            assert planned and all(f" {flag}" in c and f" {'--no-bf16' if flag == '--bf16' else '--bf16'} " not in c
+                                   for c in planned), (command, planned[:1])
+
+
 def test_one_table_plans_only_its_own_chain():
     result = snakemake("-n", "--forceall", "results/tables/table2.md")
     assert result.returncode == 0, result.stderr
