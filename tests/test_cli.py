@@ -51,3 +51,16 @@ def test_named_paths_are_parsed_once_with_the_option_in_every_error():
         with pytest.raises(InputError, match="--gen-uni") as err:
             parse_named_paths(values, "--gen-uni", allowed)
         assert message in str(err.value)
+
+
+def test_provenance_params_of_a_command_hash_the_same_in_every_process():
+    """The dispatched function is not a parameter: its address would change the hash from run to run."""
+    import subprocess
+    import sys
+
+    code = ("from stmdit.cli import build_parser, cli_params; from stmdit.provenance import params_hash; "
+            "args = build_parser('layout-probe').parse_args(['layout-probe', '--model-dir', 'm', '--split', 's', "
+            "'--latents', 'l', '--uni', 'u', '--out', 'o']); print(params_hash(cli_params(args)), 'func' in vars(args))")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+            for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0][1] == "True", runs

@@ -68,6 +68,13 @@ def add_bf16_option(parser: argparse.ArgumentParser) -> None:
                         help="bf16 autocast on CUDA (ignored on CPU); --no-bf16 runs float32")
 
 
+def cli_params(args: argparse.Namespace) -> dict:
+    """A command's parsed options as provenance parameters: paths as strings, without the dispatched
+    function (its address would change the params hash from run to run)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k != "func" and not callable(v)}
+
+
 def parse_named_paths(values: Sequence[str], option: str, allowed: Sequence[str] | None = None) -> dict[str, Path]:
     """["uni_ge=a.zarr", "uni=b.zarr"] -> {"uni_ge": Path("a.zarr"), ...} for an option given as
     NAME=PATH items; names from `allowed` when given, each at most once."""

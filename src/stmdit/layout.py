@@ -36,7 +36,7 @@ import numpy as np
 from stmdit.errors import InputError
 from stmdit.features import read_array_rows, string_values
 from stmdit.provenance import atomic_path, provenance
-from stmdit.cli import parse_named_paths
+from stmdit.cli import cli_params, parse_named_paths
 from stmdit.sample_grid import store_keys
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def run_layout(args: argparse.Namespace) -> Path:
         "measure": "per-spot Pearson r of the block-mean grey layouts (tile mean removed) of generated vs real tile",
         "interval": f"95% spot bootstrap ({args.n_boot} replicates)",
         "regimes": regimes,
-        "provenance": provenance("layout", vars(args), inputs=[*args.patches, *samples.values()]),
+        "provenance": provenance("layout", cli_params(args), inputs=[*args.patches, *samples.values()]),
     }
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -289,7 +289,7 @@ def run_layout_probe(args: argparse.Namespace) -> Path:
                    "real latent",
         "interval": f"95% spot bootstrap ({args.n_boot} replicates)",
         "splits": splits,
-        "provenance": provenance("layout-probe", vars(args),
+        "provenance": provenance("layout-probe", cli_params(args),
                                  inputs=[trained.path, args.split, args.latents, args.uni]),
     }
     with atomic_path(args.out) as tmp:

@@ -28,7 +28,7 @@ import numpy as np
 from stmdit.errors import InputError
 from stmdit.layout import RealSummaries, chunked_summaries, derangement, sample_store_keys
 from stmdit.provenance import atomic_path, provenance
-from stmdit.cli import parse_named_paths
+from stmdit.cli import cli_params, parse_named_paths
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def run_palette(args: argparse.Namespace) -> Path:
         "null": "the same with each generated tile paired with another spot's real tile (a fixed derangement)",
         "interval": f"95% spot bootstrap ({args.n_boot} replicates)",
         "regimes": regimes,
-        "provenance": provenance("palette", vars(args), inputs=[*args.patches, *samples.values()]),
+        "provenance": provenance("palette", cli_params(args), inputs=[*args.patches, *samples.values()]),
     }
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -35,7 +35,8 @@ from stmdit.loader import GeBatch, store_rows
 from stmdit.split_table import TEST, TRAIN, split_keys
 from stmdit.metrics import choose_reference_spots, class_centroids, interpolate_ge
 from stmdit.model import GE, UNI_GE
-from stmdit.sampling import SamplingSession, SessionSettings, add_sampler_options, check_width, cli_params, token_arrays
+from stmdit.cli import cli_params
+from stmdit.sampling import SamplingSession, SessionSettings, add_sampler_options, check_width, token_arrays
 
 log = logging.getLogger(__name__)
 

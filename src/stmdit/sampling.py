@@ -438,10 +438,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def cli_params(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
-
-
 def sampler_settings(args: argparse.Namespace, regime: str) -> SamplerSettings:
     return SamplerSettings(regime=regime, steps=args.steps, seed=args.seed, s_uni=args.s_uni, s_ge=args.s_ge,
                            batch_size=args.batch_size, bf16=args.bf16, solver=args.solver)

@@ -26,7 +26,7 @@ from stmdit.features import open_feature_store, read_array_rows
 from stmdit.layout import CHUNK_TILES, chunked_summaries, sample_store_keys
 from stmdit.loader import store_rows
 from stmdit.provenance import atomic_path, provenance
-from stmdit.cli import parse_named_paths
+from stmdit.cli import cli_params, parse_named_paths
 from stmdit.sampling import CodecSettings, add_vae_options, load_codec
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def run_texture(args: argparse.Namespace) -> Path:
         "reference": "the same spots' real latents decoded by the same VAE (real (VAE))",
         "target": list(TARGET), "interval": f"95% spot bootstrap of the ratio ({args.n_boot} replicates)",
         "regimes": regimes,
-        "provenance": provenance("texture", vars(args), inputs=[args.latents, *samples.values()]),
+        "provenance": provenance("texture", cli_params(args), inputs=[args.latents, *samples.values()]),
     }
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -418,7 +418,8 @@ def experiment_session_settings(args: argparse.Namespace, spec: ExperimentSpec):
 
 
 def run_virtual_sample(args: argparse.Namespace) -> Path:
-    from stmdit.sampling import SamplingSession, cli_params
+    from stmdit.cli import cli_params
+    from stmdit.sampling import SamplingSession
 
     spec = ExperimentSpec.from_json(args.name, args.experiment_json)
     session = SamplingSession(experiment_session_settings(args, spec))

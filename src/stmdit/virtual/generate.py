@@ -71,7 +71,8 @@ def run_generate(args: argparse.Namespace) -> Path:
 
     from stmdit.features import open_feature_store
     from stmdit.sample_grid import write_png
-    from stmdit.sampling import SamplingSession, SessionSettings, cli_params
+    from stmdit.cli import cli_params
+    from stmdit.sampling import SamplingSession, SessionSettings
     from stmdit.virtual.edits import check_reaches_encoder, parse_edit
     from stmdit.virtual.experiment import Arm, GeReencoder, class_centroids_log1p, read_uni, VirtualConditions
 

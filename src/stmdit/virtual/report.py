@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from stmdit.cli import cli_params
 from stmdit.errors import InputError
 from stmdit.features import read_array_rows, string_values
 from stmdit.metrics import percentile_interval
@@ -355,7 +356,7 @@ def run_virtual_report(args: argparse.Namespace) -> None:
         "effect": "per label: the interval of the paired difference (edit - control) lies above 0",
         **numbers,
         "per_spot": {key: {arm: float(changes.loc[key, arm]) for arm in changes.columns} for key in changes.index},
-        "stmdit": provenance("virtual-report", {k: str(v) for k, v in vars(args).items() if k != "func"},
+        "stmdit": provenance("virtual-report", cli_params(args),
                              [args.tiles, *args.spots, *args.patches]),
         "sampling": attrs.get("stmdit"),
     }
