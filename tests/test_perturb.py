@@ -77,9 +77,9 @@ def test_centroid_mode_is_the_default_and_shares_noise_and_uni_across_alphas(coh
     assert np.abs(latents[0, 0] - latents[1, 0]).max() > 1e-3
 
 
-def conditions_of(cohort, mode: str):
+def conditions_of(cohort, mode: str, root=None):
     """PerturbationConditions of the test cohort (Tumor->Stroma, 2 references, alphas 0, .5, 1)."""
-    root = cohort["root"]
+    root = root or cohort["root"]
     table = cohort["table"]
     train, test = table[table["split"] == "train"], table[table["split"] == "test"]
     rows, _ = perturb.perturbation_rows([("Tumor", "Stroma")], [0.0, 0.5, 1.0], test["key"].tolist(),
@@ -164,6 +164,31 @@ def test_token_centroid_matches_class_centroids(cohort):
     moved, moved_mask = perturb.interpolate_tokens(spot_tokens, spot_mask, target, 1.0)
     assert moved_mask.all()
     np.testing.assert_allclose(moved, centroid)
+
+
+@pytest.mark.parametrize("mode", ["spotwise", "centroid"])
+def test_nan_tokens_stop_perturbation_naming_the_store(cohort, tmp_path, mode):
+    """A NaN in a reference spot's tokens (spot-wise) or in a train spot's of the target class (both
+    modes: the target centroid) stops with one error naming the GE store, not NaN tiles."""
+    import shutil
+
+    from stmdit.errors import InputError
+
+    root = tmp_path / "cohort"
+    shutil.copytree(cohort["root"], root)
+    table = cohort["table"]
+    train, test = table[table["split"] == "train"], table[table["split"] == "test"]
+    rows, _ = perturb.perturbation_rows([("Tumor", "Stroma")], [0.0, 0.5, 1.0], test["key"].tolist(),
+                                        test["label"].to_numpy(object), train["label"].to_numpy(object), 2, 42, mode)
+    bad_key = rows["ref_key"].iloc[0] if mode == "spotwise" else train[train["label"] == "Stroma"]["key"].iloc[0]
+    group = zarr.open_group(str(root / "cf.zarr"), mode="r+")
+    row = list(string_values(group["spot_key"][:])).index(bad_key)
+    tokens = np.asarray(group["tokens"][row])
+    tokens[0, 0] = np.nan  # position 0 (CLS) is a real token in every spot
+    group["tokens"][row] = tokens
+    with pytest.raises(InputError, match="cf.zarr") as err:
+        conditions_of(cohort, mode, root)
+    assert "NaN or inf" in str(err.value)
 
 
 def test_unknown_mode_is_refused():

@@ -122,6 +122,9 @@ def ge_centroids(ge_store: str | Path, keys: Sequence[str], labels: np.ndarray, 
         for label in wanted:
             centroids[label].tokens, centroids[label].valid = token_centroid(token_array, mask_array,
                                                                              rows[labels == label])
+            if not np.isfinite(centroids[label].tokens).all():
+                raise InputError(ge_store, f"array 'tokens' has NaN or inf values in train spots labelled {label!r}: "
+                                           "recompute the store")
     return centroids
 
 
@@ -153,8 +156,9 @@ class PerturbationConditions:
         self.centroids = centroids
         self.mode = mode
         self.uses_tokens = config.uses_ge_tokens
-        refs = list(dict.fromkeys(self.noise_keys))
+        refs = self.ref_keys = list(dict.fromkeys(self.noise_keys))
         self.ref_index = {k: i for i, k in enumerate(refs)}
+        self.ge_store = ge_store
         uni_group = open_feature_store(uni_store)
         self.uni = check_finite_rows(read_array_rows(uni_group["embedding"], store_rows(uni_group, refs, uni_store)),
                                      uni_store, "embedding", refs)
@@ -182,8 +186,9 @@ class PerturbationConditions:
             cls = self.ge_cls[refs].astype(np.float64)
             if self.ge_tokens is None:
                 return cls, None, None
-            return (cls, read_array_rows(self.ge_tokens, self.ge_rows[refs]).astype(np.float64),
-                    read_array_rows(self.ge_mask, self.ge_rows[refs]).astype(bool))
+            tokens = check_finite_rows(read_array_rows(self.ge_tokens, self.ge_rows[refs]), self.ge_store, "tokens",
+                                       [self.ref_keys[r] for r in refs])
+            return cls, tokens.astype(np.float64), read_array_rows(self.ge_mask, self.ge_rows[refs]).astype(bool)
         sources = [self.centroids[s] for s in part["source"]]
         cls = np.stack([c.cls for c in sources])
         if not self.uses_tokens:
