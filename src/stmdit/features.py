@@ -134,6 +134,23 @@ class _RowBuffer:
         self.n_pending = len(rest)
 
 
+def new_spot_store(path: str | Path, keys: Sequence[str], extra_arrays: Mapping[str, np.ndarray] | None = None
+                   ) -> zarr.Group:
+    """A new Zarr v3 group at `path` (a writer's staging folder) holding `spot_key` = keys and
+    `extra_arrays` as given; the writer adds its per-spot arrays. Feature and sample stores share it."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.create_array("spot_key", shape=(len(keys),), dtype=str,
+                       chunks=(min(len(keys), KEY_CHUNK_ROWS),))[:] = np.array(keys, dtype=object)
+    for name, values in (extra_arrays or {}).items():
+        values = np.asarray(values)
+        if values.dtype.kind in "UO":
+            strings = group.create_array(name, shape=values.shape, dtype=str, chunks=values.shape or (1,))
+            strings[:] = values.astype(object)
+        else:
+            group.create_array(name, data=values)
+    return group
+
+
 def write_feature_store(
     path: str | Path,
     keys: Sequence[str],
@@ -153,9 +170,7 @@ def write_feature_store(
     if n == 0:
         raise InputError(path, "no spots to write")
     with atomic_path(path) as tmp:
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        key_array = group.create_array("spot_key", shape=(n,), dtype=str, chunks=(min(n, KEY_CHUNK_ROWS),))
-        key_array[:] = np.array(keys, dtype=object)
+        group = new_spot_store(tmp, keys, extra_arrays)
         buffers = {}
         for name, shape in shapes.items():
             dtype = np.dtype(STORED_DTYPES.get(name, np.float32))
@@ -163,13 +178,6 @@ def write_feature_store(
             array = group.create_array(name, shape=(n, *shape), dtype=dtype, chunks=chunks, shards=shards,
                                        compressors=_compressor(dtype), fill_value=0)
             buffers[name] = _RowBuffer(array, shards[0])
-        for name, values in (extra_arrays or {}).items():
-            values = np.asarray(values)
-            if values.dtype.kind in "UO":
-                extra = group.create_array(name, shape=values.shape, dtype=str, chunks=values.shape or (1,))
-                extra[:] = values.astype(object)
-            else:
-                group.create_array(name, data=values)
         rows = 0
         for batch in batches:
             sizes = {name: len(batch[name]) for name in shapes}
@@ -519,8 +527,6 @@ def run_image_features(args: argparse.Namespace, arch: dict) -> Path:
 
 
 def run_expression_features(args: argparse.Namespace, arch: dict) -> Path:
-    from stmdit.encoders import load_encoder
-
     if not args.expression:
         raise InputError(None, "encoder cancerfoundation needs --expression")
     cohort = read_cohort_counts(Path(args.expression))

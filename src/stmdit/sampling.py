@@ -36,7 +36,7 @@ import zarr
 
 from stmdit.cli import add_bf16_option
 from stmdit.errors import InputError
-from stmdit.features import check_finite_rows, open_feature_store, parse_arch, read_array_rows
+from stmdit.features import check_finite_rows, new_spot_store, open_feature_store, parse_arch, read_array_rows
 from stmdit.loader import GeBatch, store_rows
 from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, guided_prediction, regime_spec
 from stmdit.model.guidance import ConditionCache
@@ -330,14 +330,7 @@ def write_sample_store(
     if n == 0:
         raise InputError(path, "no spots to write")
     with atomic_path(path) as tmp:
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        group.create_array("spot_key", shape=(n,), dtype=str, chunks=(n,))[:] = np.array(keys, dtype=object)
-        for name, values in (extra_arrays or {}).items():
-            values = np.asarray(values)
-            if values.dtype.kind in "UO":
-                group.create_array(name, shape=values.shape, dtype=str, chunks=values.shape)[:] = values.astype(object)
-            else:
-                group.create_array(name, data=values)
+        group = new_spot_store(tmp, keys, extra_arrays)
         latent_array = image_array = None
         written = 0
         for latents, images in batches:
