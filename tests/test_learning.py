@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from stmdit.loader import GeBatch
-from stmdit.model import DiTConfig, STMDiT, draw_sample_randomness, get_objective
+from stmdit.model import DiTConfig, STMDiT, draw_spot_randomness, get_objective
 from stmdit.sampling import SamplerSettings, sample_latents
 
 C, SIDE, UNI_DIM, GE_DIM, N_TOKENS = 4, 8, 16, 16, 6
@@ -91,7 +91,7 @@ def train(fusion: str, tokens: str | None, objective_name: str = "flow") -> STMD
     order = torch.Generator().manual_seed(2)
     for step in range(TRAIN_STEPS):
         rows = torch.randint(0, N_TRAIN, (BATCH,), generator=order)
-        draws = draw_sample_randomness(rows.tolist(), seed=0, step=step, latent_shape=(C, SIDE, SIDE),
+        draws = draw_spot_randomness(rows.tolist(), seed=0, step=step, latent_shape=(C, SIDE, SIDE),
                                        p_drop_uni=P_DROP)
         batch = {"latent": x0[rows], "uni": uni[rows],
                  "ge": GeBatch(ge.cls[rows], ge.tokens[rows], ge.token_mask[rows]) if model.config.uses_ge else None}

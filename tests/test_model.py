@@ -18,7 +18,7 @@ from stmdit.model import (
     DiTConfig,
     STMDiT,
     count_parameters,
-    draw_sample_randomness,
+    draw_spot_randomness,
     dual_guidance,
     get_objective,
     guided_prediction,
@@ -76,7 +76,7 @@ def other_ge(ge: GeBatch, seed: int = 7) -> GeBatch:
 
 
 def fixed_draws(p_drop: float = 0.0):
-    return draw_sample_randomness(range(B), seed=0, step=0, latent_shape=(C, SIDE, SIDE), p_drop_uni=p_drop)
+    return draw_spot_randomness(range(B), seed=0, step=0, latent_shape=(C, SIDE, SIDE), p_drop_uni=p_drop)
 
 
 def train(model, batch, objective_name="ddpm", steps=40, lr=1e-3, p_drop=0.0) -> list[float]:
@@ -312,13 +312,13 @@ def test_ddpm_and_flow_targets():
 
 def test_draws_do_not_depend_on_batch_composition():
     keys = [f"s1:AAAC-{i}" for i in range(6)]
-    full = draw_sample_randomness(keys, seed=5, step=12, latent_shape=(C, SIDE, SIDE), p_drop_uni=0.5)
-    alone = draw_sample_randomness(keys[3:4], seed=5, step=12, latent_shape=(C, SIDE, SIDE), p_drop_uni=0.5)
-    shuffled = draw_sample_randomness(keys[::-1], seed=5, step=12, latent_shape=(C, SIDE, SIDE), p_drop_uni=0.5)
+    full = draw_spot_randomness(keys, seed=5, step=12, latent_shape=(C, SIDE, SIDE), p_drop_uni=0.5)
+    alone = draw_spot_randomness(keys[3:4], seed=5, step=12, latent_shape=(C, SIDE, SIDE), p_drop_uni=0.5)
+    shuffled = draw_spot_randomness(keys[::-1], seed=5, step=12, latent_shape=(C, SIDE, SIDE), p_drop_uni=0.5)
     for field in ("noise", "u", "drop_uni", "drop_ge"):
         assert torch.equal(getattr(alone, field)[0], getattr(full, field)[3])
         assert torch.equal(getattr(shuffled, field).flip(0), getattr(full, field))
-    next_step = draw_sample_randomness(keys, seed=5, step=13, latent_shape=(C, SIDE, SIDE), p_drop_uni=0.5)
+    next_step = draw_spot_randomness(keys, seed=5, step=13, latent_shape=(C, SIDE, SIDE), p_drop_uni=0.5)
     assert not torch.equal(next_step.noise, full.noise)
 
 
@@ -330,7 +330,7 @@ def regime_counts(drop_uni: np.ndarray, drop_ge: np.ndarray) -> np.ndarray:
 
 def test_modality_dropout_is_independent_per_condition():
     p, n = 0.3, 20_000
-    draws = draw_sample_randomness(range(n), seed=11, step=0, latent_shape=(1,), p_drop_uni=p)
+    draws = draw_spot_randomness(range(n), seed=11, step=0, latent_shape=(1,), p_drop_uni=p)
     expected = n * np.array([(1 - p) ** 2, (1 - p) * p, p * (1 - p), p**2])
     observed = regime_counts(draws.drop_uni.numpy(), draws.drop_ge.numpy())
     # A correct implementation fails this with probability 1e-6.

@@ -22,7 +22,7 @@ from stmdit.features import string_values, write_feature_store
 from stmdit.loader import GeBatch
 from stmdit.model import DiTConfig, STMDiT, get_objective
 from stmdit.provenance import provenance, write_json
-from stmdit.train_utils import sample_generator
+from stmdit.train_utils import keyed_generator
 
 torch.set_num_threads(1)
 
@@ -175,7 +175,7 @@ def test_noise_depends_only_on_seed_and_key():
     both = sampling.initial_noise(["s0:a", "s1:b"], 42, LATENT_SHAPE)
     alone = sampling.initial_noise(["s1:b"], 42, LATENT_SHAPE)
     assert torch.equal(both[1], alone[0]) and not torch.equal(both[0], both[1])
-    assert torch.equal(alone[0], torch.randn(LATENT_SHAPE, generator=sample_generator(42, "sample", "s1:b")))
+    assert torch.equal(alone[0], torch.randn(LATENT_SHAPE, generator=keyed_generator(42, "sample", "s1:b")))
     assert not torch.equal(alone, sampling.initial_noise(["s1:b"], 43, LATENT_SHAPE))
 
 

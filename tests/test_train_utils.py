@@ -14,7 +14,7 @@ from stmdit.train_utils import (
     load_checkpoint,
     lr_factor,
     prune_checkpoints,
-    sample_seed,
+    keyed_seed,
     save_checkpoint,
 )
 
@@ -44,9 +44,9 @@ def test_ema_follows_parameters_at_its_decay():
 
 
 def test_sample_seed_depends_only_on_its_parts():
-    assert sample_seed(42, 3, "a:b") == sample_seed(42, 3, "a:b")
-    assert len({sample_seed(42, s, j) for s in range(20) for j in range(20)}) == 400
-    assert sample_seed(42, 1, 2) != sample_seed(43, 1, 2)
+    assert keyed_seed(42, 3, "a:b") == keyed_seed(42, 3, "a:b")
+    assert len({keyed_seed(42, s, j) for s in range(20) for j in range(20)}) == 400
+    assert keyed_seed(42, 1, 2) != keyed_seed(43, 1, 2)
 
 
 def test_wall_clock_budget(monkeypatch):

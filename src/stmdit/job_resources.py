@@ -105,7 +105,7 @@ FORMULAS: dict[str, Formula] = {
     "features_cancerfoundation": Formula(Cost(3000, per_kspot=10, per_mnnz=2), Cost(10, per_kspot=1),
                                          note="counts read in row blocks"),
     "features_cancerfoundation_ptpl": Formula(Cost(3000, per_kspot=10, per_mnnz=2), Cost(10, per_kspot=1)),
-    "deepspot_train": Formula(Cost(4000, per_loaded_mb=1, per_mnnz=4.5), Cost(30, per_kspot=2),
+    "deepspot_train": Formula(Cost(3000, per_loaded_mb=1, per_mnnz=5), Cost(30, per_kspot=2),
                               loads=("features",),
                               note="features whole, sparse targets read in gene blocks, running sums"),
     "deepspot_predict": Formula(Cost(2500, per_loaded_mb=1, per_kspot=16), Cost(10, per_kspot=0.2),

@@ -243,7 +243,7 @@ def run_layout_probe(args: argparse.Namespace) -> Path:
     from stmdit.metrics import subsample_keys
     from stmdit.model import get_objective
     from stmdit.sampling import CodecSettings, SamplingSession, SessionSettings
-    from stmdit.train_utils import sample_generator
+    from stmdit.train_utils import keyed_generator
     import torch
 
     if not 0.0 < args.noise_level < 1.0:
@@ -272,7 +272,7 @@ def run_layout_probe(args: argparse.Namespace) -> Path:
             raise InputError(args.split, f"split {split_name!r} has {len(keys)} spot(s); the probe needs at least 2")
         latents = read_array_rows(latent_group["latent"], store_rows(latent_group, keys, args.latents))
         uni = session.store_conditions(keys, args.uni, None).uni
-        noise = torch.stack([torch.randn(shape, generator=sample_generator(args.seed, "layout-probe", k)) for k in keys])
+        noise = torch.stack([torch.randn(shape, generator=keyed_generator(args.seed, "layout-probe", k)) for k in keys])
         splits[split_name] = entry = probe_split(trained.model, objective, latents, uni, noise, decode,
                                                  args.noise_level, args.batch_size, args.cells, args.n_boot, args.seed)
         part = entry["uni_part_layout"]

@@ -267,7 +267,7 @@ def run_perturb_sample(args: argparse.Namespace) -> Path:
         "uni_null": bool(args.uni_null),
         "centroids": "mean CancerFoundation CLS (and per-position mean of real tokens) of the TRAIN spots "
                      "of a label",
-        "noise": "per reference spot: sample_generator(seed, 'sample', ref_key), the same at every alpha",
+        "noise": "per reference spot: keyed_generator(seed, 'sample', ref_key), the same at every alpha",
     }
     extra = {"pair": rows["pair"].to_numpy(dtype=object), "ref_key": rows["ref_key"].to_numpy(dtype=object),
              "alpha": rows["alpha"].to_numpy(dtype=np.float64)}

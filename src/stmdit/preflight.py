@@ -199,19 +199,19 @@ ENCODER_CHECKS = {
 def check_pretrained_model(model: str, pretrained: dict) -> str:
     """A `pretrained` model folder: stmdit's own (config.json + ema.safetensors) or PixCell's
     diffusers layout (transformer/config.json + diffusion_pytorch_model.safetensors)."""
-    from stmdit.model.dit import CONFIG_NAME, DiTConfig, STMDiT
+    from stmdit.model.dit import CONFIG_NAME, EMA_WEIGHTS_FILE, DiTConfig, STMDiT
 
     path = Path(pretrained["path"]).expanduser()
     if not path.is_dir():
         raise InputError(path, "pretrained model folder not found")
     if pretrained.get("format", "stmdit") == "pixcell":
-        from stmdit.model.pixcell import WEIGHTS_NAME, convert_shapes, dit_config, transformer_folder
+        from stmdit.model.pixcell import PIXCELL_WEIGHTS_FILE, convert_shapes, dit_config, transformer_folder
 
         folder = transformer_folder(path)
         if not (folder / "config.json").is_file():
             raise InputError(folder / "config.json", "missing: PixCell's diffusers transformer needs its config.json")
         config = dit_config(read_json(folder / "config.json"), folder / "config.json")
-        weights_file = folder / WEIGHTS_NAME
+        weights_file = folder / PIXCELL_WEIGHTS_FILE
         if not weights_file.is_file():
             raise InputError(weights_file, "missing: PixCell's transformer weights")
         found = convert_shapes(checkpoint_shapes(weights_file))
@@ -225,9 +225,9 @@ def check_pretrained_model(model: str, pretrained: dict) -> str:
         config = DiTConfig.from_dict(values)
     except (TypeError, ValueError) as exc:
         raise InputError(config_path, f"invalid model config: {exc}") from None
-    weights_file = path / "ema.safetensors"
+    weights_file = path / EMA_WEIGHTS_FILE
     if not weights_file.is_file():
-        raise InputError(weights_file, "missing: a pretrained stmdit model folder needs ema.safetensors")
+        raise InputError(weights_file, f"missing: a pretrained stmdit model folder needs {EMA_WEIGHTS_FILE}")
     require_match(weights_file, meta_shapes(lambda: STMDiT(config)), checkpoint_shapes(weights_file))
     return str(weights_file)
 

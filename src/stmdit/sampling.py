@@ -11,7 +11,7 @@ commands `stmdit sample` (`stmdit.sample`), `perturb-sample`, `virtual-sample`, 
 Samplers follow the model's training objective and the solver (`stmdit.solvers`: the paper's DDIM
 for ddpm and Euler for flow by default, DPM-Solver++(2M) or, for flow, Heun).
 
-The noise of a spot comes from `sample_generator(seed, "sample", key)` only. The model runs on
+The noise of a spot comes from `keyed_generator(seed, "sample", key)` only. The model runs on
 batches padded (by repeating the last spot) to a multiple of PAD_MULTIPLE rows: MKL picks its GEMM
 kernel, and with it the float summation order, by row count for small row counts (measured on CPU:
 1-3 rows, and with 2 threads any count below 12 that is not a multiple of 4, differ from larger
@@ -39,17 +39,17 @@ from stmdit.errors import InputError
 from stmdit.features import check_finite_rows, new_spot_store, open_feature_store, parse_arch, read_array_rows
 from stmdit.loader import GeBatch, store_rows
 from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, guided_prediction, regime_spec
+from stmdit.model.dit import EMA_WEIGHTS_FILE
 from stmdit.model.guidance import ConditionCache
 from stmdit.models_config import OBJECTIVE_SOLVERS
 from stmdit.regimes import PAPER_S_GE, PAPER_S_UNI
 from stmdit.provenance import atomic_path, params_hash, provenance
 from stmdit.solvers import DEFAULT, SOLVERS, Predictor, check_solver, denoise, describe_scheduler, predictor_calls
-from stmdit.train_utils import sample_generator
+from stmdit.train_utils import keyed_generator
 
 log = logging.getLogger(__name__)
 
 PAD_MULTIPLE = 8
-WEIGHTS_NAME = "ema.safetensors"
 LATENT_CHUNK_SPOTS = 8  # 8 x 64 KiB float32 latents per chunk
 IMAGE_CHUNK_SPOTS = 16  # as the patches stores: 16 x 256 x 256 x 3 = 3 MiB
 
@@ -110,10 +110,10 @@ def load_trained_model(model_dir: str | Path, device: torch.device | str = "cpu"
     objective = settings.get("objective")
     if objective not in OBJECTIVE_SOLVERS:
         raise InputError(training_path, f"unknown objective {objective!r} (expected one of {', '.join(OBJECTIVE_SOLVERS)})")
-    if not (model_dir / WEIGHTS_NAME).is_file():
-        raise InputError(model_dir / WEIGHTS_NAME, "EMA weights not found: has training finished?")
-    model = STMDiT.from_pretrained(model_dir, weights_name=WEIGHTS_NAME).to(device).eval()
-    check_finite_weights(model, model_dir / WEIGHTS_NAME)
+    if not (model_dir / EMA_WEIGHTS_FILE).is_file():
+        raise InputError(model_dir / EMA_WEIGHTS_FILE, "EMA weights not found: has training finished?")
+    model = STMDiT.from_pretrained(model_dir, weights_name=EMA_WEIGHTS_FILE).to(device).eval()
+    check_finite_weights(model, model_dir / EMA_WEIGHTS_FILE)
     settings_hash = (training.get("provenance") or {}).get("params_hash") or params_hash(settings)
     return TrainedModel(model_dir, model, objective, settings, settings_hash)
 
@@ -179,7 +179,7 @@ class SamplerSettings:
             "guidance": spec.guidance,
             "forward_rows_per_tile": predictor_calls(self.solver, self.steps) * len(spec.conditions),
             "pad_multiple": PAD_MULTIPLE,
-            "noise": 'sample_generator(seed, "sample", spot key)',
+            "noise": 'keyed_generator(seed, "sample", spot key)',
             **asdict(self),
         }
 
@@ -188,7 +188,7 @@ def initial_noise(noise_keys: Sequence[str], seed: int, latent_shape: Sequence[i
     """(N, C, H, W) standard normal noise; row i depends only on (seed, noise_keys[i])."""
     if not len(noise_keys):
         raise ValueError("no spots to sample")
-    return torch.stack([torch.randn(tuple(latent_shape), generator=sample_generator(seed, "sample", str(key)))
+    return torch.stack([torch.randn(tuple(latent_shape), generator=keyed_generator(seed, "sample", str(key)))
                         for key in noise_keys])
 
 
@@ -490,7 +490,7 @@ class SamplingSession:
     @property
     def weights_path(self) -> Path:
         """The model's weights as a provenance input."""
-        return self.trained.path / WEIGHTS_NAME
+        return self.trained.path / EMA_WEIGHTS_FILE
 
     @property
     def codec(self):

@@ -49,7 +49,8 @@ import torch
 from stmdit.errors import InputError
 from stmdit.loader import SpotFeatures
 from stmdit.split_table import TRAIN, VAL, split_keys
-from stmdit.model import DiTConfig, STMDiT, draw_sample_randomness, get_objective
+from stmdit.model import DiTConfig, STMDiT, draw_spot_randomness, get_objective
+from stmdit.model.dit import EMA_WEIGHTS_FILE
 from stmdit.provenance import atomic_path, params_hash, provenance, write_json
 from stmdit.train_utils import (
     Ema,
@@ -58,7 +59,7 @@ from stmdit.train_utils import (
     load_checkpoint,
     lr_factor,
     prune_checkpoints,
-    sample_seed,
+    keyed_seed,
     save_checkpoint,
 )
 
@@ -169,7 +170,7 @@ def total_steps(settings: TrainSettings, steps_per_epoch: int) -> int:
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng(sample_seed(seed, "epoch", epoch)).permutation(n)
+    return np.random.default_rng(keyed_seed(seed, "epoch", epoch)).permutation(n)
 
 
 class Trainer:
@@ -311,7 +312,7 @@ class Trainer:
         total = 0.0
         for i, (batch, rows) in enumerate(zip(batches, positions)):
             keys = [self.train_data.keys[r] for r in rows]
-            draws = draw_sample_randomness(keys, seed=self.settings.seed, step=self.step,
+            draws = draw_spot_randomness(keys, seed=self.settings.seed, step=self.step,
                                            latent_shape=self.latent_shape, p_drop_uni=self.settings.p_drop)
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last or self.dist.world == 1 else self.forward_model.no_sync()
@@ -343,7 +344,7 @@ class Trainer:
         size = self.settings.micro_batch
         for start in range(0, len(self.val_data), size):
             rows = np.arange(start, min(start + size, len(self.val_data)))
-            draws = draw_sample_randomness([self.val_data.keys[r] for r in rows], seed=self.settings.seed,
+            draws = draw_spot_randomness([self.val_data.keys[r] for r in rows], seed=self.settings.seed,
                                            step=-1, latent_shape=self.latent_shape, p_drop_uni=0.0)
             loss = self.objective.loss(model, self.to_device(self.val_data.batch(rows)), draws, self.autocast)
             losses.append(loss.item() * len(rows))
@@ -421,8 +422,8 @@ class Trainer:
         ema_state = {name: self.ema.shadow[name].to(p.dtype) if name in self.ema.shadow else p
                      for name, p in self.model.state_dict().items()}
         # config.json first, ema.safetensors last: the weights' presence marks a finished model
-        self.model.save_pretrained(self.out_dir, weights_name="ema.safetensors", state_dict=ema_state)
-        log.info("wrote %s", self.out_dir / "ema.safetensors")
+        self.model.save_pretrained(self.out_dir, weights_name=EMA_WEIGHTS_FILE, state_dict=ema_state)
+        log.info("wrote %s", self.out_dir / EMA_WEIGHTS_FILE)
 
 
 def resume_key(settings: TrainSettings) -> str:

@@ -56,15 +56,15 @@ class Ema:
             p.copy_(self.shadow[name].to(p.dtype))
 
 
-def sample_seed(seed: int, *parts: int | str) -> int:
-    """A 63-bit seed that depends only on `seed` and `parts` (e.g. step and sample position, or a
+def keyed_seed(seed: int, *parts: int | str) -> int:
+    """A 63-bit seed that depends only on `seed` and `parts` (e.g. step and dataset position, or a
     spot key), so draws do not depend on batch size, worker count or process count."""
     digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def sample_generator(seed: int, *parts: int | str) -> torch.Generator:
-    return torch.Generator().manual_seed(sample_seed(seed, *parts))
+def keyed_generator(seed: int, *parts: int | str) -> torch.Generator:
+    return torch.Generator().manual_seed(keyed_seed(seed, *parts))
 
 
 # --- wall-clock budget -------------------------------------------------------------------------

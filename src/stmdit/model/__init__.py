@@ -18,8 +18,8 @@ from stmdit.model.guidance import (
 from stmdit.model.objectives import (
     OBJECTIVES,
     DiffusionObjective,
-    SampleDraws,
-    draw_sample_randomness,
+    SpotDraws,
+    draw_spot_randomness,
     get_objective,
 )
 
@@ -28,5 +28,5 @@ __all__ = [
     "GE_FUSIONS", "TOKEN_SOURCES", "GeFusion", "TokenSource", "register_fusion", "register_token_source",
     "GE", "REGIMES", "REGIME_SPECS", "UNCOND", "UNI", "UNI_GE",
     "dual_guidance", "guided_prediction", "regime_spec", "single_guidance",
-    "OBJECTIVES", "DiffusionObjective", "SampleDraws", "draw_sample_randomness", "get_objective",
+    "OBJECTIVES", "DiffusionObjective", "SpotDraws", "draw_spot_randomness", "get_objective",
 ]

@@ -33,7 +33,8 @@ from stmdit.model.fusion import (
 from stmdit.provenance import atomic_path, provenance, write_json
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+MODEL_WEIGHTS_FILE = "model.safetensors"  # save_pretrained's default: the live weights
+EMA_WEIGHTS_FILE = "ema.safetensors"  # a finished training run's EMA weights, what sampling loads
 
 
 @dataclass
@@ -220,7 +221,7 @@ class STMDiT(nn.Module):
 
     # --- persistence ---------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path, weights_name: str = WEIGHTS_NAME,
+    def save_pretrained(self, directory: str | Path, weights_name: str = MODEL_WEIGHTS_FILE,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write `config.json` and the weights (safetensors) into `directory`, each atomically.
         `state_dict` (e.g. EMA weights with the model's names) replaces the live weights."""
@@ -237,7 +238,7 @@ class STMDiT(nn.Module):
             save_file(tensors, str(tmp), metadata={"format": "pt", "config": json.dumps(config)})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, weights_name: str = WEIGHTS_NAME) -> "STMDiT":
+    def from_pretrained(cls, directory: str | Path, weights_name: str = MODEL_WEIGHTS_FILE) -> "STMDiT":
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / weights_name
         if not config_path.is_file():

@@ -2,7 +2,7 @@
 the per-sample randomness of a training step (noise, timestep draw, modality dropout).
 
 Every random number of a sample comes from its own generator, seeded by (seed, step, sample id)
-through `stmdit.train_utils.sample_generator`, so a sample's draws do not depend on the batch it is in,
+through `stmdit.train_utils.keyed_generator`, so a sample's draws do not depend on the batch it is in,
 the batch size or gradient accumulation.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from stmdit.train_utils import sample_generator
+from stmdit.train_utils import keyed_generator
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -31,28 +31,28 @@ class NoisedBatch:
 
 
 @dataclass
-class SampleDraws:
-    """Per-sample randomness of one training step."""
+class SpotDraws:
+    """Per-spot randomness of one training step."""
 
     noise: torch.Tensor  # (B, C, H, W) standard normal
     u: torch.Tensor  # (B,) uniform in [0, 1): the timestep draw
     drop_uni: torch.Tensor  # (B,) bool
     drop_ge: torch.Tensor  # (B,) bool
 
-    def to(self, device) -> "SampleDraws":
-        return SampleDraws(self.noise.to(device), self.u.to(device), self.drop_uni.to(device), self.drop_ge.to(device))
+    def to(self, device) -> "SpotDraws":
+        return SpotDraws(self.noise.to(device), self.u.to(device), self.drop_uni.to(device), self.drop_ge.to(device))
 
 
-def draw_sample_randomness(
-    sample_ids: Sequence[int | str],
+def draw_spot_randomness(
+    spot_ids: Sequence[int | str],
     *,
     seed: int,
     step: int,
     latent_shape: Sequence[int],
     p_drop_uni: float,
     p_drop_ge: float | None = None,
-) -> SampleDraws:
-    """Noise, timestep draw and dropout flags of each sample (a spot key or a dataset position).
+) -> SpotDraws:
+    """Noise, timestep draw and dropout flags of each spot (its key, or a dataset position).
 
     UNI and GE are dropped independently, each with its own Bernoulli draw (p_drop_ge defaults to
     p_drop_uni), so the regimes both / UNI only / GE only / none kept occur in proportions
@@ -62,8 +62,8 @@ def draw_sample_randomness(
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {p}")
     noise, u, drop_uni, drop_ge = [], [], [], []
-    for sample_id in sample_ids:
-        generator = sample_generator(seed, step, sample_id)
+    for spot_id in spot_ids:
+        generator = keyed_generator(seed, step, spot_id)
         scalars = torch.rand(3, generator=generator)  # drawn before the noise: independent of its shape
         u.append(scalars[0])
         drop_uni.append(scalars[1] < p_drop_uni)
@@ -71,7 +71,7 @@ def draw_sample_randomness(
         noise.append(torch.randn(tuple(latent_shape), generator=generator))
     if not noise:
         raise ValueError("no sample ids given")
-    return SampleDraws(torch.stack(noise), torch.stack(u), torch.stack(drop_uni), torch.stack(drop_ge))
+    return SpotDraws(torch.stack(noise), torch.stack(u), torch.stack(drop_uni), torch.stack(drop_ge))
 
 
 class DiffusionObjective:
@@ -96,7 +96,7 @@ class DiffusionObjective:
         self,
         model: torch.nn.Module,
         batch: dict,
-        draws: SampleDraws,
+        draws: SpotDraws,
         autocast_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """MSE between the model's prediction and the target, averaged over all elements.

@@ -24,7 +24,7 @@ from stmdit.encoders.base import load_state_dict_strict, read_json, read_state_d
 from stmdit.errors import InputError
 from stmdit.model.dit import DiTConfig, STMDiT
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+PIXCELL_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # the diffusers transformer folder's
 CLASS_NAMES = ("PixArtTransformer2DModel", "PixCellTransformer2DModel")
 
 # diffusers PixArt names -> STMDiT names (block index kept)
@@ -120,7 +120,7 @@ def load_pixcell(path: str | Path) -> STMDiT:
     if not config_path.is_file():
         raise InputError(config_path, "missing: PixCell's diffusers transformer needs its config.json")
     config = dit_config(read_json(config_path), config_path)
-    weights = folder / WEIGHTS_NAME
+    weights = folder / PIXCELL_WEIGHTS_FILE
     if not weights.is_file():
         raise InputError(weights, "missing: PixCell's transformer weights")
     state = convert_state_dict(read_state_dict(weights))

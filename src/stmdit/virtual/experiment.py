@@ -12,7 +12,7 @@ coordinates, inclusive), max_spots, edit (see `stmdit.virtual.edits`), doses, co
 Rows of the output store (`write_sample_store`): `{arm}|{spot key}` for the arms `unedited`, one per
 dose (`dose=D`, or `edited` without a dose series) and `control` (the control edit at the strongest
 dose); arrays `arm`, `ref_key` (the spot), `dose`. Every arm of a spot is sampled from the noise of
-`sample_generator(seed, "sample", spot key)` with the spot's UNI, so only the GE input differs. Each
+`keyed_generator(seed, "sample", spot key)` with the spot's UNI, so only the GE input differs. Each
 arm's GE is the cohort's raw counts after the edit, through the encoder recorded in the GE store
 (impl, seed, binning, gene list = its token_genes): re-encoding the unedited counts must reproduce
 the store, which is checked before sampling.
@@ -442,7 +442,7 @@ def run_virtual_sample(args: argparse.Namespace) -> Path:
         "n_spots": len(inputs.keys),
         "encoder": {"store": str(args.ge), "params": reencoder.params, "genes": len(reencoder.genes),
                     "reencode_deviation": deviation},
-        "noise": "per spot: sample_generator(seed, 'sample', spot key), the same in every arm",
+        "noise": "per spot: keyed_generator(seed, 'sample', spot key), the same in every arm",
         "edit_units": "log1p CP10k (x = log1p(1e4 c / total)); * scales counts",
     }
     extra = experiment_extra_arrays(conditions, arms, inputs.chosen)

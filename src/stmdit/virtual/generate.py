@@ -131,7 +131,7 @@ def run_generate(args: argparse.Namespace) -> Path:
     attrs = session.attrs("generate", cli_params(args),
                           [session.weights_path, args.ge, *(p for p in (args.expression, args.uni, args.vector) if p)])
     attrs["virtual"] = {"experiment": "generate", "arms": [{"arm": a.name, "dose": None, "edit": a.text} for a in arms],
-                        "n_spots": len(keys), "noise": "per spot: sample_generator(seed, 'sample', key)"}
+                        "n_spots": len(keys), "noise": "per spot: keyed_generator(seed, 'sample', key)"}
     extra = {"arm": np.array([arms[a].name for a in conditions.arm_index], dtype=object),
              "ref_key": np.array(conditions.noise_keys, dtype=object)}
     store = session.generate(conditions, out_dir / "tiles.zarr", attrs, extra_arrays=extra)
