@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -134,21 +135,27 @@ class _RowBuffer:
         self.n_pending = len(rest)
 
 
-def new_spot_store(path: str | Path, keys: Sequence[str], extra_arrays: Mapping[str, np.ndarray] | None = None
-                   ) -> zarr.Group:
-    """A new Zarr v3 group at `path` (a writer's staging folder) holding `spot_key` = keys and
-    `extra_arrays` as given; the writer adds its per-spot arrays. Feature and sample stores share it."""
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    group.create_array("spot_key", shape=(len(keys),), dtype=str,
-                       chunks=(min(len(keys), KEY_CHUNK_ROWS),))[:] = np.array(keys, dtype=object)
-    for name, values in (extra_arrays or {}).items():
-        values = np.asarray(values)
-        if values.dtype.kind in "UO":
-            strings = group.create_array(name, shape=values.shape, dtype=str, chunks=values.shape or (1,))
-            strings[:] = values.astype(object)
-        else:
-            group.create_array(name, data=values)
-    return group
+@contextlib.contextmanager
+def staged_spot_store(path: str | Path, keys: Sequence[str], extra_arrays: Mapping[str, np.ndarray] | None = None
+                      ) -> Iterator[zarr.Group]:
+    """A new Zarr v3 group in the staging folder of `path` (moved into place when the block ends
+    without an error, see `atomic_path`), holding `spot_key` = keys and `extra_arrays` as given; the
+    writer adds its per-spot arrays. Feature and sample stores both start here."""
+    keys = [str(k) for k in keys]
+    if not keys:
+        raise InputError(path, "no spots to write")
+    with atomic_path(Path(path)) as tmp:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        group.create_array("spot_key", shape=(len(keys),), dtype=str,
+                           chunks=(min(len(keys), KEY_CHUNK_ROWS),))[:] = np.array(keys, dtype=object)
+        for name, values in (extra_arrays or {}).items():
+            values = np.asarray(values)
+            if values.dtype.kind in "UO":
+                strings = group.create_array(name, shape=values.shape, dtype=str, chunks=values.shape or (1,))
+                strings[:] = values.astype(object)
+            else:
+                group.create_array(name, data=values)
+        yield group
 
 
 def write_feature_store(
@@ -164,13 +171,8 @@ def write_feature_store(
 
     If anything fails (including inside `batches`), no store is left at `path`.
     """
-    path = Path(path)
-    keys = [str(k) for k in keys]
-    n = len(keys)
-    if n == 0:
-        raise InputError(path, "no spots to write")
-    with atomic_path(path) as tmp:
-        group = new_spot_store(tmp, keys, extra_arrays)
+    path, n = Path(path), len(keys)
+    with staged_spot_store(path, keys, extra_arrays) as group:
         buffers = {}
         for name, shape in shapes.items():
             dtype = np.dtype(STORED_DTYPES.get(name, np.float32))

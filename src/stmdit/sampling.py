@@ -36,14 +36,14 @@ import zarr
 
 from stmdit.cli import add_bf16_option
 from stmdit.errors import InputError
-from stmdit.features import check_finite_rows, new_spot_store, open_feature_store, parse_arch, read_array_rows
+from stmdit.features import check_finite_rows, open_feature_store, staged_spot_store, parse_arch, read_array_rows
 from stmdit.loader import GeBatch, store_rows
 from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, guided_prediction, regime_spec
 from stmdit.model.dit import EMA_WEIGHTS_FILE
 from stmdit.model.guidance import ConditionCache
 from stmdit.models_config import OBJECTIVE_SOLVERS
 from stmdit.regimes import PAPER_S_GE, PAPER_S_UNI
-from stmdit.provenance import atomic_path, params_hash, provenance
+from stmdit.provenance import params_hash, provenance
 from stmdit.solvers import DEFAULT, SOLVERS, Predictor, check_solver, denoise, describe_scheduler, predictor_calls
 from stmdit.train_utils import keyed_generator
 
@@ -324,13 +324,8 @@ def write_sample_store(
     (`features.write_feature_store` stores latents as float16 and has no uint8 arrays.)"""
     from zarr.codecs import BloscCodec, BloscShuffle
 
-    path = Path(path)
-    keys = [str(k) for k in keys]
-    n = len(keys)
-    if n == 0:
-        raise InputError(path, "no spots to write")
-    with atomic_path(path) as tmp:
-        group = new_spot_store(tmp, keys, extra_arrays)
+    path, n = Path(path), len(keys)
+    with staged_spot_store(path, keys, extra_arrays) as group:
         latent_array = image_array = None
         written = 0
         for latents, images in batches:

@@ -340,6 +340,11 @@ def regime_stores(model, cohort, encoder):
     return {r: f"results/eval/{model}/{cohort}/{r}_{encoder}.zarr" for r in regimes}
 
 
+def regime_samples(wildcards):
+    """regime -> the sample store of each regime the model is sampled in, on the cohort."""
+    return {r: f"results/samples/{wildcards.model}/{wildcards.cohort}/{r}.zarr" for r in MODELS[wildcards.model].regimes}
+
+
 def pairs_arg(mapping):
     return " ".join(f"{k}={v}" for k, v in mapping.items())
 

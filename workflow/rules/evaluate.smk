@@ -93,18 +93,17 @@ rule fid:
 
 
 rule layout:
+    # Layout agreement of the generated tiles with their spots' real patches: a diagnostic (UNI2-h is
+    # crop-invariant). `palette` runs the same way with its own command.
     input:
         patches=cohort_patches,
         patches_list=cohort_list("patches"),
-        samples=lambda wildcards: [
-            f"results/samples/{wildcards.model}/{wildcards.cohort}/{r}.zarr" for r in MODELS[wildcards.model].regimes
-        ],
+        samples=lambda wildcards: list(regime_samples(wildcards).values()),
     output:
         "results/eval/{model}/{cohort}/layout.json",
     params:
-        samples=lambda wildcards, input: " ".join(
-            f"{r}={path}" for r, path in zip(MODELS[wildcards.model].regimes, input.samples)
-        ),
+        command="layout",
+        samples=lambda wildcards: pairs_arg(regime_samples(wildcards)),
         n_boot=config["evaluate"]["n_boot"],
         seed=config["evaluate"]["seed"],
     log:
@@ -118,54 +117,38 @@ rule layout:
     conda:
         CONDA_CPU
     shell:
-        "python -m stmdit layout --patches @{input.patches_list} --samples {params.samples} --n-boot {params.n_boot}"
-        " --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort} --out {output} > {log} 2>&1"
+        "python -m stmdit {params.command} --patches @{input.patches_list} --samples {params.samples}"
+        " --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort}"
+        " --out {output} > {log} 2>&1"
 
 
-rule palette:
+use rule layout as palette with:
     # The pass/fail check of what UNI carries (demo-checks); layout.json beside it is a diagnostic.
-    input:
-        patches=cohort_patches,
-        patches_list=cohort_list("patches"),
-        samples=lambda wildcards: [
-            f"results/samples/{wildcards.model}/{wildcards.cohort}/{r}.zarr" for r in MODELS[wildcards.model].regimes
-        ],
     output:
         "results/eval/{model}/{cohort}/palette.json",
     params:
-        samples=lambda wildcards, input: " ".join(
-            f"{r}={path}" for r, path in zip(MODELS[wildcards.model].regimes, input.samples)
-        ),
+        command="palette",
+        samples=lambda wildcards: pairs_arg(regime_samples(wildcards)),
         n_boot=config["evaluate"]["n_boot"],
         seed=config["evaluate"]["seed"],
     log:
         "results/eval/{model}/{cohort}/palette.log",
     benchmark:
         "results/benchmarks/eval/{model}/{cohort}/palette.tsv"
-    threads: 1
     resources:
         mem_mb=job_mem_mb("palette"),
         runtime=job_runtime("palette"),
-    conda:
-        CONDA_CPU
-    shell:
-        "python -m stmdit palette --patches @{input.patches_list} --samples {params.samples} --n-boot {params.n_boot}"
-        " --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort} --out {output} > {log} 2>&1"
 
 
 rule texture:
     # Grey roughness of the generated tiles against the same spots' real latents through the VAE.
     input:
         latents="results/features/{cohort}/sd3_vae.zarr",
-        samples=lambda wildcards: [
-            f"results/samples/{wildcards.model}/{wildcards.cohort}/{r}.zarr" for r in MODELS[wildcards.model].regimes
-        ],
+        samples=lambda wildcards: list(regime_samples(wildcards).values()),
     output:
         "results/eval/{model}/{cohort}/texture.json",
     params:
-        samples=lambda wildcards, input: " ".join(
-            f"{r}={path}" for r, path in zip(MODELS[wildcards.model].regimes, input.samples)
-        ),
+        samples=lambda wildcards: pairs_arg(regime_samples(wildcards)),
         vae=vae_args(),
         n_boot=config["evaluate"]["n_boot"],
         seed=config["evaluate"]["seed"],

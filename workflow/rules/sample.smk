@@ -82,17 +82,13 @@ rule sample_grid:
         patches=cohort_patches,
         spots_list=cohort_list("spots"),
         patches_list=cohort_list("patches"),
-        samples=lambda wildcards: [
-            f"results/samples/{wildcards.model}/{wildcards.cohort}/{r}.zarr" for r in MODELS[wildcards.model].regimes
-        ],
+        samples=lambda wildcards: list(regime_samples(wildcards).values()),
         latents="results/features/{cohort}/sd3_vae.zarr",
     output:
         report("results/figures/grid_{model}_{cohort}.png", category="Samples",
                caption="../report/grid.rst"),
     params:
-        samples=lambda wildcards, input: " ".join(
-            f"{r}={path}" for r, path in zip(MODELS[wildcards.model].regimes, input.samples)
-        ),
+        samples=lambda wildcards: pairs_arg(regime_samples(wildcards)),
         vae=vae_args(),
     log:
         "results/figures/grid_{model}_{cohort}.log",
