@@ -314,11 +314,11 @@ def cohort_spots(work: Path, cohort) -> dict[str, int]:
 def test_spots(work: Path, cohort, ood_max_spots: int) -> dict[str, int]:
     """The spots the test-set rules read: the Visium cohort's test split ("test") and the H&E-only
     cohort's test split capped at sample.ood_max_spots ("ood"); {} before the split has run."""
-    import pandas as pd
+    from stmdit.split_table import TEST, read_split_table
 
     splits = {basis: work / "results" / "splits" / f"{name}.parquet"
               for basis, name in (("test", cohort.visium_cohort), ("ood", cohort.he_cohort))}
-    counts = {basis: int((pd.read_parquet(path, columns=["split"])["split"] == "test").sum())
+    counts = {basis: int((read_split_table(path)["split"] == TEST).sum())
               for basis, path in splits.items() if path.exists()}
     if "ood" in counts:
         counts["ood"] = min(counts["ood"], ood_max_spots)
