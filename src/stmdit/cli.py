@@ -89,6 +89,7 @@ def parse_named_paths(values: Sequence[str], option: str, allowed: Sequence[str]
         named[name] = Path(path)
     return named
 
+
 RUSAGE_DIR_ENV = "STMDIT_RUSAGE_DIR"
 
 
