@@ -77,8 +77,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stmdit.encoders.base import autocast, resolve_device
 from stmdit.cli import add_bf16_option
+from stmdit.encoders.base import autocast, resolve_device
 from stmdit.errors import InputError
 from stmdit.expression import read_kept_spots
 from stmdit.features import open_feature_store, read_feature_rows

@@ -33,10 +33,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from stmdit.cli import cli_params, parse_named_paths
 from stmdit.errors import InputError
 from stmdit.features import read_array_rows, string_values
 from stmdit.provenance import atomic_path, provenance
-from stmdit.cli import cli_params, parse_named_paths
 from stmdit.sample_grid import store_keys
 
 log = logging.getLogger(__name__)

@@ -23,12 +23,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from stmdit.cli import parse_named_paths
 from stmdit.errors import InputError
 from stmdit.features import open_feature_store, read_array_rows
 from stmdit.loader import store_rows
-from stmdit.split_table import TEST, split_keys
-from stmdit.cli import parse_named_paths
 from stmdit.sample_grid import read_image, store_keys
+from stmdit.split_table import TEST, split_keys
 
 log = logging.getLogger(__name__)
 

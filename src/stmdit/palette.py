@@ -25,10 +25,10 @@ from typing import Mapping, Sequence
 import cv2
 import numpy as np
 
+from stmdit.cli import cli_params, parse_named_paths
 from stmdit.errors import InputError
 from stmdit.layout import RealSummaries, chunked_summaries, derangement, sample_store_keys
 from stmdit.provenance import atomic_path, provenance
-from stmdit.cli import cli_params, parse_named_paths
 
 log = logging.getLogger(__name__)
 

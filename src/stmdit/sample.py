@@ -18,13 +18,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from stmdit.cli import cli_params
 from stmdit.errors import InputError
-from stmdit.split_table import split_keys
 from stmdit.metrics import subsample_keys
 from stmdit.model import REGIMES, UNI_GE
-from stmdit.cli import cli_params
 from stmdit.sampling import SamplingSession, SessionSettings, add_sampler_options, regime_uses_ge
 from stmdit.solvers import solver_name
+from stmdit.split_table import split_keys
 
 log = logging.getLogger(__name__)
 

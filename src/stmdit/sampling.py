@@ -42,8 +42,8 @@ from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, guided_prediction, regime_
 from stmdit.model.dit import EMA_WEIGHTS_FILE
 from stmdit.model.guidance import ConditionCache
 from stmdit.models_config import OBJECTIVE_SOLVERS
-from stmdit.regimes import PAPER_S_GE, PAPER_S_UNI
 from stmdit.provenance import params_hash, provenance
+from stmdit.regimes import PAPER_S_GE, PAPER_S_UNI
 from stmdit.solvers import DEFAULT, SOLVERS, Predictor, check_solver, denoise, describe_scheduler, predictor_calls
 from stmdit.train_utils import keyed_generator
 

@@ -21,12 +21,12 @@ import cv2
 import numpy as np
 import torch
 
+from stmdit.cli import cli_params, parse_named_paths
 from stmdit.errors import InputError
 from stmdit.features import open_feature_store, read_array_rows
 from stmdit.layout import CHUNK_TILES, chunked_summaries, sample_store_keys
 from stmdit.loader import store_rows
 from stmdit.provenance import atomic_path, provenance
-from stmdit.cli import cli_params, parse_named_paths
 from stmdit.sampling import CodecSettings, add_vae_options, load_codec
 
 log = logging.getLogger(__name__)

@@ -48,10 +48,10 @@ import torch
 
 from stmdit.errors import InputError
 from stmdit.loader import SpotFeatures
-from stmdit.split_table import TRAIN, VAL, split_keys
 from stmdit.model import DiTConfig, STMDiT, draw_spot_randomness, get_objective
 from stmdit.model.dit import EMA_WEIGHTS_FILE
 from stmdit.provenance import atomic_path, params_hash, provenance, write_json
+from stmdit.split_table import TRAIN, VAL, split_keys
 from stmdit.train_utils import (
     Ema,
     WallClock,

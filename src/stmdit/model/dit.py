@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from stmdit.errors import InputError
 from stmdit.dit_config import DiTConfig
+from stmdit.errors import InputError
 from stmdit.loader import GeBatch
 from stmdit.model.fusion import (
     GeContext,

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from stmdit.loader import GeBatch
-
 from stmdit.regimes import GE, PAPER_S_GE, PAPER_S_UNI, REGIMES, UNCOND, UNI, UNI_GE  # noqa: F401
 
 
@@ -116,7 +115,8 @@ def batched_predictions(
     return list(prediction.chunk(n, dim=0))
 
 
-def dual_guidance(model, x, t, uni, ge, s_uni: float = PAPER_S_UNI, s_ge: float = PAPER_S_GE, cache=None) -> torch.Tensor:
+def dual_guidance(model, x, t, uni, ge, s_uni: float = PAPER_S_UNI, s_ge: float = PAPER_S_GE,
+                  cache=None) -> torch.Tensor:
     """e(0,0) + s_uni (e(u,0) - e(0,0)) + s_ge (e(u,g) - e(u,0)), three conditionings in one pass."""
     e00, eu0, eug = batched_predictions(model, x, t, uni, ge, [BOTH_NULL, UNI_ONLY, BOTH_KEPT], cache)
     return e00 + s_uni * (eu0 - e00) + s_ge * (eug - eu0)

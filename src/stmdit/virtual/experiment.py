@@ -35,8 +35,8 @@ from stmdit.errors import InputError
 from stmdit.features import open_feature_store, read_array_rows, string_values
 from stmdit.loader import GeBatch, store_rows
 from stmdit.model import GE, UNI_GE
-from stmdit.spots import read_kept_spots
 from stmdit.split_table import TRAIN, read_split_table
+from stmdit.spots import read_kept_spots
 from stmdit.virtual.edits import (
     Edit,
     apply_edit,
