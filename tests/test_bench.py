@@ -231,7 +231,7 @@ SCALE_RULES = {"spots", "expression", "split", "features[uni2h]", "features[deep
 
 def test_scale_table_projects_test_set_rules_by_their_test_spots():
     """fid and auc read the test spots only: they are projected per test spot to the paper's 11,776;
-    ood_fid's subsample, capped at sample.ood_max_spots, is already paper size at the larger size."""
+    ood_fid's subsample, capped at sampler.ood_max_spots, is already paper size at the larger size."""
     from stmdit.bench_scale import PAPER_TEST_SPOTS, PAPER_VISIUM_SPOTS, scale_table
 
     def rules(peak_auc, peak_ood, peak_split):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stmdit.cli import build_parser
+from stmdit.cli import build_parser, main
 from stmdit.provenance import write_lines
 
 
@@ -24,7 +24,7 @@ def test_an_argument_file_cannot_hold_a_line_break(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("command", ["sample", "features", "deepspot-train", "deepspot-predict", "eval-features"])
+@pytest.mark.parametrize("command", ["tiles", "features", "deepspot-train", "deepspot-predict", "eval-features"])
 def test_bf16_is_on_by_default_as_in_the_config_and_can_be_turned_off(command):
     import yaml
 
@@ -33,7 +33,7 @@ def test_bf16_is_on_by_default_as_in_the_config_and_can_be_turned_off(command):
     schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
     sections = schema["properties"]
     assert sections["features"]["properties"]["bf16"]["default"] is BF16_DEFAULT
-    assert sections["sample"]["properties"]["bf16"]["default"] is BF16_DEFAULT
+    assert sections["sampler"]["properties"]["bf16"]["default"] is BF16_DEFAULT
     action = next(a for a in build_parser(command)._subparsers._group_actions[0].choices[command]._actions
                   if a.dest == "bf16")
     assert action.default is True and "--no-bf16" in action.option_strings
@@ -43,7 +43,7 @@ def test_named_paths_are_parsed_once_with_the_option_in_every_error():
     from stmdit.cli import parse_named_paths
     from stmdit.errors import InputError
 
-    assert parse_named_paths(["uni=a.zarr", "uni_ge=b=c.zarr"], "--samples") == {
+    assert parse_named_paths(["uni=a.zarr", "uni_ge=b=c.zarr"], "--tiles") == {
         "uni": Path("a.zarr"), "uni_ge": Path("b=c.zarr")}
     for values, allowed, message in [(["a.zarr"], None, "NAME=PATH"), (["=a.zarr"], None, "NAME=PATH"),
                                      (["x=a.zarr"], ("uni",), "one of ['uni']"),
@@ -64,3 +64,21 @@ def test_provenance_params_of_a_command_hash_the_same_in_every_process():
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
             for _ in range(2)]
     assert runs[0] == runs[1] and runs[0][1] == "True", runs
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--model-dir", "m"], "command sample was renamed to tiles: stmdit tiles ..."),
+    (["perturb-sample"], "command perturb-sample was renamed to perturbed-tiles: stmdit perturbed-tiles ..."),
+    (["sample-grid"], "command sample-grid was renamed to tile-grid: stmdit tile-grid ..."),
+    (["virtual-sample"], "command virtual-sample was renamed to virtual-tiles: stmdit virtual-tiles ..."),
+    (["palette", "--patches", "p.zarr", "--samples", "uni=a.zarr"], "option --samples of stmdit palette was renamed to --tiles"),
+])
+def test_a_renamed_command_or_option_stops_with_one_line_naming_the_new_name(argv, message, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"stmdit: error: {message}\n"
+
+
+def test_the_sample_sheet_option_keeps_its_name():
+    args = build_parser("demo-data").parse_args(["demo-data", "--samples", "s.tsv", "--source-image", "i.svs",
+                                                 ])
+    assert args.samples == Path("s.tsv")

@@ -141,7 +141,7 @@ def test_demo_runs_through_slurm_profile_with_gpu_rules_on_gpus(slurm_demo):
     run_id = re.search(r"SLURM run ID: (\S+)", log)[1]
     jobs = [(rule, resources) for rule, local, resources in snakemake_jobs(log) if not local and rule != "all"]
     rules = {rule for rule, _ in jobs}
-    assert {"train", "sample", "deepspot_train", "eval_features", "swap_fid"} <= rules
+    assert {"train", "tiles", "deepspot_train", "eval_features", "swap_fid"} <= rules
     wanted_gpus = {}
     for rule, resources in jobs:
         wanted_gpus.setdefault(rule, set()).add(int(resources.get("gpu", 0)))

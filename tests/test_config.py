@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from stmdit.config import load_config, load_sample_sheet, validate_config
+from stmdit.config import check_renamed_results, load_config, load_sample_sheet, validate_config
 from stmdit.errors import InputError
 
 SHEET_HEADER = "sample\tdonor\tcohort\tkind\tpath\timage\tlabels\tmpp\n"
@@ -41,6 +41,26 @@ def test_config_error_names_key_and_value(tmp_path, repo_root):
 def test_config_rejects_unknown_key():
     with pytest.raises(InputError, match="spots"):
         validate_config({"samples": "x.tsv", "spots": {"min_forground": 0.5}})
+
+
+def test_a_renamed_config_key_names_its_new_name(tmp_path, repo_root):
+    config = yaml.safe_load((repo_root / "config.yaml").read_text())
+    config["sample"] = config.pop("sampler")
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(InputError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: config key sample was renamed to sampler: rename the section (its keys are unchanged)"
+
+
+def test_a_results_folder_left_under_its_old_name_stops_the_run(tmp_path):
+    check_renamed_results(["results/tiles/M/c/uni.zarr"], tmp_path)
+    (tmp_path / "results" / "samples").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"results/samples/ was renamed to results/tiles/: `mv results/samples "
+                                         r"results/tiles` keeps what it holds"):
+        check_renamed_results([], tmp_path)
+    (tmp_path / "results" / "tiles").mkdir()
+    check_renamed_results([], tmp_path)
 
 
 def test_demo_sheet_is_valid(repo_root):
@@ -138,13 +158,13 @@ def test_paper_configuration_samples_with_ddim_and_euler_at_50_steps(repo_root):
     from stmdit.models_config import resolve_models
 
     raw = yaml.safe_load((repo_root / "workflow" / "paper" / "config.yaml").read_text())
-    assert raw["sample"]["solver"] == "default" and raw["sample"]["steps"] == 50
+    assert raw["sampler"]["solver"] == "default" and raw["sampler"]["steps"] == 50
     config = load_config(repo_root / "workflow" / "paper" / "config.yaml")
     config["train"]["cohort"] = "10x_TuPro"
     objectives = {m.objective for m in resolve_models(config).values()}
     assert objectives == {"ddpm", "flow"}
-    config["sample"]["solver"] = "heun"
-    with pytest.raises(InputError, match=r"sample.solver = 'heun': does not sample ddpm models such as \S+ \(use one "
+    config["sampler"]["solver"] = "heun"
+    with pytest.raises(InputError, match=r"sampler.solver = 'heun': does not sample ddpm models such as \S+ \(use one "
                                          r"of default, dpmpp_2m\)"):
         resolve_models(config)
 
@@ -154,29 +174,29 @@ def test_models_table_names_the_configured_solver(repo_root):
 
     config = load_config(repo_root / "config.yaml")
     assert {m.sampler for m in resolve_models(config).values()} == {"euler"}  # the demo's flow models
-    config["sample"]["solver"] = "heun"
+    config["sampler"]["solver"] = "heun"
     assert {m.sampler for m in resolve_models(config).values()} == {"heun"}
     for entry in config["models"].values():
         entry["objective"] = "flow_x0"
-    with pytest.raises(InputError, match=r"sample.solver = 'heun': does not sample flow_x0 models such as \S+ "
+    with pytest.raises(InputError, match=r"sampler.solver = 'heun': does not sample flow_x0 models such as \S+ "
                                          r"\(use one of default, unipc\)"):
         resolve_models(config)  # Heun's last correction would multiply an x0 model's error ~26x
 
 
 def test_unipc_is_a_flow_solver_in_config(repo_root):
-    """`sample.solver: unipc` passes the schema and names the demo's flow models' sampler; the paper
+    """`sampler.solver: unipc` passes the schema and names the demo's flow models' sampler; the paper
     configuration, which has ddpm models too, refuses it at parse time."""
     from stmdit.models_config import resolve_models
 
     raw = yaml.safe_load((repo_root / "config.yaml").read_text())
-    raw["sample"]["solver"] = "unipc"
+    raw["sampler"]["solver"] = "unipc"
     config = validate_config(raw, repo_root / "config.yaml")
     assert {m.sampler for m in resolve_models(config).values()} == {"unipc"}
     paper = load_config(repo_root / "workflow" / "paper" / "config.yaml")
     paper["train"]["cohort"] = "10x_TuPro"
-    paper["sample"]["solver"] = "unipc"
-    with pytest.raises(InputError, match=r"sample.solver = 'unipc': does not sample ddpm models"):
+    paper["sampler"]["solver"] = "unipc"
+    with pytest.raises(InputError, match=r"sampler.solver = 'unipc': does not sample ddpm models"):
         resolve_models(paper)
-    raw["sample"]["solver"] = "unipc2"
+    raw["sampler"]["solver"] = "unipc2"
     with pytest.raises(InputError, match="unipc2"):
         validate_config(raw, repo_root / "config.yaml")

@@ -85,12 +85,12 @@ def test_missing_evaluation_is_a_failed_check(tmp_path):
 
 def test_stage_times_sum_jobs_per_stage(tmp_path):
     bench = tmp_path / "benchmarks"
-    for path, seconds in (("sample/M/demo/uni.tsv", 10.0), ("sample/M/demo/uncond.tsv", 5.0),
+    for path, seconds in (("tiles/M/demo/uni.tsv", 10.0), ("tiles/M/demo/uncond.tsv", 5.0),
                           ("eval/M/demo/fid.tsv", 2.0), ("demo_data.tsv", 7.5)):
         (bench / path).parent.mkdir(parents=True, exist_ok=True)
         (bench / path).write_text(f"s\th:m:s\n{seconds}\t0:00:00\n")
     table = stage_times(bench).set_index("stage")
-    assert table.loc["sample", "jobs"] == 2 and table.loc["sample", "seconds"] == pytest.approx(15.0)
+    assert table.loc["tiles", "jobs"] == 2 and table.loc["tiles", "seconds"] == pytest.approx(15.0)
     assert table.loc["fid", "seconds"] == pytest.approx(2.0) and table.loc["demo_data", "jobs"] == 1
 
 

@@ -415,7 +415,7 @@ def perturbation_stores(cohort, tmp_path, drop_last=False, mode="centroid"):
 
 def perturbation_args(cohort, samples, feats, out, *extra):
     root = cohort["root"]
-    return ["perturbation", "--features", feats, "--samples", samples, "--real", root / "h0mini.zarr",
+    return ["perturbation", "--features", feats, "--tiles", samples, "--real", root / "h0mini.zarr",
             "--expression", root / "expr.h5ad", "--split", root / "split.parquet", "--model", MODEL,
             "--cohort", COHORT, "--out", out, *extra]
 

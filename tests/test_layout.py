@@ -79,7 +79,7 @@ def test_cli_writes_json_and_names_a_missing_spot(tmp_path):
     patches = write_store(tmp_path / "p.zarr", keys, real)
     uni = write_store(tmp_path / "uni.zarr", keys, real)
     out = tmp_path / "layout.json"
-    command = [sys.executable, "-m", "stmdit", "layout", "--patches", str(patches), "--samples", f"uni={uni}",
+    command = [sys.executable, "-m", "stmdit", "layout", "--patches", str(patches), "--tiles", f"uni={uni}",
                "--n-boot", "50", "--out", str(out)]
     subprocess.run(command, check=True, capture_output=True)
     result = json.loads(out.read_text())

@@ -73,7 +73,7 @@ def cohort(tmp_path_factory):
 def args_for(cohort, out, stores):
     root = cohort["root"]
     return ["matched-spots", "--ge", root / "cf.zarr", "--split", root / "split.parquet", "--expression",
-            root / "expr.h5ad", "--patches", root / "patches.zarr", "--samples",
+            root / "expr.h5ad", "--patches", root / "patches.zarr", "--tiles",
             *(f"{name}={path}" for name, path in stores.items()), "--seed", 0, "--out", out]
 
 

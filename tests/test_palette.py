@@ -102,7 +102,7 @@ def test_cli_writes_json_and_names_bad_stores(tmp_path):
     patches = write_store(tmp_path / "p.zarr", keys, real)
     uni = write_store(tmp_path / "uni.zarr", keys, real)
     out = tmp_path / "palette.json"
-    command = [sys.executable, "-m", "stmdit", "palette", "--patches", str(patches), "--samples", f"uni={uni}",
+    command = [sys.executable, "-m", "stmdit", "palette", "--patches", str(patches), "--tiles", f"uni={uni}",
                "--n-boot", "50", "--model", "M", "--out", str(out)]
     subprocess.run(command, check=True, capture_output=True)
     result = json.loads(out.read_text())
@@ -114,7 +114,7 @@ def test_cli_writes_json_and_names_bad_stores(tmp_path):
         palette_report([patches], {"uni": stray}, space="lab", n_boot=20, seed=0)
     assert "stray.zarr" in str(error.value)
     single = write_store(tmp_path / "single.zarr", keys[:1], real[:1])
-    failed = subprocess.run([*command[:-4], "--samples", f"uni={single}", "--out", str(tmp_path / "x.json")],
+    failed = subprocess.run([*command[:-4], "--tiles", f"uni={single}", "--out", str(tmp_path / "x.json")],
                             capture_output=True, text=True)
     assert failed.returncode != 0 and "single.zarr" in failed.stderr and "at least 2" in failed.stderr
     assert not (tmp_path / "x.json").exists()

@@ -1,5 +1,5 @@
 """Perturbation sampling (stmdit.perturb): the paper's centroid-to-centroid GE (the default) and the
-spot-wise variant, on the tiny cohort and models of test_sample."""
+spot-wise variant, on the tiny cohort and models of test_tiles."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import pytest
 import zarr
 
 from stmdit import perturb
-from stmdit import sample
+from stmdit import tiles
 from stmdit.features import string_values
 from stmdit.metrics import class_centroids
 from stmdit.model import DiTConfig
-from test_sample import LATENT_SHAPE, STEPS, TINY, cohort, models, read_store, sample_args, uni_ge_samples  # noqa: F401
+from test_tiles import LATENT_SHAPE, STEPS, TINY, cohort, models, read_store, tiles_args, uni_ge_tiles  # noqa: F401
 
 
 def cli(*argv: str):
     parser = argparse.ArgumentParser()
     subparsers = parser.add_subparsers(dest="command")
-    sample.register(subparsers)
+    tiles.register(subparsers)
     perturb.register(subparsers)
     args = parser.parse_args([str(a) for a in argv])
     return args.func(args)
@@ -28,7 +28,7 @@ def cli(*argv: str):
 
 def perturb_args(cohort, model, out, *extra) -> list:
     root = cohort["root"]
-    return ["perturb-sample", "--model-dir", model, "--split", root / "split.parquet", "--expression",
+    return ["perturbed-tiles", "--model-dir", model, "--split", root / "split.parquet", "--expression",
             root / "expr.h5ad", "--uni", root / "uni2h.zarr", "--ge", root / "cf.zarr",
             "--pairs", "Tumor:Stroma,Immune:Tumor,Necrosis:Tumor", "--alphas", "0,0.5,1", "--n-ref", 2,
             "--seed", 42, "--vae-impl", "smoke", "--steps", STEPS, "--batch-size", 4, "--device", "cpu",
@@ -40,7 +40,7 @@ def store_columns(store):
     return string_values(group["pair"][:]), string_values(group["ref_key"][:]), np.asarray(group["alpha"][:])
 
 
-def test_spotwise_store_layout_and_alpha_zero_is_the_plain_sample(cohort, models, uni_ge_samples, tmp_path):
+def test_spotwise_store_layout_and_alpha_zero_is_the_plain_uni_ge_tile(cohort, models, uni_ge_tiles, tmp_path):
     out = tmp_path / "perturbation.zarr"
     cli(*perturb_args(cohort, models["xattn"], out, "--mode", "spotwise"))
     store = read_store(out)
@@ -56,13 +56,13 @@ def test_spotwise_store_layout_and_alpha_zero_is_the_plain_sample(cohort, models
     test = cohort["table"].query("split == 'test'").set_index("key")["label"]
     assert all(test[r] == p.split("->")[0] for p, r in zip(pairs, refs))
     # alpha = 0 with the spot's own GE is the plain uni_ge sample of that reference spot
-    plain = dict(zip(uni_ge_samples["spot_key"], uni_ge_samples["latent"]))
+    plain = dict(zip(uni_ge_tiles["spot_key"], uni_ge_tiles["latent"]))
     for row in np.flatnonzero(alphas == 0):
         np.testing.assert_array_equal(store["latent"][row], plain[refs[row]])
     assert np.abs(store["latent"][2] - store["latent"][0]).max() > 1e-3  # GE reaches the model
 
 
-def test_centroid_mode_is_the_default_and_shares_noise_and_uni_across_alphas(cohort, models, uni_ge_samples, tmp_path):
+def test_centroid_mode_is_the_default_and_shares_noise_and_uni_across_alphas(cohort, models, uni_ge_tiles, tmp_path):
     # a model on which GE has no effect: every alpha of a reference spot gives the same sample iff the
     # noise (and UNI) are shared across alphas; different reference spots still differ
     inert = tmp_path / "inert.zarr"
@@ -139,7 +139,7 @@ def test_uni_null_perturbation_uses_ge_guidance(cohort, models, tmp_path):
     store = read_store(out)
     assert store["attrs"]["sampler"]["regime"] == "ge" and store["attrs"]["perturbation"]["uni_null"] is True
     ge_regime = tmp_path / "ge.zarr"
-    cli(*sample_args(cohort, models["xattn"], ge_regime, regime="ge"))
+    cli(*tiles_args(cohort, models["xattn"], ge_regime, regime="ge"))
     ge_store = read_store(ge_regime)
     plain = dict(zip(ge_store["spot_key"], ge_store["latent"]))
     _, refs, _ = store_columns(store)
@@ -193,4 +193,4 @@ def test_nan_tokens_stop_perturbation_naming_the_store(cohort, tmp_path, mode):
 
 def test_unknown_mode_is_refused():
     with pytest.raises(SystemExit):
-        cli("perturb-sample", "--mode", "nearest")
+        cli("perturbed-tiles", "--mode", "nearest")

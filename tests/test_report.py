@@ -42,7 +42,7 @@ def regressor_entry(real_auc, generated):
 
 def common(model, smoke=False):
     return {"model": model, "encoders": {"h0mini": "smoke" if smoke else "real"}, "params": {"seed": 42},
-            "inputs": [f"results/samples/{model}"]}
+            "inputs": [f"results/tiles/{model}"]}
 
 
 def eval_docs():

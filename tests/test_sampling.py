@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from stmdit import sampling
 from stmdit.errors import InputError
 from stmdit.features import write_feature_store
-from test_sample import LATENT_SHAPE, STEPS, TINY, cli, cohort, models, read_store, sample_args, save_model  # noqa: F401
+from test_tiles import LATENT_SHAPE, STEPS, TINY, cli, cohort, models, read_store, tiles_args, save_model  # noqa: F401
 
 torch.set_num_threads(1)
 
@@ -39,7 +39,7 @@ def test_non_finite_ema_weights_stop_the_run_naming_the_file_and_tensor(cohort, 
     assert repr(tensor) in str(error.value) and kind in str(error.value) and "\n" not in str(error.value)
     out = tmp_path / "x.zarr"
     with pytest.raises(InputError) as error:
-        cli(*sample_args(cohort, bad, out))
+        cli(*tiles_args(cohort, bad, out))
     assert error.value.path == str(bad / "ema.safetensors") and repr(tensor) in str(error.value)
     assert not out.exists()
 
@@ -65,7 +65,7 @@ def test_a_non_finite_condition_row_stops_the_run_naming_the_store(cohort, model
     test_keys = cohort["table"].query("split == 'test'")["key"].tolist()
     row = cohort["keys"].index(test_keys[2])
     bad = nan_copy(root / store, tmp_path / store, array, row)
-    args = sample_args(cohort, models["xattn"], tmp_path / "x.zarr", regime)
+    args = tiles_args(cohort, models["xattn"], tmp_path / "x.zarr", regime)
     args[args.index("--uni" if store == "uni2h.zarr" else "--ge") + 1] = bad
     with pytest.raises(InputError) as error:
         cli(*args)
@@ -73,10 +73,10 @@ def test_a_non_finite_condition_row_stops_the_run_naming_the_store(cohort, model
     assert not (tmp_path / "x.zarr").exists()
 
 
-def test_the_session_samples_what_the_sample_stage_writes(cohort, models, tmp_path):
+def test_the_session_samples_what_the_tiles_stage_writes(cohort, models, tmp_path):
     root = cohort["root"]
     out = tmp_path / "uni_ge.zarr"
-    cli(*sample_args(cohort, models["xattn"], out, "uni_ge", 3))
+    cli(*tiles_args(cohort, models["xattn"], out, "uni_ge", 3))
     store = read_store(out)
     settings = sampling.SessionSettings(model_dir=models["xattn"], device="cpu",
                                         sampler=sampling.SamplerSettings(steps=STEPS, seed=42, batch_size=3))

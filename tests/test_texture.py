@@ -86,7 +86,7 @@ def test_texture_command_writes_its_report(tmp_path):
     write_store(tmp_path / "uni.zarr", keys, "images", codec.decode(latents))
     out = tmp_path / "texture.json"
     subprocess.run([sys.executable, "-m", "stmdit", "texture", "--latents", str(tmp_path / "latents.zarr"),
-                    "--samples", f"uni={tmp_path / 'uni.zarr'}", "--vae-impl", "smoke", "--n-boot", "20",
+                    "--tiles", f"uni={tmp_path / 'uni.zarr'}", "--vae-impl", "smoke", "--n-boot", "20",
                     "--out", str(out)], check=True, capture_output=True)
     report = json.loads(out.read_text())
     assert report["regimes"]["uni"]["ratio"] == pytest.approx(1.0) and report["target"] == list(TARGET)

@@ -148,7 +148,7 @@ def experiment(tmp_path_factory):
     from stmdit import features
     from stmdit.encoders.smoke import SmokeCancerFoundation
     from stmdit.features import write_feature_store
-    from test_sample import TINY, save_model
+    from test_tiles import TINY, save_model
 
     root = tmp_path_factory.mktemp("virtual")
     rng = np.random.default_rng(1)
@@ -191,9 +191,9 @@ def experiment(tmp_path_factory):
             "keys": keys}
 
 
-def sample_argv(ex, out, spec: dict, model=None) -> list:
+def tiles_argv(ex, out, spec: dict, model=None) -> list:
     root = ex["root"]
-    return ["virtual-sample", "--name", "t", "--experiment-json", json.dumps(spec), "--model-dir",
+    return ["virtual-tiles", "--name", "t", "--experiment-json", json.dumps(spec), "--model-dir",
             model or ex["model"], "--split", root / "split.parquet", "--expression", root / "expr.h5ad",
             "--uni", root / "uni2h.zarr", "--ge", root / "cf.zarr", "--spots", *ex["spots"], "--vae-impl", "smoke",
             "--steps", 3, "--seed", 42, "--batch-size", 5, "--device", "cpu", "--out", out]
@@ -206,7 +206,7 @@ def test_experiment_end_to_end(experiment, tmp_path):
 
     tiles = tmp_path / "tiles.zarr"
     spec = {"edit": "PTPRC*{dose}", "doses": [1, 20], "spots": "all", "split": "test", "control": "absent"}
-    direct(vexp, *sample_argv(experiment, tiles, spec))
+    direct(vexp, *tiles_argv(experiment, tiles, spec))
     group = zarr.open_group(str(tiles), mode="r")
     arms = string_values(group["arm"][:])
     assert list(dict.fromkeys(arms)) == ["unedited", "dose=1", "dose=20", "control"]
@@ -244,7 +244,7 @@ def test_toward_a_class_at_alpha_zero_is_the_unedited_tile(experiment, tmp_path)
 
     tiles = tmp_path / "tiles.zarr"
     spec = {"edit": "toward:Stroma@{dose}", "doses": [0, 1], "spots": {"label": "Tumor"}, "max_spots": 3}
-    direct(vexp, *sample_argv(experiment, tiles, spec))
+    direct(vexp, *tiles_argv(experiment, tiles, spec))
     group = zarr.open_group(str(tiles), mode="r")
     arms, latents = string_values(group["arm"][:]), np.asarray(group["latent"][:])
     assert list(dict.fromkeys(arms)) == ["unedited", "dose=0", "dose=1", "control"]
@@ -267,13 +267,13 @@ def test_bad_experiments_stop_with_one_line_and_no_output(experiment, tmp_path):
 
     for i, (spec, model, message) in enumerate(cases):
         if i == 0:  # through the CLI once: exit code 2 and one line on stderr
-            done = run_cli(*sample_argv(experiment, out, spec, model))
+            done = run_cli(*tiles_argv(experiment, out, spec, model))
             assert done.returncode == 2, done.stderr
             error_lines = [line for line in done.stderr.splitlines() if "error:" in line]
             assert len(error_lines) == 1 and message in error_lines[0], done.stderr
         else:
             with pytest.raises(InputError) as err:
-                direct(vexp, *sample_argv(experiment, out, spec, model))
+                direct(vexp, *tiles_argv(experiment, out, spec, model))
             assert message in str(err.value) and "\n" not in str(err.value)
         assert not out.exists() and not list(tmp_path.iterdir())
 

@@ -33,10 +33,10 @@ def test_dry_run_plans_every_stage():
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
     for rule in ("demo_data", "spots", "expression", "features_image", "features_cancerfoundation", "split",
-                 "deepspot_train", "deepspot_predict", "features_cancerfoundation_ptpl", "train", "sample",
-                 "perturb_sample", "sample_grid", "eval_features", "eval_regressor", "fid", "ood_fid", "swap_fid", "auc",
+                 "deepspot_train", "deepspot_predict", "features_cancerfoundation_ptpl", "train", "tiles",
+                 "perturbed_tiles", "tile_grid", "eval_features", "eval_regressor", "fid", "ood_fid", "swap_fid", "auc",
                  "perturbation", "models_json", "figure_matched_spots", "fetch_demo_image", "figure_loss_curve", "palette", "layout",
-                 "virtual_sample", "virtual_report",
+                 "virtual_tiles", "virtual_report",
                  *(f"table{n}" for n in range(1, 7))):
         assert f"\n{rule} " in out, f"{rule} not planned"
 
@@ -45,13 +45,13 @@ def test_config_booleans_reach_commands_either_way(tmp_path):
     """bf16 true in the config gives --bf16, false --no-bf16 (the commands default to on): a false
     value is passed, not left to the command's default."""
     override = tmp_path / "no_bf16.yaml"
-    override.write_text("sample:\n  bf16: false\nfeatures:\n  bf16: false\n")
+    override.write_text("sampler:\n  bf16: false\nfeatures:\n  bf16: false\n")
     for configs, flag in [(["config.yaml"], "--bf16"), (["config.yaml", str(override)], "--no-bf16")]:
-        result = snakemake("-n", "-p", "--forceall", "results/samples/PixCell-Flow-B/demo/uni.zarr",
+        result = snakemake("-n", "-p", "--forceall", "results/tiles/PixCell-Flow-B/demo/uni.zarr",
                            "--configfile", *configs)
         assert result.returncode == 0, result.stderr[-3000:]
         commands = [line for line in result.stdout.splitlines() if "python -m stmdit" in line]
-        for command in ("stmdit sample ", "stmdit features "):
+        for command in ("stmdit tiles ", "stmdit features "):
             planned = [c for c in commands if command in c]
             assert planned and all(f" {flag}" in c and f" {'--no-bf16' if flag == '--bf16' else '--bf16'} " not in c
                                    for c in planned), (command, planned[:1])
@@ -61,9 +61,9 @@ def test_one_table_plans_only_its_own_chain():
     result = snakemake("-n", "--forceall", "results/tables/table2.md")
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
-    for rule in ("auc", "eval_regressor", "train", "sample", "eval_features", "noise_features", "table2"):
+    for rule in ("auc", "eval_regressor", "train", "tiles", "eval_features", "noise_features", "table2"):
         assert f"\n{rule} " in out, f"{rule} not planned"
-    for rule in ("fid", "ood_fid", "swap_fid", "perturb_sample", "perturbation", "deepspot_train", "table1"):
+    for rule in ("fid", "ood_fid", "swap_fid", "perturbed_tiles", "perturbation", "deepspot_train", "table1"):
         assert f"\n{rule} " not in out, f"{rule} planned for table 2"
 
 
@@ -73,6 +73,13 @@ def test_bad_config_stops_before_any_job(tmp_path):
     result = snakemake("-n", "--configfile", str(bad))
     assert result.returncode != 0
     assert "spots.min_foreground = 'lots'" in result.stderr
+
+
+def test_a_renamed_results_path_stops_naming_its_new_name():
+    result = snakemake("-n", "results/samples/PixCell-Flow-B/demo/uni.zarr")
+    assert result.returncode != 0
+    assert ("stmdit: error: results/samples/ was renamed to results/tiles/: "
+            "ask for results/tiles/PixCell-Flow-B/demo/uni.zarr") in result.stderr
 
 
 def test_bottlenecked_size_stops_before_any_job(tmp_path):

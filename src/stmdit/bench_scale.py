@@ -136,7 +136,7 @@ def run_snakemake(work: Path, config_path: Path, targets: list[str], cores: int,
 def write_generated_copies(work: Path, config: dict, cohort) -> dict[str, int]:
     """The evaluation inputs of the generated tiles, as copies of the real features of the test spots, permuted:
     results/eval/{model}/{cohort}/{regime}_{encoder}.zarr (the test split; on the H&E-only cohort its
-    seeded subsample of sample.ood_max_spots), and each GE model's perturbation store (rows of
+    seeded subsample of sampler.ood_max_spots), and each GE model's perturbation store (rows of
     stmdit.perturb.perturbation_rows) with its features (the reference spot's real H0-mini features)."""
     import zarr
 
@@ -168,7 +168,7 @@ def write_generated_copies(work: Path, config: dict, cohort) -> dict[str, int]:
     v, h = cohort.visium_cohort, cohort.he_cohort
     test = split_keys(results / "splits" / f"{v}.parquet", "test")
     ood_test = subsample_keys(split_keys(results / "splits" / f"{h}.parquet", "test"),
-                              config["sample"]["ood_max_spots"], config["sample"]["ood_seed"])
+                              config["sampler"]["ood_max_spots"], config["sampler"]["ood_seed"])
     for number, (name, model) in enumerate(models.items()):
         for index, regime in enumerate(model.regimes):
             seed = 1000 * number + index  # the same permutation for a regime's three encoders
@@ -186,7 +186,7 @@ def write_generated_copies(work: Path, config: dict, cohort) -> dict[str, int]:
                                         parse_alphas(",".join(map(str, settings["alphas"]))), test,
                                         read_spot_labels(expression, test), read_spot_labels(expression, train),
                                         settings["n_ref"], settings["seed"], settings["mode"])
-            store = results / "samples" / name / v / "perturbation.zarr"
+            store = results / "tiles" / name / v / "perturbation.zarr"
             group = zarr.open_group(str(store), mode="w", zarr_format=3)
             for column in ("spot_key", "pair", "ref_key"):
                 group.create_array(column, shape=(len(rows),), dtype=str)[:] = rows[column].to_numpy(dtype=object)
@@ -313,7 +313,7 @@ def cohort_spots(work: Path, cohort) -> dict[str, int]:
 
 def test_spots(work: Path, cohort, ood_max_spots: int) -> dict[str, int]:
     """The spots the test-set rules read: the Visium cohort's test split ("test") and the H&E-only
-    cohort's test split capped at sample.ood_max_spots ("ood"); {} before the split has run."""
+    cohort's test split capped at sampler.ood_max_spots ("ood"); {} before the split has run."""
     from stmdit.split_table import TEST, read_split_table
 
     splits = {basis: work / "results" / "splits" / f"{name}.parquet"
@@ -436,7 +436,7 @@ def measure_run(root: Path, size: int, phases: dict[str, float], cohort=None) ->
     config = yaml.safe_load((root / "bench.yaml").read_text())
     work = root / "work"
     return {"size": size, **{k: round(v, 1) for k, v in phases.items()}, "visium_cohort": cohort.visium_cohort,
-            "spots": cohort_spots(work, cohort), "test_spots": test_spots(work, cohort, config["sample"]["ood_max_spots"]),
+            "spots": cohort_spots(work, cohort), "test_spots": test_spots(work, cohort, config["sampler"]["ood_max_spots"]),
             "cohort_files": cohort.files, "disk_bytes": _path_bytes(root),
             "rules": collect(root / "rusage", work, (cohort.visium_cohort, cohort.he_cohort), root / "snakemake.log")}
 
@@ -466,7 +466,7 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
     print("  generated tiles: copies of the real features of the test spots, permuted among them (no diffusion model"
           " trained or sampled)")
     print(f"  skipped: GE token stores (CancerFoundation 601 x 256 float16 per spot = {GE_TOKEN_BYTES_PER_SPOT:,} "
-          "bytes, uncompressed) and what needs them (train, sample, perturb-sample, features_cancerfoundation[_ptpl]);"
+          "bytes, uncompressed) and what needs them (train, tiles, perturbed-tiles, features_cancerfoundation[_ptpl]);"
           " sd3_vae latents")
     measured = []
     for size in sizes:
@@ -515,7 +515,7 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
               "RSS per spot above base: (peak at the larger size - peak at the smaller) / spot difference (0, and the "
               "larger peak as the base, when the larger size peaked lower: noise); spots "
               "rows are per slide job (projected to a paper slide); fid and auc rows per test spot (projected to the "
-              f"paper's {PAPER_TEST_SPOTS:,}), ood_fid per spot of its subsample (capped at sample.ood_max_spots, "
+              f"paper's {PAPER_TEST_SPOTS:,}), ood_fid per spot of its subsample (capped at sampler.ood_max_spots, "
               f"projected to {PAPER_OOD_SPOTS:,}); other rows per cohort.")
     print(markdown + footer)
     (args.out / "scale.md").write_text(markdown + "\n" + footer + "\n")

@@ -33,9 +33,9 @@ COMMANDS = {
     "deepspot-train": "stmdit.deepspot",
     "deepspot-predict": "stmdit.deepspot",
     "models-json": "stmdit.models_config",
-    "sample": "stmdit.sample",
-    "perturb-sample": "stmdit.perturb",
-    "sample-grid": "stmdit.sample_grid",
+    "tiles": "stmdit.tiles",
+    "perturbed-tiles": "stmdit.perturb",
+    "tile-grid": "stmdit.tile_grid",
     "matched-spots": "stmdit.matched",
     "layout": "stmdit.layout",
     "palette": "stmdit.palette",
@@ -52,14 +52,21 @@ COMMANDS = {
     "preflight": "stmdit.preflight",
     "loss-curve": "stmdit.report",
     "demo-checks": "stmdit.demo_checks",
-    "virtual-sample": "stmdit.virtual.experiment",
+    "virtual-tiles": "stmdit.virtual.experiment",
     "virtual-report": "stmdit.virtual.report",
     "generate": "stmdit.virtual.generate",
 }
 
+# Old names that stop with one line naming the new one (generated tiles no longer say "sample",
+# which names a slide: the sample sheet's column and the {sample} wildcard).
+RENAMED_COMMANDS = {"sample": "tiles", "perturb-sample": "perturbed-tiles", "sample-grid": "tile-grid",
+                    "virtual-sample": "virtual-tiles"}
+RENAMED_OPTIONS = {"--samples": ("--tiles", ("layout", "palette", "texture", "matched-spots", "tile-grid",
+                                             "perturbation"))}
+
 log = logging.getLogger("stmdit")
 
-BF16_DEFAULT = True  # as the config schema's features.bf16 and sample.bf16
+BF16_DEFAULT = True  # as the config schema's features.bf16 and sampler.bf16
 
 
 def add_bf16_option(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +138,16 @@ def write_rusage_record(directory: str, command: str, argv: list[str], wall_s: f
     os.replace(name + ".tmp", name)
 
 
+def renamed_error(command: str | None, argv: Sequence[str]) -> str | None:
+    """The one-line error for a renamed command or option in `argv`, or None."""
+    if command in RENAMED_COMMANDS:
+        return f"command {command} was renamed to {RENAMED_COMMANDS[command]}: stmdit {RENAMED_COMMANDS[command]} ..."
+    for old, (new, commands) in RENAMED_OPTIONS.items():
+        if command in commands and any(a == old or a.startswith(old + "=") for a in argv):
+            return f"option {old} of stmdit {command} was renamed to {new}"
+    return None
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; with `command`, only that command's module is imported."""
     # `@FILE` stands for FILE's lines, one argument each: cohort rules pass their slide lists so
@@ -148,6 +165,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    renamed = renamed_error(command, argv)
+    if renamed:
+        print(f"stmdit: error: {renamed}", file=sys.stderr)
+        return 2
     args = build_parser(command).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -17,6 +17,8 @@ from stmdit.errors import InputError
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
 SAMPLE_COLUMNS_REQUIRED = ("sample", "donor", "cohort", "kind", "path")
 SAMPLE_COLUMNS_OPTIONAL = ("image", "labels", "mpp")
+RENAMED_CONFIG_KEYS = {"sample": "sampler"}  # old top-level key -> its new name
+RENAMED_RESULTS = {"results/samples": "results/tiles"}  # old results folder -> its new name
 
 
 def _load_schema(name: str, schema_dir: Path | None = None) -> dict:
@@ -50,6 +52,9 @@ def validate_config(config: dict, source: str | Path = "config", schema_dir: Pat
 
     Raises InputError naming `source`, the key path and the offending value.
     """
+    for old, new in RENAMED_CONFIG_KEYS.items():
+        if old in config:
+            raise InputError(source, f"config key {old} was renamed to {new}: rename the section (its keys are unchanged)")
     schema = _load_schema("config.schema.yaml", schema_dir)
     config = copy.deepcopy(config)
     _fill_defaults(config, schema)
@@ -71,6 +76,18 @@ def load_config(path: str | Path) -> dict:
     except yaml.YAMLError as exc:
         raise InputError(path, f"not valid YAML: {exc}") from None
     return validate_config(raw, path)
+
+
+def check_renamed_results(targets, workdir: str | Path = ".") -> None:
+    """One error for a target under a renamed results folder, or for that folder left on disk (the
+    workflow would otherwise make everything in it again under the new name)."""
+    for old, new in RENAMED_RESULTS.items():
+        asked = [t for t in targets if str(t) == old or str(t).startswith(old + "/")]
+        if asked:
+            raise InputError(None, f"{old}/ was renamed to {new}/: ask for {new + asked[0][len(old):]}")
+        if (Path(workdir) / old).is_dir() and not (Path(workdir) / new).exists():
+            raise InputError(Path(workdir) / old, f"{old}/ was renamed to {new}/: `mv {old} {new}` keeps what "
+                             "it holds (or remove it)")
 
 
 def load_sample_sheet(path: str | Path, schema_dir: Path | None = None) -> pd.DataFrame:

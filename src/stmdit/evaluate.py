@@ -19,7 +19,7 @@
          --gen-midnight uni_ge=...] [--noise-uni controls/C/noise_uni2h.zarr]
         [--noise-midnight controls/C/noise_midnight.zarr] [--n-boot 1000] [--n-perm 1000] [--seed 42]
         [--threads 1] --model M --cohort C --out eval/M/C/auc.json
-    stmdit perturbation --features eval/M/C/perturbation_h0mini.zarr --samples samples/M/C/perturbation.zarr
+    stmdit perturbation --features eval/M/C/perturbation_h0mini.zarr --tiles tiles/M/C/perturbation.zarr
         --real features/C/h0mini.zarr --expression C.h5ad --split S.parquet [--weight 1.0]
         --model M --cohort C [--variant default|uni_null] --out eval/M/C/perturbation.json
 
@@ -724,7 +724,7 @@ def score_regressor(regressor, real_path, test_keys, generated: Mapping[str, np.
 
 @dataclass
 class PerturbationRows:
-    """Per-row pair, reference spot and alpha of a perturbation samples store."""
+    """Per-row pair, reference spot and alpha of a perturbation tile store."""
 
     path: Path
     keys: list[str]
@@ -738,7 +738,7 @@ class PerturbationRows:
 def read_perturbation_rows(path: str | Path) -> PerturbationRows:
     path = Path(path)
     if not path.exists():
-        raise InputError(path, "perturbation samples store not found")
+        raise InputError(path, "perturbation tile store not found")
     try:
         group = zarr.open_group(str(path), mode="r")
         keys = [str(k) for k in string_values(group["spot_key"][:])]
@@ -755,7 +755,7 @@ def read_perturbation_rows(path: str | Path) -> PerturbationRows:
     mode = (attrs.get("perturbation") or {}).get("mode")
     if mode is None:
         raise InputError(path, "attrs perturbation.mode is missing (a store from before the centroid/spotwise "
-                               "modes): sample it again with stmdit perturb-sample")
+                               "modes): sample it again with stmdit perturbed-tiles")
     return PerturbationRows(path, keys, pair, ref_key, alpha, encoder_impls(attrs), str(mode))
 
 
@@ -918,9 +918,9 @@ def run_auc(args: argparse.Namespace) -> dict:
 
 def run_perturbation(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    doc = perturbation_document(args.features, args.samples, args.real, args.expression, args.split, args.model,
+    doc = perturbation_document(args.features, args.tiles, args.real, args.expression, args.split, args.model,
                                 args.cohort, weight=args.weight, variant=args.variant)
-    _finish(args.out, doc, started, [args.features, args.samples, args.real, args.expression, args.split])
+    _finish(args.out, doc, started, [args.features, args.tiles, args.real, args.expression, args.split])
     return doc
 
 
@@ -1009,7 +1009,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("perturbation", help="tissue-level perturbation scores (Table 5)")
     p.add_argument("--features", required=True, type=Path, help="H0-mini features of the perturbation samples")
-    p.add_argument("--samples", required=True, type=Path, help="perturbation samples store (pair, ref_key, alpha)")
+    p.add_argument("--tiles", required=True, type=Path, help="perturbation tile store (pair, ref_key, alpha)")
     p.add_argument("--real", required=True, type=Path, help="H0-mini features of the real tiles")
     p.add_argument("--expression", required=True, type=Path, help="cohort h5ad: obs label")
     p.add_argument("--split", required=True, type=Path)

@@ -140,7 +140,7 @@ def staged_spot_store(path: str | Path, keys: Sequence[str], extra_arrays: Mappi
                       ) -> Iterator[zarr.Group]:
     """A new Zarr v3 group in the staging folder of `path` (moved into place when the block ends
     without an error, see `atomic_path`), holding `spot_key` = keys and `extra_arrays` as given; the
-    writer adds its per-spot arrays. Feature and sample stores both start here."""
+    writer adds its per-spot arrays. Feature and tile stores both start here."""
     keys = [str(k) for k in keys]
     if not keys:
         raise InputError(path, "no spots to write")

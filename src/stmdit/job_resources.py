@@ -112,9 +112,9 @@ FORMULAS: dict[str, Formula] = {
                                 loads=("features",), note="predictions written in chunks"),
     "train": Formula(Cost(6000, per_loaded_mb=1), Cost(24 * 60), loads=("uni",),
                      note="runtime is one job's wall-clock budget; retries resume, they do not grow it"),
-    "sample": Formula(Cost(5000, per_kspot=2), Cost(10, per_kspot=0.5), note="DiT + VAE weights, one batch"),
-    "perturb_sample": Formula(Cost(5000, per_kspot=2, per_mnnz=4), Cost(10, per_kspot=0.5)),
-    "sample_grid": Formula(Cost(3000, per_kspot=0.5), Cost(5, per_kspot=0.05), note="decodes a few latents"),
+    "tiles": Formula(Cost(5000, per_kspot=2), Cost(10, per_kspot=0.5), note="DiT + VAE weights, one batch"),
+    "perturbed_tiles": Formula(Cost(5000, per_kspot=2, per_mnnz=4), Cost(10, per_kspot=0.5)),
+    "tile_grid": Formula(Cost(3000, per_kspot=0.5), Cost(5, per_kspot=0.05), note="decodes a few latents"),
     "eval_features": Formula(Cost(3000, per_kspot=8), Cost(10, per_kspot=0.67)),
     "noise_features": Formula(Cost(3000, per_kspot=8), Cost(10, per_kspot=0.67)),
     "fid": Formula(Cost(2000, per_loaded_mb=2, per_kspot=1), Cost(10, per_kspot=1), loads=_FEATURES,
@@ -139,7 +139,7 @@ FORMULAS: dict[str, Formula] = {
     "perturbation": Formula(Cost(2000, per_loaded_mb=2, per_kspot=1), Cost(10, per_kspot=0.1),
                             loads=("features", "real")),
     "figure_matched_spots": Formula(Cost(2000, per_kspot=2, per_mnnz=4), Cost(10, per_kspot=0.05)),
-    "virtual_sample": Formula(Cost(5000, per_kspot=2, per_mnnz=4), Cost(10, per_kspot=0.5)),
+    "virtual_tiles": Formula(Cost(5000, per_kspot=2, per_mnnz=4), Cost(10, per_kspot=0.5)),
     "virtual_report": Formula(Cost(3000, per_kspot=2), Cost(10, per_kspot=0.2)),
 }
 # Jobs that read only small JSON/CSV files, or make the demo: their size does not grow with the data.

@@ -1,7 +1,7 @@
 """Does a generated tile follow its spot's layout? The coarse layout agreement between each
 generated tile and the real tile of its spot.
 
-    stmdit layout --patches S1.zarr ... --samples uni=A.zarr uncond=B.zarr --out layout.json
+    stmdit layout --patches S1.zarr ... --tiles uni=A.zarr uncond=B.zarr --out layout.json
 
 A tile's coarse layout is its grey level pooled to `cells` x `cells` blocks, minus the tile's mean,
 so brightness and palette do not count, only where the tile is light and dark. A spot's agreement
@@ -37,7 +37,7 @@ from stmdit.cli import cli_params, parse_named_paths
 from stmdit.errors import InputError
 from stmdit.features import read_array_rows, string_values
 from stmdit.provenance import atomic_path, provenance
-from stmdit.sample_grid import store_keys
+from stmdit.tile_grid import store_keys
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,10 @@ def sample_store_keys(path: Path) -> tuple[object, list[str]]:
     return group, keys
 
 
-def layout_report(patches: Sequence[Path], samples: Mapping[str, Path], cells: int, n_boot: int, seed: int) -> dict:
+def layout_report(patches: Sequence[Path], tile_stores: Mapping[str, Path], cells: int, n_boot: int, seed: int) -> dict:
     real_layouts = RealSummaries(patches, lambda tiles: coarse_layout(tiles, cells), cells * cells)
     regimes = {}
-    for regime, path in samples.items():
+    for regime, path in tile_stores.items():
         group, keys = sample_store_keys(path)
         try:
             generated = chunked_layouts(group["images"], range(len(keys)), cells)
@@ -148,14 +148,14 @@ def layout_report(patches: Sequence[Path], samples: Mapping[str, Path], cells: i
 
 
 def run_layout(args: argparse.Namespace) -> Path:
-    samples = parse_named_paths(args.samples, "--samples")
-    regimes = layout_report(args.patches, samples, args.cells, args.n_boot, args.seed)
+    tile_stores = parse_named_paths(args.tiles, "--tiles")
+    regimes = layout_report(args.patches, tile_stores, args.cells, args.n_boot, args.seed)
     result = {
         "model": args.model, "cohort": args.cohort, "cells": args.cells,
         "measure": "per-spot Pearson r of the block-mean grey layouts (tile mean removed) of generated vs real tile",
         "interval": f"95% spot bootstrap ({args.n_boot} replicates)",
         "regimes": regimes,
-        "provenance": provenance("layout", cli_params(args), inputs=[*args.patches, *samples.values()]),
+        "provenance": provenance("layout", cli_params(args), inputs=[*args.patches, *tile_stores.values()]),
     }
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -320,7 +320,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("layout", help="coarse layout agreement of generated tiles with their real spots")
     p.add_argument("--patches", type=Path, nargs="+", required=True, help="patches stores of the cohort")
-    p.add_argument("--samples", nargs="+", required=True, help="regime=samples store")
+    p.add_argument("--tiles", nargs="+", required=True, help="regime=tile store")
     p.add_argument("--cells", type=int, default=DEFAULT_CELLS, help="blocks per side (default 8: 32 px at 256 px)")
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)

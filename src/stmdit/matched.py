@@ -2,14 +2,14 @@
 
     stmdit matched-spots --ge results/features/C/cancerfoundation.zarr --split results/splits/C.parquet
         --expression results/expression/C.h5ad --patches results/patches/S1.zarr ...
-        --samples MODEL=results/samples/MODEL/C/uni_ge.zarr ... [--n-clusters 8] [--seed 0]
+        --tiles MODEL=results/tiles/MODEL/C/uni_ge.zarr ... [--n-clusters 8] [--seed 0]
         --out results/figures/matched_spots.png
 
 The test spots are clustered by k-means on their CancerFoundation CLS embeddings; each row is one
 cluster, shown by the test spot nearest its centre and labelled by its three most distinctive
 genes (largest mean log1p-CP10k in the cluster minus the mean over the other test spots). The
 first column is the real tile, then one column per model, in the order given. Every column shows
-the same spot key; the samples stores must agree on the UNI store, the GE store (models with GE),
+the same spot key; the tile stores must agree on the UNI store, the GE store (models with GE),
 the sampler seed and the guidance scales, or the command stops naming the store that differs.
 """
 
@@ -27,7 +27,7 @@ from stmdit.cli import parse_named_paths
 from stmdit.errors import InputError
 from stmdit.features import open_feature_store, read_array_rows
 from stmdit.loader import store_rows
-from stmdit.sample_grid import read_image, store_keys
+from stmdit.tile_grid import read_image, store_keys
 from stmdit.split_table import TEST, split_keys
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,9 @@ def check_matched(stores: Mapping[str, Path]) -> None:
             found["ge"] = params["ge"]
         for key, value in found.items():
             if value is None:
-                raise InputError(path, f"samples store of {name} does not record {key!r} (not written by stmdit sample)")
+                raise InputError(path, f"tile store of {name} does not record {key!r} (not written by stmdit tiles)")
             if reference.setdefault(key, value) != value:
-                raise InputError(path, f"samples store of {name} has {key} = {value!r}, the other columns "
+                raise InputError(path, f"tile store of {name} has {key} = {value!r}, the other columns "
                                        f"{reference[key]!r}: the spots would not be matched")
 
 
@@ -108,7 +108,7 @@ def matched_clusters(ge_store: Path, split: Path, expression: Path, keys_everywh
 
     test = [k for k in split_keys(split, TEST) if k in keys_everywhere]
     if not test:
-        raise InputError(split, "no test spot is in the patches stores and in every samples store")
+        raise InputError(split, "no test spot is in the patches stores and in every tile store")
     group = open_feature_store(ge_store)
     embedding = read_array_rows(group["embedding"], store_rows(group, test, ge_store))
     labels, nearest = ge_clusters(test, embedding, n_clusters, seed)
@@ -145,18 +145,18 @@ def plot_matched(clusters: Sequence[Cluster], real: np.ndarray, generated: Mappi
 
 
 def run_matched_spots(args: argparse.Namespace) -> Path:
-    samples = parse_named_paths(args.samples, "--samples")
-    check_matched(samples)
-    sample_stores = {name: store_keys(path) for name, path in samples.items()}
+    tile_stores = parse_named_paths(args.tiles, "--tiles")
+    check_matched(tile_stores)
+    opened_tiles = {name: store_keys(path) for name, path in tile_stores.items()}
     real_stores = [store_keys(path) for path in args.patches]
     everywhere = set().union(*(index for _, index in real_stores))
-    for _, index in sample_stores.values():
+    for _, index in opened_tiles.values():
         everywhere &= set(index)
     clusters = matched_clusters(args.ge, args.split, args.expression, everywhere, args.n_clusters, args.seed)
     keys = [c.key for c in clusters]
     real = np.stack([read_image(real_stores, key) for key in keys])
     generated = {name: read_array_rows(group["images"], [index[k] for k in keys])
-                 for name, (group, index) in sample_stores.items()}
+                 for name, (group, index) in opened_tiles.items()}
     plot_matched(clusters, real, generated, args.out)
     log.info("wrote %s: %d GE clusters x (real + %d models); spots %s", args.out, len(clusters), len(generated),
              ", ".join(f"{c.key} ({', '.join(c.genes)})" for c in clusters))
@@ -169,7 +169,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", type=Path, required=True)
     p.add_argument("--expression", type=Path, required=True, help='cohort h5ad (layers["counts"])')
     p.add_argument("--patches", type=Path, nargs="+", required=True, help="patches stores of the cohort's slides")
-    p.add_argument("--samples", nargs="+", required=True, help="MODEL=samples store, one column each, in order")
+    p.add_argument("--tiles", nargs="+", required=True, help="MODEL=tile store, one column each, in order")
     p.add_argument("--n-clusters", type=int, default=N_CLUSTERS)
     p.add_argument("--seed", type=int, default=0, help="k-means seed")
     p.add_argument("--out", type=Path, required=True)

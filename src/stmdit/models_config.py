@@ -50,7 +50,7 @@ class ResolvedModel:
     perturbation_uni_null: bool
     settings: dict[str, Any] = field(default_factory=dict)  # TrainSettings fields, resolved
     pretrained_format: str = "stmdit"  # stmdit | pixcell
-    solver: str = "default"  # sample.solver (stmdit.solvers)
+    solver: str = "default"  # sampler.solver (stmdit.solvers)
 
     @property
     def uses_ge(self) -> bool:
@@ -133,9 +133,9 @@ def resolve_models(config: dict) -> dict[str, ResolvedModel]:
             "objective": entry.get("objective", "ddpm"),
             "p_drop": entry.get("p", 0.1),
         }
-        solver = (config.get("sample") or {}).get("solver", "default")
+        solver = (config.get("sampler") or {}).get("solver", "default")
         if solver not in OBJECTIVE_SOLVERS[settings["objective"]]:
-            raise InputError(None, f"config key sample.solver = {solver!r}: does not sample {settings['objective']} "
+            raise InputError(None, f"config key sampler.solver = {solver!r}: does not sample {settings['objective']} "
                                    f"models such as {model} (use one of "
                                    f"{', '.join(OBJECTIVE_SOLVERS[settings['objective']])})")
         baseline = entry.get("baseline")

@@ -2,7 +2,7 @@
 its spot's real tile, whatever its layout: UNI2-h is a crop- and flip-invariant embedding of the
 whole tile, so it carries the kind of tissue, the palette and the texture, not where things sit.
 
-    stmdit palette --patches S1.zarr ... --samples uni=A.zarr uncond=B.zarr --out palette.json
+    stmdit palette --patches S1.zarr ... --tiles uni=A.zarr uncond=B.zarr --out palette.json
 
 A tile's palette is its mean colour in CIELAB (lightness L*, and the a* and b* colour axes, so the
 three axes are roughly perceptually even and the stain's hue is kept apart from its darkness). Per
@@ -85,13 +85,13 @@ def regime_palette(real: np.ndarray, generated: np.ndarray, n_boot: int, seed: i
     return entry
 
 
-def palette_report(patches: Sequence[Path], samples: Mapping[str, Path], space: str, n_boot: int, seed: int) -> dict:
+def palette_report(patches: Sequence[Path], tile_stores: Mapping[str, Path], space: str, n_boot: int, seed: int) -> dict:
     def summarise(tiles: np.ndarray) -> np.ndarray:
         return mean_colour(tiles, space)
 
     real_colours = RealSummaries(patches, summarise, 3)
     regimes = {}
-    for regime, path in samples.items():
+    for regime, path in tile_stores.items():
         group, keys = sample_store_keys(path)
         try:
             generated = chunked_summaries(group["images"], range(len(keys)), summarise, 3)
@@ -107,8 +107,8 @@ def palette_report(patches: Sequence[Path], samples: Mapping[str, Path], space: 
 def run_palette(args: argparse.Namespace) -> Path:
     if args.n_boot < 1:
         raise InputError(None, f"--n-boot must be at least 1, got {args.n_boot}")
-    samples = parse_named_paths(args.samples, "--samples")
-    regimes = palette_report(args.patches, samples, args.space, args.n_boot, args.seed)
+    tile_stores = parse_named_paths(args.tiles, "--tiles")
+    regimes = palette_report(args.patches, tile_stores, args.space, args.n_boot, args.seed)
     result = {
         "model": args.model, "cohort": args.cohort, "space": args.space, "axes": list(AXES[args.space]),
         "measure": "Pearson r over spots between the mean colour of each generated tile and of its spot's real "
@@ -116,7 +116,7 @@ def run_palette(args: argparse.Namespace) -> Path:
         "null": "the same with each generated tile paired with another spot's real tile (a fixed derangement)",
         "interval": f"95% spot bootstrap ({args.n_boot} replicates)",
         "regimes": regimes,
-        "provenance": provenance("palette", cli_params(args), inputs=[*args.patches, *samples.values()]),
+        "provenance": provenance("palette", cli_params(args), inputs=[*args.patches, *tile_stores.values()]),
     }
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -126,7 +126,7 @@ def run_palette(args: argparse.Namespace) -> Path:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("palette", help="mean-colour agreement of generated tiles with their real spots")
     p.add_argument("--patches", type=Path, nargs="+", required=True, help="patches stores of the cohort")
-    p.add_argument("--samples", nargs="+", required=True, help="regime=samples store")
+    p.add_argument("--tiles", nargs="+", required=True, help="regime=tile store")
     p.add_argument("--space", choices=SPACES, default="lab", help="colour space of the mean colour (default lab)")
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)

@@ -1,8 +1,8 @@
 """Perturbation sampling: the image series of Table 5 (paper D.7, K).
 
-    stmdit perturb-sample --model-dir M --split S --expression C.h5ad --uni U --ge G
+    stmdit perturbed-tiles --model-dir M --split S --expression C.h5ad --uni U --ge G
         --pairs Tumor:Stroma,Tumor:Immune,Immune:Tumor --alphas 0,0.25,0.5,0.75,1 --n-ref 100
-        --seed 42 [--mode centroid|spotwise] [--uni-null] --vae-impl ... --out results/samples/M/C/perturbation.zarr
+        --seed 42 [--mode centroid|spotwise] [--uni-null] --vae-impl ... --out results/tiles/M/C/perturbation.zarr
 
 Class centroids are means over the TRAIN spots of a label, of the CancerFoundation CLS and, for
 token models, of each token position over the spots where it is a real token (token_mask).
@@ -12,7 +12,7 @@ same at every alpha, and a GE input that depends on the mode:
 - `centroid` (the paper's definition, the default): `interpolate_ge(source centroid, target
   centroid, alpha)`; every reference spot of a pair gets the same GE at a given alpha;
 - `spotwise`: `interpolate_ge(reference spot's own GE, target centroid, alpha)`, so alpha = 0 is
-  the plain sample of the spot.
+  the spot's plain uni_ge tile.
 Tokens move position-wise (`interpolate_tokens` says what happens where only one side is real).
 """
 
@@ -233,7 +233,7 @@ def perturbation_rows(pairs: Sequence[tuple[str, str]], alphas: Sequence[float],
     return pd.DataFrame(rows, columns=["spot_key", "pair", "source", "target", "ref_key", "alpha"]), skipped
 
 
-def run_perturb_sample(args: argparse.Namespace) -> Path:
+def run_perturbed_tiles(args: argparse.Namespace) -> Path:
     pairs, alphas = parse_pairs(args.pairs), parse_alphas(args.alphas)
     regime = GE if args.uni_null else UNI_GE
     session = SamplingSession(SessionSettings.from_args(
@@ -255,7 +255,7 @@ def run_perturb_sample(args: argparse.Namespace) -> Path:
              MODES[args.mode], len(rows), rows["pair"].nunique(), len(alphas), regime,
              " (UNI nulled)" if args.uni_null else "", args.out)
     inputs = [session.weights_path, args.split, args.expression, args.uni, args.ge]
-    attrs = session.attrs("perturb-sample", cli_params(args), inputs)
+    attrs = session.attrs("perturbed-tiles", cli_params(args), inputs)
     attrs["perturbation"] = {
         "mode": args.mode,
         "mode_description": MODES[args.mode],
@@ -275,7 +275,7 @@ def run_perturb_sample(args: argparse.Namespace) -> Path:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    perturb = subparsers.add_parser("perturb-sample", help="GE interpolated between class centroids (Table 5)")
+    perturb = subparsers.add_parser("perturbed-tiles", help="GE interpolated between class centroids (Table 5)")
     add_sampler_options(perturb)
     perturb.add_argument("--expression", type=Path, required=True, help='cohort h5ad with obs["label"]')
     perturb.add_argument("--ge", type=Path, required=True, help="cancerfoundation feature store")
@@ -285,4 +285,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     perturb.add_argument("--mode", choices=sorted(MODES), default=CENTROID,
                          help="centroid: source-to-target centroid (paper); spotwise: each spot's GE to the target")
     perturb.add_argument("--uni-null", action="store_true", help="null the UNI condition (ge guidance)")
-    perturb.set_defaults(func=run_perturb_sample)
+    perturb.set_defaults(func=run_perturbed_tiles)

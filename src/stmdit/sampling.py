@@ -4,8 +4,8 @@ A `SamplingSession`, built from one `SessionSettings` (model folder, device, `Sa
 `CodecSettings`), opens the trained model once (EMA weights, checked finite), checks that it can be
 sampled in the regime with the solver, opens the VAE decoder (`sd3_vae`) when first needed and
 checks it against the model, and gathers the provenance attributes; it then samples latents of
-given noise keys and conditions, and generates whole output stores (`write_sample_store`). The
-commands `stmdit sample` (`stmdit.sample`), `perturb-sample`, `virtual-sample`, `generate`,
+given noise keys and conditions, and generates whole output stores (`write_tile_store`). The
+commands `stmdit tiles` (`stmdit.tiles`), `perturbed-tiles`, `virtual-tiles`, `generate`,
 `layout-probe` and `bench sample` all go through it.
 
 Samplers follow the model's training objective and the solver (`stmdit.solvers`: the paper's DDIM
@@ -311,7 +311,7 @@ def token_arrays(group: zarr.Group, path: str | Path) -> tuple[zarr.Array, zarr.
 # Output store
 
 
-def write_sample_store(
+def write_tile_store(
     path: str | Path,
     keys: Sequence[str],
     batches: Iterable[tuple[np.ndarray, np.ndarray]],
@@ -405,7 +405,7 @@ def generate(
             latents = sample_latents(trained.model, trained.objective, noise_keys, uni, ge, settings, device)
             yield latents.numpy(), codec.decode(latents)
 
-    return write_sample_store(out, conditions.keys, batches(), attrs, extra_arrays)
+    return write_tile_store(out, conditions.keys, batches(), attrs, extra_arrays)
 
 
 def common_attrs(trained: TrainedModel, settings: SamplerSettings, codec_impl: str, step: str, params: dict,

@@ -1,6 +1,6 @@
 """The ODE solvers that turn a (guided) denoiser into samples: one registry, one sampling loop.
 
-`sample.solver` (config) / `--solver` (CLI) picks one; every solver runs the same loop,
+`sampler.solver` (config) / `--solver` (CLI) picks one; every solver runs the same loop,
 `denoise`: for t in scheduler.timesteps: x <- scheduler.step(predict(x, t), t, x).
 
 - default: the paper's first-order solvers. ddpm: diffusers `DDIMScheduler` from the training
@@ -56,7 +56,7 @@ import torch
 
 from stmdit.errors import InputError
 from stmdit.model import get_objective
-from stmdit.models_config import OBJECTIVE_ODE, OBJECTIVE_SOLVERS  # without torch: the Snakefile checks sample.solver
+from stmdit.models_config import OBJECTIVE_ODE, OBJECTIVE_SOLVERS  # without torch: the Snakefile checks sampler.solver
 
 DEFAULT, DPMPP_2M, HEUN, UNIPC = "default", "dpmpp_2m", "heun", "unipc"
 SOLVERS = (DEFAULT, DPMPP_2M, HEUN, UNIPC)

@@ -1,6 +1,6 @@
 """Do generated tiles have the tissue's texture? Grey roughness against the real tiles through the VAE.
 
-    stmdit texture --latents sd3_vae.zarr --samples uni=A.zarr uni_ge=B.zarr --vae-impl smoke --out texture.json
+    stmdit texture --latents sd3_vae.zarr --tiles uni=A.zarr uni_ge=B.zarr --vae-impl smoke --out texture.json
 
 A tile's grey roughness is the mean squared difference between neighbouring 8 x 8-px block means of
 its grey image (horizontal and vertical neighbours together): nuclei, fibres and white space make it
@@ -68,13 +68,13 @@ def ratio_interval(generated: np.ndarray, real: np.ndarray, n_boot: int, seed: i
     return float(lo), float(hi)
 
 
-def texture_report(latent_path: Path, samples: dict[str, Path], codec, n_boot: int, seed: int) -> dict:
+def texture_report(latent_path: Path, tile_stores: dict[str, Path], codec, n_boot: int, seed: int) -> dict:
     latent_group = open_feature_store(latent_path)
     if "latent" not in latent_group or "spot_key" not in latent_group:
         raise InputError(latent_path, "not a latent store (needs arrays latent and spot_key)")
     real_cache: dict[str, float] = {}
     regimes = {}
-    for regime, path in samples.items():
+    for regime, path in tile_stores.items():
         group, keys = sample_store_keys(path)
         wanted = [k for k in keys if k not in real_cache]
         if wanted:
@@ -98,9 +98,9 @@ def texture_report(latent_path: Path, samples: dict[str, Path], codec, n_boot: i
 def run_texture(args: argparse.Namespace) -> Path:
     if args.n_boot < 1:
         raise InputError(None, f"--n-boot must be at least 1, got {args.n_boot}")
-    samples = parse_named_paths(args.samples, "--samples")
+    tile_stores = parse_named_paths(args.tiles, "--tiles")
     codec = load_codec(CodecSettings.from_args(args), torch.device("cpu"))
-    regimes = texture_report(args.latents, samples, codec, args.n_boot, args.seed)
+    regimes = texture_report(args.latents, tile_stores, codec, args.n_boot, args.seed)
     result = {
         "model": args.model, "cohort": args.cohort,
         "measure": f"grey roughness: mean squared difference of neighbouring {BLOCK_PX} x {BLOCK_PX}-px block means "
@@ -108,7 +108,7 @@ def run_texture(args: argparse.Namespace) -> Path:
         "reference": "the same spots' real latents decoded by the same VAE (real (VAE))",
         "target": list(TARGET), "interval": f"95% spot bootstrap of the ratio ({args.n_boot} replicates)",
         "regimes": regimes,
-        "provenance": provenance("texture", cli_params(args), inputs=[args.latents, *samples.values()]),
+        "provenance": provenance("texture", cli_params(args), inputs=[args.latents, *tile_stores.values()]),
     }
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -118,7 +118,7 @@ def run_texture(args: argparse.Namespace) -> Path:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("texture", help="grey roughness of generated tiles against their spots' real (VAE) tiles")
     p.add_argument("--latents", type=Path, required=True, help="the cohort's real latent store (sd3_vae.zarr)")
-    p.add_argument("--samples", nargs="+", required=True, help="regime=samples store")
+    p.add_argument("--tiles", nargs="+", required=True, help="regime=tile store")
     add_vae_options(p)
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)

@@ -10,6 +10,7 @@ from snakemake.logging import logger
 
 from stmdit.config import (
     check_cohorts,
+    check_renamed_results,
     check_test_donors,
     cohort_samples,
     cohorts,
@@ -37,6 +38,7 @@ DEMO_ROOT = "results/resources/demo"
 CONFIG_SOURCE = "config (config.yaml, or the --configfile files, and --config)"
 try:
     config = validate_config(config, source=CONFIG_SOURCE)
+    check_renamed_results(sys.argv[1:])  # the targets: Snakemake sets its DAG's only after parsing this file
     SAMPLES = load_sample_sheet(config["samples"])
     check_cohorts(SAMPLES, config["samples"])
     TRAIN_COHORT, OOD_COHORTS, _notes = resolve_cohorts(config, SAMPLES, config["samples"])
@@ -273,7 +275,7 @@ def model_weights(wildcards):
     return f"{model_dir(wildcards.model)}/ema.safetensors"
 
 
-def sample_ge_store(model, cohort, store):
+def tiles_ge_store(model, cohort, store):
     """The GE features a model is sampled with: its own source on the training cohort (Visium
     for `uni_ge_visium`, the Table 6 swap), DeepSpot predictions on H&E-only cohorts."""
     m = MODELS[model]
@@ -288,13 +290,13 @@ def sample_ge_store(model, cohort, store):
     return f"results/features/{cohort}/{name}.zarr"
 
 
-def sample_inputs(wildcards):
+def tiles_inputs(wildcards):
     files = {
         "weights": model_weights(wildcards),
         "split": f"results/splits/{wildcards.cohort}.parquet",
         "uni": f"results/features/{wildcards.cohort}/uni2h.zarr",
     }
-    ge = sample_ge_store(wildcards.model, wildcards.cohort, wildcards.store)
+    ge = tiles_ge_store(wildcards.model, wildcards.cohort, wildcards.store)
     if ge:
         files["ge"] = ge
     return files
@@ -326,10 +328,10 @@ def config_flags(section, skip=()):
 
 
 def sampler_args(seed=True):
-    """The `sample:` section as the flags of every command that generates tiles (sample,
-    perturb-sample, virtual-sample); perturb-sample passes its own --seed (evaluate.perturbation.seed)
-    and only the sample rule subsamples H&E-only cohorts (ood_max_spots, ood_seed)."""
-    return config_flags(config["sample"], skip=("ood_max_spots", "ood_seed") + (() if seed else ("seed",)))
+    """The `sampler:` section as the flags of every command that generates tiles (tiles,
+    perturbed-tiles, virtual-tiles); perturbed-tiles passes its own --seed (evaluate.perturbation.seed)
+    and only the tiles rule subsamples H&E-only cohorts (ood_max_spots, ood_seed)."""
+    return config_flags(config["sampler"], skip=("ood_max_spots", "ood_seed") + (() if seed else ("seed",)))
 
 
 def regime_stores(model, cohort, encoder):
@@ -340,9 +342,9 @@ def regime_stores(model, cohort, encoder):
     return {r: f"results/eval/{model}/{cohort}/{r}_{encoder}.zarr" for r in regimes}
 
 
-def regime_samples(wildcards):
-    """regime -> the sample store of each regime the model is sampled in, on the cohort."""
-    return {r: f"results/samples/{wildcards.model}/{wildcards.cohort}/{r}.zarr" for r in MODELS[wildcards.model].regimes}
+def regime_tiles(wildcards):
+    """regime -> the tile store of each regime the model is sampled in, on the cohort."""
+    return {r: f"results/tiles/{wildcards.model}/{wildcards.cohort}/{r}.zarr" for r in MODELS[wildcards.model].regimes}
 
 
 def pairs_arg(mapping):
@@ -409,12 +411,12 @@ def regressor_gpus(wildcards):
 
 
 def matched_spot_stores():
-    """model -> the samples store of the matched-spot figure: every column conditioned on the same
-    Visium GE (PTPL models: their uni_ge_visium samples), UNI-only models in their uni regime."""
+    """model -> the tile store of the matched-spot figure: every column conditioned on the same
+    Visium GE (PTPL models: their uni_ge_visium tiles), UNI-only models in their uni regime."""
     stores = {}
     for model, m in MODELS.items():
         store = "uni" if not m.uses_ge else ("uni_ge_visium" if m.ptpl else "uni_ge")
-        stores[model] = f"results/samples/{model}/{TRAIN_COHORT}/{store}.zarr"
+        stores[model] = f"results/tiles/{model}/{TRAIN_COHORT}/{store}.zarr"
     return stores
 
 
@@ -437,7 +439,7 @@ VIRTUAL_SPEC_KEYS = ("regime", "split", "slides", "spots", "max_spots", "edit", 
 
 
 def check_virtual_experiments():
-    """Parse-time checks the rules need (the rest: `stmdit virtual-sample`, before any sampling)."""
+    """Parse-time checks the rules need (the rest: `stmdit virtual-tiles`, before any sampling)."""
     for name, entry in VIRTUAL_EXPERIMENTS.items():
         where = f"config key virtual.experiments.{name}"
         if entry["model"] not in MODELS:

@@ -5,7 +5,7 @@
 
 rule eval_features:
     input:
-        "results/samples/{model}/{cohort}/{store}.zarr",
+        "results/tiles/{model}/{cohort}/{store}.zarr",
     output:
         directory("results/eval/{model}/{cohort}/{store}_{encoder}.zarr"),
     params:
@@ -98,12 +98,12 @@ rule layout:
     input:
         patches=cohort_patches,
         patches_list=cohort_list("patches"),
-        samples=lambda wildcards: list(regime_samples(wildcards).values()),
+        tiles=lambda wildcards: list(regime_tiles(wildcards).values()),
     output:
         "results/eval/{model}/{cohort}/layout.json",
     params:
         command="layout",
-        samples=lambda wildcards: pairs_arg(regime_samples(wildcards)),
+        tiles=lambda wildcards: pairs_arg(regime_tiles(wildcards)),
         n_boot=config["evaluate"]["n_boot"],
         seed=config["evaluate"]["seed"],
     log:
@@ -117,7 +117,7 @@ rule layout:
     conda:
         CONDA_CPU
     shell:
-        "python -m stmdit {params.command} --patches @{input.patches_list} --samples {params.samples}"
+        "python -m stmdit {params.command} --patches @{input.patches_list} --tiles {params.tiles}"
         " --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort}"
         " --out {output} > {log} 2>&1"
 
@@ -128,7 +128,7 @@ use rule layout as palette with:
         "results/eval/{model}/{cohort}/palette.json",
     params:
         command="palette",
-        samples=lambda wildcards: pairs_arg(regime_samples(wildcards)),
+        tiles=lambda wildcards: pairs_arg(regime_tiles(wildcards)),
         n_boot=config["evaluate"]["n_boot"],
         seed=config["evaluate"]["seed"],
     log:
@@ -144,11 +144,11 @@ rule texture:
     # Grey roughness of the generated tiles against the same spots' real latents through the VAE.
     input:
         latents="results/features/{cohort}/sd3_vae.zarr",
-        samples=lambda wildcards: list(regime_samples(wildcards).values()),
+        tiles=lambda wildcards: list(regime_tiles(wildcards).values()),
     output:
         "results/eval/{model}/{cohort}/texture.json",
     params:
-        samples=lambda wildcards: pairs_arg(regime_samples(wildcards)),
+        tiles=lambda wildcards: pairs_arg(regime_tiles(wildcards)),
         vae=vae_args(),
         n_boot=config["evaluate"]["n_boot"],
         seed=config["evaluate"]["seed"],
@@ -163,7 +163,7 @@ rule texture:
     conda:
         CONDA_CPU
     shell:
-        "python -m stmdit texture --latents {input.latents} --samples {params.samples} {params.vae}"
+        "python -m stmdit texture --latents {input.latents} --tiles {params.tiles} {params.vae}"
         " --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort}"
         " --out {output} > {log} 2>&1"
 
@@ -297,7 +297,7 @@ rule auc:
 rule perturbation:
     input:
         features="results/eval/{model}/{cohort}/{store}_h0mini.zarr",
-        samples="results/samples/{model}/{cohort}/{store}.zarr",
+        tiles="results/tiles/{model}/{cohort}/{store}.zarr",
         real="results/features/{cohort}/h0mini.zarr",
         expression="results/expression/{cohort}.h5ad",
         split="results/splits/{cohort}.parquet",
@@ -319,6 +319,6 @@ rule perturbation:
     conda:
         CONDA_CPU
     shell:
-        "python -m stmdit perturbation --features {input.features} --samples {input.samples} --real {input.real}"
+        "python -m stmdit perturbation --features {input.features} --tiles {input.tiles} --real {input.real}"
         " --expression {input.expression} --split {input.split} --weight {params.weight}"
         " --model {wildcards.model} --cohort {wildcards.cohort} --variant {params.variant} --out {output} > {log} 2>&1"

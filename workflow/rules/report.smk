@@ -91,11 +91,11 @@ rule figure_matched_spots:
         expression=f"results/expression/{TRAIN_COHORT}.h5ad",
         patches=cohort_paths(TRAIN_COHORT, "patches"),
         patches_list=cohort_list("patches", TRAIN_COHORT),
-        samples=list(matched_spot_stores().values()),
+        tiles=list(matched_spot_stores().values()),
     output:
         report("results/figures/matched_spots.png", category="Figures", caption="../report/matched_spots.rst"),
     params:
-        samples=" ".join(f"{model}={path}" for model, path in matched_spot_stores().items()),
+        tiles=" ".join(f"{model}={path}" for model, path in matched_spot_stores().items()),
         seed=config["evaluate"]["seed"],
     log:
         "results/figures/matched_spots.log",
@@ -107,7 +107,7 @@ rule figure_matched_spots:
         CONDA_CPU
     shell:
         "python -m stmdit matched-spots --ge {input.ge} --split {input.split} --expression {input.expression}"
-        " --patches @{input.patches_list} --samples {params.samples} --n-clusters 8 --seed {params.seed}"
+        " --patches @{input.patches_list} --tiles {params.tiles} --n-clusters 8 --seed {params.seed}"
         " --out {output} > {log} 2>&1"
 
 

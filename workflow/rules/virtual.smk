@@ -3,7 +3,7 @@
 # noise, then the change per spot, its summary, a mosaic per slide and the dose-response montage.
 
 
-rule virtual_sample:
+rule virtual_tiles:
     input:
         unpack(virtual_inputs),
     output:
@@ -18,16 +18,16 @@ rule virtual_sample:
     log:
         "results/virtual/{experiment}/tiles.log",
     benchmark:
-        "results/benchmarks/virtual/{experiment}/sample.tsv"
+        "results/benchmarks/virtual/{experiment}/tiles.tsv"
     threads: 2
     resources:
         gpu=1,
-        mem_mb=job_mem_mb("virtual_sample"),
-        runtime=job_runtime("virtual_sample"),
+        mem_mb=job_mem_mb("virtual_tiles"),
+        runtime=job_runtime("virtual_tiles"),
     conda:
         CONDA_GPU
     shell:
-        "python -m stmdit virtual-sample --name {wildcards.experiment} --experiment-json '{params.spec}'"
+        "python -m stmdit virtual-tiles --name {wildcards.experiment} --experiment-json '{params.spec}'"
         " --model-dir {params.model_dir} --split {input.split} --expression {input.expression}"
         " --uni {input.uni} --ge {input.ge} --spots @{input.spots_list} {params.vae}"
         " {params.sampler} --out {output} > {log} 2>&1"
@@ -56,7 +56,7 @@ rule virtual_report:
         tile_px=VIRTUAL["mosaic_tile_px"],
         montage_tile_px=VIRTUAL["montage_tile_px"],
         per_class=VIRTUAL["montage_per_class"],
-        device=config["sample"]["device"],
+        device=config["sampler"]["device"],
     wildcard_constraints:
         experiment="|".join(map(re.escape, VIRTUAL_EXPERIMENTS)) or "$^",
     log:

@@ -1,7 +1,7 @@
 """Virtual tissue experiments: edit the expression of chosen spots, re-encode it with the configured
 CancerFoundation, and generate each spot unedited and edited from the same noise.
 
-    stmdit virtual-sample --name NAME --experiment-json '{...}' --model-dir M --split S
+    stmdit virtual-tiles --name NAME --experiment-json '{...}' --model-dir M --split S
         --expression C.h5ad --uni U.zarr --ge G.zarr --spots a.parquet ... [sampler options] --out tiles.zarr
 
 The experiment JSON holds one entry of the config's `virtual.experiments` (with `gene_sets`):
@@ -9,7 +9,7 @@ regime (uni_ge | ge), s_uni, s_ge, split (train | val | test | all), slides (sam
 spots (all | {label: L} | {keys: [...]} | {region: {rows: [r0, r1], cols: [c0, c1]}}, array
 coordinates, inclusive), max_spots, edit (see `stmdit.virtual.edits`), doses, control, seed.
 
-Rows of the output store (`write_sample_store`): `{arm}|{spot key}` for the arms `unedited`, one per
+Rows of the output store (`write_tile_store`): `{arm}|{spot key}` for the arms `unedited`, one per
 dose (`dose=D`, or `edited` without a dose series) and `control` (the control edit at the strongest
 dose); arrays `arm`, `ref_key` (the spot), `dose`. Every arm of a spot is sampled from the noise of
 `keyed_generator(seed, "sample", spot key)` with the spot's UNI, so only the GE input differs. Each
@@ -304,7 +304,7 @@ def build_arms(spec: ExperimentSpec, cohort_genes: Sequence[str], encoder_genes:
 
 
 # ---------------------------------------------------------------------------------------------
-# stmdit virtual-sample
+# stmdit virtual-tiles
 
 
 @dataclass
@@ -432,7 +432,7 @@ def run_virtual_sample(args: argparse.Namespace) -> Path:
     log.info("virtual experiment %s: %d spots x %d arms (%s) with %s in regime %s -> %s", spec.name, len(inputs.keys),
              len(arms), ", ".join(f"{a.name}: {a.text or '-'}" for a in arms), session.trained.path, spec.regime,
              args.out)
-    attrs = session.attrs("virtual-sample", cli_params(args), [session.weights_path, args.split, args.expression,
+    attrs = session.attrs("virtual-tiles", cli_params(args), [session.weights_path, args.split, args.expression,
                                                               args.uni, args.ge, *args.spots])
     attrs["virtual"] = {
         "experiment": spec.name,
@@ -452,7 +452,7 @@ def run_virtual_sample(args: argparse.Namespace) -> Path:
 def register(subparsers: argparse._SubParsersAction) -> None:
     from stmdit.sampling import add_sampler_options
 
-    p = subparsers.add_parser("virtual-sample", help="virtual tissue experiment: unedited and edited tiles per spot")
+    p = subparsers.add_parser("virtual-tiles", help="virtual tissue experiment: unedited and edited tiles per spot")
     add_sampler_options(p)
     p.add_argument("--name", required=True, help="experiment name (virtual.experiments key)")
     p.add_argument("--experiment-json", required=True, help="the experiment's config entry as JSON")

@@ -7,7 +7,7 @@ an edit in; tiles out.
         [--edit "CD8A*4,MKI67+2"] [--gene-set NAME=G1,G2,...] [--split S.parquet] [--regime uni_ge|ge]
         [sampler options] --out-dir DIR
 
-Writes DIR/tiles.zarr (arms `unedited` and, with --edit, `edited`, as `stmdit virtual-sample`
+Writes DIR/tiles.zarr (arms `unedited` and, with --edit, `edited`, as `stmdit virtual-tiles`
 stores them) and DIR/{arm}/{key}.png. A vector file is TSV or CSV with columns gene and count (raw
 counts); genes the encoder does not read are ignored, the ones it reads and the vector lacks count 0.
 With --keys and --uni the regime defaults to uni_ge (the spots' own UNI), otherwise ge (null UNI).
@@ -70,7 +70,7 @@ def run_generate(args: argparse.Namespace) -> Path:
     import scipy.sparse as sp
 
     from stmdit.features import open_feature_store
-    from stmdit.sample_grid import write_png
+    from stmdit.tile_grid import write_png
     from stmdit.cli import cli_params
     from stmdit.sampling import SamplingSession, SessionSettings
     from stmdit.virtual.edits import check_reaches_encoder, parse_edit

@@ -271,7 +271,7 @@ def write_multiscale(group, name: str, rgb: np.ndarray, min_side: int = 256) -> 
 
 
 def real_tiles_of(patches: Sequence[Path], keys: Sequence[str]) -> dict[str, np.ndarray]:
-    from stmdit.sample_grid import store_keys
+    from stmdit.tile_grid import store_keys
 
     out = {}
     wanted = set(keys)
@@ -289,7 +289,7 @@ def real_tiles_of(patches: Sequence[Path], keys: Sequence[str]) -> dict[str, np.
 
 def run_virtual_report(args: argparse.Namespace) -> None:
     from stmdit.encoders import load_encoder
-    from stmdit.sample_grid import write_png
+    from stmdit.tile_grid import write_png
 
     group, rows = read_tiles(args.tiles)
     attrs = dict(group.attrs)
@@ -368,7 +368,7 @@ def run_virtual_report(args: argparse.Namespace) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("virtual-report", help="summary, mosaics and montage of a virtual tissue experiment")
-    p.add_argument("--tiles", type=Path, required=True, help="the experiment's tiles store (stmdit virtual-sample)")
+    p.add_argument("--tiles", type=Path, required=True, help="the experiment's tiles store (stmdit virtual-tiles)")
     p.add_argument("--spots", type=Path, nargs="+", required=True, help="spots tables of the cohort")
     p.add_argument("--patches", type=Path, nargs="+", required=True, help="patches stores of the cohort")
     p.add_argument("--h0mini-impl", choices=("smoke", "real"), default="smoke")

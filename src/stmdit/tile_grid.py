@@ -1,8 +1,8 @@
 """The real/generated grid: a PNG of real tiles and, per regime, the generated tiles of the same
 spots, a few spots of each tissue class.
 
-    stmdit sample-grid --spots S1.parquet ... --patches S1.zarr ... --samples uni_ge=A.zarr uni=B.zarr
-        [--latents L.zarr --vae-impl ...] --per-class 4 --seed 0 --out results/samples/M/C/grid.png
+    stmdit tile-grid --spots S1.parquet ... --patches S1.zarr ... --tiles uni_ge=A.zarr uni=B.zarr
+        [--latents L.zarr --vae-impl ...] --per-class 4 --seed 0 --out results/tiles/M/C/grid.png
 
 With --latents, a row of the real tiles decoded from their latents (the most a generated tile can show).
 """
@@ -93,15 +93,15 @@ def write_png(path: str | Path, rgb: np.ndarray) -> None:
         tmp.write_bytes(encoded.tobytes())
 
 
-def run_sample_grid(args: argparse.Namespace) -> Path:
+def run_tile_grid(args: argparse.Namespace) -> Path:
     if len(args.spots) != len(args.patches):
         raise InputError(None, f"{len(args.spots)} --spots tables but {len(args.patches)} --patches stores")
-    samples = parse_named_paths(args.samples, "--samples")
+    tile_stores = parse_named_paths(args.tiles, "--tiles")
     labels = read_labels_tables(args.spots)
-    sample_stores = {name: store_keys(path) for name, path in samples.items()}
+    opened_tiles = {name: store_keys(path) for name, path in tile_stores.items()}
     real_stores = [store_keys(path) for path in args.patches]
     present = labels.index.isin([k for _, index in real_stores for k in index])
-    for _, index in sample_stores.values():
+    for _, index in opened_tiles.values():
         present &= labels.index.isin(list(index))
     latent_group = None
     if args.latents is not None:
@@ -111,7 +111,7 @@ def run_sample_grid(args: argparse.Namespace) -> Path:
         present &= labels.index.isin(list(string_values(latent_group["spot_key"][:])))
     labels = labels[present]
     if labels.empty:
-        raise InputError(None, "no spot of the spots tables is in the patches stores and in every samples store")
+        raise InputError(None, "no spot of the spots tables is in the patches stores and in every tile store")
     columns = choose_grid_spots(labels, args.per_class, args.seed)
     keys = [key for _, key in columns]
     rows = [("real", np.stack([read_image(real_stores, key) for key in keys]))]
@@ -120,7 +120,7 @@ def run_sample_grid(args: argparse.Namespace) -> Path:
         latents = read_array_rows(latent_group["latent"], store_rows(latent_group, keys, args.latents))
         rows.append(("real (VAE)", codec.decode(latents.astype(np.float32))))
     rows += [(name, read_array_rows(group["images"], [index[k] for k in keys]))
-             for name, (group, index) in sample_stores.items()]
+             for name, (group, index) in opened_tiles.items()]
     write_png(args.out, render_grid(rows, columns, args.tile_px))
     log.info("wrote %s: %d spots of %d classes, rows %s", args.out, len(keys), labels.nunique(),
              [name for name, _ in rows])
@@ -135,10 +135,10 @@ def read_image(stores: Sequence[tuple[zarr.Group, dict[str, int]]], key: str) ->
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    grid = subparsers.add_parser("sample-grid", help="PNG grid of real vs generated tiles per tissue class")
+    grid = subparsers.add_parser("tile-grid", help="PNG grid of real vs generated tiles per tissue class")
     grid.add_argument("--spots", type=Path, nargs="+", required=True, help="spots tables (labels)")
     grid.add_argument("--patches", type=Path, nargs="+", required=True, help="patches stores, same order")
-    grid.add_argument("--samples", nargs="+", required=True, help="REGIME=samples store, one per row")
+    grid.add_argument("--tiles", nargs="+", required=True, help="REGIME=tile store, one per row")
     grid.add_argument("--latents", type=Path, default=None,
                       help="sd3_vae feature store: adds a row of the real tiles decoded from their latents")
     add_vae_options(grid, help_impl="decoder of --latents")
@@ -146,4 +146,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--tile-px", type=int, default=128)
     grid.add_argument("--out", type=Path, required=True)
-    grid.set_defaults(func=run_sample_grid)
+    grid.set_defaults(func=run_tile_grid)

@@ -3,17 +3,17 @@
 # the perturbation series of Table 5, and a real-vs-generated grid per model.
 
 
-rule sample:
+rule tiles:
     input:
-        unpack(sample_inputs),
+        unpack(tiles_inputs),
     output:
-        directory("results/samples/{model}/{cohort}/{store}.zarr"),
+        directory("results/tiles/{model}/{cohort}/{store}.zarr"),
     params:
         model_dir=lambda wildcards: model_dir(wildcards.model),
         ge=lambda wildcards, input: f"--ge {input.ge}" if "ge" in input.keys() else "",
         regime=lambda wildcards: "uni_ge" if wildcards.store == "uni_ge_visium" else wildcards.store,
         subsample=lambda wildcards: (
-            f"--max-spots {config['sample']['ood_max_spots']} --subsample-seed {config['sample']['ood_seed']}"
+            f"--max-spots {config['sampler']['ood_max_spots']} --subsample-seed {config['sampler']['ood_seed']}"
             if wildcards.cohort in OOD_COHORTS else ""
         ),
         vae=vae_args(),
@@ -21,31 +21,31 @@ rule sample:
     wildcard_constraints:
         store="uni_ge|uni|ge|uncond|uni_ge_visium",
     log:
-        "results/samples/{model}/{cohort}/{store}.log",
+        "results/tiles/{model}/{cohort}/{store}.log",
     benchmark:
-        "results/benchmarks/sample/{model}/{cohort}/{store}.tsv"
+        "results/benchmarks/tiles/{model}/{cohort}/{store}.tsv"
     threads: 2
     resources:
         gpu=1,
-        mem_mb=job_mem_mb("sample"),
-        runtime=job_runtime("sample"),
+        mem_mb=job_mem_mb("tiles"),
+        runtime=job_runtime("tiles"),
     conda:
         CONDA_GPU
     shell:
-        "python -m stmdit sample --model-dir {params.model_dir} --split {input.split} --split-name test"
+        "python -m stmdit tiles --model-dir {params.model_dir} --split {input.split} --split-name test"
         " {params.subsample} --uni {input.uni} {params.ge} {params.vae} --regime {params.regime}"
         " {params.sampler} --out {output} > {log} 2>&1"
 
 
-rule perturb_sample:
+rule perturbed_tiles:
     input:
         weights=model_weights,
         split="results/splits/{cohort}.parquet",
         expression="results/expression/{cohort}.h5ad",
         uni="results/features/{cohort}/uni2h.zarr",
-        ge=lambda wildcards: sample_ge_store(wildcards.model, wildcards.cohort, "uni_ge"),
+        ge=lambda wildcards: tiles_ge_store(wildcards.model, wildcards.cohort, "uni_ge"),
     output:
-        directory("results/samples/{model}/{cohort}/{store}.zarr"),
+        directory("results/tiles/{model}/{cohort}/{store}.zarr"),
     params:
         model_dir=lambda wildcards: model_dir(wildcards.model),
         uni_null=lambda wildcards: "--uni-null" if wildcards.store == "perturbation_uni_null" else "",
@@ -59,45 +59,45 @@ rule perturb_sample:
     wildcard_constraints:
         store="perturbation|perturbation_uni_null",
     log:
-        "results/samples/{model}/{cohort}/{store}.log",
+        "results/tiles/{model}/{cohort}/{store}.log",
     benchmark:
-        "results/benchmarks/sample/{model}/{cohort}/{store}.tsv"
+        "results/benchmarks/tiles/{model}/{cohort}/{store}.tsv"
     threads: 2
     resources:
         gpu=1,
-        mem_mb=job_mem_mb("perturb_sample"),
-        runtime=job_runtime("perturb_sample"),
+        mem_mb=job_mem_mb("perturbed_tiles"),
+        runtime=job_runtime("perturbed_tiles"),
     conda:
         CONDA_GPU
     shell:
-        "python -m stmdit perturb-sample --model-dir {params.model_dir} --split {input.split}"
+        "python -m stmdit perturbed-tiles --model-dir {params.model_dir} --split {input.split}"
         " --expression {input.expression} --uni {input.uni} --ge {input.ge} --pairs '{params.pairs}'"
         " --alphas {params.alphas} --n-ref {params.n_ref} --seed {params.seed} --mode {params.mode} {params.uni_null}"
         " {params.vae} {params.sampler} --out {output} > {log} 2>&1"
 
 
-rule sample_grid:
+rule tile_grid:
     input:
         spots=cohort_spots,
         patches=cohort_patches,
         spots_list=cohort_list("spots"),
         patches_list=cohort_list("patches"),
-        samples=lambda wildcards: list(regime_samples(wildcards).values()),
+        tiles=lambda wildcards: list(regime_tiles(wildcards).values()),
         latents="results/features/{cohort}/sd3_vae.zarr",
     output:
         report("results/figures/grid_{model}_{cohort}.png", category="Samples",
                caption="../report/grid.rst"),
     params:
-        samples=lambda wildcards: pairs_arg(regime_samples(wildcards)),
+        tiles=lambda wildcards: pairs_arg(regime_tiles(wildcards)),
         vae=vae_args(),
     log:
         "results/figures/grid_{model}_{cohort}.log",
     threads: 1
     resources:
-        mem_mb=job_mem_mb("sample_grid"),
-        runtime=job_runtime("sample_grid"),
+        mem_mb=job_mem_mb("tile_grid"),
+        runtime=job_runtime("tile_grid"),
     conda:
         CONDA_CPU
     shell:
-        "python -m stmdit sample-grid --spots @{input.spots_list} --patches @{input.patches_list} --samples {params.samples}"
+        "python -m stmdit tile-grid --spots @{input.spots_list} --patches @{input.patches_list} --tiles {params.tiles}"
         " --latents {input.latents} {params.vae} --per-class 4 --seed 0 --out {output} > {log} 2>&1"
