@@ -19,8 +19,9 @@ import zarr
 from stmdit import eval_json, evaluate, metrics, report
 from stmdit.encoders import load_encoder
 from stmdit.errors import InputError
-from stmdit.features import string_values, write_feature_store
+from stmdit.features import write_feature_store
 from stmdit.split_table import split_keys
+from stmdit.zarr_rows import string_values
 
 torch.set_num_threads(1)
 

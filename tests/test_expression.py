@@ -88,7 +88,8 @@ def build_expression_whole(cohort, spots_paths, matrix_paths, min_spots_per_gene
     scanpy on all of X): the reference for the blocked one."""
     import scipy.sparse as sp
 
-    from stmdit.expression import read_kept_spots, read_slide_counts
+    from stmdit.expression import read_slide_counts
+    from stmdit.spots_table import read_kept_spots
 
     slides = [read_slide_counts(m, read_kept_spots(s)) for s, m in zip(spots_paths, matrix_paths)]
     adata = ad.concat(slides, join="outer", merge="first", fill_value=0)

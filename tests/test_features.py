@@ -15,14 +15,9 @@ import zarr
 from stmdit.cli import main
 from stmdit.encoders import load_encoder
 from stmdit.errors import InputError
-from stmdit.features import (
-    array_layout,
-    open_feature_store,
-    read_array_rows,
-    read_feature_rows,
-    write_feature_store,
-)
+from stmdit.features import array_layout, open_feature_store, read_feature_rows, write_feature_store
 from stmdit.provenance import provenance, write_parquet
+from stmdit.zarr_rows import read_array_rows
 
 from test_encoders import GENES, TINY_CF, make_images, tiny_cf_model, write_cf_checkpoint
 

@@ -11,9 +11,9 @@ import zarr
 
 from stmdit import perturb
 from stmdit import tiles
-from stmdit.features import string_values
 from stmdit.metrics import class_centroids
 from stmdit.model import DiTConfig
+from stmdit.zarr_rows import string_values
 from test_tiles import LATENT_SHAPE, STEPS, TINY, cohort, models, read_store, tiles_args, uni_ge_tiles  # noqa: F401
 
 

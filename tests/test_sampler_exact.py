@@ -26,11 +26,12 @@ import zarr
 
 from stmdit import sampling
 from stmdit import solvers
-from stmdit.features import string_values, write_feature_store
+from stmdit.features import write_feature_store
 from stmdit.loader import GeBatch
 from stmdit.model import guidance
 from stmdit.model.analytic import GaussianConfig, GaussianDenoiser, ddpm_coefficients, elementwise_affine_fit
 from stmdit.sampling import SamplerSettings, initial_noise, sample_latents
+from stmdit.zarr_rows import string_values
 
 torch.set_num_threads(1)
 

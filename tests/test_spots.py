@@ -18,7 +18,8 @@ import zarr
 
 from stmdit.bench import BENCHMARKS
 from stmdit.cli import main
-from stmdit.spots import SPOT_COLUMNS, FilterParams, crop_patches, filter_reasons, patch_metrics, resize_patches
+from stmdit.spots import FilterParams, crop_patches, filter_reasons, patch_metrics, resize_patches
+from stmdit.spots_table import SPOT_COLUMNS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CMU_SVS = SHARED_DATA / "he" / "cmu_small_region.svs"

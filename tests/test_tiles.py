@@ -18,11 +18,12 @@ import zarr
 from stmdit import sampling, tile_grid, tiles
 from stmdit import solvers
 from stmdit.errors import InputError
-from stmdit.features import string_values, write_feature_store
+from stmdit.features import write_feature_store
 from stmdit.loader import GeBatch
 from stmdit.model import DiTConfig, STMDiT, get_objective
 from stmdit.provenance import provenance, write_json
 from stmdit.train_utils import keyed_generator
+from stmdit.zarr_rows import string_values
 
 torch.set_num_threads(1)
 

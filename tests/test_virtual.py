@@ -200,7 +200,7 @@ def tiles_argv(ex, out, spec: dict, model=None) -> list:
 
 
 def test_experiment_end_to_end(experiment, tmp_path):
-    from stmdit.features import string_values
+    from stmdit.zarr_rows import string_values
     from stmdit.virtual import experiment as vexp
     from stmdit.virtual import report as vrep
 
@@ -239,7 +239,7 @@ def test_experiment_end_to_end(experiment, tmp_path):
 
 
 def test_toward_a_class_at_alpha_zero_is_the_unedited_tile(experiment, tmp_path):
-    from stmdit.features import string_values
+    from stmdit.zarr_rows import string_values
     from stmdit.virtual import experiment as vexp
 
     tiles = tmp_path / "tiles.zarr"

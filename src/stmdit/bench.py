@@ -158,9 +158,8 @@ def bench_spots_scale(args: argparse.Namespace) -> dict[str, Any]:
     import shutil
     import sys
 
-    import pandas as pd
-
     from stmdit.bigslide import MirroredTissue, read_source, write_pyramidal_tiff, write_visium_folder
+    from stmdit.spots_table import read_spots_table
 
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
@@ -188,7 +187,7 @@ def bench_spots_scale(args: argparse.Namespace) -> dict[str, Any]:
             code, wall_s, peak_mb = run_measured(command, work / f"{name}.log")
             if code != 0:
                 raise RuntimeError(f"stmdit spots failed on {name}: see {work / f'{name}.log'}")
-            table = pd.read_parquet(out / "spots.parquet")
+            table = read_spots_table(out / "spots.parquet", ["keep"])
             case = {
                 "image": f"{width} x {height} px ({width * height / 1e9:.2f} gigapixels)",
                 "image_file_mb": round(image_path.stat().st_size / 2**20, 1),

@@ -271,7 +271,7 @@ def requested_resources(log: Path) -> dict[str, dict[str, float]]:
 def collect(rusage: Path, work: Path, cohorts: tuple[str, str], log: Path | None = None) -> dict[tuple[str, str], dict]:
     """Per (rule, cohort): jobs, max peak RSS over jobs, summed wall time, summed output bytes, and
     for spots the spots per job (rows of its spots table)."""
-    import pandas as pd
+    from stmdit.spots_table import read_spots_table
 
     rows: dict[tuple[str, str], dict] = {}
     requested = requested_resources(log) if log is not None else {}
@@ -296,18 +296,18 @@ def collect(rusage: Path, work: Path, cohorts: tuple[str, str], log: Path | None
             if value:
                 row["out_bytes"] += _path_bytes(cwd / value)
         if key[0] == "spots":
-            row["job_spots"].append(len(pd.read_parquet(cwd / _option(record["argv"], "--out-spots"), columns=["key"])))
+            row["job_spots"].append(len(read_spots_table(cwd / _option(record["argv"], "--out-spots"), ["key"])))
     return rows
 
 
 def cohort_spots(work: Path, cohort) -> dict[str, int]:
     """Kept spots of each cohort (what the cohort rules read; the paper's counts are of kept spots)."""
-    import pandas as pd
+    from stmdit.spots_table import read_spots_table
 
     counts = {}
     for name, slides in ((cohort.visium_cohort, cohort.visium_slides), (cohort.he_cohort, cohort.he_slides)):
         paths = [work / "results" / "spots" / f"{s}.parquet" for s in slides]
-        counts[name] = int(sum(pd.read_parquet(p, columns=["keep"])["keep"].sum() for p in paths if p.exists()))
+        counts[name] = sum(len(read_spots_table(p, ["key"], kept=True)) for p in paths if p.exists())
     return counts
 
 

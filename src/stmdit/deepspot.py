@@ -78,11 +78,6 @@ from torch import nn
 from tqdm import tqdm
 
 from stmdit.cli import add_bf16_option
-from stmdit.encoders.base import autocast, resolve_device
-from stmdit.errors import InputError
-from stmdit.expression import read_kept_spots
-from stmdit.features import open_feature_store, read_feature_rows
-from stmdit.memory import return_large_blocks_to_os
 from stmdit.deepspot_targets import (
     MAX_BYTES_PER_NONZERO,
     PROTEIN_CODING,
@@ -92,10 +87,15 @@ from stmdit.deepspot_targets import (
     read_training_cohort,
     target_rows,
 )
+from stmdit.encoders.base import autocast, resolve_device
+from stmdit.errors import InputError
+from stmdit.features import open_feature_store, read_feature_rows
 from stmdit.h5ad_rows import H5adRows, write_h5ad_by_rows
+from stmdit.memory import return_large_blocks_to_os
 from stmdit.memory_budget import is_out_of_memory, out_of_memory, require
 from stmdit.provenance import atomic_path, provenance, write_json
 from stmdit.split_table import TEST, TRAIN, VAL, read_split_table
+from stmdit.spots_table import read_kept_spots
 
 log = logging.getLogger(__name__)
 

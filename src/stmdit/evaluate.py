@@ -57,20 +57,20 @@ from stmdit import eval_json, metrics
 from stmdit.cli import add_bf16_option, parse_named_paths
 from stmdit.errors import InputError
 from stmdit.expression import read_cohort_obs, read_h5ad_elements, stack_rows
-from stmdit.genesets import protein_coding_columns
 from stmdit.features import (
-    SamplePatches,
     check_finite_rows,
     encode_batches,
-    iter_kept_images,
     open_feature_store,
     parse_arch,
     read_feature_rows,
-    string_values,
     write_feature_store,
 )
+from stmdit.genesets import protein_coding_columns
+from stmdit.image_stores import SamplePatches, check_unique, iter_kept_images, open_image_store
 from stmdit.provenance import atomic_path, provenance
 from stmdit.split_table import TEST, TRAIN, split_keys
+from stmdit.spots_table import read_spots_table
+from stmdit.zarr_rows import string_values
 
 log = logging.getLogger(__name__)
 
@@ -83,33 +83,6 @@ PAIR_SEPARATOR = "->"
 
 # ---------------------------------------------------------------------------------------------
 # Reading inputs
-
-
-def open_image_store(path: str | Path) -> tuple[zarr.Group, list[str]]:
-    """A store with `spot_key` and uint8 `images` (N, H, W, 3); InputError naming it otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "image store not found")
-    try:
-        group = zarr.open_group(str(path), mode="r")
-        images = group["images"]
-        keys = [str(k) for k in string_values(group["spot_key"][:])]
-    except Exception as exc:  # zarr raises several types for damaged or foreign stores
-        raise InputError(path, f"not a readable image store (needs arrays spot_key, images): {exc}") from None
-    if images.ndim != 4 or images.shape[-1] != 3 or np.dtype(images.dtype) != np.uint8:
-        raise InputError(path, f"images must be uint8 (N, H, W, 3), found {images.dtype} {images.shape}")
-    if images.shape[0] != len(keys):
-        raise InputError(path, f"{images.shape[0]} images but {len(keys)} spot keys")
-    if not keys:
-        raise InputError(path, "the store has no spots")
-    check_unique(keys, path)
-    return group, keys
-
-
-def check_unique(keys: Sequence[str], source: str | Path) -> None:
-    index = pd.Index(keys)
-    if not index.is_unique:
-        raise InputError(source, f"spot key {index[index.duplicated()][0]} appears twice")
 
 
 def encoder_impls(attrs: Mapping[str, Any]) -> dict[str, str]:
@@ -241,10 +214,7 @@ def read_labels(expression: str | Path | None = None, spots: Sequence[str | Path
         return obs["label"].astype(str), [str(expression)]
     parts = []
     for path in spots or []:
-        try:
-            table = pd.read_parquet(path, columns=["key", "label"])
-        except (OSError, ValueError, KeyError) as exc:
-            raise InputError(path, f"cannot read spots table (needs columns key, label): {exc}") from None
+        table = read_spots_table(path, ["key", "label"])
         parts.append(pd.Series(table["label"].astype(str).to_numpy(), index=table["key"].astype(str)))
     labels = pd.concat(parts)
     check_unique(list(labels.index), ", ".join(str(p) for p in spots or []))
@@ -337,7 +307,8 @@ def extract_features(
     bf16: bool = False,
 ) -> Path:
     """Encode every row of an image store into a feature store with the same rows and keys."""
-    group, keys = open_image_store(images_path)
+    store = open_image_store(images_path)
+    group, keys = store.group, store.keys
     model, params = load_eval_encoder(encoder, impl, weights=weights, arch=arch, allow_hub=allow_hub,
                                       batch_size=batch_size, device=device, bf16=bf16)
     source_attrs = dict(group.attrs)

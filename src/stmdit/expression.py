@@ -39,6 +39,7 @@ from stmdit.errors import InputError
 from stmdit.genesets import BUNDLED, NONE, GeneList, annotate_cohort, load_gene_list
 from stmdit.memory import release_freed_memory
 from stmdit.provenance import atomic_path, provenance, write_json
+from stmdit.spots_table import read_kept_spots
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +80,6 @@ def read_cohort_obs(path: str | Path) -> pd.DataFrame:
     (obs,) = read_h5ad_elements(path, "obs")
     obs.index = obs.index.astype(str)
     return obs
-
-
-def read_kept_spots(spots_path: str | Path) -> pd.DataFrame:
-    spots_path = Path(spots_path)
-    try:
-        spots = pd.read_parquet(spots_path)
-    except (OSError, ValueError) as exc:
-        raise InputError(spots_path, f"cannot read spots table: {exc}") from None
-    required = {"key", "sample", "donor", "barcode", "pxl_row", "pxl_col", "label", "keep"}
-    missing = required - set(spots.columns)
-    if missing:
-        raise InputError(spots_path, f"spots table lacks column(s) {sorted(missing)}")
-    return spots[spots["keep"]].reset_index(drop=True)
 
 
 def read_slide_counts(matrix_path: str | Path, spots: pd.DataFrame) -> ad.AnnData:

@@ -38,7 +38,6 @@ at a high rate:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
@@ -56,7 +55,9 @@ from tqdm import tqdm
 from stmdit.cli import add_bf16_option
 from stmdit.errors import InputError
 from stmdit.h5ad_rows import H5adRows
+from stmdit.image_stores import iter_kept_images, read_cohort_patches
 from stmdit.provenance import atomic_path, provenance
+from stmdit.zarr_rows import read_array_rows, string_values
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,6 @@ TARGET_CHUNK_BYTES = 256 * 1024
 TARGET_SHARD_BYTES = 64 * 1024 * 1024
 KEY_CHUNK_ROWS = 65536
 READ_BLOCK_ROWS = 8192  # rows per read of a whole cohort's features (read_rows_in_blocks)
-DENSE_READ_FACTOR = 5  # a row-range read costs ~5x a chunk decode in zarr-python 3.1
 STORED_DTYPES = {
     "embedding": np.float32,
     "subtiles": np.float16,
@@ -200,12 +200,6 @@ def write_feature_store(
     return path
 
 
-def string_values(values) -> np.ndarray:
-    """Keys read from Zarr (numpy StringDType, fixed-width or object) as an object array of str.
-    (numpy 2 cannot cast StringDType with `.astype(str)`.)"""
-    return np.array([str(v) for v in np.asarray(values).tolist()], dtype=object)
-
-
 def open_feature_store(path: str | Path) -> zarr.Group:
     """Open a feature store read-only (InputError naming it when missing or unreadable)."""
     path = Path(path)
@@ -240,52 +234,6 @@ def store_row_arrays(group: zarr.Group) -> list[str]:
     n = group["spot_key"].shape[0]
     names = [name for name in shapes if name in group]
     return names or [name for name, a in group.arrays() if name != "spot_key" and a.shape[:1] == (n,)]
-
-
-def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted unique rows -> [start, stop) ranges of consecutive rows."""
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, breaks)]
-
-
-def _read_ranges(array: zarr.Array, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
-    """array[start:stop] for each range, issued concurrently on zarr's event loop."""
-    try:
-        from zarr.core.sync import sync
-    except ImportError:  # pragma: no cover - zarr moved its sync helper
-        return [np.asarray(array[start:stop]) for start, stop in ranges]
-    async_array = array.async_array
-
-    async def gather():
-        return await asyncio.gather(*(async_array.getitem((slice(start, stop),)) for start, stop in ranges))
-
-    return [np.asarray(part) for part in sync(gather())]
-
-
-def read_array_rows(array: zarr.Array, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-    """array[rows] for any rows (any order, repeats allowed), fast on sharded stores.
-
-    Sorted unique rows are read as contiguous row ranges, concurrently; when the rows are dense
-    in the chunks they span, the spanned range is read once instead.
-    """
-    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    if rows.size == 0:
-        return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
-    if rows.min() < 0 or rows.max() >= array.shape[0]:
-        raise IndexError(f"rows out of range for an array of {array.shape[0]} rows")
-    unique, inverse = np.unique(rows, return_inverse=True)
-    first, stop = int(unique[0]), int(unique[-1]) + 1
-    chunk_rows = array.chunks[0]
-    chunks_spanned = (stop - 1) // chunk_rows - first // chunk_rows + 1
-    runs = row_runs(unique)
-    if len(runs) * DENSE_READ_FACTOR >= chunks_spanned:
-        values = np.asarray(array[first:stop])
-        if unique.size != stop - first:
-            values = values[unique - first]
-    else:
-        values = np.concatenate(_read_ranges(array, runs))
-    # rows already sorted and unique (a whole cohort in store order): no second copy of every row
-    return values if rows.size == unique.size and np.array_equal(rows, unique) else values[inverse]
 
 
 def read_feature_rows(
@@ -330,79 +278,6 @@ def read_rows_in_blocks(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Image encoders: kept spots of the cohort's patches stores
-
-
-@dataclass
-class SamplePatches:
-    """The kept spots of one sample: rows of its patches store and their keys."""
-
-    spots_path: Path
-    patches_path: Path
-    images: zarr.Array
-    rows: np.ndarray
-    keys: list[str]
-
-
-def read_sample_patches(spots_path: Path, patches_path: Path) -> SamplePatches:
-    try:
-        table = pd.read_parquet(spots_path, columns=["key", "keep"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(spots_path, f"cannot read spots table (needs columns key, keep): {exc}") from None
-    if not patches_path.exists():
-        raise InputError(patches_path, "patches store not found")
-    try:
-        group = zarr.open_group(str(patches_path), mode="r")
-        images = group["images"]
-        store_keys = string_values(group["spot_key"][:])
-    except Exception as exc:  # zarr raises several types for damaged stores
-        raise InputError(patches_path, f"cannot read patches store (needs arrays images, spot_key): {exc}") from None
-    if images.ndim != 4 or images.shape[-1] != 3 or np.dtype(images.dtype) != np.uint8:
-        raise InputError(patches_path, f"images must be uint8 (N, H, W, 3), found {images.dtype} {images.shape}")
-    if images.shape[0] != len(table) or list(store_keys) != [str(k) for k in table["key"]]:
-        raise InputError(patches_path, f"rows do not match the spots table {spots_path.name} (spot keys differ)")
-    rows = np.flatnonzero(table["keep"].to_numpy(dtype=bool))
-    return SamplePatches(spots_path, patches_path, images, rows, [str(k) for k in table["key"].to_numpy()[rows]])
-
-
-def read_cohort_patches(spots_paths: Sequence[str | Path], patches_paths: Sequence[str | Path]) -> list[SamplePatches]:
-    """Kept spots of every sample, in the given (cohort) order; checks inputs before any work."""
-    if len(spots_paths) != len(patches_paths):
-        raise InputError(None, f"{len(spots_paths)} --spots tables but {len(patches_paths)} --patches stores")
-    samples = [read_sample_patches(Path(s), Path(p)) for s, p in zip(spots_paths, patches_paths)]
-    keys = [k for s in samples for k in s.keys]
-    if not keys:
-        raise InputError(", ".join(str(s) for s in spots_paths), "the cohort has no kept spots (keep is False everywhere)")
-    duplicated = pd.Index(keys)[pd.Index(keys).duplicated()]
-    if len(duplicated):
-        raise InputError(", ".join(str(s) for s in spots_paths), f"spot key {duplicated[0]} appears twice in the cohort")
-    for s in samples:
-        log.info("%s: %d kept of %d spots (%s)", s.spots_path.name, len(s.rows), s.images.shape[0], s.patches_path)
-    return samples
-
-
-def iter_kept_images(samples: Sequence[SamplePatches], batch_size: int) -> Iterator[np.ndarray]:
-    """Batches of kept-spot patches in cohort order. Each store is read in row blocks aligned to
-    its chunks, so every stored chunk is decoded at most once (only the span of kept spots)."""
-    pending: list[np.ndarray] = []
-    n_pending = 0
-    for sample in samples:
-        images = sample.images
-        unit = images.chunks[0]
-        block = max(1, math.ceil(batch_size / unit)) * unit
-        for start in range(0, images.shape[0], block):
-            stop = min(start + block, images.shape[0])
-            wanted = sample.rows[(sample.rows >= start) & (sample.rows < stop)]
-            if not wanted.size:
-                continue
-            first, last = int(wanted[0]), int(wanted[-1]) + 1
-            pending.append(np.asarray(images[first:last])[wanted - first])
-            n_pending += wanted.size
-            while n_pending >= batch_size:
-                merged = np.concatenate(pending)
-                yield merged[:batch_size]
-                pending, n_pending = [merged[batch_size:]], n_pending - batch_size
-    if n_pending:
-        yield np.concatenate(pending)
 
 
 def encode_batches(encoder, batches: Iterable, total: int, desc: str) -> Iterator[dict[str, np.ndarray]]:

@@ -35,9 +35,9 @@ import numpy as np
 
 from stmdit.cli import cli_params, parse_named_paths
 from stmdit.errors import InputError
-from stmdit.features import read_array_rows, string_values
+from stmdit.image_stores import open_image_store
 from stmdit.provenance import atomic_path, provenance
-from stmdit.tile_grid import store_keys
+from stmdit.zarr_rows import read_array_rows
 
 log = logging.getLogger(__name__)
 
@@ -105,39 +105,31 @@ class RealSummaries:
     """Per-tile summaries of real tiles by spot key, read from the patches stores once."""
 
     def __init__(self, patches: Sequence[Path], summarise: Callable[[np.ndarray], np.ndarray], width: int):
-        self.stores = [store_keys(path) for path in patches]
+        self.stores = [open_image_store(path) for path in patches]
         self.summarise = summarise
         self.width = width
         self.cache: dict[str, np.ndarray] = {}
 
     def __call__(self, keys: Sequence[str], source: Path) -> np.ndarray:
         wanted = [k for k in dict.fromkeys(keys) if k not in self.cache]
-        for group, index in self.stores:
-            mine = [k for k in wanted if k in index]
-            rows = [index[k] for k in mine]
-            self.cache.update(zip(mine, chunked_summaries(group["images"], rows, self.summarise, self.width)))
+        for store in self.stores:
+            mine = [k for k in wanted if k in store.index]
+            rows = [store.index[k] for k in mine]
+            self.cache.update(zip(mine, chunked_summaries(store.images, rows, self.summarise, self.width)))
         missing = [k for k in keys if k not in self.cache]
         if missing:
             raise InputError(source, f"{len(missing)} spot(s) are in no --patches store, e.g. {missing[0]}")
         return np.stack([self.cache[k] for k in keys])
 
 
-def sample_store_keys(path: Path) -> tuple[object, list[str]]:
-    """An image store of generated tiles and its spot keys (at least 2: the other-spot null needs them)."""
-    group, _ = store_keys(path)
-    keys = list(string_values(group["spot_key"][:]))
-    if len(keys) < 2:
-        raise InputError(path, f"{len(keys)} tile(s): the other-spot null needs at least 2")
-    return group, keys
-
-
 def layout_report(patches: Sequence[Path], tile_stores: Mapping[str, Path], cells: int, n_boot: int, seed: int) -> dict:
     real_layouts = RealSummaries(patches, lambda tiles: coarse_layout(tiles, cells), cells * cells)
     regimes = {}
     for regime, path in tile_stores.items():
-        group, keys = sample_store_keys(path)
+        tiles = open_image_store(path, min_spots=2)  # the other-spot null needs two
+        keys = tiles.keys
         try:
-            generated = chunked_layouts(group["images"], range(len(keys)), cells)
+            generated = chunked_layouts(tiles.images, range(len(keys)), cells)
         except ValueError as exc:
             raise InputError(path, str(exc)) from None
         regimes[regime] = entry = regime_layout(real_layouts(keys, path), generated, n_boot, seed)

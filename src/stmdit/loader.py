@@ -21,7 +21,8 @@ import torch
 import zarr
 
 from stmdit.errors import InputError
-from stmdit.features import check_finite_rows, open_feature_store, read_array_rows, string_values
+from stmdit.features import check_finite_rows, open_feature_store
+from stmdit.zarr_rows import read_array_rows, string_values
 
 log = logging.getLogger(__name__)
 

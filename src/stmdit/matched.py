@@ -25,10 +25,11 @@ import numpy as np
 
 from stmdit.cli import parse_named_paths
 from stmdit.errors import InputError
-from stmdit.features import open_feature_store, read_array_rows
+from stmdit.features import open_feature_store
+from stmdit.image_stores import open_image_store, read_image
 from stmdit.loader import store_rows
-from stmdit.tile_grid import read_image, store_keys
 from stmdit.split_table import TEST, split_keys
+from stmdit.zarr_rows import read_array_rows
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +148,15 @@ def plot_matched(clusters: Sequence[Cluster], real: np.ndarray, generated: Mappi
 def run_matched_spots(args: argparse.Namespace) -> Path:
     tile_stores = parse_named_paths(args.tiles, "--tiles")
     check_matched(tile_stores)
-    opened_tiles = {name: store_keys(path) for name, path in tile_stores.items()}
-    real_stores = [store_keys(path) for path in args.patches]
-    everywhere = set().union(*(index for _, index in real_stores))
-    for _, index in opened_tiles.values():
-        everywhere &= set(index)
+    opened_tiles = {name: open_image_store(path) for name, path in tile_stores.items()}
+    real_stores = [open_image_store(path) for path in args.patches]
+    everywhere = set().union(*(store.index for store in real_stores))
+    for store in opened_tiles.values():
+        everywhere &= set(store.index)
     clusters = matched_clusters(args.ge, args.split, args.expression, everywhere, args.n_clusters, args.seed)
     keys = [c.key for c in clusters]
     real = np.stack([read_image(real_stores, key) for key in keys])
-    generated = {name: read_array_rows(group["images"], [index[k] for k in keys])
-                 for name, (group, index) in opened_tiles.items()}
+    generated = {name: read_array_rows(store.images, [store.index[k] for k in keys]) for name, store in opened_tiles.items()}
     plot_matched(clusters, real, generated, args.out)
     log.info("wrote %s: %d GE clusters x (real + %d models); spots %s", args.out, len(clusters), len(generated),
              ", ".join(f"{c.key} ({', '.join(c.genes)})" for c in clusters))

@@ -27,7 +27,8 @@ import numpy as np
 
 from stmdit.cli import cli_params, parse_named_paths
 from stmdit.errors import InputError
-from stmdit.layout import RealSummaries, chunked_summaries, derangement, sample_store_keys
+from stmdit.image_stores import open_image_store
+from stmdit.layout import RealSummaries, chunked_summaries, derangement
 from stmdit.provenance import atomic_path, provenance
 
 log = logging.getLogger(__name__)
@@ -92,9 +93,10 @@ def palette_report(patches: Sequence[Path], tile_stores: Mapping[str, Path], spa
     real_colours = RealSummaries(patches, summarise, 3)
     regimes = {}
     for regime, path in tile_stores.items():
-        group, keys = sample_store_keys(path)
+        tiles = open_image_store(path, min_spots=2)  # the other-spot null needs two
+        keys = tiles.keys
         try:
-            generated = chunked_summaries(group["images"], range(len(keys)), summarise, 3)
+            generated = chunked_summaries(tiles.images, range(len(keys)), summarise, 3)
         except ValueError as exc:
             raise InputError(path, str(exc)) from None
         regimes[regime] = entry = regime_palette(real_colours(keys, path), generated, n_boot, seed)

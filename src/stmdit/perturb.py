@@ -31,12 +31,13 @@ import zarr
 
 from stmdit.cli import cli_params
 from stmdit.errors import InputError
-from stmdit.features import check_finite_rows, open_feature_store, read_array_rows
+from stmdit.features import check_finite_rows, open_feature_store
 from stmdit.loader import GeBatch, store_rows
 from stmdit.metrics import choose_reference_spots, class_centroids, interpolate_ge
 from stmdit.model import GE, UNI_GE
 from stmdit.sampling import SamplingSession, SessionSettings, add_sampler_options, check_width, token_arrays
 from stmdit.split_table import TEST, TRAIN, split_keys
+from stmdit.zarr_rows import read_array_rows
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ import zarr
 
 from stmdit.cli import add_bf16_option
 from stmdit.errors import InputError
-from stmdit.features import check_finite_rows, open_feature_store, staged_spot_store, parse_arch, read_array_rows
+from stmdit.features import check_finite_rows, open_feature_store, parse_arch, staged_spot_store
 from stmdit.loader import GeBatch, store_rows
 from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, guided_prediction, regime_spec
 from stmdit.model.dit import EMA_WEIGHTS_FILE
@@ -46,6 +46,7 @@ from stmdit.provenance import params_hash, provenance
 from stmdit.regimes import PAPER_S_GE, PAPER_S_UNI
 from stmdit.solvers import DEFAULT, SOLVERS, Predictor, check_solver, denoise, describe_scheduler, predictor_calls
 from stmdit.train_utils import keyed_generator
+from stmdit.zarr_rows import read_array_rows
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from stmdit.errors import InputError
-from stmdit.expression import read_kept_spots
 from stmdit.provenance import provenance
 from stmdit.split_table import SPLIT_NAMES, TEST, TRAIN, VAL, write_split_table
+from stmdit.spots_table import read_kept_spots
 
 log = logging.getLogger(__name__)
 

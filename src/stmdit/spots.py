@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 from stmdit.errors import InputError
 from stmdit.provenance import atomic_path, provenance, write_parquet
+from stmdit.spots_table import SPOT_COLUMNS
 from stmdit.visium import (
     DEFAULT_MAX_IMAGE_MB,
     DecodedImage,
@@ -70,10 +71,6 @@ from stmdit.visium import (
 log = logging.getLogger(__name__)
 
 REASONS = ("label", "foreground", "blur", "tissue")
-SPOT_COLUMNS = [
-    "key", "sample", "donor", "cohort", "barcode", "array_row", "array_col", "pxl_row", "pxl_col",
-    "diameter_px", "foreground", "laplacian_var", "tissue_fraction", "label", "keep", "reason",
-]
 CHUNK_SPOTS = 16  # patches per zarr chunk (16 x 256 x 256 x 3 = 3 MiB): random access by spot stays cheap
 BLOCK_SPOTS = 64  # spots cut, measured, resized and written per step (bounds memory on full-res slides)
 WORKERS = 2  # threads cutting blocks while the main thread writes
@@ -422,30 +419,6 @@ def read_labels(path: str | Path, known_barcodes: pd.Index) -> pd.Series:
 # The stage
 # --------------------------------------------------------------------------------------------
 
-
-def read_kept_spots(paths, columns) -> pd.DataFrame:
-    """The kept spots of spots tables (all rows of a table without `keep`), as `key`, `label`
-    ("unlabelled" when empty or absent) and the other requested `columns`; InputError naming the
-    table when it cannot be read or lacks a column."""
-    wanted = ["key", "label", *[c for c in columns if c not in ("key", "label")]]
-    parts = []
-    for path in paths:
-        try:
-            table = pd.read_parquet(path)
-        except (OSError, ValueError) as exc:
-            raise InputError(path, f"cannot read spots table: {exc}") from None
-        missing = set(wanted) - {"label"} - set(table.columns)
-        if missing:
-            raise InputError(path, f"spots table lacks column(s) {sorted(missing)}")
-        if "keep" in table:
-            table = table[table["keep"].astype(bool)]
-        if "label" not in table:
-            table = table.assign(label="")
-        parts.append(table[wanted])
-    spots = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=wanted)
-    spots["key"] = spots["key"].astype(str)
-    spots["label"] = spots["label"].fillna("").astype(str).replace("", "unlabelled")
-    return spots
 
 
 def load_slide(kind: str, path: str | Path, image: str | Path | None, mpp: float | None,

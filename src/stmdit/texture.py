@@ -23,11 +23,13 @@ import torch
 
 from stmdit.cli import cli_params, parse_named_paths
 from stmdit.errors import InputError
-from stmdit.features import open_feature_store, read_array_rows
-from stmdit.layout import CHUNK_TILES, chunked_summaries, sample_store_keys
+from stmdit.features import open_feature_store
+from stmdit.image_stores import open_image_store
+from stmdit.layout import CHUNK_TILES, chunked_summaries
 from stmdit.loader import store_rows
 from stmdit.provenance import atomic_path, provenance
 from stmdit.sampling import CodecSettings, add_vae_options, load_codec
+from stmdit.zarr_rows import read_array_rows
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +77,15 @@ def texture_report(latent_path: Path, tile_stores: dict[str, Path], codec, n_boo
     real_cache: dict[str, float] = {}
     regimes = {}
     for regime, path in tile_stores.items():
-        group, keys = sample_store_keys(path)
+        tiles = open_image_store(path, min_spots=2)  # the ratio's bootstrap resamples spots
+        keys = tiles.keys
         wanted = [k for k in keys if k not in real_cache]
         if wanted:
             rows = store_rows(latent_group, wanted, latent_path)
             real_cache.update(zip(wanted, decoded_roughness(codec, latent_group["latent"], rows)))
         real = np.array([real_cache[k] for k in keys])
         try:
-            generated = chunked_summaries(group["images"], range(len(keys)),
+            generated = chunked_summaries(tiles.images, range(len(keys)),
                                           lambda tiles: grey_roughness(tiles)[:, None], 1)[:, 0]
         except ValueError as exc:
             raise InputError(path, str(exc)) from None

@@ -17,15 +17,16 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-import zarr
 
 from stmdit.cli import parse_named_paths
 from stmdit.errors import InputError
-from stmdit.features import open_feature_store, read_array_rows, string_values
+from stmdit.features import open_feature_store
+from stmdit.image_stores import open_image_store, read_image
 from stmdit.loader import store_rows
 from stmdit.provenance import atomic_path
 from stmdit.sampling import CodecSettings, add_vae_options, load_codec
-from stmdit.spots import read_kept_spots
+from stmdit.spots_table import read_labelled_spots
+from stmdit.zarr_rows import read_array_rows, string_values
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +40,9 @@ def grid_size(n_rows: int, n_columns: int, tile_px: int) -> tuple[int, int]:
     return GRID_HEADER_HEIGHT + n_rows * (tile_px + GRID_GAP), GRID_LABEL_WIDTH + n_columns * (tile_px + GRID_GAP)
 
 
-def store_keys(path: Path) -> tuple[zarr.Group, dict[str, int]]:
-    group = open_feature_store(path)
-    if "images" not in group or "spot_key" not in group:
-        raise InputError(path, "not an image store (needs arrays images and spot_key)")
-    return group, {k: i for i, k in enumerate(string_values(group["spot_key"][:]))}
-
-
 def read_labels_tables(spots: Sequence[Path]) -> pd.Series:
     """key -> label ("unlabelled" when empty) of the kept spots of the spots tables."""
-    table = read_kept_spots(spots, ["key"])
+    table = read_labelled_spots(spots, ["key"])
     return pd.Series(table["label"].to_numpy(), index=table["key"].to_numpy(), dtype=str)
 
 
@@ -98,11 +92,11 @@ def run_tile_grid(args: argparse.Namespace) -> Path:
         raise InputError(None, f"{len(args.spots)} --spots tables but {len(args.patches)} --patches stores")
     tile_stores = parse_named_paths(args.tiles, "--tiles")
     labels = read_labels_tables(args.spots)
-    opened_tiles = {name: store_keys(path) for name, path in tile_stores.items()}
-    real_stores = [store_keys(path) for path in args.patches]
-    present = labels.index.isin([k for _, index in real_stores for k in index])
-    for _, index in opened_tiles.values():
-        present &= labels.index.isin(list(index))
+    opened_tiles = {name: open_image_store(path) for name, path in tile_stores.items()}
+    real_stores = [open_image_store(path) for path in args.patches]
+    present = labels.index.isin([k for store in real_stores for k in store.keys])
+    for store in opened_tiles.values():
+        present &= labels.index.isin(store.keys)
     latent_group = None
     if args.latents is not None:
         latent_group = open_feature_store(args.latents)
@@ -119,19 +113,11 @@ def run_tile_grid(args: argparse.Namespace) -> Path:
         codec = load_codec(CodecSettings.from_args(args), torch.device("cpu"))
         latents = read_array_rows(latent_group["latent"], store_rows(latent_group, keys, args.latents))
         rows.append(("real (VAE)", codec.decode(latents.astype(np.float32))))
-    rows += [(name, read_array_rows(group["images"], [index[k] for k in keys]))
-             for name, (group, index) in opened_tiles.items()]
+    rows += [(name, read_array_rows(store.images, [store.index[k] for k in keys])) for name, store in opened_tiles.items()]
     write_png(args.out, render_grid(rows, columns, args.tile_px))
     log.info("wrote %s: %d spots of %d classes, rows %s", args.out, len(keys), labels.nunique(),
              [name for name, _ in rows])
     return Path(args.out)
-
-
-def read_image(stores: Sequence[tuple[zarr.Group, dict[str, int]]], key: str) -> np.ndarray:
-    for group, index in stores:
-        if key in index:
-            return np.asarray(group["images"][index[key]])
-    raise KeyError(key)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

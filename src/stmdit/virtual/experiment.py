@@ -32,11 +32,11 @@ import pandas as pd
 import torch
 
 from stmdit.errors import InputError
-from stmdit.features import open_feature_store, read_array_rows, string_values
+from stmdit.features import open_feature_store
 from stmdit.loader import GeBatch, store_rows
 from stmdit.model import GE, UNI_GE
 from stmdit.split_table import TRAIN, read_split_table
-from stmdit.spots import read_kept_spots
+from stmdit.spots_table import read_labelled_spots
 from stmdit.virtual.edits import (
     Edit,
     apply_edit,
@@ -47,6 +47,7 @@ from stmdit.virtual.edits import (
     parse_edit,
     shuffled_centroid,
 )
+from stmdit.zarr_rows import read_array_rows, string_values
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class ExperimentSpec:
 def read_spot_tables(paths: Sequence[str | Path]) -> pd.DataFrame:
     """Kept spots of the spots tables: key, sample, label, array_row, array_col, pxl_row, pxl_col,
     indexed by key."""
-    spots = read_kept_spots(paths, ["sample", "array_row", "array_col", "pxl_row", "pxl_col"])
+    spots = read_labelled_spots(paths, ["sample", "array_row", "array_col", "pxl_row", "pxl_col"])
     return spots[["key", "sample", "label", "array_row", "array_col", "pxl_row", "pxl_col"]].set_index("key", drop=False)
 
 

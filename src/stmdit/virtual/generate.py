@@ -91,7 +91,7 @@ def run_generate(args: argparse.Namespace) -> Path:
     centroids: dict[str, np.ndarray] = {}
     if args.vector is not None:
         group = open_feature_store(args.ge)
-        from stmdit.features import string_values
+        from stmdit.zarr_rows import string_values
 
         encoder_genes = [str(g) for g in string_values(group["token_genes"][:])[1:]]
         genes = [*encoder_genes, OTHER_GENES]
@@ -135,9 +135,9 @@ def run_generate(args: argparse.Namespace) -> Path:
     extra = {"arm": np.array([arms[a].name for a in conditions.arm_index], dtype=object),
              "ref_key": np.array(conditions.noise_keys, dtype=object)}
     store = session.generate(conditions, out_dir / "tiles.zarr", attrs, extra_arrays=extra)
-    import zarr
+    from stmdit.image_stores import open_image_store
 
-    images = zarr.open_group(str(store), mode="r")["images"]
+    images = open_image_store(store).images
     for row, key in enumerate(conditions.keys):
         arm, spot = key.split("|", 1)
         write_png(out_dir / arm / f"{spot.replace(':', '_').replace('/', '_')}.png", np.asarray(images[row]))

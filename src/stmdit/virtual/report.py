@@ -27,10 +27,11 @@ import pandas as pd
 
 from stmdit.cli import cli_params
 from stmdit.errors import InputError
-from stmdit.features import read_array_rows, string_values
+from stmdit.image_stores import open_image_store
 from stmdit.metrics import percentile_interval
 from stmdit.provenance import atomic_path, provenance, write_json
 from stmdit.virtual.experiment import CONTROL, UNEDITED, read_spot_tables
+from stmdit.zarr_rows import read_array_rows, string_values
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,7 @@ def paired_bootstrap(edit: np.ndarray, control: np.ndarray, n_boot: int, seed: i
 
 
 def read_tiles(path: str | Path) -> tuple[Any, pd.DataFrame]:
-    from stmdit.features import open_feature_store
-
-    group = open_feature_store(path)
+    group = open_image_store(path).group
     needed = ("images", "spot_key", "arm", "ref_key", "dose", "label", "sample", "pxl_row", "pxl_col")
     missing = [name for name in needed if name not in group]
     if missing or "virtual" not in group.attrs:
@@ -271,15 +270,13 @@ def write_multiscale(group, name: str, rgb: np.ndarray, min_side: int = 256) -> 
 
 
 def real_tiles_of(patches: Sequence[Path], keys: Sequence[str]) -> dict[str, np.ndarray]:
-    from stmdit.tile_grid import store_keys
-
     out = {}
     wanted = set(keys)
     for path in patches:
-        group, index = store_keys(Path(path))
-        present = [k for k in index if k in wanted]
+        store = open_image_store(path)
+        present = [k for k in store.keys if k in wanted]
         if present:
-            images = read_array_rows(group["images"], [index[k] for k in present])
+            images = read_array_rows(store.images, [store.index[k] for k in present])
             out.update(zip(present, images))
     missing = wanted - set(out)
     if missing:
