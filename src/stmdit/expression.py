@@ -186,21 +186,13 @@ def build_expression(*args: Any, **kwargs: Any) -> ad.AnnData:
     return expression.adata
 
 
-def cohort_expression(
-    cohort: str,
-    spots_paths: list[str | Path],
-    matrix_paths: list[str | Path],
-    min_spots_per_gene: int = 10,
-    n_hvg: int = 3000,
-    target_sum: float = 1e4,
-    scale_max: float | None = None,
-    protein_coding: GeneList | None = None,
-) -> CohortExpression:
-    import scanpy as sc
-
+def read_cohort_slides(cohort: str, spots_paths: list[str | Path],
+                       matrix_paths: list[str | Path]) -> tuple[ad.AnnData, list[sp.csr_matrix]]:
+    """The kept spots of every slide: obs/var/obsm joined on the union of genes (X empty), and each
+    slide's counts apart, on the union's columns (stacked later without a second copy)."""
     if len(spots_paths) != len(matrix_paths):
         raise ValueError("one count matrix per spots table is needed")
-    slides, pieces = [], []  # the slides' obs/var/obsm, and their counts apart (concatenated without a copy)
+    slides, pieces = [], []
     for spots_path, matrix_path in zip(spots_paths, matrix_paths):
         spots = read_kept_spots(spots_path)
         if spots.empty:
@@ -214,15 +206,18 @@ def cohort_expression(
         log.info("read %s: %d kept spots x %d genes", matrix_path, slide.n_obs, slide.n_vars)
     if not slides:
         raise InputError(spots_paths[0], f"cohort {cohort!r} has no kept spots")
-    gene_sets = {tuple(s.var_names) for s in slides}
-    if len(gene_sets) > 1:
+    if len({tuple(s.var_names) for s in slides}) > 1:
         log.warning("slides have different gene lists: taking their union, absent genes count 0")
     adata = ad.concat(slides, join="outer", merge="first", fill_value=0)
     pieces = [union_columns(piece, slide.var_names, adata.var_names) for piece, slide in zip(pieces, slides)]
-    del slides, slide
     adata.obs["cohort"] = cohort
+    return adata, pieces
 
-    # scanpy's filter_genes(min_cells): n_cells = spots with a positive count; genes below it dropped
+
+def drop_rare_genes(adata: ad.AnnData, pieces: list[sp.csr_matrix], min_spots_per_gene: int, cohort: str,
+                    source: str | Path) -> ad.AnnData:
+    """scanpy's filter_genes(min_cells): genes with a positive count in fewer spots are dropped, from
+    `adata` (returned) and from `pieces` in place, one slide at a time (var["n_cells"] keeps the count)."""
     n_before = adata.n_vars
     n_cells = sum(np.bincount(piece.indices[piece.data > 0], minlength=n_before).astype(np.int64) for piece in pieces)
     keep = n_cells >= min_spots_per_gene
@@ -233,7 +228,49 @@ def cohort_expression(
             pieces[i] = pieces[i][:, keep]
     log.info("kept %d of %d genes seen in >= %d spots", adata.n_vars, n_before, min_spots_per_gene)
     if adata.n_vars == 0:
-        raise InputError(matrix_paths[0], f"no gene is detected in >= {min_spots_per_gene} spots of cohort {cohort!r}")
+        raise InputError(source, f"no gene is detected in >= {min_spots_per_gene} spots of cohort {cohort!r}")
+    return adata
+
+
+def add_scaled_hvgs(expression: CohortExpression, scale_max: float | None) -> pd.Index:
+    """obsm["hvg_scaled"]: the HVGs' log1p values scaled per gene (columns in HVG rank order, in
+    uns["hvg_genes"]; var mean/std their moments), filled block by block; returns the HVGs in order."""
+    import scanpy as sc
+
+    adata = expression.adata
+    hvg_genes = adata.var_names[adata.var["highly_variable"]]
+    order = adata.var.loc[hvg_genes, "highly_variable_rank"].sort_values(kind="stable").index
+    columns = adata.var_names.get_indexer(order)
+    dense = np.empty((adata.n_obs, len(order)), dtype=np.float32)  # the HVGs' log1p values, then scaled
+    start = 0
+    for block in expression.x_blocks():
+        dense[start : start + block.shape[0]] = block[:, columns].toarray()
+        start += block.shape[0]
+    hvg = ad.AnnData(X=dense, var=pd.DataFrame(index=order))
+    sc.pp.scale(hvg, max_value=scale_max)
+    adata.obsm["hvg_scaled"] = np.asarray(hvg.X, dtype=np.float32)
+    adata.uns["hvg_genes"] = np.asarray(order, dtype=str)
+    adata.var["mean"] = np.nan
+    adata.var["std"] = np.nan
+    adata.var.loc[order, "mean"] = hvg.var["mean"].to_numpy()
+    adata.var.loc[order, "std"] = hvg.var["std"].to_numpy()
+    return order
+
+
+def cohort_expression(
+    cohort: str,
+    spots_paths: list[str | Path],
+    matrix_paths: list[str | Path],
+    min_spots_per_gene: int = 10,
+    n_hvg: int = 3000,
+    target_sum: float = 1e4,
+    scale_max: float | None = None,
+    protein_coding: GeneList | None = None,
+) -> CohortExpression:
+    import scanpy as sc
+
+    adata, pieces = read_cohort_slides(cohort, spots_paths, matrix_paths)
+    adata = drop_rare_genes(adata, pieces, min_spots_per_gene, cohort, matrix_paths[0])
     # X is normalised from the int32 counts when they hold the float32 values exactly (whole counts),
     # else from the float32 values, kept beside the counts
     if all(np.array_equal(piece.data, piece.data.astype(np.int32)) for piece in pieces):
@@ -258,23 +295,7 @@ def cohort_expression(
         adata, flavor="seurat_v3", n_top_genes=n_top, batch_key="sample", layer="counts", subset=False
     )
     expression = CohortExpression(adata, source, target_sum)
-
-    hvg_genes = adata.var_names[adata.var["highly_variable"]]
-    order = adata.var.loc[hvg_genes, "highly_variable_rank"].sort_values(kind="stable").index
-    columns = adata.var_names.get_indexer(order)
-    dense = np.empty((adata.n_obs, len(order)), dtype=np.float32)  # the HVGs' log1p values, then scaled
-    start = 0
-    for block in expression.x_blocks():
-        dense[start : start + block.shape[0]] = block[:, columns].toarray()
-        start += block.shape[0]
-    hvg = ad.AnnData(X=dense, var=pd.DataFrame(index=order))
-    sc.pp.scale(hvg, max_value=scale_max)
-    adata.obsm["hvg_scaled"] = np.asarray(hvg.X, dtype=np.float32)
-    adata.uns["hvg_genes"] = np.asarray(order, dtype=str)
-    adata.var["mean"] = np.nan
-    adata.var["std"] = np.nan
-    adata.var.loc[order, "mean"] = hvg.var["mean"].to_numpy()
-    adata.var.loc[order, "std"] = hvg.var["std"].to_numpy()
+    order = add_scaled_hvgs(expression, scale_max)
     adata.uns.pop("log1p", None)
     adata.uns.pop("hvg", None)
     if gene_sets:
