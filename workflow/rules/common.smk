@@ -327,6 +327,14 @@ def config_flags(section, skip=()):
     return " ".join(args)
 
 
+def perturbation_args():
+    """`evaluate.perturbation` as perturbed-tiles' flags (its seed is the series' own, not the sampler's)."""
+    settings = config["evaluate"]["perturbation"]
+    pairs = ",".join(f"{a}:{b}" for a, b in settings["pairs"])
+    return (f"--pairs '{pairs}' --alphas {','.join(str(a) for a in settings['alphas'])} --n-ref {settings['n_ref']}"
+            f" --seed {settings['seed']} --mode {settings['mode']}")
+
+
 def sampler_args(seed=True):
     """The `sampler:` section as the flags of every command that generates tiles (tiles,
     perturbed-tiles, virtual-tiles); perturbed-tiles passes its own --seed (evaluate.perturbation.seed)

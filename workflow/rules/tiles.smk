@@ -49,11 +49,7 @@ rule perturbed_tiles:
     params:
         model_dir=lambda wildcards: model_dir(wildcards.model),
         uni_null=lambda wildcards: "--uni-null" if wildcards.store == "perturbation_uni_null" else "",
-        pairs=",".join(f"{a}:{b}" for a, b in config["evaluate"]["perturbation"]["pairs"]),
-        alphas=",".join(str(a) for a in config["evaluate"]["perturbation"]["alphas"]),
-        n_ref=config["evaluate"]["perturbation"]["n_ref"],
-        seed=config["evaluate"]["perturbation"]["seed"],
-        mode=config["evaluate"]["perturbation"]["mode"],
+        perturbation=perturbation_args(),
         vae=vae_args(),
         sampler=sampler_args(seed=False),
     wildcard_constraints:
@@ -61,7 +57,7 @@ rule perturbed_tiles:
     log:
         "results/tiles/{model}/{cohort}/{store}.log",
     benchmark:
-        "results/benchmarks/tiles/{model}/{cohort}/{store}.tsv"
+        "results/benchmarks/perturbed_tiles/{model}/{cohort}/{store}.tsv"
     threads: 2
     resources:
         gpu=1,
@@ -71,8 +67,7 @@ rule perturbed_tiles:
         CONDA_GPU
     shell:
         "python -m stmdit perturbed-tiles --model-dir {params.model_dir} --split {input.split}"
-        " --expression {input.expression} --uni {input.uni} --ge {input.ge} --pairs '{params.pairs}'"
-        " --alphas {params.alphas} --n-ref {params.n_ref} --seed {params.seed} --mode {params.mode} {params.uni_null}"
+        " --expression {input.expression} --uni {input.uni} --ge {input.ge} {params.perturbation} {params.uni_null}"
         " {params.vae} {params.sampler} --out {output} > {log} 2>&1"
 
 
