@@ -780,7 +780,7 @@ def bench_sample(args: argparse.Namespace) -> dict[str, Any]:
         session = SamplingSession(SessionSettings(
             model_dir=args.model_dir, device=args.device,
             sampler=SamplerSettings(regime=args.regime, seed=args.seed, s_uni=args.s_uni, s_ge=args.s_ge,
-                                    batch_size=args.batch_size),
+                                    batch_size=args.batch_size, bf16=False),  # solvers compared in float32
             codec=CodecSettings(impl=args.vae_impl, weights=args.vae_weights)))
         trained, device = session.trained, session.device
         if regime_uses_ge(args.regime) and args.ge is None:
@@ -826,10 +826,10 @@ def bench_sample(args: argparse.Namespace) -> dict[str, Any]:
                        "forward_rows_per_tile": calls * conditionings,
                        **analytic_solver_error(objective, solver, steps, args.regime, args.s_uni, args.s_ge)}
                 settings = SamplerSettings(regime=args.regime, steps=steps, seed=args.seed, s_uni=args.s_uni,
-                                           s_ge=args.s_ge, batch_size=args.batch_size, solver=solver)
+                                           s_ge=args.s_ge, batch_size=args.batch_size, solver=solver, bf16=False)
                 if timing is not None:
                     session.sample_latents(timing[0], timing[1], timing[2],
-                                           SamplerSettings(regime=args.regime, steps=1, solver=solver))  # warm-up
+                                           SamplerSettings(regime=args.regime, steps=1, solver=solver, bf16=False))  # warm-up
                     started = time.perf_counter()
                     session.sample_latents(*timing, settings)
                     row["tiles_per_s"] = len(timing[0]) / (time.perf_counter() - started)

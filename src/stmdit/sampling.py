@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import zarr
 
-from stmdit.cli import add_bf16_option
+from stmdit.cli import BF16_DEFAULT, add_bf16_option
 from stmdit.errors import InputError
 from stmdit.features import check_finite_rows, open_feature_store, parse_arch, staged_spot_store
 from stmdit.loader import GeBatch, store_rows
@@ -162,7 +162,7 @@ class SamplerSettings:
     s_uni: float = PAPER_S_UNI
     s_ge: float = PAPER_S_GE
     batch_size: int = 32
-    bf16: bool = False  # bf16 autocast of the denoiser on CUDA
+    bf16: bool = BF16_DEFAULT  # bf16 autocast of the denoiser on CUDA (ignored on CPU)
     solver: str = DEFAULT  # stmdit.solvers: default (DDIM / Euler), dpmpp_2m, heun / unipc (flow)
 
     def __post_init__(self):
@@ -550,13 +550,13 @@ def add_sampler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", type=Path, required=True, help="split table (key, split)")
     p.add_argument("--uni", type=Path, required=True, help="uni2h feature store")
     add_vae_options(p)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--solver", choices=SOLVERS, default=DEFAULT,
+    p.add_argument("--steps", type=int, default=SamplerSettings.steps)
+    p.add_argument("--solver", choices=SOLVERS, default=SamplerSettings.solver,
                    help="default: DDIM (ddpm) / Euler (flow), the paper's; dpmpp_2m; heun, unipc (flow only)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--s-uni", type=float, default=PAPER_S_UNI, help="UNI guidance scale (paper: %(default)s)")
-    p.add_argument("--s-ge", type=float, default=PAPER_S_GE, help="GE guidance scale (paper: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=SamplerSettings.seed)
+    p.add_argument("--s-uni", type=float, default=SamplerSettings.s_uni, help="UNI guidance scale (paper: %(default)s)")
+    p.add_argument("--s-ge", type=float, default=SamplerSettings.s_ge, help="GE guidance scale (paper: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=SamplerSettings.batch_size)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_bf16_option(p)
     p.add_argument("--out", type=Path, required=True)
