@@ -118,3 +118,24 @@ def test_cli_writes_json_and_names_bad_stores(tmp_path):
                             capture_output=True, text=True)
     assert failed.returncode != 0 and "single.zarr" in failed.stderr and "at least 2" in failed.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_palette_json_is_an_evaluation_json_read_through_its_one_reader(tmp_path):
+    from stmdit.eval_json import load_eval_json
+
+    keys = [f"s:{i}" for i in range(12)]
+    real = palette_tiles(random_palettes(12, seed=7), seed=8)
+    patches = write_store(tmp_path / "p.zarr", keys, real)
+    out = tmp_path / "palette.json"
+    subprocess.run([sys.executable, "-m", "stmdit", "palette", "--patches", str(patches), "--tiles", f"uni={patches}",
+                    "--n-boot", "20", "--model", "M", "--out", str(out)], check=True, capture_output=True)
+    doc = load_eval_json(out, "palette")
+    assert doc["metric"] == "palette" and doc["regimes"]["uni"]["carries_palette"]
+    with pytest.raises(InputError, match="a palette JSON where a layout JSON was expected"):
+        load_eval_json(out, "layout")
+    old = json.loads(out.read_text())
+    del old["metric"]  # written before the diagnostics named their metric
+    del old["regimes"]["uni"]["carries_palette"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(InputError, match=r"old\.json: regimes\.uni: .*\['carries_palette'\]"):
+        load_eval_json(tmp_path / "old.json", "palette")

@@ -15,7 +15,6 @@ palette and texture, not its layout. Stage times are the sums of the jobs' wall-
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections import defaultdict
@@ -99,7 +98,7 @@ def palette_checks(palette_files: dict[str, Path], models: list[str]) -> list[Ch
         if model not in palette_files:
             checks.append(Check(f"{model}: palette.json exists", False, "no palette.json beside its fid.json"))
             continue
-        regimes = json.loads(palette_files[model].read_text())["regimes"]
+        regimes = load_eval_json(palette_files[model], "palette")["regimes"]
         for regime in ("uni", "uni_ge"):
             if regime in regimes:
                 entry = regimes[regime]
@@ -112,7 +111,7 @@ def layout_lines(layout_files: dict[str, Path]) -> list[Check]:
     """The layout agreement of the uni and uni_ge tiles, one information line per model."""
     lines = []
     for model, path in sorted(layout_files.items()):
-        regimes = json.loads(path.read_text())["regimes"]
+        regimes = load_eval_json(path, "layout")["regimes"]
         parts = [f"{regime} r {_interval(regimes[regime])} vs other spots {_interval(regimes[regime]['null'])}"
                  for regime in ("uni", "uni_ge") if regime in regimes]
         if parts:

@@ -40,6 +40,11 @@ results/eval/{model}/{cohort}/swap_fid.json     Table 6 (PTPL models fed DeepSpo
     {"metric": "swap_fid", "model", "cohort", "regime": "uni_ge",
      "conditions": {"deepspot": FID entry, "visium": FID entry},
      "features": {...}, "encoders": {...}, "provenance": {...}}
+results/eval/{model}/{cohort}/{palette,texture,layout}.json   diagnostics (not in the paper; demo-checks)
+    {"metric": "palette" | "texture" | "layout", "model", "cohort", "regimes": {regime: entry},
+     "measure", "interval", ..., "provenance": {...}}; checked: the regimes, and a palette entry's "lo",
+    "hi", "null" and "carries_palette" ("follows_layout" for layout; texture: "ratio", "lo", "hi",
+    "within_target"). Files written before they named their metric are read as the metric asked for.
 """
 
 from __future__ import annotations
@@ -62,7 +67,13 @@ EVAL_LAYOUTS = {
                      "provenance"),
     "ood_fid": ("model", "cohort", "n_subsample", "seed", "regimes", "features", "encoders", "provenance"),
     "swap_fid": ("model", "cohort", "regime", "conditions", "features", "encoders", "provenance"),
+    "palette": ("regimes",),
+    "texture": ("regimes",),
+    "layout": ("regimes",),
 }
+DIAGNOSTIC_ENTRY_KEYS = {"palette": ("lo", "hi", "null", "carries_palette"),
+                         "layout": ("lo", "hi", "null", "follows_layout"),
+                         "texture": ("ratio", "lo", "hi", "within_target")}
 REGRESSORS = {"oracle": "Oracle", "midnight_mlp": "Midnight+MLP"}
 # How a perturbation series interpolates the GE input (stmdit.perturb.MODES), as Table 5 states it.
 PERTURBATION_MODES = {
@@ -91,6 +102,11 @@ def check_eval_json(doc: Mapping[str, Any], source: str | Path | None = None) ->
         unknown = sorted(set(doc["regimes"]) - set(REGIMES))
         if unknown:
             raise InputError(source, f"unknown regimes {unknown} (known: {list(REGIMES)})")
+    elif metric in DIAGNOSTIC_ENTRY_KEYS:
+        for regime, entry in doc["regimes"].items():
+            lacking = [key for key in DIAGNOSTIC_ENTRY_KEYS[metric] if key not in entry]
+            if regime not in REGIMES or lacking:
+                raise InputError(source, f"regimes.{regime}: expected a regime of {list(REGIMES)} with {lacking or '...'}")
     elif metric == "swap_fid":
         entries = {f"conditions.{c}": e for c, e in doc["conditions"].items()}
         if set(doc["conditions"]) != {"deepspot", "visium"}:
@@ -159,8 +175,9 @@ def write_eval_json(path: str | Path, doc: Mapping[str, Any]) -> None:
     write_json(path, doc)
 
 
-def load_eval_json(path: str | Path) -> dict:
-    """Read and check one evaluation JSON; the file it came from is kept under "source"."""
+def load_eval_json(path: str | Path, metric: str | None = None) -> dict:
+    """Read and check one evaluation JSON (of `metric`, when given); the file it came from is kept
+    under "source"."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
@@ -168,6 +185,10 @@ def load_eval_json(path: str | Path) -> dict:
         raise InputError(path, "evaluation JSON does not exist") from None
     except json.JSONDecodeError as err:
         raise InputError(path, f"not valid JSON ({err})") from None
+    if metric in DIAGNOSTIC_ENTRY_KEYS and isinstance(doc, dict):
+        doc.setdefault("metric", metric)  # diagnostics written before they named their metric
     check_eval_json(doc, path)
+    if metric is not None and doc["metric"] != metric:
+        raise InputError(path, f"a {doc['metric']} JSON where a {metric} JSON was expected")
     doc["source"] = str(path)
     return doc

@@ -35,6 +35,7 @@ import numpy as np
 
 from stmdit.cli import cli_params, parse_named_paths
 from stmdit.errors import InputError
+from stmdit.eval_json import write_eval_json
 from stmdit.image_stores import open_image_store
 from stmdit.provenance import atomic_path, provenance
 from stmdit.zarr_rows import read_array_rows
@@ -143,14 +144,13 @@ def run_layout(args: argparse.Namespace) -> Path:
     tile_stores = parse_named_paths(args.tiles, "--tiles")
     regimes = layout_report(args.patches, tile_stores, args.cells, args.n_boot, args.seed)
     result = {
-        "model": args.model, "cohort": args.cohort, "cells": args.cells,
+        "metric": "layout", "model": args.model, "cohort": args.cohort, "cells": args.cells,
         "measure": "per-spot Pearson r of the block-mean grey layouts (tile mean removed) of generated vs real tile",
         "interval": f"95% spot bootstrap ({args.n_boot} replicates)",
         "regimes": regimes,
         "provenance": provenance("layout", cli_params(args), inputs=[*args.patches, *tile_stores.values()]),
     }
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_eval_json(args.out, result)
     return Path(args.out)
 
 

@@ -17,7 +17,6 @@ null's. A constant generator has r = 0 on every axis.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -27,9 +26,10 @@ import numpy as np
 
 from stmdit.cli import cli_params, parse_named_paths
 from stmdit.errors import InputError
+from stmdit.eval_json import write_eval_json
 from stmdit.image_stores import open_image_store
 from stmdit.layout import RealSummaries, chunked_summaries, derangement
-from stmdit.provenance import atomic_path, provenance
+from stmdit.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def run_palette(args: argparse.Namespace) -> Path:
     tile_stores = parse_named_paths(args.tiles, "--tiles")
     regimes = palette_report(args.patches, tile_stores, args.space, args.n_boot, args.seed)
     result = {
-        "model": args.model, "cohort": args.cohort, "space": args.space, "axes": list(AXES[args.space]),
+        "metric": "palette", "model": args.model, "cohort": args.cohort, "space": args.space, "axes": list(AXES[args.space]),
         "measure": "Pearson r over spots between the mean colour of each generated tile and of its spot's real "
                    "tile, per colour axis, averaged over the axes",
         "null": "the same with each generated tile paired with another spot's real tile (a fixed derangement)",
@@ -120,8 +120,7 @@ def run_palette(args: argparse.Namespace) -> Path:
         "regimes": regimes,
         "provenance": provenance("palette", cli_params(args), inputs=[*args.patches, *tile_stores.values()]),
     }
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_eval_json(args.out, result)
     return Path(args.out)
 
 

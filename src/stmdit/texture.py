@@ -13,7 +13,6 @@ spots, their ratio with a 95% spot-bootstrap interval, and whether the ratio lie
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -23,11 +22,12 @@ import torch
 
 from stmdit.cli import cli_params, parse_named_paths
 from stmdit.errors import InputError
+from stmdit.eval_json import write_eval_json
 from stmdit.features import open_feature_store
 from stmdit.image_stores import open_image_store
 from stmdit.layout import CHUNK_TILES, chunked_summaries
 from stmdit.loader import store_rows
-from stmdit.provenance import atomic_path, provenance
+from stmdit.provenance import provenance
 from stmdit.sampling import CodecSettings, add_vae_options, load_codec
 from stmdit.zarr_rows import read_array_rows
 
@@ -105,7 +105,7 @@ def run_texture(args: argparse.Namespace) -> Path:
     codec = load_codec(CodecSettings.from_args(args), torch.device("cpu"))
     regimes = texture_report(args.latents, tile_stores, codec, args.n_boot, args.seed)
     result = {
-        "model": args.model, "cohort": args.cohort,
+        "metric": "texture", "model": args.model, "cohort": args.cohort,
         "measure": f"grey roughness: mean squared difference of neighbouring {BLOCK_PX} x {BLOCK_PX}-px block means "
                    "of the grey tile, averaged over spots",
         "reference": "the same spots' real latents decoded by the same VAE (real (VAE))",
@@ -113,8 +113,7 @@ def run_texture(args: argparse.Namespace) -> Path:
         "regimes": regimes,
         "provenance": provenance("texture", cli_params(args), inputs=[args.latents, *tile_stores.values()]),
     }
-    with atomic_path(args.out) as tmp:
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_eval_json(args.out, result)
     return Path(args.out)
 
 
