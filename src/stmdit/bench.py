@@ -663,6 +663,8 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fid-h0mini", type=Path, default=None,
                    help="H0-mini features of the real tiles: FID of every solver/steps row on the split's spots")
     p.add_argument("--fid-spots", type=int, default=None, help="seeded subsample of the split for FID")
+    p.add_argument("--fid-n-boot", type=int, default=0,
+                   help="spot-bootstrap replicates of each FID (as the eval stage: mean and 95%% interval); 0: point only")
     p.add_argument("--vae-impl", choices=("smoke", "real"), default="smoke")
     p.add_argument("--vae-weights", default=None)
     p.add_argument("--h0mini-impl", choices=("smoke", "real"), default="smoke")
@@ -793,7 +795,7 @@ def bench_sample(args: argparse.Namespace) -> dict[str, Any]:
     timing = fid_inputs = None
     if trained is not None:
         from stmdit.evaluate import load_eval_encoder, read_features
-        from stmdit.metrics import fid, subsample_keys
+        from stmdit.metrics import fid, fid_bootstrap, subsample_keys
         from stmdit import split_table
 
         keys = split_table.split_keys(args.split, args.split_name)
@@ -841,8 +843,12 @@ def bench_sample(args: argparse.Namespace) -> dict[str, Any]:
                         latents = session.sample_latents([conditions.noise_keys[p] for p in positions],
                                                          *conditions.batch(positions), settings)
                         features.append(encoder.encode(codec.decode(latents))["embedding"])
-                    row["fid"] = fid(real, np.concatenate(features))
+                    generated = np.concatenate(features)
+                    row["fid"] = fid(real, generated)
                     row["fid_spots"] = len(conditions)
+                    if args.fid_n_boot > 0:
+                        boot = fid_bootstrap(real, generated, n_boot=args.fid_n_boot, seed=args.seed)
+                        row["fid_boot"] = {k: boot[k] for k in ("mean", "lo", "hi", "n_boot")}
                 result["rows"].append(row)
     print_sample_table(result)
     print(json.dumps(result))
@@ -859,6 +865,8 @@ def print_sample_table(result: dict[str, Any]) -> None:
     for row in result["rows"]:
         tiles = f"{row['tiles_per_s']:.2f}" if "tiles_per_s" in row else "-"
         fid_text = f"{row['fid']:.2f}" if "fid" in row else "-"
+        if "fid_boot" in row:
+            fid_text += f" (mean {row['fid_boot']['mean']:.1f} [{row['fid_boot']['lo']:.1f}, {row['fid_boot']['hi']:.1f}])"
         print(f"  {row['objective']:<9} {row['name']:<9} {row['steps']:>5} {row['predictor_calls_per_tile']:>10} "
               f"{row['forward_rows_per_tile']:>9} {tiles:>8} {row['mean_error']:>9.2e} {row['std_error']:>9.2e} "
               f"{fid_text:>8}")
