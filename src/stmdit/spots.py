@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -51,7 +52,8 @@ import cv2
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import TransposeCodec, ZstdCodec
+from zarr.codecs.numcodecs import Delta
 from tqdm import tqdm
 
 from stmdit.errors import InputError
@@ -74,6 +76,20 @@ REASONS = ("label", "foreground", "blur", "tissue")
 CHUNK_SPOTS = 16  # patches per zarr chunk (16 x 256 x 256 x 3 = 3 MiB): random access by spot stays cheap
 BLOCK_SPOTS = 64  # spots cut, measured, resized and written per step (bounds memory on full-res slides)
 WORKERS = 2  # threads cutting blocks while the main thread writes
+
+
+def patch_codecs() -> dict:
+    """Lossless codecs of the `images` array (create_array keywords). A chunk is stored channel by
+    channel and column by column as differences of vertically adjacent pixels (uint8, modulo 256:
+    exact), then zstd level 5. On the demo's real H&E patches (raw 196,608 B) that is 95-110 KB a
+    patch where Blosc lz4 stored 173-189 KB and zstd alone 163-181 KB; level 9 saves 1-2% more at twice
+    the write time (README, "What each output holds"). Reads decode about 1.3 ms a patch on this
+    2-core machine (lz4 0.2-0.4 ms). Delta is zarr-python's `numcodecs.delta`, which zarr >= 3.1.3
+    reads with no import; stores written with lz4 stay readable as they are."""
+    with warnings.catch_warnings():  # "Numcodecs codecs are not in the Zarr version 3 specification"
+        warnings.simplefilter("ignore", UserWarning)
+        delta = Delta(dtype="|u1")
+    return {"filters": [TransposeCodec(order=(0, 3, 2, 1)), delta], "compressors": ZstdCodec(level=5)}
 
 
 @dataclass(frozen=True)
@@ -468,8 +484,8 @@ def write_patches_and_metrics(
     group = zarr.open_group(str(store), mode="w", zarr_format=3)
     images = group.create_array(
         "images", shape=(n, size, size, 3), dtype="uint8", chunks=(min(n, CHUNK_SPOTS), size, size, 3),
-        compressors=BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.noshuffle),
-        fill_value=255, config={"write_empty_chunks": True},  # skips zarr's all-fill check: 5x faster writes
+        **patch_codecs(), fill_value=255,
+        config={"write_empty_chunks": True},  # skips zarr's all-fill check: 5x faster writes
     )
     key_array = group.create_array("spot_key", shape=(n,), dtype=str, chunks=(n,))
     key_array[:] = np.array(keys, dtype=object)
