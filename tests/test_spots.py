@@ -233,7 +233,7 @@ def test_real_he_patches_are_stored_losslessly_in_at_most_120_kb(tmp_path):
     (110 KB measured; Blosc lz4 stored 189 KB of these 196,608 B patches)."""
     import openslide
 
-    from stmdit.features import iter_kept_images, read_sample_patches
+    from stmdit.image_stores import iter_kept_images, read_sample_patches
 
     if not CMU_SVS.exists():
         pytest.skip("shared/data/he is not beside this clone")

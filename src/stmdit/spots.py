@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -86,10 +85,7 @@ def patch_codecs() -> dict:
     the write time (README, "What each output holds"). Reads decode about 1.3 ms a patch on this
     2-core machine (lz4 0.2-0.4 ms). Delta is zarr-python's `numcodecs.delta`, which zarr >= 3.1.3
     reads with no import; stores written with lz4 stay readable as they are."""
-    with warnings.catch_warnings():  # "Numcodecs codecs are not in the Zarr version 3 specification"
-        warnings.simplefilter("ignore", UserWarning)
-        delta = Delta(dtype="|u1")
-    return {"filters": [TransposeCodec(order=(0, 3, 2, 1)), delta], "compressors": ZstdCodec(level=5)}
+    return {"filters": [TransposeCodec(order=(0, 3, 2, 1)), Delta(dtype="|u1")], "compressors": ZstdCodec(level=5)}
 
 
 @dataclass(frozen=True)
