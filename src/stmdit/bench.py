@@ -795,7 +795,7 @@ def bench_sample(args: argparse.Namespace) -> dict[str, Any]:
     timing = fid_inputs = None
     if trained is not None:
         from stmdit.evaluate import load_eval_encoder, read_features
-        from stmdit.metrics import fid, fid_bootstrap, subsample_keys
+        from stmdit.metrics import subsample_keys
         from stmdit import split_table
 
         keys = split_table.split_keys(args.split, args.split_name)
@@ -836,23 +836,32 @@ def bench_sample(args: argparse.Namespace) -> dict[str, Any]:
                     session.sample_latents(*timing, settings)
                     row["tiles_per_s"] = len(timing[0]) / (time.perf_counter() - started)
                 if fid_inputs is not None:
-                    conditions, real, codec, encoder = fid_inputs
-                    features = []
-                    for start in range(0, len(conditions), args.batch_size):
-                        positions = np.arange(start, min(start + args.batch_size, len(conditions)))
-                        latents = session.sample_latents([conditions.noise_keys[p] for p in positions],
-                                                         *conditions.batch(positions), settings)
-                        features.append(encoder.encode(codec.decode(latents))["embedding"])
-                    generated = np.concatenate(features)
-                    row["fid"] = fid(real, generated)
-                    row["fid_spots"] = len(conditions)
-                    if args.fid_n_boot > 0:
-                        boot = fid_bootstrap(real, generated, n_boot=args.fid_n_boot, seed=args.seed)
-                        row["fid_boot"] = {k: boot[k] for k in ("mean", "lo", "hi", "n_boot")}
+                    row.update(sampled_fid(session, *fid_inputs, settings, args.fid_n_boot))
                 result["rows"].append(row)
     print_sample_table(result)
     print(json.dumps(result))
     return result
+
+
+def sampled_fid(session, conditions, real, codec, encoder, settings, n_boot: int) -> dict[str, Any]:
+    """FID of the spots' tiles sampled with `settings`, decoded and H0-mini-encoded, against their real
+    tiles' features; with n_boot, the eval stage's spot-bootstrap mean and 95% interval too."""
+    import numpy as np
+
+    from stmdit.metrics import fid, fid_bootstrap
+
+    features = []
+    for start in range(0, len(conditions), settings.batch_size):
+        positions = np.arange(start, min(start + settings.batch_size, len(conditions)))
+        latents = session.sample_latents([conditions.noise_keys[p] for p in positions], *conditions.batch(positions),
+                                         settings)
+        features.append(encoder.encode(codec.decode(latents))["embedding"])
+    generated = np.concatenate(features)
+    out: dict[str, Any] = {"fid": fid(real, generated), "fid_spots": len(conditions)}
+    if n_boot > 0:
+        boot = fid_bootstrap(real, generated, n_boot=n_boot, seed=settings.seed)
+        out["fid_boot"] = {k: boot[k] for k in ("mean", "lo", "hi", "n_boot")}
+    return out
 
 
 def print_sample_table(result: dict[str, Any]) -> None:
