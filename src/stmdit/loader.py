@@ -38,7 +38,7 @@ def store_rows(store: zarr.Group, keys: Iterable[str], path: str | Path) -> np.n
 
 
 def read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
-    """array[rows] for arbitrary rows: chunk-aligned concurrent range reads (features.read_array_rows)."""
+    """array[rows] for arbitrary rows: chunk-aligned concurrent range reads (zarr_rows.read_array_rows)."""
     return read_array_rows(array, rows)
 
 
