@@ -360,9 +360,13 @@ def test_bf16_autocast_and_gradient_checkpointing_on_cpu():
 # --- guidance --------------------------------------------------------------------------------
 
 def guidance_setup(fusion="xattn", tokens="pma"):
-    model = randomize(tiny_model(fusion, tokens)).eval()
+    """In float64: the identities compare one batched forward with separate ones, and float32 GEMMs
+    of different batch sizes round differently on some CPUs (up to 8e-4 here, against 1e-5)."""
+    model = randomize(tiny_model(fusion, tokens)).eval().double()
     batch = make_batch()
-    return model, batch["latent"], torch.linspace(10, 990, B), batch["uni"], batch["ge"]
+    ge = batch["ge"]
+    ge = GeBatch(ge.cls.double(), ge.tokens.double(), ge.token_mask)
+    return model, batch["latent"].double(), torch.linspace(10, 990, B, dtype=torch.float64), batch["uni"].double(), ge
 
 
 @torch.no_grad()
