@@ -13,6 +13,7 @@ import zarr
 
 from stmdit.encoders.smoke import SmokeVae
 from stmdit.errors import InputError
+from stmdit.sampling import CodecSettings, StoreDecoder
 from stmdit.texture import TARGET, grey_roughness, texture_report
 
 SIZE = 64  # 8 x 8 latents of the smoke VAE
@@ -68,14 +69,15 @@ def test_generated_tiles_are_scored_against_the_real_tiles_through_the_vae(tmp_p
         "blurred": write_store(tmp_path / "blurred.zarr", keys, "images", codec.decode(blurred.astype(np.float32))),
         "squares": write_store(tmp_path / "squares.zarr", keys, "images", squares),
     }
-    report = texture_report(latent_store, stores, codec, n_boot=50, seed=0)
+    decoder = StoreDecoder(CodecSettings(), "cpu", codec=codec)
+    report = texture_report(latent_store, stores, decoder, n_boot=50, seed=0)
     assert report["perfect"]["ratio"] == pytest.approx(1.0) and report["perfect"]["within_target"]
     assert report["perfect"]["lo"] <= 1.0 <= report["perfect"]["hi"]
     assert report["blurred"]["ratio"] < TARGET[0] and not report["blurred"]["within_target"]
     assert report["squares"]["ratio"] > TARGET[1] and not report["squares"]["within_target"]
     stranger = write_store(tmp_path / "stranger.zarr", ["x:0", "x:1"], "images", codec.decode(latents[:2]))
     with pytest.raises(InputError, match="latents.zarr"):
-        texture_report(latent_store, {"uni": stranger}, codec, n_boot=5, seed=0)
+        texture_report(latent_store, {"uni": stranger}, decoder, n_boot=5, seed=0)
 
 
 def test_texture_command_writes_its_report(tmp_path):

@@ -19,6 +19,7 @@ from stmdit import sampling, tile_grid, tiles
 from stmdit import solvers
 from stmdit.errors import InputError
 from stmdit.features import write_feature_store
+from stmdit.image_stores import open_image_store
 from stmdit.loader import GeBatch
 from stmdit.model import DiTConfig, STMDiT, get_objective
 from stmdit.provenance import provenance, write_json
@@ -108,8 +109,10 @@ def tiles_args(cohort, model: Path, out: Path, regime: str = "uni_ge", batch_siz
 
 
 def read_store(path: Path) -> dict:
+    """A tile store's arrays; `images` its pixels, stored or decoded by the smoke VAE."""
     group = zarr.open_group(str(path), mode="r")
-    out = {name: np.asarray(group[name][:]) for name in ("latent", "images")}
+    tiles = open_image_store(path, decoder=sampling.StoreDecoder(sampling.CodecSettings(), "cpu"))
+    out = {"latent": np.asarray(group["latent"][:]), "images": tiles.read_rows(np.arange(len(tiles)))}
     out["spot_key"] = list(string_values(group["spot_key"][:]))
     out["attrs"] = dict(group.attrs)
     out["group"] = group
@@ -187,7 +190,8 @@ def test_tile_store_layout_and_attrs(uni_ge_tiles, cohort, models):
     test_keys = cohort["table"].query("split == 'test'")["key"].tolist()
     assert uni_ge_tiles["spot_key"] == test_keys
     latent, images = uni_ge_tiles["latent"], uni_ge_tiles["images"]
-    assert latent.dtype == np.float32 and latent.shape == (len(test_keys), *LATENT_SHAPE)
+    assert latent.dtype == np.float16 and latent.shape == (len(test_keys), *LATENT_SHAPE)
+    assert "images" not in uni_ge_tiles["group"]  # sampler.store_images is off by default
     assert images.dtype == np.uint8 and images.shape == (len(test_keys), 256, 256, 3)
     assert np.isfinite(latent).all() and images.std() > 0
     attrs = uni_ge_tiles["attrs"]
@@ -195,12 +199,12 @@ def test_tile_store_layout_and_attrs(uni_ge_tiles, cohort, models):
     assert attrs["sampler"]["steps"] == STEPS and attrs["sampler"]["s_uni"] == 4.0 and attrs["sampler"]["s_ge"] == 3.0
     assert attrs["sampler"]["scheduler_config"]["set_alpha_to_one"] is True
     assert attrs["model"]["folder"] == str(models["xattn"]) and attrs["model"]["settings_hash"]
-    assert attrs["encoders"] == {"sd3_vae": "smoke"}
+    assert attrs["encoders"] == {"sd3_vae": "smoke"} and attrs["decoder"]["impl"] == "smoke"
     assert attrs["stmdit"]["step"] == "tiles" and attrs["stmdit"]["params"]["regime"] == "uni_ge"
     # decoded with the smoke VAE from the stored latents
     from stmdit.encoders import load_encoder
 
-    np.testing.assert_array_equal(images, load_encoder("sd3_vae", "smoke", device="cpu").decode(latent))
+    np.testing.assert_array_equal(images, load_encoder("sd3_vae", "smoke", device="cpu").decode(latent.astype(np.float32)))
 
 
 def test_tiles_do_not_depend_on_batch_size_or_other_spots(uni_ge_tiles, cohort, models, tmp_path):
@@ -217,7 +221,7 @@ def test_tiles_do_not_depend_on_batch_size_or_other_spots(uni_ge_tiles, cohort, 
                                           trained.config)
     uni, ge = conditions.batch(np.arange(2))
     latents = sampling.sample_latents(trained.model, "ddpm", subset, uni, ge, sampling.SamplerSettings(steps=STEPS))
-    np.testing.assert_array_equal(latents.numpy(), uni_ge_tiles["latent"][[4, 1]])
+    np.testing.assert_array_equal(latents.numpy().astype(np.float16), uni_ge_tiles["latent"][[4, 1]])
     # the unconditional regime runs ONE conditioning: batch 1 is a single model row before padding
     single = sampling.sample_latents(trained.model, "ddpm", keys[:1], uni[:1], None,
                                      sampling.SamplerSettings(regime="uncond", steps=STEPS))
@@ -347,3 +351,52 @@ def test_grid_adds_the_real_tiles_decoded_from_their_latents(cohort, uni_ge_tile
         cli("tile-grid", "--spots", root / "spots.parquet", "--patches", root / "patches.zarr", "--tiles",
             f"uni_ge={uni_ge_tiles['path']}", "--latents", bad, "--out", tmp_path / "bad.png")
     assert error.value.path == str(bad) and not (tmp_path / "bad.png").exists()
+
+
+# --- tile stores: float16 latents, pixels decoded on demand ------------------------------------
+
+
+def test_stored_images_are_the_decoded_stored_latents(uni_ge_tiles, cohort, models, tmp_path):
+    """--store-images keeps the pixels a latents-only store decodes to, bit for bit, beside the same
+    float16 latents; the float16 latents decode within a few grey levels of the float32 ones."""
+    out = tmp_path / "with_images.zarr"
+    cli(*tiles_args(cohort, models["xattn"], out, "uni_ge", 3, "--store-images"))
+    group = zarr.open_group(str(out), mode="r")
+    assert group["images"].dtype == np.uint8 and group.attrs["store_images"] is True
+    np.testing.assert_array_equal(np.asarray(group["latent"][:]), uni_ge_tiles["latent"])
+    np.testing.assert_array_equal(np.asarray(group["images"][:]), uni_ge_tiles["images"])
+    stored = open_image_store(out)  # keeps pixels: no decoder needed
+    np.testing.assert_array_equal(stored.read_rows([2, 0]), uni_ge_tiles["images"][[2, 0]])
+    trained = sampling.load_trained_model(models["xattn"])
+    keys = uni_ge_tiles["spot_key"]
+    conditions = sampling.StoreConditions(keys, cohort["root"] / "uni2h.zarr", cohort["root"] / "cf.zarr", trained.config)
+    exact = sampling.sample_latents(trained.model, "ddpm", keys, *conditions.batch(np.arange(len(keys))),
+                                    sampling.SamplerSettings(steps=STEPS))
+    from stmdit.encoders import load_encoder
+
+    full = load_encoder("sd3_vae", "smoke", device="cpu").decode(exact).astype(int)
+    difference = np.abs(full - uni_ge_tiles["images"])
+    assert difference.mean() < 0.5
+
+
+def test_a_latents_only_store_needs_the_decoder_it_was_sampled_for(uni_ge_tiles, tmp_path):
+    path = uni_ge_tiles["path"]
+    with pytest.raises(InputError, match="keeps latents only.*sd3_vae smoke") as error:
+        open_image_store(path)
+    assert error.value.path == str(path)
+
+    class OtherDecoder:
+        def identity(self):
+            return {**uni_ge_tiles["attrs"]["decoder"], "scaling_factor": 1.0}
+
+        def decode(self, latents):
+            raise AssertionError("never decodes")
+
+    with pytest.raises(InputError, match="another decoder: scaling_factor"):
+        open_image_store(path, decoder=OtherDecoder())
+    stale = tmp_path / "no_decoder.zarr"
+    group = zarr.open_group(str(stale), mode="w")
+    group.create_array("spot_key", shape=(2,), dtype=str, chunks=(2,))[:] = np.array(["a", "b"], dtype=object)
+    group.create_array("latent", data=np.zeros((2, *LATENT_SHAPE), np.float16))
+    with pytest.raises(InputError, match="records no decoder"):
+        open_image_store(stale, decoder=sampling.StoreDecoder(sampling.CodecSettings(), "cpu"))

@@ -66,7 +66,7 @@ from stmdit.features import (
     write_feature_store,
 )
 from stmdit.genesets import protein_coding_columns
-from stmdit.image_stores import SamplePatches, check_unique, iter_kept_images, open_image_store
+from stmdit.image_stores import check_unique, open_image_store
 from stmdit.provenance import atomic_path, provenance
 from stmdit.split_table import TEST, TRAIN, split_keys
 from stmdit.spots_table import read_spots_table
@@ -305,9 +305,11 @@ def extract_features(
     batch_size: int = 32,
     device: str = "auto",
     bf16: bool = False,
+    decoder=None,
 ) -> Path:
-    """Encode every row of an image store into a feature store with the same rows and keys."""
-    store = open_image_store(images_path)
+    """Encode every row of an image store into a feature store with the same rows and keys
+    (`decoder`: of a tile store that keeps latents only)."""
+    store = open_image_store(images_path, decoder=decoder)
     group, keys = store.group, store.keys
     model, params = load_eval_encoder(encoder, impl, weights=weights, arch=arch, allow_hub=allow_hub,
                                       batch_size=batch_size, device=device, bf16=bf16)
@@ -316,8 +318,7 @@ def extract_features(
     attrs.update({name: source_attrs[name] for name in ("encoders", "sampler") if name in source_attrs})
     extra = {name: np.asarray(group[name][:]) for name in PERTURBATION_ROW_ARRAYS if name in group}
     extra = {name: string_values(v) if v.dtype.kind not in "fiub" else v for name, v in extra.items()}
-    whole_store = SamplePatches(Path(images_path), Path(images_path), group["images"], np.arange(len(keys)), keys)
-    batches = encode_batches(model, iter_kept_images([whole_store], batch_size), math.ceil(len(keys) / batch_size),
+    batches = encode_batches(model, store.iter_batches(batch_size), math.ceil(len(keys) / batch_size),
                              f"{encoder} {Path(images_path).name}")
     return write_feature_store(out_path, keys, batches, model.output_shapes, attrs, extra_arrays=extra)
 
@@ -831,7 +832,10 @@ def run_eval_features(args: argparse.Namespace) -> Path:
         out = extract_noise_features(args.noise_tiles_for, args.out, args.encoder, args.impl, split_name=args.split_name,
                                      tile_size=args.tile_size, seed=args.seed, **options)
     else:
-        out = extract_features(args.images, args.out, args.encoder, args.impl, **options)
+        from stmdit.sampling import StoreDecoder
+
+        out = extract_features(args.images, args.out, args.encoder, args.impl, decoder=StoreDecoder.from_args(args),
+                               **options)
     _finish(args.out, None, started, [args.images or args.noise_tiles_for])
     return out
 
@@ -905,6 +909,8 @@ def _add_common(parser: argparse.ArgumentParser, n_boot: bool = True) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from stmdit.sampling import TILES_DECODER_HELP, add_vae_options
+
     p = subparsers.add_parser("eval-features", help="encoder features of every tile of a samples/patches store")
     p.add_argument("--encoder", required=True, choices=EVAL_ENCODERS)
     p.add_argument("--impl", choices=("real", "smoke"), default="smoke")
@@ -912,7 +918,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--arch-json", help="JSON object of architecture overrides (tests, custom sizes)")
     p.add_argument("--allow-hub", action="store_true", help="allow loading weights from the Hugging Face hub")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", type=Path, help="store with spot_key and uint8 images")
+    source.add_argument("--images", type=Path, help="patches or tile store (tiles kept as latents are decoded)")
     source.add_argument("--noise-tiles-for", type=Path, metavar="SPLIT",
                         help="split parquet: encode a pure-noise tile for every spot of --split-name instead")
     p.add_argument("--split-name", default=TEST, help="with --noise-tiles-for: the split whose spots get noise tiles")
@@ -922,6 +928,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_bf16_option(p)
+    add_vae_options(p, help_impl=TILES_DECODER_HELP, allow_hub=False)
     p.set_defaults(func=run_eval_features)
 
     p = subparsers.add_parser("fid", help="H0-mini FID of generated vs real test tiles with bootstrap CIs")

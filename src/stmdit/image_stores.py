@@ -1,7 +1,11 @@
 """Image stores, the one reader: patches (`patches/{sample}.zarr`, real spot crops, written by
 `stmdit spots`) and tile stores (`tiles/{model}/{cohort}/{regime}.zarr`, generated, written by
-`sampling.write_tile_store`) share one layout: `images` uint8 (N, H, W, 3) and `spot_key` (N,),
-rows aligned, keys unique. Opening one checks all of that and names the store when it fails.
+`sampling.write_tile_store`). Both have `spot_key` (N,), unique, rows aligned with their pixels:
+`images` uint8 (N, H, W, 3), or, for tile stores sampled with `sampler.store_images: false` (the
+default), only `latent` float16 (N, C, h, w), which `ImageStore.read_rows` decodes on demand with
+the decoder the command was given (`sampling.StoreDecoder`: the `sd3_vae` options), checked
+against the decoder the store records. Opening a store checks all of that and names the store
+when it fails.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,9 +22,20 @@ import zarr
 
 from stmdit.errors import InputError
 from stmdit.spots_table import read_spots_table
-from stmdit.zarr_rows import string_values
+from stmdit.zarr_rows import read_array_rows, string_values
 
 log = logging.getLogger(__name__)
+
+DECODE_ROWS = 32  # latents decoded per call when a store keeps latents only
+DECODER_IDENTITY_KEYS = ("impl", "weights_sha256", "shift_factor", "scaling_factor", "latent_shape")
+
+
+class Decoder(Protocol):
+    """What reading a latents-only tile store needs (`sampling.StoreDecoder`)."""
+
+    def decode(self, latents: np.ndarray) -> np.ndarray: ...  # float32 (B, C, h, w) -> uint8 (B, H, W, 3)
+
+    def identity(self) -> dict[str, Any]: ...  # DECODER_IDENTITY_KEYS
 
 
 def check_unique(keys: Sequence[str], source: str | Path) -> None:
@@ -31,46 +46,101 @@ def check_unique(keys: Sequence[str], source: str | Path) -> None:
 
 @dataclass
 class ImageStore:
+    """An opened image store. `read_rows` gives pixels whether the store keeps them or only latents
+    (then `decoder` is set); `images` is the stored pixel array, for stores that keep one."""
+
     path: Path
     group: zarr.Group
     keys: list[str]
+    decoder: Decoder | None = None  # set when the store keeps latents only
     index: dict[str, int] = field(init=False, repr=False)  # spot key -> row
 
     def __post_init__(self) -> None:
         self.index = {k: i for i, k in enumerate(self.keys)}
 
+    def __len__(self) -> int:
+        return len(self.keys)
+
     @property
     def images(self) -> zarr.Array:
+        if self.decoder is not None:
+            raise InputError(self.path, "the store keeps latents only; read its pixels with read_rows")
         return self.group["images"]
 
+    def read_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """uint8 (len(rows), H, W, 3): the rows' stored pixels, or their latents decoded."""
+        if self.decoder is None:
+            return read_array_rows(self.images, rows)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        latent = self.group["latent"]
+        parts = [self.decoder.decode(read_array_rows(latent, rows[start:start + DECODE_ROWS]).astype(np.float32))
+                 for start in range(0, rows.size, DECODE_ROWS)]
+        return np.concatenate(parts) if parts else np.zeros((0, 0, 0, 3), np.uint8)
 
-def open_image_store(path: str | Path, min_spots: int = 1) -> ImageStore:
-    """A patches or tile store, checked (InputError naming it otherwise); `min_spots` rows at least."""
+    def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Every row's pixels in store order, `batch_size` rows at a time."""
+        for start in range(0, len(self.keys), batch_size):
+            yield self.read_rows(np.arange(start, min(start + batch_size, len(self.keys))))
+
+
+def open_image_store(path: str | Path, min_spots: int = 1, decoder: Decoder | None = None) -> ImageStore:
+    """A patches or tile store, checked (InputError naming it otherwise); `min_spots` rows at least.
+    A tile store that keeps latents only needs `decoder`, the one its tiles were sampled with."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "image store not found")
     try:
         group = zarr.open_group(str(path), mode="r")
-        images = group["images"]
         keys = [str(k) for k in string_values(group["spot_key"][:])]
+        pixels = group["images"] if "images" in group else group["latent"]
     except Exception as exc:  # zarr raises several types for damaged or foreign stores
-        raise InputError(path, f"not a readable image store (needs arrays spot_key, images): {exc}") from None
-    if images.ndim != 4 or images.shape[-1] != 3 or np.dtype(images.dtype) != np.uint8:
-        raise InputError(path, f"images must be uint8 (N, H, W, 3), found {images.dtype} {images.shape}")
-    if images.shape[0] != len(keys):
-        raise InputError(path, f"{images.shape[0]} images but {len(keys)} spot keys")
+        raise InputError(path, f"not a readable image store (needs arrays spot_key and images, or a tile "
+                               f"store's latent): {exc}") from None
+    if "images" in group:
+        if pixels.ndim != 4 or pixels.shape[-1] != 3 or np.dtype(pixels.dtype) != np.uint8:
+            raise InputError(path, f"images must be uint8 (N, H, W, 3), found {pixels.dtype} {pixels.shape}")
+        decoder = None
+    else:
+        check_latents(path, group, pixels, decoder)
+    if pixels.shape[0] != len(keys):
+        raise InputError(path, f"{pixels.shape[0]} {'images' if decoder is None else 'latents'} but {len(keys)} spot keys")
     if len(keys) < min_spots:
         raise InputError(path, "the store has no spots" if not keys else
                          f"{len(keys)} spot(s): at least {min_spots} needed")
     check_unique(keys, path)
-    return ImageStore(path, group, keys)
+    return ImageStore(path, group, keys, decoder)
+
+
+def check_latents(path: Path, group: zarr.Group, latent: zarr.Array, decoder: Decoder | None) -> None:
+    """A latents-only tile store: float latents (N, C, h, w), and a decoder equal to the one recorded."""
+    if latent.ndim != 4 or np.dtype(latent.dtype).kind != "f":
+        raise InputError(path, f"latent must be float (N, C, h, w), found {latent.dtype} {latent.shape}")
+    recorded = group.attrs.get("decoder")
+    if not isinstance(recorded, dict):
+        raise InputError(path, "the store keeps latents only but records no decoder (attrs decoder): "
+                               "sample it again with stmdit tiles")
+    if decoder is None:
+        raise InputError(path, f"the store keeps latents only (sampled with store_images off): this command needs "
+                               f"their decoder, sd3_vae {recorded.get('impl')} (--vae-impl, --vae-weights)")
+    given = decoder.identity()
+    differs = [k for k in DECODER_IDENTITY_KEYS if json_value(recorded.get(k)) != json_value(given.get(k))]
+    if differs:
+        raise InputError(path, "its latents were sampled for another decoder: "
+                               + ", ".join(f"{k} {recorded.get(k)!r} recorded, {given.get(k)!r} given" for k in differs))
+
+
+def json_value(value: Any) -> Any:
+    """Tuples as lists and floats as Python floats, as a JSON round trip gives them."""
+    if isinstance(value, (tuple, list)):
+        return [json_value(v) for v in value]
+    return float(value) if isinstance(value, (float, np.floating)) else value
 
 
 def read_image(stores: Sequence[ImageStore], key: str) -> np.ndarray:
     """The image of `key` from the first store that holds it."""
     for store in stores:
         if key in store.index:
-            return np.asarray(store.images[store.index[key]])
+            return store.read_rows([store.index[key]])[0]
     raise KeyError(key)
 
 

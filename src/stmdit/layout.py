@@ -36,7 +36,7 @@ import numpy as np
 from stmdit.cli import cli_params, parse_named_paths
 from stmdit.errors import InputError
 from stmdit.eval_json import write_eval_json
-from stmdit.image_stores import open_image_store
+from stmdit.image_stores import Decoder, ImageStore, open_image_store
 from stmdit.provenance import atomic_path, provenance
 from stmdit.zarr_rows import read_array_rows
 
@@ -89,17 +89,17 @@ def regime_layout(real_layout: np.ndarray, generated_layout: np.ndarray, n_boot:
     return entry
 
 
-def chunked_summaries(array, rows: Sequence[int], summarise: Callable[[np.ndarray], np.ndarray],
+def chunked_summaries(store: ImageStore, rows: Sequence[int], summarise: Callable[[np.ndarray], np.ndarray],
                       width: int) -> np.ndarray:
-    """`summarise(array[rows])` (tiles (N, H, W, 3) -> (N, width)), read CHUNK_TILES tiles at a time."""
-    parts = [summarise(read_array_rows(array, list(rows[start:start + CHUNK_TILES])))
+    """`summarise` of the store's `rows` (tiles (N, H, W, 3) -> (N, width)), read CHUNK_TILES tiles at a time."""
+    parts = [summarise(store.read_rows(list(rows[start:start + CHUNK_TILES])))
              for start in range(0, len(rows), CHUNK_TILES)]
     return np.concatenate(parts) if parts else np.zeros((0, width), np.float32)
 
 
-def chunked_layouts(array, rows: Sequence[int], cells: int) -> np.ndarray:
-    """Coarse layouts of `array[rows]` (N, H, W, 3), read CHUNK_TILES tiles at a time."""
-    return chunked_summaries(array, rows, lambda tiles: coarse_layout(tiles, cells), cells * cells)
+def chunked_layouts(store: ImageStore, rows: Sequence[int], cells: int) -> np.ndarray:
+    """Coarse layouts of the store's `rows`, read CHUNK_TILES tiles at a time."""
+    return chunked_summaries(store, rows, lambda tiles: coarse_layout(tiles, cells), cells * cells)
 
 
 class RealSummaries:
@@ -116,21 +116,22 @@ class RealSummaries:
         for store in self.stores:
             mine = [k for k in wanted if k in store.index]
             rows = [store.index[k] for k in mine]
-            self.cache.update(zip(mine, chunked_summaries(store.images, rows, self.summarise, self.width)))
+            self.cache.update(zip(mine, chunked_summaries(store, rows, self.summarise, self.width)))
         missing = [k for k in keys if k not in self.cache]
         if missing:
             raise InputError(source, f"{len(missing)} spot(s) are in no --patches store, e.g. {missing[0]}")
         return np.stack([self.cache[k] for k in keys])
 
 
-def layout_report(patches: Sequence[Path], tile_stores: Mapping[str, Path], cells: int, n_boot: int, seed: int) -> dict:
+def layout_report(patches: Sequence[Path], tile_stores: Mapping[str, Path], cells: int, n_boot: int, seed: int,
+                  decoder: Decoder | None = None) -> dict:
     real_layouts = RealSummaries(patches, lambda tiles: coarse_layout(tiles, cells), cells * cells)
     regimes = {}
     for regime, path in tile_stores.items():
-        tiles = open_image_store(path, min_spots=2)  # the other-spot null needs two
+        tiles = open_image_store(path, min_spots=2, decoder=decoder)  # the other-spot null needs two
         keys = tiles.keys
         try:
-            generated = chunked_layouts(tiles.images, range(len(keys)), cells)
+            generated = chunked_layouts(tiles, range(len(keys)), cells)
         except ValueError as exc:
             raise InputError(path, str(exc)) from None
         regimes[regime] = entry = regime_layout(real_layouts(keys, path), generated, n_boot, seed)
@@ -142,7 +143,9 @@ def layout_report(patches: Sequence[Path], tile_stores: Mapping[str, Path], cell
 
 def run_layout(args: argparse.Namespace) -> Path:
     tile_stores = parse_named_paths(args.tiles, "--tiles")
-    regimes = layout_report(args.patches, tile_stores, args.cells, args.n_boot, args.seed)
+    from stmdit.sampling import StoreDecoder
+
+    regimes = layout_report(args.patches, tile_stores, args.cells, args.n_boot, args.seed, StoreDecoder.from_args(args))
     result = {
         "metric": "layout", "model": args.model, "cohort": args.cohort, "cells": args.cells,
         "measure": "per-spot Pearson r of the block-mean grey layouts (tile mean removed) of generated vs real tile",
@@ -290,7 +293,7 @@ def run_layout_probe(args: argparse.Namespace) -> Path:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from stmdit.sampling import add_vae_options
+    from stmdit.sampling import TILES_DECODER_HELP, add_vae_options
 
     probe = subparsers.add_parser("layout-probe", help="what a trained model's clean-latent estimate takes from UNI: "
                                                         "layout and brightness, on train and test spots")
@@ -314,6 +317,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--patches", type=Path, nargs="+", required=True, help="patches stores of the cohort")
     p.add_argument("--tiles", nargs="+", required=True, help="regime=tile store")
     p.add_argument("--cells", type=int, default=DEFAULT_CELLS, help="blocks per side (default 8: 32 px at 256 px)")
+    add_vae_options(p, help_impl=TILES_DECODER_HELP)
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="")

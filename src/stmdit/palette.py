@@ -27,7 +27,7 @@ import numpy as np
 from stmdit.cli import cli_params, parse_named_paths
 from stmdit.errors import InputError
 from stmdit.eval_json import write_eval_json
-from stmdit.image_stores import open_image_store
+from stmdit.image_stores import Decoder, open_image_store
 from stmdit.layout import RealSummaries, chunked_summaries, derangement
 from stmdit.provenance import provenance
 
@@ -86,17 +86,18 @@ def regime_palette(real: np.ndarray, generated: np.ndarray, n_boot: int, seed: i
     return entry
 
 
-def palette_report(patches: Sequence[Path], tile_stores: Mapping[str, Path], space: str, n_boot: int, seed: int) -> dict:
+def palette_report(patches: Sequence[Path], tile_stores: Mapping[str, Path], space: str, n_boot: int, seed: int,
+                   decoder: Decoder | None = None) -> dict:
     def summarise(tiles: np.ndarray) -> np.ndarray:
         return mean_colour(tiles, space)
 
     real_colours = RealSummaries(patches, summarise, 3)
     regimes = {}
     for regime, path in tile_stores.items():
-        tiles = open_image_store(path, min_spots=2)  # the other-spot null needs two
+        tiles = open_image_store(path, min_spots=2, decoder=decoder)  # the other-spot null needs two
         keys = tiles.keys
         try:
-            generated = chunked_summaries(tiles.images, range(len(keys)), summarise, 3)
+            generated = chunked_summaries(tiles, range(len(keys)), summarise, 3)
         except ValueError as exc:
             raise InputError(path, str(exc)) from None
         regimes[regime] = entry = regime_palette(real_colours(keys, path), generated, n_boot, seed)
@@ -110,7 +111,9 @@ def run_palette(args: argparse.Namespace) -> Path:
     if args.n_boot < 1:
         raise InputError(None, f"--n-boot must be at least 1, got {args.n_boot}")
     tile_stores = parse_named_paths(args.tiles, "--tiles")
-    regimes = palette_report(args.patches, tile_stores, args.space, args.n_boot, args.seed)
+    from stmdit.sampling import StoreDecoder
+
+    regimes = palette_report(args.patches, tile_stores, args.space, args.n_boot, args.seed, StoreDecoder.from_args(args))
     result = {
         "metric": "palette", "model": args.model, "cohort": args.cohort, "space": args.space, "axes": list(AXES[args.space]),
         "measure": "Pearson r over spots between the mean colour of each generated tile and of its spot's real "
@@ -125,10 +128,13 @@ def run_palette(args: argparse.Namespace) -> Path:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from stmdit.sampling import TILES_DECODER_HELP, add_vae_options
+
     p = subparsers.add_parser("palette", help="mean-colour agreement of generated tiles with their real spots")
     p.add_argument("--patches", type=Path, nargs="+", required=True, help="patches stores of the cohort")
     p.add_argument("--tiles", nargs="+", required=True, help="regime=tile store")
     p.add_argument("--space", choices=SPACES, default="lab", help="colour space of the mean colour (default lab)")
+    add_vae_options(p, help_impl=TILES_DECODER_HELP)
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="")

@@ -315,14 +315,14 @@ def token_arrays(group: zarr.Group, path: str | Path) -> tuple[zarr.Array, zarr.
 def write_tile_store(
     path: str | Path,
     keys: Sequence[str],
-    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    batches: Iterable[tuple[np.ndarray, np.ndarray | None]],
     attrs: Mapping[str, Any],
     extra_arrays: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write `spot_key`, `latent` (N, C, H, W) float32 and `images` (N, H, W, 3) uint8 (filled from
-    (latents, images) batches in key order), per-row `extra_arrays` and `attrs`, atomically.
-
-    (`features.write_feature_store` stores latents as float16 and has no uint8 arrays.)"""
+    """Write `spot_key`, `latent` (N, C, H, W) float16 and, where the batches carry them, `images`
+    (N, H, W, 3) uint8 (filled from (latents, images or None) batches in key order), per-row
+    `extra_arrays` and `attrs`, atomically. Stored images are the decoded float16 latents, so a
+    store without them reads the same pixels (`image_stores.ImageStore.read_rows`)."""
     from zarr.codecs import BloscCodec, BloscShuffle
 
     path, n = Path(path), len(keys)
@@ -332,21 +332,25 @@ def write_tile_store(
         for latents, images in batches:
             if latent_array is None:
                 latent_array = group.create_array(
-                    "latent", shape=(n, *latents.shape[1:]), dtype="float32",
+                    "latent", shape=(n, *latents.shape[1:]), dtype="float16",
                     chunks=(min(n, LATENT_CHUNK_SPOTS), *latents.shape[1:]),
-                    compressors=BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, typesize=4))
-                image_array = group.create_array(
-                    "images", shape=(n, *images.shape[1:]), dtype="uint8",
-                    chunks=(min(n, IMAGE_CHUNK_SPOTS), *images.shape[1:]),
-                    compressors=BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.noshuffle), fill_value=255)
+                    compressors=BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle, typesize=2))
+                if images is not None:
+                    image_array = group.create_array(
+                        "images", shape=(n, *images.shape[1:]), dtype="uint8",
+                        chunks=(min(n, IMAGE_CHUNK_SPOTS), *images.shape[1:]),
+                        compressors=BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.noshuffle), fill_value=255)
+            if (images is None) != (image_array is None):
+                raise RuntimeError("every batch must carry images, or none")
             stop = written + len(latents)
-            latent_array[written:stop] = latents.astype(np.float32)
-            image_array[written:stop] = images
+            latent_array[written:stop] = latents.astype(np.float16)
+            if image_array is not None:
+                image_array[written:stop] = images
             written = stop
         if written != n:
             raise RuntimeError(f"sampled {written} rows for {n} spots")
         group.attrs.update(json.loads(json.dumps(dict(attrs), default=str)))
-    log.info("wrote %s: %d rows", path, n)
+    log.info("wrote %s: %d rows (%s)", path, n, "latents and images" if image_array is not None else "latents only")
     return path
 
 
@@ -375,6 +379,47 @@ def load_codec(settings: CodecSettings, device: torch.device):
                         arch=parse_arch(settings.arch_json), device=str(device.type), bf16=settings.bf16)
 
 
+def decoder_identity(codec) -> dict[str, Any]:
+    """What makes two decoders decode a latent alike (`image_stores.DECODER_IDENTITY_KEYS`): a tile
+    store records it, and reading a latents-only store checks the given decoder against it."""
+    from stmdit.encoders.base import weights_digest
+
+    return {"impl": codec.impl, "weights": codec.weights,
+            "weights_sha256": weights_digest(codec.weights) if codec.impl == "real" else None,
+            "shift_factor": codec.shift, "scaling_factor": codec.scale, "latent_shape": list(codec.latent_shape)}
+
+
+class StoreDecoder:
+    """The decoder that commands reading tile stores give `image_stores.open_image_store`: loaded
+    (on `device`) only when a store keeps latents only, at its first use."""
+
+    def __init__(self, settings: CodecSettings, device: str = "cpu", codec=None):
+        self.settings = settings
+        self.device = device
+        self._codec = codec  # already loaded, as by a sampling session
+        self._identity: dict[str, Any] | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "StoreDecoder":
+        """From the options of `add_vae_options` (and --device, where the command has one)."""
+        return cls(CodecSettings.from_args(args, bf16=bool(getattr(args, "bf16", False))),
+                   getattr(args, "device", None) or "cpu")
+
+    @property
+    def codec(self):
+        if self._codec is None:
+            self._codec = load_codec(self.settings, resolve_device(self.device))
+        return self._codec
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return self.codec.decode(latents)
+
+    def identity(self) -> dict[str, Any]:
+        if self._identity is None:
+            self._identity = decoder_identity(self.codec)
+        return self._identity
+
+
 def check_codec(trained: TrainedModel, codec) -> None:
     if codec.latent_shape[0] != trained.config.in_channels:
         raise InputError(trained.path, f"the model makes {trained.config.in_channels}-channel latents; the "
@@ -390,13 +435,16 @@ def generate(
     attrs: Mapping[str, Any],
     device: torch.device,
     extra_arrays: Mapping[str, np.ndarray] | None = None,
+    store_images: bool = False,
 ) -> Path:
-    """Sample every row of `conditions` in batches, decode, and write the output store."""
+    """Sample every row of `conditions` in batches and write the output store: latents, and with
+    `store_images` their decoded pixels (decoded from the stored float16 latents)."""
     from tqdm import tqdm
 
     n, size = len(conditions), settings.batch_size
+    attrs = {**attrs, "decoder": decoder_identity(codec), "store_images": bool(store_images)}
 
-    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         starts = range(0, n, size)
         for start in tqdm(starts, total=len(starts), desc=f"sample {settings.regime}", unit="batch",
                           file=sys.stderr, mininterval=5.0):
@@ -404,7 +452,8 @@ def generate(
             uni, ge = conditions.batch(positions)
             noise_keys = [conditions.noise_keys[p] for p in positions]
             latents = sample_latents(trained.model, trained.objective, noise_keys, uni, ge, settings, device)
-            yield latents.numpy(), codec.decode(latents)
+            stored = latents.numpy().astype(np.float16)
+            yield stored, codec.decode(stored.astype(np.float32)) if store_images else None
 
     return write_tile_store(out, conditions.keys, batches(), attrs, extra_arrays)
 
@@ -448,12 +497,14 @@ class SessionSettings:
     sampler: SamplerSettings | None = field(default_factory=SamplerSettings)
     codec: CodecSettings = field(default_factory=CodecSettings)
     needs_ge_model: str | None = None
+    store_images: bool = False  # tile stores keep decoded pixels as well as latents
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, regime: str, needs_ge_model: str | None = None) -> "SessionSettings":
         """From the options of `add_sampler_options`, sampled in `regime`."""
         return cls(model_dir=Path(args.model_dir), device=args.device, sampler=sampler_settings(args, regime),
-                   codec=CodecSettings.from_args(args, bf16=args.bf16), needs_ge_model=needs_ge_model)
+                   codec=CodecSettings.from_args(args, bf16=args.bf16), needs_ge_model=needs_ge_model,
+                   store_images=bool(getattr(args, "store_images", False)))
 
 
 class SamplingSession:
@@ -528,21 +579,31 @@ class SamplingSession:
 
     def generate(self, conditions, out: str | Path, attrs: Mapping[str, Any],
                  extra_arrays: Mapping[str, np.ndarray] | None = None) -> Path:
-        """Sample every row of `conditions`, decode, and write the output store `out`."""
+        """Sample every row of `conditions` and write the output store `out` (pixels too with
+        `store_images`)."""
         return generate(self.trained, conditions, self._require_sampler(), self.codec, out, attrs, self.device,
-                        extra_arrays)
+                        extra_arrays, self.settings.store_images)
+
+    def store_decoder(self) -> "StoreDecoder":
+        """This session's decoder, for reading back the stores it writes."""
+        return StoreDecoder(self.settings.codec, str(self.device), codec=self.codec)
 
 
 # ---------------------------------------------------------------------------------------------
 # Command-line options of the sampling commands
 
 
-def add_vae_options(p: argparse.ArgumentParser, help_impl: str | None = None) -> None:
-    """--vae-impl, --vae-weights, --vae-arch-json, --allow-hub: the decoder, as `load_codec` takes it."""
+def add_vae_options(p: argparse.ArgumentParser, help_impl: str | None = None, allow_hub: bool = True) -> None:
+    """--vae-impl, --vae-weights, --vae-arch-json, --allow-hub (`allow_hub`: unless the command has its
+    own): the decoder, as `load_codec` and `StoreDecoder` take it."""
     p.add_argument("--vae-impl", choices=("smoke", "real"), default="smoke", help=help_impl)
     p.add_argument("--vae-weights", help="SD3 VAE weights: local diffusers folder, or hub id with --allow-hub")
     p.add_argument("--vae-arch-json", help="JSON object of sd3_vae overrides")
-    p.add_argument("--allow-hub", action="store_true", help="allow loading the VAE from the Hugging Face hub")
+    if allow_hub:
+        p.add_argument("--allow-hub", action="store_true", help="allow loading the VAE from the Hugging Face hub")
+
+
+TILES_DECODER_HELP = "decoder of tile stores that keep latents only (as the tiles were sampled with)"
 
 
 def add_sampler_options(p: argparse.ArgumentParser) -> None:
@@ -559,4 +620,7 @@ def add_sampler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=SamplerSettings.batch_size)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_bf16_option(p)
+    p.add_argument("--store-images", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the decoded tiles in the store as well as the float16 latents (commands that "
+                        "read the store decode latents on demand otherwise)")
     p.add_argument("--out", type=Path, required=True)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 from stmdit.cli import cli_params, parse_named_paths
 from stmdit.errors import InputError
@@ -28,7 +27,7 @@ from stmdit.image_stores import open_image_store
 from stmdit.layout import CHUNK_TILES, chunked_summaries
 from stmdit.loader import store_rows
 from stmdit.provenance import provenance
-from stmdit.sampling import CodecSettings, add_vae_options, load_codec
+from stmdit.sampling import CodecSettings, StoreDecoder, add_vae_options
 from stmdit.zarr_rows import read_array_rows
 
 log = logging.getLogger(__name__)
@@ -70,14 +69,17 @@ def ratio_interval(generated: np.ndarray, real: np.ndarray, n_boot: int, seed: i
     return float(lo), float(hi)
 
 
-def texture_report(latent_path: Path, tile_stores: dict[str, Path], codec, n_boot: int, seed: int) -> dict:
+def texture_report(latent_path: Path, tile_stores: dict[str, Path], decoder: StoreDecoder, n_boot: int, seed: int) -> dict:
+    """Grey roughness of each regime's tiles against the same spots' real latents decoded by `decoder`
+    (which also decodes tile stores that keep latents only)."""
+    codec = decoder.codec
     latent_group = open_feature_store(latent_path)
     if "latent" not in latent_group or "spot_key" not in latent_group:
         raise InputError(latent_path, "not a latent store (needs arrays latent and spot_key)")
     real_cache: dict[str, float] = {}
     regimes = {}
     for regime, path in tile_stores.items():
-        tiles = open_image_store(path, min_spots=2)  # the ratio's bootstrap resamples spots
+        tiles = open_image_store(path, min_spots=2, decoder=decoder)  # the ratio's bootstrap resamples spots
         keys = tiles.keys
         wanted = [k for k in keys if k not in real_cache]
         if wanted:
@@ -85,7 +87,7 @@ def texture_report(latent_path: Path, tile_stores: dict[str, Path], codec, n_boo
             real_cache.update(zip(wanted, decoded_roughness(codec, latent_group["latent"], rows)))
         real = np.array([real_cache[k] for k in keys])
         try:
-            generated = chunked_summaries(tiles.images, range(len(keys)),
+            generated = chunked_summaries(tiles, range(len(keys)),
                                           lambda tiles: grey_roughness(tiles)[:, None], 1)[:, 0]
         except ValueError as exc:
             raise InputError(path, str(exc)) from None
@@ -102,8 +104,8 @@ def run_texture(args: argparse.Namespace) -> Path:
     if args.n_boot < 1:
         raise InputError(None, f"--n-boot must be at least 1, got {args.n_boot}")
     tile_stores = parse_named_paths(args.tiles, "--tiles")
-    codec = load_codec(CodecSettings.from_args(args), torch.device("cpu"))
-    regimes = texture_report(args.latents, tile_stores, codec, args.n_boot, args.seed)
+    regimes = texture_report(args.latents, tile_stores, StoreDecoder(CodecSettings.from_args(args), "cpu"),
+                             args.n_boot, args.seed)
     result = {
         "metric": "texture", "model": args.model, "cohort": args.cohort,
         "measure": f"grey roughness: mean squared difference of neighbouring {BLOCK_PX} x {BLOCK_PX}-px block means "

@@ -16,7 +16,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from stmdit.cli import parse_named_paths
 from stmdit.errors import InputError
@@ -24,7 +23,7 @@ from stmdit.features import open_feature_store
 from stmdit.image_stores import open_image_store, read_image
 from stmdit.loader import store_rows
 from stmdit.provenance import atomic_path
-from stmdit.sampling import CodecSettings, add_vae_options, load_codec
+from stmdit.sampling import CodecSettings, StoreDecoder, add_vae_options
 from stmdit.spots_table import read_labelled_spots
 from stmdit.zarr_rows import read_array_rows, string_values
 
@@ -92,7 +91,8 @@ def run_tile_grid(args: argparse.Namespace) -> Path:
         raise InputError(None, f"{len(args.spots)} --spots tables but {len(args.patches)} --patches stores")
     tile_stores = parse_named_paths(args.tiles, "--tiles")
     labels = read_labels_tables(args.spots)
-    opened_tiles = {name: open_image_store(path) for name, path in tile_stores.items()}
+    decoder = StoreDecoder(CodecSettings.from_args(args), "cpu")
+    opened_tiles = {name: open_image_store(path, decoder=decoder) for name, path in tile_stores.items()}
     real_stores = [open_image_store(path) for path in args.patches]
     present = labels.index.isin([k for store in real_stores for k in store.keys])
     for store in opened_tiles.values():
@@ -110,10 +110,9 @@ def run_tile_grid(args: argparse.Namespace) -> Path:
     keys = [key for _, key in columns]
     rows = [("real", np.stack([read_image(real_stores, key) for key in keys]))]
     if latent_group is not None:  # the real tile through the codec: the most a generated tile can show
-        codec = load_codec(CodecSettings.from_args(args), torch.device("cpu"))
         latents = read_array_rows(latent_group["latent"], store_rows(latent_group, keys, args.latents))
-        rows.append(("real (VAE)", codec.decode(latents.astype(np.float32))))
-    rows += [(name, read_array_rows(store.images, [store.index[k] for k in keys])) for name, store in opened_tiles.items()]
+        rows.append(("real (VAE)", decoder.decode(latents.astype(np.float32))))
+    rows += [(name, store.read_rows([store.index[k] for k in keys])) for name, store in opened_tiles.items()]
     write_png(args.out, render_grid(rows, columns, args.tile_px))
     log.info("wrote %s: %d spots of %d classes, rows %s", args.out, len(keys), labels.nunique(),
              [name for name, _ in rows])
@@ -127,7 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     grid.add_argument("--tiles", nargs="+", required=True, help="REGIME=tile store, one per row")
     grid.add_argument("--latents", type=Path, default=None,
                       help="sd3_vae feature store: adds a row of the real tiles decoded from their latents")
-    add_vae_options(grid, help_impl="decoder of --latents")
+    add_vae_options(grid, help_impl="decoder of --latents and of tile stores that keep latents only")
     grid.add_argument("--per-class", type=int, default=4)
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--tile-px", type=int, default=128)

@@ -10,6 +10,7 @@ rule eval_features:
         directory("results/eval/{model}/{cohort}/{store}_{encoder}.zarr"),
     params:
         encoder_args=eval_encoder_args,
+        vae=vae_args(),
         batch_size=config["features"]["batch_size"],
         device=config["features"]["device"],
     wildcard_constraints:
@@ -28,7 +29,7 @@ rule eval_features:
         CONDA_GPU
     shell:
         "python -m stmdit eval-features --encoder {wildcards.encoder} {params.encoder_args} --images {input}"
-        " --out {output} --batch-size {params.batch_size} --device {params.device} > {log} 2>&1"
+        " {params.vae} --out {output} --batch-size {params.batch_size} --device {params.device} > {log} 2>&1"
 
 
 rule noise_features:
@@ -104,6 +105,7 @@ rule layout:
     params:
         command="layout",
         tiles=lambda wildcards: pairs_arg(regime_tiles(wildcards)),
+        vae=vae_args(),
         n_boot=config["evaluate"]["n_boot"],
         seed=config["evaluate"]["seed"],
     log:
@@ -117,7 +119,7 @@ rule layout:
     conda:
         CONDA_CPU
     shell:
-        "python -m stmdit {params.command} --patches @{input.patches_list} --tiles {params.tiles}"
+        "python -m stmdit {params.command} --patches @{input.patches_list} --tiles {params.tiles} {params.vae}"
         " --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort}"
         " --out {output} > {log} 2>&1"
 
@@ -129,6 +131,7 @@ use rule layout as palette with:
     params:
         command="palette",
         tiles=lambda wildcards: pairs_arg(regime_tiles(wildcards)),
+        vae=vae_args(),
         n_boot=config["evaluate"]["n_boot"],
         seed=config["evaluate"]["seed"],
     log:

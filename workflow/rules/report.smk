@@ -96,6 +96,7 @@ rule figure_matched_spots:
         report("results/figures/matched_spots.png", category="Figures", caption="../report/matched_spots.rst"),
     params:
         tiles=" ".join(f"{model}={path}" for model, path in matched_spot_stores().items()),
+        vae=vae_args(),
         seed=config["evaluate"]["seed"],
     log:
         "results/figures/matched_spots.log",
@@ -107,7 +108,7 @@ rule figure_matched_spots:
         CONDA_CPU
     shell:
         "python -m stmdit matched-spots --ge {input.ge} --split {input.split} --expression {input.expression}"
-        " --patches @{input.patches_list} --tiles {params.tiles} --n-clusters 8 --seed {params.seed}"
+        " --patches @{input.patches_list} --tiles {params.tiles} {params.vae} --n-clusters 8 --seed {params.seed}"
         " --out {output} > {log} 2>&1"
 
 

@@ -51,6 +51,7 @@ rule virtual_report:
                        subcategory="{experiment}", caption="../report/virtual_montage.rst"),
     params:
         h0mini=virtual_h0mini_args(),
+        vae=vae_args(),
         n_boot=VIRTUAL["n_boot"],
         seed=VIRTUAL["seed"],
         tile_px=VIRTUAL["mosaic_tile_px"],
@@ -72,7 +73,7 @@ rule virtual_report:
         CONDA_GPU
     shell:
         "python -m stmdit virtual-report --tiles {input.tiles} --spots @{input.spots_list} --patches @{input.patches_list}"
-        " {params.h0mini} --device {params.device} --n-boot {params.n_boot} --seed {params.seed}"
+        " {params.h0mini} {params.vae} --device {params.device} --n-boot {params.n_boot} --seed {params.seed}"
         " --tile-px {params.tile_px} --montage-tile-px {params.montage_tile_px} --per-class {params.per_class}"
         " --summary {output.summary} --mosaics {output.mosaics} --mosaics-zarr {output.mosaics_zarr}"
         " --montage {output.montage} > {log} 2>&1"

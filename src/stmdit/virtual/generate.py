@@ -137,10 +137,10 @@ def run_generate(args: argparse.Namespace) -> Path:
     store = session.generate(conditions, out_dir / "tiles.zarr", attrs, extra_arrays=extra)
     from stmdit.image_stores import open_image_store
 
-    images = open_image_store(store).images
+    tiles = open_image_store(store, decoder=session.store_decoder())
     for row, key in enumerate(conditions.keys):
         arm, spot = key.split("|", 1)
-        write_png(out_dir / arm / f"{spot.replace(':', '_').replace('/', '_')}.png", np.asarray(images[row]))
+        write_png(out_dir / arm / f"{spot.replace(':', '_').replace('/', '_')}.png", tiles.read_rows([row])[0])
     log.info("wrote %s and %d PNGs under %s", store, len(conditions), out_dir)
     return store
 

@@ -27,11 +27,11 @@ import pandas as pd
 
 from stmdit.cli import cli_params
 from stmdit.errors import InputError
-from stmdit.image_stores import open_image_store
+from stmdit.image_stores import Decoder, ImageStore, open_image_store
 from stmdit.metrics import percentile_interval
 from stmdit.provenance import atomic_path, provenance, write_json
 from stmdit.virtual.experiment import CONTROL, UNEDITED, read_spot_tables
-from stmdit.zarr_rows import read_array_rows, string_values
+from stmdit.zarr_rows import string_values
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,10 @@ def paired_bootstrap(edit: np.ndarray, control: np.ndarray, n_boot: int, seed: i
     return out
 
 
-def read_tiles(path: str | Path) -> tuple[Any, pd.DataFrame]:
-    group = open_image_store(path).group
-    needed = ("images", "spot_key", "arm", "ref_key", "dose", "label", "sample", "pxl_row", "pxl_col")
+def read_tiles(path: str | Path, decoder: Decoder | None = None) -> tuple[ImageStore, pd.DataFrame]:
+    store = open_image_store(path, decoder=decoder)
+    group = store.group
+    needed = ("spot_key", "arm", "ref_key", "dose", "label", "sample", "pxl_row", "pxl_col")
     missing = [name for name in needed if name not in group]
     if missing or "virtual" not in group.attrs:
         raise InputError(path, f"not a virtual experiment store (missing {missing or 'attrs virtual'})")
@@ -68,13 +69,11 @@ def read_tiles(path: str | Path) -> tuple[Any, pd.DataFrame]:
         "dose": np.asarray(group["dose"][:], np.float64), "label": string_values(group["label"][:]),
         "sample": string_values(group["sample"][:]), "pxl_row": group["pxl_row"][:], "pxl_col": group["pxl_col"][:],
     })
-    return group, rows
+    return store, rows
 
 
-def embed_tiles(group, encoder, batch_size: int = 64) -> np.ndarray:
-    n = group["images"].shape[0]
-    parts = [encoder.encode(np.asarray(group["images"][start:start + batch_size]))["embedding"]
-             for start in range(0, n, batch_size)]
+def embed_tiles(store: ImageStore, encoder, batch_size: int = 64) -> np.ndarray:
+    parts = [encoder.encode(images)["embedding"] for images in store.iter_batches(batch_size)]
     return np.concatenate(parts).astype(np.float64)
 
 
@@ -276,7 +275,7 @@ def real_tiles_of(patches: Sequence[Path], keys: Sequence[str]) -> dict[str, np.
         store = open_image_store(path)
         present = [k for k in store.keys if k in wanted]
         if present:
-            images = read_array_rows(store.images, [store.index[k] for k in present])
+            images = store.read_rows([store.index[k] for k in present])
             out.update(zip(present, images))
     missing = wanted - set(out)
     if missing:
@@ -288,15 +287,17 @@ def run_virtual_report(args: argparse.Namespace) -> None:
     from stmdit.encoders import load_encoder
     from stmdit.tile_grid import write_png
 
-    group, rows = read_tiles(args.tiles)
-    attrs = dict(group.attrs)
+    from stmdit.sampling import StoreDecoder
+
+    store, rows = read_tiles(args.tiles, StoreDecoder.from_args(args))
+    attrs = dict(store.group.attrs)
     virtual = attrs["virtual"]
     arms = virtual["arms"]
     from stmdit.features import parse_arch
 
     encoder = load_encoder("h0mini", args.h0mini_impl, weights=args.h0mini_weights, allow_hub=args.allow_hub,
                            arch=parse_arch(args.h0mini_arch_json), device=args.device)
-    embeddings = embed_tiles(group, encoder)
+    embeddings = embed_tiles(store, encoder)
     changes = changes_by_arm(rows, embeddings)
     numbers = summarise(rows, changes, arms, args.n_boot, args.seed)
     main = numbers["edited_arm"]
@@ -304,7 +305,6 @@ def run_virtual_report(args: argparse.Namespace) -> None:
     spots = read_spot_tables(args.spots)
     base = rows[rows["arm"] == UNEDITED]
     labels = base.set_index("key")["label"]
-    images = group["images"]
     arm_rows = {arm: rows.index[rows["arm"] == arm].to_numpy() for arm in rows["arm"].unique()}
     vmax = float(max(changes.to_numpy().max(), 1e-12))
 
@@ -322,8 +322,7 @@ def run_virtual_report(args: argparse.Namespace) -> None:
             positions = part.index.to_numpy()
             order = {k: i for i, k in enumerate(base["key"])}
             idx = [order[k] for k in part["key"]]
-            tiles = {"unedited": read_array_rows(images, arm_rows[UNEDITED][idx]),
-                     main: read_array_rows(images, arm_rows[main][idx])}
+            tiles = {"unedited": store.read_rows(arm_rows[UNEDITED][idx]), main: store.read_rows(arm_rows[main][idx])}
             change = changes[main].reindex(part["key"]).to_numpy()
             title = (f"{virtual['experiment']}: {sample}, {len(part)} spots, edit {arms[-2]['edit']} "
                      f"(mean change {change.mean():.3g}; control {changes[CONTROL].reindex(part['key']).mean():.3g})")
@@ -335,7 +334,7 @@ def run_virtual_report(args: argparse.Namespace) -> None:
     order = {k: i for i, k in enumerate(base["key"])}
     idx = [order[k] for k in keys]
     real = real_tiles_of(args.patches, keys)
-    columns = [(a["arm"], read_array_rows(images, arm_rows[a["arm"]][idx])) for a in arms]
+    columns = [(a["arm"], store.read_rows(arm_rows[a["arm"]][idx])) for a in arms]
     write_png(args.montage, montage(keys, labels, np.stack([real[k] for k in keys]), columns, changes,
                                     args.montage_tile_px))
 
@@ -364,6 +363,8 @@ def run_virtual_report(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from stmdit.sampling import TILES_DECODER_HELP, add_vae_options
+
     p = subparsers.add_parser("virtual-report", help="summary, mosaics and montage of a virtual tissue experiment")
     p.add_argument("--tiles", type=Path, required=True, help="the experiment's tiles store (stmdit virtual-tiles)")
     p.add_argument("--spots", type=Path, nargs="+", required=True, help="spots tables of the cohort")
@@ -372,6 +373,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--h0mini-weights", help="H0-mini weights: local path, or hub id with --allow-hub")
     p.add_argument("--h0mini-arch-json", help="JSON object of h0mini architecture overrides")
     p.add_argument("--allow-hub", action="store_true")
+    add_vae_options(p, help_impl=TILES_DECODER_HELP, allow_hub=False)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
