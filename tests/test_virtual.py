@@ -210,7 +210,8 @@ def test_experiment_end_to_end(experiment, tmp_path):
     group = zarr.open_group(str(tiles), mode="r")
     arms = string_values(group["arm"][:])
     assert list(dict.fromkeys(arms)) == ["unedited", "dose=1", "dose=20", "control"]
-    images, latents = np.asarray(group["images"][:]), np.asarray(group["latent"][:])
+    latents = np.asarray(group["latent"][:])
+    assert "images" not in group  # kept as latents: the report decodes them
     unedited = arms == "unedited"
     # *1 and the absent-gene control leave the GE input unchanged: bit-identical tiles (same noise)
     np.testing.assert_array_equal(latents[arms == "dose=1"], latents[unedited])
