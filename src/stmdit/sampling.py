@@ -357,7 +357,9 @@ def write_tile_store(
 @dataclass
 class CodecSettings:
     """The VAE decoder (`sd3_vae`) of the tiles: implementation, weights (local diffusers folder, or
-    hub id with `allow_hub`), JSON architecture overrides, bf16."""
+    hub id with `allow_hub`), JSON architecture overrides, bf16. The sampling commands and
+    `StoreDecoder` decode in float32 (the sampler's bf16 is the denoiser's only), so a tile's pixels
+    are the same whether they were stored or are decoded later."""
 
     impl: str = "smoke"
     weights: str | None = None
@@ -367,7 +369,7 @@ class CodecSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, bf16: bool = False) -> "CodecSettings":
-        """From the options of `add_vae_options` (`bf16`: the sampler's, where the command has one)."""
+        """From the options of `add_vae_options`."""
         return cls(impl=args.vae_impl, weights=args.vae_weights, arch_json=getattr(args, "vae_arch_json", None),
                    allow_hub=bool(getattr(args, "allow_hub", False)), bf16=bf16)
 
@@ -402,8 +404,7 @@ class StoreDecoder:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "StoreDecoder":
         """From the options of `add_vae_options` (and --device, where the command has one)."""
-        return cls(CodecSettings.from_args(args, bf16=bool(getattr(args, "bf16", False))),
-                   getattr(args, "device", None) or "cpu")
+        return cls(CodecSettings.from_args(args), getattr(args, "device", None) or "cpu")
 
     @property
     def codec(self):
@@ -503,7 +504,7 @@ class SessionSettings:
     def from_args(cls, args: argparse.Namespace, regime: str, needs_ge_model: str | None = None) -> "SessionSettings":
         """From the options of `add_sampler_options`, sampled in `regime`."""
         return cls(model_dir=Path(args.model_dir), device=args.device, sampler=sampler_settings(args, regime),
-                   codec=CodecSettings.from_args(args, bf16=args.bf16), needs_ge_model=needs_ge_model,
+                   codec=CodecSettings.from_args(args), needs_ge_model=needs_ge_model,
                    store_images=bool(getattr(args, "store_images", False)))
 
 
