@@ -135,3 +135,25 @@ def test_snakemake_sizes_a_job_from_inputs_made_in_the_same_run_and_grows_it_on_
 def test_readme_shows_the_formula_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert jr.formula_table() in readme
+
+
+def test_every_gpu_rule_goes_to_the_gpu_partition_in_the_slurm_profile():
+    """A rule that declares `gpu` must be listed under the slurm profile's set-resources (the
+    profile's own rule); a rule listed there must exist."""
+    import re
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    text = "\n".join(p.read_text() for p in sorted((repo / "workflow" / "rules").glob("*.smk")))
+    blocks = re.split(r"\n(?=rule \w+:|use rule \w+ as \w+)", text)
+    gpu_rules = set()
+    for block in blocks:
+        name = re.match(r"(?:rule (\w+):|use rule \w+ as (\w+))", block)
+        if name and re.search(r"^\s+gpu=", block, re.M):
+            gpu_rules.add(name.group(1) or name.group(2))
+    listed = set(yaml.safe_load((repo / "slurm" / "config.v8+.yaml").read_text())["set-resources"])
+    assert {"tiles", "eval_features", "palette", "texture"} <= gpu_rules
+    gpu_rules.discard("eval_regressor")  # a GPU only with evaluate.midnight_mlp.impl torch: the profile says so
+    assert gpu_rules - listed == set(), "GPU rules missing from slurm/config.v8+.yaml set-resources"
+    assert listed - gpu_rules == set(), "set-resources names rules that declare no gpu"

@@ -318,6 +318,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tiles", nargs="+", required=True, help="regime=tile store")
     p.add_argument("--cells", type=int, default=DEFAULT_CELLS, help="blocks per side (default 8: 32 px at 256 px)")
     add_vae_options(p, help_impl=TILES_DECODER_HELP)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where tile stores kept as latents are decoded")
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="")

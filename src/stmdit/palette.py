@@ -135,6 +135,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tiles", nargs="+", required=True, help="regime=tile store")
     p.add_argument("--space", choices=SPACES, default="lab", help="colour space of the mean colour (default lab)")
     add_vae_options(p, help_impl=TILES_DECODER_HELP)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where tile stores kept as latents are decoded")
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="")

@@ -104,7 +104,7 @@ def run_texture(args: argparse.Namespace) -> Path:
     if args.n_boot < 1:
         raise InputError(None, f"--n-boot must be at least 1, got {args.n_boot}")
     tile_stores = parse_named_paths(args.tiles, "--tiles")
-    regimes = texture_report(args.latents, tile_stores, StoreDecoder(CodecSettings.from_args(args), "cpu"),
+    regimes = texture_report(args.latents, tile_stores, StoreDecoder(CodecSettings.from_args(args), args.device),
                              args.n_boot, args.seed)
     result = {
         "metric": "texture", "model": args.model, "cohort": args.cohort,
@@ -124,6 +124,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--latents", type=Path, required=True, help="the cohort's real latent store (sd3_vae.zarr)")
     p.add_argument("--tiles", nargs="+", required=True, help="regime=tile store")
     add_vae_options(p)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where tile stores kept as latents (and the real latents) are decoded")
     p.add_argument("--n-boot", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="")

@@ -106,6 +106,7 @@ rule layout:
         command="layout",
         tiles=lambda wildcards: pairs_arg(regime_tiles(wildcards)),
         vae=vae_args(),
+        device=config["sampler"]["device"],
         n_boot=config["evaluate"]["n_boot"],
         seed=config["evaluate"]["seed"],
     log:
@@ -114,12 +115,14 @@ rule layout:
         "results/benchmarks/eval/{model}/{cohort}/layout.tsv"
     threads: 1
     resources:
+        gpu=1,  # tiles kept as latents are decoded (the real SD3 VAE wants a GPU at paper scale)
         mem_mb=job_mem_mb("layout"),
         runtime=job_runtime("layout"),
     conda:
-        CONDA_CPU
+        CONDA_GPU
     shell:
         "python -m stmdit {params.command} --patches @{input.patches_list} --tiles {params.tiles} {params.vae}"
+        " --device {params.device}"
         " --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort}"
         " --out {output} > {log} 2>&1"
 
@@ -132,6 +135,7 @@ use rule layout as palette with:
         command="palette",
         tiles=lambda wildcards: pairs_arg(regime_tiles(wildcards)),
         vae=vae_args(),
+        device=config["sampler"]["device"],
         n_boot=config["evaluate"]["n_boot"],
         seed=config["evaluate"]["seed"],
     log:
@@ -139,6 +143,7 @@ use rule layout as palette with:
     benchmark:
         "results/benchmarks/eval/{model}/{cohort}/palette.tsv"
     resources:
+        gpu=1,
         mem_mb=job_mem_mb("palette"),
         runtime=job_runtime("palette"),
 
@@ -153,6 +158,7 @@ rule texture:
     params:
         tiles=lambda wildcards: pairs_arg(regime_tiles(wildcards)),
         vae=vae_args(),
+        device=config["sampler"]["device"],
         n_boot=config["evaluate"]["n_boot"],
         seed=config["evaluate"]["seed"],
     log:
@@ -161,12 +167,13 @@ rule texture:
         "results/benchmarks/eval/{model}/{cohort}/texture.tsv"
     threads: 1
     resources:
+        gpu=1,  # decodes the real latents and tiles kept as latents
         mem_mb=job_mem_mb("texture"),
         runtime=job_runtime("texture"),
     conda:
-        CONDA_CPU
+        CONDA_GPU
     shell:
-        "python -m stmdit texture --latents {input.latents} --tiles {params.tiles} {params.vae}"
+        "python -m stmdit texture --latents {input.latents} --tiles {params.tiles} {params.vae} --device {params.device}"
         " --n-boot {params.n_boot} --seed {params.seed} --model {wildcards.model} --cohort {wildcards.cohort}"
         " --out {output} > {log} 2>&1"
 
