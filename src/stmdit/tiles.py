@@ -1,10 +1,11 @@
-"""The `tiles` stage: generated latents and images for a split's spots, from a trained model (paper 2.2, D.3).
+"""The `tiles` stage: generated latents (and, with --store-images, their decoded images) for a
+split's spots, from a trained model (paper 2.2, D.3).
 
     stmdit tiles --model-dir results/models/M --split results/splits/C.parquet --split-name test
         [--max-spots N --subsample-seed 42] --uni U.zarr [--ge G.zarr] --vae-impl smoke|real
         [--vae-weights P] [--vae-arch-json J] [--allow-hub] --regime uni_ge|uni|ge|uncond
         --steps 50 [--solver default|dpmpp_2m|heun|unipc] --seed 42 [--s-uni S --s-ge S] --batch-size 32
-        [--device auto] [--bf16]
+        [--device auto] [--bf16] [--store-images]
         --out results/tiles/M/C/REGIME.zarr
 
 --s-uni and --s-ge default to the paper's guidance scales (`stmdit.regimes`).
