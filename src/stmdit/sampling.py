@@ -368,10 +368,10 @@ class CodecSettings:
     bf16: bool = False
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, bf16: bool = False) -> "CodecSettings":
-        """From the options of `add_vae_options`."""
+    def from_args(cls, args: argparse.Namespace) -> "CodecSettings":
+        """From the options of `add_vae_options` (float32: see the class)."""
         return cls(impl=args.vae_impl, weights=args.vae_weights, arch_json=getattr(args, "vae_arch_json", None),
-                   allow_hub=bool(getattr(args, "allow_hub", False)), bf16=bf16)
+                   allow_hub=bool(getattr(args, "allow_hub", False)))
 
 
 def load_codec(settings: CodecSettings, device: torch.device):

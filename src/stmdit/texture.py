@@ -27,7 +27,7 @@ from stmdit.image_stores import open_image_store
 from stmdit.layout import CHUNK_TILES, chunked_summaries
 from stmdit.loader import store_rows
 from stmdit.provenance import provenance
-from stmdit.sampling import CodecSettings, StoreDecoder, add_vae_options
+from stmdit.sampling import StoreDecoder, add_vae_options
 from stmdit.zarr_rows import read_array_rows
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def run_texture(args: argparse.Namespace) -> Path:
     if args.n_boot < 1:
         raise InputError(None, f"--n-boot must be at least 1, got {args.n_boot}")
     tile_stores = parse_named_paths(args.tiles, "--tiles")
-    regimes = texture_report(args.latents, tile_stores, StoreDecoder(CodecSettings.from_args(args), args.device),
+    regimes = texture_report(args.latents, tile_stores, StoreDecoder.from_args(args),
                              args.n_boot, args.seed)
     result = {
         "metric": "texture", "model": args.model, "cohort": args.cohort,

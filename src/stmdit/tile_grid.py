@@ -23,7 +23,7 @@ from stmdit.features import open_feature_store
 from stmdit.image_stores import open_image_store, read_image
 from stmdit.loader import store_rows
 from stmdit.provenance import atomic_path
-from stmdit.sampling import CodecSettings, StoreDecoder, add_vae_options
+from stmdit.sampling import StoreDecoder, add_vae_options
 from stmdit.spots_table import read_labelled_spots
 from stmdit.zarr_rows import read_array_rows, string_values
 
@@ -91,7 +91,7 @@ def run_tile_grid(args: argparse.Namespace) -> Path:
         raise InputError(None, f"{len(args.spots)} --spots tables but {len(args.patches)} --patches stores")
     tile_stores = parse_named_paths(args.tiles, "--tiles")
     labels = read_labels_tables(args.spots)
-    decoder = StoreDecoder(CodecSettings.from_args(args), "cpu")
+    decoder = StoreDecoder.from_args(args)  # on the CPU: tile-grid has no --device
     opened_tiles = {name: open_image_store(path, decoder=decoder) for name, path in tile_stores.items()}
     real_stores = [open_image_store(path) for path in args.patches]
     present = labels.index.isin([k for store in real_stores for k in store.keys])
