@@ -7,7 +7,8 @@ import argparse
 import pytest
 import yaml
 
-from stmdit.bench import REPO, bench_dag, bench_loader
+from stmdit.bench import REPO, bench_dag
+from stmdit.bench_loader import bench_loader, encoder_flop_per_spot
 
 
 def test_paper_configuration_plans_every_model_on_18_slides():
@@ -30,11 +31,19 @@ def test_no_job_command_grows_with_the_slides():
     assert 0 < result["longest_command_bytes"] < 10 * 1024, result["longest_command_rule"]
 
 
-def test_loader_benchmark_reports_a_ratio():
-    result = bench_loader(argparse.Namespace(spots=64, tokens=8, micro_batch=8, batches=6, workers=2, prefetch=2))
-    assert result["loader_samples_per_s"] > 0 and result["memory_samples_per_s"] > 0
-    assert result["loader_over_memory"] == round(result["loader_samples_per_s"] / result["memory_samples_per_s"], 3) or \
-        abs(result["loader_over_memory"] - result["loader_samples_per_s"] / result["memory_samples_per_s"]) < 0.01
+def test_loader_benchmark_reads_each_fusions_data_and_reports_ratios():
+    result = bench_loader(argparse.Namespace(spots=96, genes=40, micro_batch=8, batches=6, workers=2, prefetch=2,
+                                             fusions="none,adaln,xattn-pma", encoder_spots=1))
+    assert set(result["fusions"]) == {"none", "adaln", "xattn-pma"}
+    for case in result["fusions"].values():
+        assert case["loader_samples_per_s"] > 0 and case["memory_samples_per_s"] > 0
+        assert 0 < case["loader_over_memory"] < 100
+    # the published encoder's FLOP: 6 layers of 2L(4d^2 + 2 d d_hid) + 4 L^2 d; at the paper's 1,200 tokens ~16 GFLOP
+    assert abs(encoder_flop_per_spot(1200) - 16.4e9) < 0.1e9
+    encoder = result["ge_encoder"]
+    assert encoder["tokens"] == 41 and encoder["cpu_ms_per_spot"] > 0 and 0 < encoder["measured_share_of_train_step"] < 1
+    ram = result["training_ram_gb_at_paper_scale"]
+    assert ram["ge_bins"] == round(114_688 * 40 / 1e9, 2) and ram["latents"] == round(114_688 * 32768 / 1e9, 2)
 
 
 def sample_bench_args(**overrides) -> argparse.Namespace:

@@ -10,16 +10,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 import zarr
 
 from stmdit.cli import main
 from stmdit.encoders import load_encoder
 from stmdit.errors import InputError
+from stmdit.ge_inputs import GeTokenSource
+from stmdit.loader import GeBatch
 from stmdit.features import array_layout, open_feature_store, read_feature_rows, write_feature_store
 from stmdit.provenance import provenance, write_parquet
 from stmdit.zarr_rows import read_array_rows
 
-from test_encoders import GENES, TINY_CF, make_images, tiny_cf_model, write_cf_checkpoint
+from test_encoders import GENES, TINY_CF, make_images, randomize, tiny_cf_model, write_cf_checkpoint
 
 SPOT_COLUMNS = ["key", "sample", "donor", "cohort", "barcode", "array_row", "array_col", "pxl_row", "pxl_col",
                 "diameter_px", "foreground", "laplacian_var", "tissue_fraction", "label", "keep", "reason"]
@@ -231,16 +234,21 @@ def test_cancerfoundation_smoke_store_follows_obs_order_and_hvg_ranks(tmp_path):
     store = open_feature_store(out)
     assert list(store["spot_key"][:]) == list(adata.obs_names)
     assert list(store["token_genes"][:]) == ["<cls>", "ACTB", "NOVOCAB", "KRT19", "COL1A1", "MS4A1", "MKI67"]
-    assert store["tokens"].shape == (12, 7, 256) and store["tokens"].dtype == np.float16
+    # the store keeps the CLS and the encoder's input (bins), not the 7 x 256 tokens
+    assert "tokens" not in store and "token_mask" not in store
+    assert store["bins"].shape == (12, 6) and store["bins"].dtype == np.uint8
+    assert store["bins"][:].max() <= 50 and not store["bins"][2].any()  # spot 2 has no counts: all bin 0
     assert store["embedding"].shape == (12, 256) and store["embedding"].dtype == np.float32
-    assert store["token_mask"][:].all()
-    assert np.isfinite(store["tokens"][:].astype(np.float32)).all()
     encoder = store.attrs["encoder"]
     assert encoder["name"] == "cancerfoundation" and encoder["preprocessing"]["genes"] == 6
     assert store.attrs["stmdit"]["params"]["max_genes"] == 6
     again = tmp_path / "cf_batch64.zarr"
     assert main(args(again, 64)) == 0
-    np.testing.assert_array_equal(open_feature_store(again)["tokens"][:], store["tokens"][:])
+    for name in ("bins", "embedding"):
+        np.testing.assert_array_equal(open_feature_store(again)[name][:], store[name][:])
+    tokens, mask = GeTokenSource(out).rows(np.arange(12))
+    assert tokens.shape == (12, 7, 256) and tokens.dtype == torch.float32 and mask.all()
+    np.testing.assert_array_equal(tokens[:, 0].numpy(), store["embedding"][:])  # the CLS is token 0
 
 
 def test_cancerfoundation_real_store_uses_vocab_genes_only(tmp_path):
@@ -258,10 +266,56 @@ def test_cancerfoundation_real_store_uses_vocab_genes_only(tmp_path):
     # every vocab HVG fits (max_seq_len 12 allows 11); NOVOCAB is not in the vocab, LOWVAR is no HVG
     assert genes[0] == "<cls>" and "NOVOCAB" not in genes and "LOWVAR" not in genes
     assert genes[1:] == ["ACTB", "KRT19", "COL1A1", "MS4A1", "MKI67", "CD3E", "SPP1", "VIM", "EPCAM", "PTPRC"]
-    tokens = store["tokens"][:]
-    assert tokens.shape == (12, 11, TINY_CF["embsize"])
-    assert np.isfinite(tokens.astype(np.float32)).all()
-    assert json.loads(json.dumps(store.attrs["encoder"]))["weights"] == str(weights)
+    assert store["bins"].shape == (12, 10)
+    tokens, _ = GeTokenSource(out).rows(np.arange(12))
+    assert tokens.shape == (12, 11, TINY_CF["embsize"]) and torch.isfinite(tokens).all()
+    recorded = json.loads(json.dumps(store.attrs["encoder"]))
+    assert recorded["weights"] == str(weights)
+    assert set(recorded["weights_sha256"]) == {"model.pth", "args.json", "vocab.json"}
+
+
+def test_ge_tokens_from_stored_bins_are_the_encoders_float32_tokens_bit_for_bit(tmp_path):
+    """Goal 1 of the stores issue: the tokens a model attends to, encoded from the stored bins, equal
+    what the encoder computes from the counts before the float16 cast that stores used to apply."""
+    h5ad = tmp_path / "demo.h5ad"
+    adata = write_expression(h5ad, n_spots=40)
+    weights = write_cf_checkpoint(tmp_path / "cf_weights", tiny_cf_model().state_dict())
+    out = tmp_path / "cf.zarr"
+    assert main(["features", "--encoder", "cancerfoundation", "--impl", "real", "--weights", str(weights),
+                 "--expression", str(h5ad), "--out", str(out), "--seed", "3", "--device", "cpu", "--batch-size", "16",
+                 "--gene-selection", "hvg_rank", "--binning", "reference"]) == 0
+    store = open_feature_store(out)
+    genes = [str(g) for g in store["token_genes"][1:]]
+    keys = [str(k) for k in store["spot_key"][:]]
+    # the reference: the released network run on this encoder's bins of the h5ad's counts
+    encoder = load_encoder("cancerfoundation", "real", weights=str(weights), device="cpu", seed=3)
+    encoder.configure(binning="reference")
+    encoder.genes = genes
+    counts = adata.layers["counts"].toarray()[:, [list(adata.var_names).index(g) for g in genes]]
+    bins = encoder.bins(counts, keys)
+    np.testing.assert_array_equal(store["bins"][:], bins)
+    ids = torch.tensor([encoder.vocab["<cls>"]] + [encoder.vocab[g] for g in genes]).expand(len(keys), -1)
+    values = torch.cat([torch.full((len(keys), 1), -2.0), torch.from_numpy(bins).float()], dim=1)
+    with torch.no_grad():
+        expected = encoder.network(ids, values, torch.zeros(ids.shape, dtype=torch.bool))
+    source = GeTokenSource(out)
+    tokens, mask = source.rows(np.arange(len(keys)))
+    assert torch.equal(tokens, expected) and mask.all()
+    # a batch of other spots (the loader's random micro-batches) gives the same rows
+    picked = np.array([7, 0, 31, 12, 5])
+    assert torch.equal(source.rows(picked)[0], expected[picked])
+    assert torch.equal(source.complete(GeBatch(expected[picked, 0], bins=torch.from_numpy(bins[picked]))).tokens,
+                       expected[picked])
+    # within float16 rounding of the tokens stores held before (float16 of the same values)
+    stored_before = expected.numpy().astype(np.float16)
+    half_ulp = np.spacing(np.abs(stored_before)).astype(np.float32) / 2  # float16's
+    assert (np.abs(tokens.numpy() - stored_before.astype(np.float32)) <= half_ulp).all()
+
+    # other weights at the recorded path: one error naming the store and both digests
+    write_cf_checkpoint(weights, randomize(tiny_cf_model(), seed=11).state_dict())
+    with pytest.raises(InputError, match="is not the one that wrote this store") as error:
+        GeTokenSource(out)
+    assert str(out) in str(error.value) and "model.pth" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_cancerfoundation_input_errors(tmp_path, capsys):

@@ -11,6 +11,7 @@ import zarr
 
 from stmdit import perturb
 from stmdit import tiles
+from stmdit.ge_inputs import GeTokenSource
 from stmdit.metrics import class_centroids
 from stmdit.model import DiTConfig
 from stmdit.zarr_rows import string_values
@@ -85,10 +86,10 @@ def conditions_of(cohort, mode: str, root=None):
     rows, _ = perturb.perturbation_rows([("Tumor", "Stroma")], [0.0, 0.5, 1.0], test["key"].tolist(),
                                         test["label"].to_numpy(object), train["label"].to_numpy(object), 2, 42, mode)
     centroids = perturb.ge_centroids(root / "cf.zarr", train["key"].tolist(), train["label"].to_numpy(object),
-                                     ["Tumor", "Stroma"], tokens=True)
+                                     ["Tumor", "Stroma"], tokens=GeTokenSource(root / "cf.zarr"))
     config = DiTConfig(**TINY, ge_fusion="xattn", ge_tokens="pma")
     conditions = perturb.PerturbationConditions(rows, root / "uni2h.zarr", root / "cf.zarr", centroids, config,
-                                                uni_null=False, mode=mode)
+                                                uni_null=False, mode=mode, tokens=GeTokenSource(root / "cf.zarr"))
     uni, ge = conditions.batch(np.arange(len(rows)))
     return rows, centroids, uni.numpy(), ge
 
@@ -150,7 +151,7 @@ def test_token_centroid_matches_class_centroids(cohort):
     group = zarr.open_group(str(cohort["root"] / "cf.zarr"), mode="r")
     tokens, mask = np.asarray(group["tokens"][:]), np.asarray(group["token_mask"][:])
     rows = np.array([0, 3, 5, 6])
-    centroid, valid = perturb.token_centroid(group["tokens"], group["token_mask"], rows, block=3)
+    centroid, valid = perturb.token_centroid(GeTokenSource(cohort["root"] / "cf.zarr"), rows, block=3)
     expected = class_centroids(tokens[rows], ["x"] * 4, mask[rows])["x"]
     np.testing.assert_allclose(centroid, expected, rtol=1e-12)
     assert valid.all()

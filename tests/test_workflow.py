@@ -137,7 +137,12 @@ def test_demo_runs_end_to_end(tmp_path, demo_image):
     assert gene_sets["protein_coding"]["protein_coding"] == 594 and gene_sets["protein_coding"]["list_genes"] == 19281
     model = results / "models" / "XAttn-PMA-Flow-p03"
     assert (model / "ema.safetensors").exists() and (model / "train_log.csv").exists()
-    assert "stalled" in json.loads((model / "training.json").read_text())["loss_check"]
+    training = json.loads((model / "training.json").read_text())
+    assert "stalled" in training["loss_check"]
+    # GE tokens were encoded from the store's bins in training and sampling (the store keeps no tokens)
+    ge_store = zarr.open_group(str(results / "features" / "demo" / "cancerfoundation.zarr"), mode="r")
+    assert "bins" in ge_store and "tokens" not in ge_store
+    assert training["ge_encoder"]["impl"] == "smoke" and training["ge_encoder"]["name"] == "cancerfoundation"
     assert (results / "figures" / "loss_curves" / "XAttn-PMA-Flow-p03.png").stat().st_size > 0
     assert (results / "figures" / "per_tissue_fid.png").exists()
     assert (results / "figures" / "matched_spots.png").exists()

@@ -207,87 +207,6 @@ def bench_spots_scale(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# loader: the training data loader against an in-memory gather of the same rows
-# --------------------------------------------------------------------------------------------
-
-
-def _loader_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--spots", type=int, default=2048, help="spots in the synthetic stores")
-    p.add_argument("--tokens", type=int, default=300, help="GE tokens per spot (paper: up to 1200)")
-    p.add_argument("--micro-batch", type=int, default=32)
-    p.add_argument("--batches", type=int, default=48, help="micro-batches timed")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--prefetch", type=int, default=8)
-
-
-@benchmark("loader", _loader_arguments)
-def bench_loader(args: argparse.Namespace) -> dict[str, Any]:
-    """Training loader (latents, UNI, GE tokens from Zarr) vs an in-memory gather of the same rows.
-
-    Synthetic stores in the layout `stmdit features` writes; shuffled micro-batches as training
-    draws them. A ratio near 1 means reading from the stores costs no more than indexing arrays
-    already in memory: the loader will not make the GPU wait."""
-    import numpy as np
-    import pandas as pd
-    import torch
-
-    from stmdit.features import write_feature_store
-    from stmdit.loader import SpotFeatures
-
-    rng = np.random.default_rng(0)
-    n, length = args.spots, args.tokens
-    keys = [f"bench:{i:06d}" for i in range(n)]
-    with tempfile.TemporaryDirectory(prefix="stmdit-bench-") as tmp:
-        tmp = Path(tmp)
-        latent = rng.standard_normal((n, 16, 32, 32), dtype=np.float32)
-        uni = rng.standard_normal((n, 1536), dtype=np.float32)
-        tokens = rng.standard_normal((n, length, 256), dtype=np.float32)
-        mask = np.ones((n, length), dtype=bool)
-        write_feature_store(tmp / "sd3_vae.zarr", keys, [{"latent": latent}], {"latent": (16, 32, 32)}, {})
-        write_feature_store(tmp / "uni2h.zarr", keys, [{"embedding": uni}], {"embedding": (1536,)}, {})
-        chunk = 256
-        write_feature_store(
-            tmp / "cf.zarr", keys,
-            ({"embedding": tokens[i:i + chunk, 0], "tokens": tokens[i:i + chunk], "token_mask": mask[i:i + chunk]}
-             for i in range(0, n, chunk)),
-            {"embedding": (256,), "tokens": (length, 256), "token_mask": (length,)}, {},
-        )
-        pd.DataFrame({"key": keys, "split": "train"}).to_parquet(tmp / "split.parquet")
-        data = SpotFeatures(keys, tmp / "sd3_vae.zarr", tmp / "uni2h.zarr", tmp / "cf.zarr", ge_tokens=True,
-                            tokens_in_memory_gb=0.0)  # stream from the store: the case to measure
-        order = rng.permutation(n)
-        batches = [order[(i * args.micro_batch) % n:][: args.micro_batch] for i in range(args.batches)]
-
-        started = time.perf_counter()
-        for batch in data.iterate(batches, prefetch=args.prefetch, workers=args.workers):
-            batch["ge"].tokens.sum()  # touch the data as a training step would
-        loader_s = time.perf_counter() - started
-
-        # the same arrays as the stores hold (float16 tokens), gathered and converted per batch as the loader does
-        tokens_stored, mask_stored = np.asarray(data.ge_tokens[:]), np.asarray(data.ge_mask[:])
-        started = time.perf_counter()
-        for rows in batches:
-            torch.from_numpy(data.latents[rows].astype(np.float32))
-            torch.from_numpy(data.uni[rows].astype(np.float32))
-            torch.from_numpy(mask_stored[rows].astype(bool))
-            torch.from_numpy(tokens_stored[rows].astype(np.float32)).sum()
-        memory_s = time.perf_counter() - started
-    samples = args.batches * args.micro_batch
-    result = {
-        "benchmark": "loader", "spots": n, "tokens": length, "micro_batch": args.micro_batch,
-        "loader_samples_per_s": round(samples / loader_s, 1),
-        "memory_samples_per_s": round(samples / memory_s, 1),
-        "loader_over_memory": round((samples / loader_s) / (samples / memory_s), 3),
-    }
-    print(f"loader bench: {n} spots, {length} GE tokens/spot, micro-batch {args.micro_batch}")
-    print(f"  zarr loader: {result['loader_samples_per_s']} samples/s")
-    print(f"  in-memory gather: {result['memory_samples_per_s']} samples/s")
-    print(f"  ratio loader / in-memory: {result['loader_over_memory']}")
-    print(json.dumps(result))
-    return result
-
-
-# --------------------------------------------------------------------------------------------
 # dag: planning the paper configuration
 # --------------------------------------------------------------------------------------------
 
@@ -1072,6 +991,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    import stmdit.bench_loader  # noqa: F401  (registers `loader`; its own module, it imports this one)
     import stmdit.bench_scale  # noqa: F401  (registers `scale`; its own module, it imports this one)
 
     p = subparsers.add_parser("bench", help="time a pipeline stage (see `stmdit bench <name> -h`)")

@@ -9,15 +9,19 @@
 Rows: image encoders embed the kept spots (keep == True) of the given samples, in the given order
 (the cohort spot order), reading each patches store once, in chunk-aligned blocks; the
 expression encoder follows the h5ad's obs order (already the cohort order). The store holds
-`spot_key` (N,) and the encoder's outputs (`embedding`, `subtiles`, `latent`, `tokens`,
-`token_mask`), attrs "stmdit" (provenance) and "encoder" (name, impl, weights, preprocessing,
-shapes). It is written to a temporary sibling and renamed into place when complete.
+`spot_key` (N,) and the encoder's outputs (`embedding`, `subtiles`, `latent`; CancerFoundation:
+the CLS `embedding`, its input `bins` and the gene list `token_genes`), attrs "stmdit"
+(provenance) and "encoder" (name, impl, weights and their sha256, preprocessing, shapes). It is
+written to a temporary sibling and renamed into place when complete.
+
+GE tokens (1,200 x 256 per spot at the paper's gene count, 600 KiB in float16) are not stored:
+the bins they are encoded from take 1.2 KB, and `ge_inputs.GeTokenSource` encodes them on the
+model's device inside training and sampling. Stores written with `tokens`/`token_mask` still read.
 
 Layout, chosen for training, which reads latents, UNI embeddings and GE tokens of random spots
 at a high rate:
 - Zarr v3 shards of up to ~64 MiB hold inner chunks of ~256 KiB, or of ONE spot when a spot is
-  bigger (tokens: 1200 x 256 fp16 = 600 KiB per spot; latents: 8 spots of 32 KiB per chunk;
-  embeddings: 21-256 spots). A random spot costs one byte-range read and one decompression of at
+  bigger (latents: 8 spots of 32 KiB per chunk; embeddings: 21-256 spots; GE bins: ~200 spots). A random spot costs one byte-range read and one decompression of at
   most ~600 KiB; a whole-array read touches few enough chunks to run at hundreds of MB/s
   (zarr-python spends ~0.4 ms per chunk); a 100k-spot cohort is hundreds of files, not 100k
   (inode quotas and metadata servers on clusters).
@@ -26,7 +30,7 @@ at a high rate:
   inside each shard (measured: 64 random token rows 1.4 s, 3,600 latent rows 8 s and 5 GB RSS),
   whereas contiguous row ranges read concurrently take ~0.1 s for 64 token rows, and dense
   requests read the spanned range once.
-- dtypes: float16 for latents, GE tokens and sub-tile embeddings (the big arrays; half the disk,
+- dtypes: uint8 for GE bins; float16 for latents and sub-tile embeddings (the big arrays; half the disk,
   page cache and RAM; relative error ~5e-4, far below VAE reconstruction error and the noise of
   the diffusion targets), float32 for the small conditioning embeddings, bool for masks.
   Values that would overflow float16 are an error, not silently inf.
@@ -69,8 +73,9 @@ STORED_DTYPES = {
     "embedding": np.float32,
     "subtiles": np.float16,
     "latent": np.float16,
-    "tokens": np.float16,
+    "tokens": np.float16,  # GE stores written before bins; still read
     "token_mask": np.bool_,
+    "bins": np.uint8,  # CancerFoundation's value input (bin 0..n_bins-1 of each gene of the list)
 }
 
 
@@ -103,6 +108,8 @@ def to_stored(name: str, values: np.ndarray) -> np.ndarray:
         out = values.astype(dtype, copy=False)
     if dtype == np.float16 and not np.isfinite(out).all():
         raise ValueError(f"{name}: values beyond float16 range (max |x| = {np.abs(values).max():.3g})")
+    if np.dtype(dtype).kind == "u" and values.size and (values.min() < 0 or values.max() > np.iinfo(dtype).max):
+        raise ValueError(f"{name}: values outside 0..{np.iinfo(dtype).max} (the stored dtype is {np.dtype(dtype).name})")
     return out
 
 

@@ -1,10 +1,12 @@
 """Training data: SD3 latents, UNI2-h embeddings and GE conditions of one split, read from the
 feature stores.
 
-Small per-spot arrays (latents, UNI, the GE CLS) are read into memory once. GE token sequences
-(up to 1200 x 256 per spot: tens of GB at paper scale) stay in their Zarr store and are read per
-batch, rows sorted to touch each chunk once, on background threads that keep `prefetch` batches
-ahead of the training step. `stmdit bench loader` compares this loader with an in-memory gather.
+Every per-spot array is read into memory once: latents, UNI, the GE CLS and the GE bins (uint8,
+1.2 KB per spot at 1,199 genes), from which the trainer encodes the tokens on its device
+(`ge_inputs.GeTokenSource.complete`). Batches are gathered on background threads that keep
+`prefetch` batches ahead of the training step. Stores written with GE token sequences (600 KiB per
+spot) keep them in Zarr, read per batch. `stmdit bench loader` compares this loader with an
+in-memory gather.
 """
 
 from __future__ import annotations
@@ -44,15 +46,17 @@ def read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
 
 @dataclass
 class GeBatch:
-    """GE condition of a batch: CancerFoundation CLS and, for cross-attention models, the tokens."""
+    """GE condition of a batch: CancerFoundation CLS and, for cross-attention models, the tokens, or
+    the bins they are encoded from on the device (`ge_inputs.GeTokenSource.complete`)."""
 
     cls: torch.Tensor
     tokens: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
+    bins: torch.Tensor | None = None
 
     def to(self, device) -> "GeBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return GeBatch(move(self.cls), move(self.tokens), move(self.token_mask))
+        return GeBatch(move(self.cls), move(self.tokens), move(self.token_mask), move(self.bins))
 
 
 class SpotFeatures:
@@ -78,13 +82,19 @@ class SpotFeatures:
                                      uni_store, "embedding", self.keys)
         self.ge_cls = None
         self.ge_tokens = None
+        self.ge_bins = None
         if ge_store is not None:
             ge_group = open_feature_store(ge_store)
             self.ge_rows = store_rows(ge_group, self.keys, ge_store)
             self.ge_cls = check_finite_rows(read_rows(ge_group["embedding"], self.ge_rows), ge_store, "embedding",
                                             self.keys)
             self.ge_store = ge_store
-            if ge_tokens:
+            if ge_tokens and "bins" in ge_group:  # 1.2 KB per spot: in memory
+                self.ge_bins = read_rows(ge_group["bins"], self.ge_rows)
+            elif ge_tokens:  # a store written with tokens
+                if "tokens" not in ge_group or "token_mask" not in ge_group:
+                    raise InputError(ge_store, "the model attends to GE tokens but the store has neither bins nor "
+                                               "tokens: rebuild it with stmdit features --encoder cancerfoundation")
                 tokens, self.ge_mask = ge_group["tokens"], ge_group["token_mask"]
                 need_gb = len(self.keys) * math.prod(tokens.shape[1:]) * tokens.dtype.itemsize / 1e9
                 if need_gb <= tokens_in_memory_gb:
@@ -96,7 +106,8 @@ class SpotFeatures:
                     self.ge_tokens = tokens
         log.info(
             "loaded %d spots: latents %s, UNI %s, GE %s", len(self.keys), self.latents.shape, self.uni.shape,
-            "none" if ge_store is None else ("CLS + tokens" if ge_tokens else "CLS"),
+            "none" if ge_store is None else ("CLS + bins" if self.ge_bins is not None else
+                                             "CLS + tokens" if ge_tokens else "CLS"),
         )
 
     def __len__(self) -> int:
@@ -115,7 +126,9 @@ class SpotFeatures:
         }
         if self.ge_cls is not None:
             ge = GeBatch(torch.from_numpy(self.ge_cls[positions].astype(np.float32)))
-            if self.ge_tokens is not None:
+            if self.ge_bins is not None:
+                ge.bins = torch.from_numpy(self.ge_bins[positions])
+            elif self.ge_tokens is not None:
                 rows = self.ge_rows[positions]
                 tokens = self._rows(self.ge_tokens, rows)
                 if not isinstance(self.ge_tokens, np.ndarray):  # read from the store now: checked now

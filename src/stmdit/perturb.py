@@ -27,15 +27,15 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import zarr
 
 from stmdit.cli import cli_params
 from stmdit.errors import InputError
 from stmdit.features import check_finite_rows, open_feature_store
+from stmdit.ge_inputs import GeTokenSource
 from stmdit.loader import GeBatch, store_rows
 from stmdit.metrics import choose_reference_spots, class_centroids, interpolate_ge
 from stmdit.model import GE, UNI_GE
-from stmdit.sampling import SamplingSession, SessionSettings, add_sampler_options, check_width, token_arrays
+from stmdit.sampling import SamplingSession, SessionSettings, add_sampler_options, check_width
 from stmdit.split_table import TEST, TRAIN, split_keys
 from stmdit.zarr_rows import read_array_rows
 
@@ -94,22 +94,24 @@ class GeCentroid:
     valid: np.ndarray | None = None
 
 
-def token_centroid(tokens: zarr.Array, mask: zarr.Array, rows: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Per-position mean of the tokens over the spots where the position is a real token
-    (`metrics.class_centroids` with a mask), accumulated in blocks so a class is never in memory."""
-    sums = np.zeros(tokens.shape[1:], np.float64)
-    counts = np.zeros(tokens.shape[1], np.float64)
+def token_centroid(tokens: GeTokenSource, rows: np.ndarray, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position mean of the tokens of store rows `rows` over the spots where the position is a real
+    token (`metrics.class_centroids` with a mask), accumulated in blocks so a class is never in memory."""
+    sums = counts = None
     for start in range(0, len(rows), block):
         chunk = np.sort(rows[start:start + block])
-        weights = read_array_rows(mask, chunk).astype(np.float64)
-        sums += np.einsum("nt,ntd->td", weights, read_array_rows(tokens, chunk).astype(np.float64))
-        counts += weights.sum(axis=0)
+        values, mask = tokens.rows(chunk)
+        weights = mask.cpu().numpy().astype(np.float64)
+        part = np.einsum("nt,ntd->td", weights, values.cpu().numpy().astype(np.float64))
+        sums = part if sums is None else sums + part
+        counts = weights.sum(axis=0) if counts is None else counts + weights.sum(axis=0)
     return sums / np.maximum(counts, 1.0)[:, None], counts > 0
 
 
 def ge_centroids(ge_store: str | Path, keys: Sequence[str], labels: np.ndarray, wanted: Iterable[str],
-                 tokens: bool) -> dict[str, GeCentroid]:
-    """Centroids of the `wanted` labels over `keys` (the train spots)."""
+                 tokens: GeTokenSource | None) -> dict[str, GeCentroid]:
+    """Centroids of the `wanted` labels over `keys` (the train spots); token centroids too when given
+    the store's `tokens`."""
     group = open_feature_store(ge_store)
     rows = store_rows(group, keys, ge_store)
     cls = check_finite_rows(read_array_rows(group["embedding"], rows), ge_store, "embedding", [str(k) for k in keys])
@@ -118,13 +120,11 @@ def ge_centroids(ge_store: str | Path, keys: Sequence[str], labels: np.ndarray, 
         return {}
     selected = np.isin(labels, wanted)
     centroids = {label: GeCentroid(c) for label, c in class_centroids(cls[selected], labels[selected]).items()}
-    if tokens:
-        token_array, mask_array = token_arrays(group, ge_store)
+    if tokens is not None:
         for label in wanted:
-            centroids[label].tokens, centroids[label].valid = token_centroid(token_array, mask_array,
-                                                                             rows[labels == label])
+            centroids[label].tokens, centroids[label].valid = token_centroid(tokens, rows[labels == label])
             if not np.isfinite(centroids[label].tokens).all():
-                raise InputError(ge_store, f"array 'tokens' has NaN or inf values in train spots labelled {label!r}: "
+                raise InputError(ge_store, f"the GE tokens have NaN or inf values in train spots labelled {label!r}: "
                                            "recompute the store")
     return centroids
 
@@ -148,7 +148,9 @@ class PerturbationConditions:
     the mode (module docstring); the noise of a row is its reference spot's."""
 
     def __init__(self, rows: pd.DataFrame, uni_store: str | Path, ge_store: str | Path,
-                 centroids: Mapping[str, GeCentroid], config, uni_null: bool, mode: str = CENTROID):
+                 centroids: Mapping[str, GeCentroid], config, uni_null: bool, mode: str = CENTROID,
+                 tokens: GeTokenSource | None = None):
+        """`tokens`: the GE store's token source, for token models in spotwise mode."""
         if mode not in MODES:
             raise InputError(None, f"perturbation mode must be one of {sorted(MODES)}, got {mode!r}")
         self.rows = rows.reset_index(drop=True)
@@ -166,14 +168,16 @@ class PerturbationConditions:
         check_width(uni_store, "UNI embedding", self.uni.shape[-1], config.uni_dim)
         self.uni_null = uni_null
         group = open_feature_store(ge_store)
-        self.ge_tokens = self.ge_mask = None
+        self.ge_tokens = None
         if mode == SPOTWISE:
             self.ge_rows = store_rows(group, refs, ge_store)
             self.ge_cls = check_finite_rows(read_array_rows(group["embedding"], self.ge_rows), ge_store, "embedding",
                                             refs)
             check_width(ge_store, "GE embedding", self.ge_cls.shape[-1], config.ge_dim)
             if self.uses_tokens:
-                self.ge_tokens, self.ge_mask = token_arrays(group, ge_store)
+                if tokens is None:
+                    raise ValueError("a token model in spotwise mode needs the GE store's token source")
+                self.ge_tokens = tokens
         else:
             for centroid in centroids.values():
                 check_width(ge_store, "GE centroid", centroid.cls.shape[-1], config.ge_dim)
@@ -187,9 +191,8 @@ class PerturbationConditions:
             cls = self.ge_cls[refs].astype(np.float64)
             if self.ge_tokens is None:
                 return cls, None, None
-            tokens = check_finite_rows(read_array_rows(self.ge_tokens, self.ge_rows[refs]), self.ge_store, "tokens",
-                                       [self.ref_keys[r] for r in refs])
-            return cls, tokens.astype(np.float64), read_array_rows(self.ge_mask, self.ge_rows[refs]).astype(bool)
+            tokens, masks = self.ge_tokens.rows(self.ge_rows[refs], [self.ref_keys[r] for r in refs])
+            return cls, tokens.cpu().numpy().astype(np.float64), masks.cpu().numpy()
         sources = [self.centroids[s] for s in part["source"]]
         cls = np.stack([c.cls for c in sources])
         if not self.uses_tokens:
@@ -249,8 +252,13 @@ def run_perturbed_tiles(args: argparse.Namespace) -> Path:
     if rows.empty:
         raise InputError(args.expression, f"no perturbation pair can be sampled: {skipped}")
     wanted = [*rows["target"].unique(), *(rows["source"].unique() if args.mode == CENTROID else [])]
-    centroids = ge_centroids(args.ge, train_keys, train_labels, wanted, trained.config.uses_ge_tokens)
-    conditions = PerturbationConditions(rows, args.uni, args.ge, centroids, trained.config, args.uni_null, args.mode)
+    tokens = None
+    if trained.config.uses_ge_tokens:
+        tokens = GeTokenSource(args.ge, session.device)
+        tokens.check_model(trained.ge_encoder, trained.path / "training.json")
+    centroids = ge_centroids(args.ge, train_keys, train_labels, wanted, tokens)
+    conditions = PerturbationConditions(rows, args.uni, args.ge, centroids, trained.config, args.uni_null, args.mode,
+                                        tokens)
     session.open_codec()
     log.info("perturbation (%s mode: %s): %d rows (%d pairs x refs x %d alphas), regime %s%s -> %s", args.mode,
              MODES[args.mode], len(rows), rows["pair"].nunique(), len(alphas), regime,

@@ -32,11 +32,11 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import zarr
 
 from stmdit.cli import BF16_DEFAULT, add_bf16_option
 from stmdit.errors import InputError
 from stmdit.features import check_finite_rows, open_feature_store, parse_arch, staged_spot_store
+from stmdit.ge_inputs import GeTokenSource
 from stmdit.loader import GeBatch, store_rows
 from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, guided_prediction, regime_spec
 from stmdit.model.dit import EMA_WEIGHTS_FILE
@@ -68,6 +68,7 @@ class TrainedModel:
     objective: str
     settings: dict
     settings_hash: str
+    ge_encoder: dict | None = None  # the GE store's encoder at training (training.json; None before it was kept)
 
     @property
     def config(self):
@@ -116,7 +117,7 @@ def load_trained_model(model_dir: str | Path, device: torch.device | str = "cpu"
     model = STMDiT.from_pretrained(model_dir, weights_name=EMA_WEIGHTS_FILE).to(device).eval()
     check_finite_weights(model, model_dir / EMA_WEIGHTS_FILE)
     settings_hash = (training.get("provenance") or {}).get("params_hash") or params_hash(settings)
-    return TrainedModel(model_dir, model, objective, settings, settings_hash)
+    return TrainedModel(model_dir, model, objective, settings, settings_hash, training.get("ge_encoder"))
 
 
 def check_finite_weights(model: torch.nn.Module, weights_path: str | Path) -> None:
@@ -259,17 +260,22 @@ def sample_latents(
 
 
 class StoreConditions:
-    """UNI and GE of spots read from the feature stores, one batch at a time (GE tokens stay on
-    disk until their batch). `noise_keys` = `keys`."""
+    """UNI and GE of spots read from the feature stores, one batch at a time (GE tokens are encoded
+    from the stored bins, on `device`, batch by batch). `noise_keys` = `keys`.
 
-    def __init__(self, keys: Sequence[str], uni_store: str | Path, ge_store: str | Path | None, config):
+    `trained_with`: the GE encoder the model was trained with (`TrainedModel.ge_encoder`), which the
+    store's must be."""
+
+    def __init__(self, keys: Sequence[str], uni_store: str | Path, ge_store: str | Path | None, config,
+                 device: torch.device | str = "cpu", trained_with: Mapping[str, Any] | None = None,
+                 model_path: str | Path | None = None):
         self.keys = [str(k) for k in keys]
         self.noise_keys = self.keys
         uni_group = open_feature_store(uni_store)
         self.uni = check_finite_rows(read_array_rows(uni_group["embedding"], store_rows(uni_group, self.keys, uni_store)),
                                      uni_store, "embedding", self.keys)
         check_width(uni_store, "UNI embedding", self.uni.shape[-1], config.uni_dim)
-        self.ge_cls = self.ge_tokens = self.ge_mask = None
+        self.ge_cls = self.ge_tokens = None
         self.ge_store = ge_store
         if ge_store is not None:
             group = open_feature_store(ge_store)
@@ -278,7 +284,8 @@ class StoreConditions:
                                             self.keys)
             check_width(ge_store, "GE embedding", self.ge_cls.shape[-1], config.ge_dim)
             if config.uses_ge_tokens:
-                self.ge_tokens, self.ge_mask = token_arrays(group, ge_store)
+                self.ge_tokens = GeTokenSource(ge_store, device)
+                self.ge_tokens.check_model(trained_with, model_path)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -289,23 +296,13 @@ class StoreConditions:
             return uni, None
         ge = GeBatch(torch.from_numpy(self.ge_cls[positions].astype(np.float32)))
         if self.ge_tokens is not None:
-            rows = self.ge_rows[positions]
-            tokens = check_finite_rows(read_array_rows(self.ge_tokens, rows), self.ge_store, "tokens",
-                                       [self.keys[p] for p in positions])
-            ge.tokens = torch.from_numpy(tokens.astype(np.float32))
-            ge.token_mask = torch.from_numpy(read_array_rows(self.ge_mask, rows).astype(bool))
+            ge.tokens, ge.token_mask = self.ge_tokens.rows(self.ge_rows[positions], [self.keys[p] for p in positions])
         return uni, ge
 
 
 def check_width(path: str | Path, what: str, found: int, expected: int) -> None:
     if found != expected:
         raise InputError(path, f"{what} has {found} dimensions; the model expects {expected}")
-
-
-def token_arrays(group: zarr.Group, path: str | Path) -> tuple[zarr.Array, zarr.Array]:
-    if "tokens" not in group or "token_mask" not in group:
-        raise InputError(path, "the model attends to GE tokens but the store has no tokens/token_mask arrays")
-    return group["tokens"], group["token_mask"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,7 +560,8 @@ class SamplingSession:
                          ) -> "StoreConditions":
         """The UNI (and, when the regime reads GE, the GE) of `keys` from the feature stores."""
         ge = ge_store if self.sampler is not None and regime_uses_ge(self.sampler.regime) else None
-        return StoreConditions(keys, uni_store, ge, self.config)
+        return StoreConditions(keys, uni_store, ge, self.config, self.device, self.trained.ge_encoder,
+                               self.trained.path / "training.json")
 
     def attrs(self, step: str, params: dict, inputs: list) -> dict[str, Any]:
         """The provenance, sampler, model and encoder attributes of an output store."""

@@ -47,6 +47,8 @@ import numpy as np
 import torch
 
 from stmdit.errors import InputError
+from stmdit.features import open_feature_store
+from stmdit.ge_inputs import GeTokenSource, encoder_identity
 from stmdit.loader import SpotFeatures
 from stmdit.model import DiTConfig, STMDiT, draw_spot_randomness, get_objective
 from stmdit.model.dit import EMA_WEIGHTS_FILE
@@ -93,7 +95,7 @@ class TrainSettings:
     val_every: int = 1000
     val_max_spots: int = 2048
     checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 1
     bf16: bool = True  # bf16 autocast on CUDA
     compile: bool = True  # torch.compile on CUDA
     compile_on_cpu: bool = False  # also compile on CPU (tests; slow to compile)
@@ -189,6 +191,14 @@ class Trainer:
                                        settings.tokens_in_memory_gb)
         val_keys = split_keys(split, VAL)[: settings.val_max_spots]
         self.val_data = SpotFeatures(val_keys, latents, uni, ge_store, self.config.uses_ge_tokens)
+        self.ge_source = None  # encodes the GE bins of a batch into tokens on the device
+        self.ge_encoder = None  # identity of the GE store's encoder, kept in training.json
+        if ge_store is not None:
+            if self.train_data.ge_bins is not None:
+                self.ge_source = GeTokenSource(ge_store, self.device)
+                self.ge_encoder = self.ge_source.identity
+            else:
+                self.ge_encoder = encoder_identity(open_feature_store(ge_store).attrs.get("encoder"))
         self.per_step = settings.micro_batch * settings.accumulation * self.dist.world
         if len(self.train_data) < self.per_step:
             raise InputError(split, f"{len(self.train_data)} train spots, fewer than one effective batch "
@@ -301,8 +311,11 @@ class Trainer:
         return {
             "latent": batch["latent"].to(self.device, non_blocking=True),
             "uni": batch["uni"].to(self.device, non_blocking=True),
-            "ge": None if batch["ge"] is None else batch["ge"].to(self.device),
+            "ge": None if batch["ge"] is None else self.complete_ge(batch["ge"].to(self.device)),
         }
+
+    def complete_ge(self, ge):
+        return ge if self.ge_source is None else self.ge_source.complete(ge)
 
     def train_step(self, batches: list[dict], positions: list[np.ndarray]) -> tuple[float, float, float]:
         """One optimizer step; returns (loss, grad norm before clipping, lr used)."""
@@ -473,6 +486,7 @@ def train(settings: TrainSettings, split: Path, latents: Path, uni: Path, ge: Pa
             "settings": dataclasses.asdict(settings),
             "model_config": trainer.config.to_dict(),
             "processes": trainer.dist.world,
+            "ge_encoder": trainer.ge_encoder,
             "budget": {"epochs": settings.epochs, "steps_per_epoch": trainer.steps_per_epoch,
                        "total_steps": trainer.total_steps, "train_spots": len(trainer.train_data),
                        "effective_batch": trainer.per_step},

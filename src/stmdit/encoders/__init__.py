@@ -10,7 +10,8 @@ Interfaces (what `load_encoder` returns):
   (B, *shape)}`; sd3_vae also has `decode(latents) -> uint8 images` and `decode_tensor`.
 - expression encoder (cancerfoundation): `choose_genes(var_names, hvg_rank, max_genes,
   highly_variable)` fixes the gene list, then `encode(counts (B, G), spot_keys) -> {"embedding",
-  "tokens", "token_mask"}`.
+  "bins", "tokens", "token_mask"}` (a store keeps embedding and bins), and `tokens_from_bins(bins)`
+  encodes stored bins on the encoder's device.
 All have `output_shapes` (per spot, as loaded: architecture overrides change them) and
 `describe()` (what the feature store records in attrs["encoder"]).
 """
@@ -96,9 +97,9 @@ REGISTRY: dict[str, EncoderSpec] = {
             modality="expression",
             model="CancerFoundation (6 layers, 8 heads, 256-d, vocab of gene symbols)",
             preprocessing="raw counts of <= 1,199 vocab HVGs, per-spot rank binning into 51 bins, seeded ties",
-            shapes={"": {"embedding": (256,), "tokens": (1200, 256), "token_mask": (1200,)}},
+            shapes={"": {"embedding": (256,), "bins": (1199,)}},
             load_real=load_cancerfoundation,
-            load_smoke=lambda o: SmokeCancerFoundation(o.seed),
+            load_smoke=lambda o: SmokeCancerFoundation(o.seed, device=resolve_device(o.device)),
         ),
         EncoderSpec(
             name="deepspot_fm",

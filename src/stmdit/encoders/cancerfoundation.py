@@ -44,6 +44,7 @@ from stmdit.encoders.base import (
     LoadOptions,
     autocast,
     encoder_identity,
+    file_sha256,
     load_state_dict_strict,
     read_json,
     read_state_dict,
@@ -373,11 +374,13 @@ def load_model_dir(directory: Path, arch: Mapping[str, Any]) -> tuple[CancerFoun
 
 
 class ExpressionEncoder:
-    """Counts of a fixed gene list -> CLS `embedding` (B, d), `tokens` (B, L, d) and `token_mask`
-    (B, L) (True = real token; L = 1 + number of genes, <cls> first).
+    """Counts of a fixed gene list -> `bins` (B, G) uint8 (what the transformer reads), and from
+    them the CLS `embedding` (B, d), `tokens` (B, L, d) and `token_mask` (B, L) (True = real token;
+    L = 1 + number of genes, <cls> first).
 
     Use: `genes = encoder.choose_genes(...)`, then `encoder.encode(counts, keys)` with the counts of
-    those genes in that order.
+    those genes in that order. A feature store keeps `embedding` and `bins` (`output_shapes`);
+    `tokens_from_bins` makes the tokens again, on the encoder's device, where they are needed.
     """
 
     name = "cancerfoundation"
@@ -450,8 +453,8 @@ class ExpressionEncoder:
 
     @property
     def output_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"embedding": (self.dim,), "tokens": (self.sequence_length, self.dim),
-                "token_mask": (self.sequence_length,)}
+        """What a feature store keeps per spot: the CLS and the bins the tokens are encoded from."""
+        return {"embedding": (self.dim,), "bins": (len(self.genes),)}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -474,6 +477,8 @@ class ExpressionEncoder:
                 "sequence": "<cls> (value = pad value) then the genes in list order; no padding tokens (every spot "
                             "has the same genes; the reference's padding is masked, so the outputs agree)",
                 "embedding": "encoder output at <cls>, " + ("L2-normalised" if self.l2_normalize else "not normalised"),
+                "stored": "embedding and bins (uint8, the transformer's value input) per spot; the tokens are "
+                          "encoded from the bins on the model's device where a model attends to them",
             },
             "shapes": {k: list(v) for k, v in self.output_shapes.items()},
         }
@@ -484,8 +489,29 @@ class ExpressionEncoder:
             raise ValueError(f"counts have {counts.shape[1]} genes, the encoder's list has {len(self.genes)}")
         return bin_counts(counts, keys, self.n_bins, self.seed, self.binning)
 
-    def encode(self, counts: np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def tokens_from_bins(self, bins: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, 1 + G, d) float32, on the encoder's device, of bins (B, G) of the gene list."""
         raise NotImplementedError
+
+    def check_bins(self, bins: torch.Tensor) -> torch.Tensor:
+        if bins.ndim != 2 or bins.shape[1] != len(self.genes):
+            raise ValueError(f"bins {tuple(bins.shape)} do not match the encoder's {len(self.genes)} genes")
+        return bins.to(self.device)
+
+    def encode(self, counts: np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        bins = self.bins(counts, keys)
+        with torch.inference_mode():
+            tokens = self.tokens_from_bins(torch.from_numpy(bins)).cpu().numpy()
+        return {"embedding": self.finish_embedding(tokens[:, 0].copy()), "bins": bins.astype(np.uint8),
+                "tokens": tokens, "token_mask": np.ones(tokens.shape[:2], dtype=bool)}
+
+
+def file_digests(directory: Path, names: Sequence[str]) -> dict[str, str]:
+    return {name: file_sha256(directory / name) for name in names if (directory / name).is_file()}
 
 
 class CancerFoundationEncoder(ExpressionEncoder):
@@ -500,7 +526,7 @@ class CancerFoundationEncoder(ExpressionEncoder):
         super().__init__(args.embsize, args.n_bins, args.max_seq_len, seed)
         self.network = model.eval().to(device)
         self.vocab = vocab
-        self.device = device
+        self._device = device
         self.bf16 = bf16
         self.weights = weights
 
@@ -512,25 +538,29 @@ class CancerFoundationEncoder(ExpressionEncoder):
         out["preprocessing"]["cls_and_pad_value"] = self.network.args.pad_value
         out["preprocessing"]["value_input"] = self.network.args.input_emb_style
         out["preprocessing"]["batchnorm"] = self.network.bn is not None
-        out["weights_sha256"] = weights_digest(self.weights)
+        # every file of the release: the vocab and args decide the tokens as much as model.pth does
+        out["weights_sha256"] = {**(weights_digest(self.weights) or {}),
+                                 **file_digests(Path(self.weights), CHECKPOINT_FILES)} if self.weights else None
         out["device"] = str(self.device)
         out["bf16"] = bool(self.bf16 and self.device.type == "cuda")
         return out
 
-    @torch.inference_mode()
-    def encode(self, counts: np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        bins = self.bins(counts, keys)
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def tokens_from_bins(self, bins: torch.Tensor) -> torch.Tensor:
+        bins = self.check_bins(bins)
         batch = bins.shape[0]
-        gene_ids = np.array([self.vocab["<cls>"]] + [self.vocab[g] for g in self.genes], dtype=np.int64)
-        genes = torch.from_numpy(np.broadcast_to(gene_ids, (batch, gene_ids.size)).copy()).to(self.device)
-        values = torch.full((batch, gene_ids.size), self.network.args.pad_value, dtype=torch.float32)
-        values[:, 1:] = torch.from_numpy(bins).float()
-        padding = torch.zeros((batch, gene_ids.size), dtype=torch.bool, device=self.device)
-        with autocast(self.device, self.bf16):
-            tokens = self.network(genes, values.to(self.device), padding).float()
-        tokens = tokens.cpu().numpy()
-        return {"embedding": self.finish_embedding(tokens[:, 0].copy()), "tokens": tokens,
-                "token_mask": ~padding.cpu().numpy()}
+        gene_ids = torch.tensor([self.vocab["<cls>"]] + [self.vocab[g] for g in self.genes], dtype=torch.long,
+                                device=self.device)
+        genes = gene_ids.expand(batch, -1)
+        values = torch.full((batch, gene_ids.numel()), self.network.args.pad_value, dtype=torch.float32,
+                            device=self.device)
+        values[:, 1:] = bins.float()
+        padding = torch.zeros((batch, gene_ids.numel()), dtype=torch.bool, device=self.device)
+        with torch.no_grad(), autocast(self.device, self.bf16):
+            return self.network(genes, values, padding).float()
 
 
 def load_cancerfoundation(options: LoadOptions) -> CancerFoundationEncoder:

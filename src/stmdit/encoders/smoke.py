@@ -99,32 +99,39 @@ class SmokeCancerFoundation(ExpressionEncoder):
     impl = "smoke"
     model = "smoke: real binning, fixed random gene vectors plus bin value times a fixed value vector"
 
-    def __init__(self, seed: int, dim: int = 256, n_bins: int = 51, max_seq_len: int = 1200):
+    def __init__(self, seed: int, dim: int = 256, n_bins: int = 51, max_seq_len: int = 1200,
+                 device: torch.device | str = "cpu"):
         super().__init__(dim, n_bins, max_seq_len, seed)
         self.value_vector = fixed_matrix("cancerfoundation-value", 1, dim)[0] / math.sqrt(dim)
-        self._gene_vectors: tuple[tuple[str, ...], np.ndarray] = ((), np.zeros((0, dim)))
+        self._gene_vectors: tuple[tuple[str, ...], torch.Tensor] = ((), torch.zeros((0, dim), dtype=torch.float64))
+        self._device = torch.device(device)
 
-    def gene_vectors(self) -> np.ndarray:
-        """(G, d): one fixed vector per gene symbol, in gene-list order."""
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def gene_vectors(self) -> torch.Tensor:
+        """(G, d) float64 on the device: one fixed vector per gene symbol, in gene-list order."""
         if self._gene_vectors[0] != tuple(self.genes):
             vectors = [fixed_matrix(f"cancerfoundation-gene-{g}", 1, self.dim)[0] for g in self.genes]
-            self._gene_vectors = (tuple(self.genes), np.stack(vectors) / math.sqrt(self.dim))
+            matrix = np.stack(vectors) / math.sqrt(self.dim) if vectors else np.zeros((0, self.dim))
+            self._gene_vectors = (tuple(self.genes), torch.as_tensor(matrix, dtype=torch.float64, device=self.device))
         return self._gene_vectors[1]
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        out["device"] = "cpu"
+        out["device"] = str(self.device)
         return out
 
-    def encode(self, counts: np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        values = self.bins(counts, keys).astype(np.float64) / (self.n_bins - 1)  # (B, G) in [0, 1]
-        genes = self.gene_vectors()  # (G, d)
-        gene_tokens = genes[None, :, :] + values[:, :, None] * self.value_vector[None, None, :]
-        centred = values - values.mean(axis=1, keepdims=True)
+    def tokens_from_bins(self, bins: torch.Tensor) -> torch.Tensor:
+        # float64 arithmetic, float32 result: the same tokens on any device and batch size
+        values = self.check_bins(bins).double() / (self.n_bins - 1)  # (B, G) in [0, 1]
+        genes = self.gene_vectors()
+        value_vector = torch.as_tensor(self.value_vector, dtype=torch.float64, device=self.device)
+        gene_tokens = genes[None, :, :] + values[:, :, None] * value_vector[None, None, :]
+        centred = values - values.mean(dim=1, keepdim=True)
         cls = centred @ genes * math.sqrt(self.dim / max(len(self.genes), 1))
-        tokens = np.concatenate([cls[:, None, :], gene_tokens], axis=1).astype(np.float32)
-        mask = np.ones(tokens.shape[:2], dtype=bool)
-        return {"embedding": self.finish_embedding(tokens[:, 0].copy()), "tokens": tokens, "token_mask": mask}
+        return torch.cat([cls[:, None, :], gene_tokens], dim=1).float()
 
 
 def load_smoke_vae(options: LoadOptions) -> SmokeVae:

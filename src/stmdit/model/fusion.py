@@ -188,6 +188,8 @@ class CrossAttentionFusion(GeFusion):
                     torch.ones(batch_size, 1, dtype=torch.bool, device=device))
         self._check_cls(ge, batch_size)
         cls_token = ge.cls.to(dtype)[:, None, :]
+        if ge.tokens is None and ge.bins is not None:
+            raise ValueError("the batch has GE bins but no tokens: encode them first (GeTokenSource.complete)")
         if ge.tokens is None:
             return cls_token, torch.ones(batch_size, 1, dtype=torch.bool, device=device)
         tokens, mask = ge.tokens.to(dtype), ge.token_mask

@@ -33,6 +33,7 @@ import torch
 
 from stmdit.errors import InputError
 from stmdit.features import open_feature_store
+from stmdit.ge_inputs import check_trained_encoder, encoder_identity, load_store_encoder, store_params
 from stmdit.loader import GeBatch, store_rows
 from stmdit.model import GE, UNI_GE
 from stmdit.split_table import TRAIN, read_split_table
@@ -47,7 +48,7 @@ from stmdit.virtual.edits import (
     parse_edit,
     shuffled_centroid,
 )
-from stmdit.zarr_rows import read_array_rows, string_values
+from stmdit.zarr_rows import read_array_rows
 
 log = logging.getLogger(__name__)
 
@@ -182,30 +183,16 @@ class GeReencoder:
 
     def __init__(self, ge_store: str | Path, cohort_genes: Sequence[str], weights: str | None = None,
                  device: str = "cpu"):
-        from stmdit.encoders import load_encoder
-
         self.path = Path(ge_store)
         group = open_feature_store(ge_store)
-        if "token_genes" not in group:
-            raise InputError(ge_store, "the GE store has no token_genes array (not written by stmdit features "
-                                       "--encoder cancerfoundation)")
-        params = dict((group.attrs.get("stmdit") or {}).get("params") or {})
-        if params.get("encoder") != "cancerfoundation":
-            raise InputError(ge_store, "the GE store's provenance does not name the cancerfoundation encoder")
-        self.params = params
-        self.genes = [str(g) for g in string_values(group["token_genes"][:])[1:]]
+        self.params = store_params(group, ge_store)
+        self.encoder = load_store_encoder(group, ge_store, weights, device)
+        self.genes = list(self.encoder.genes)
         index = {g: i for i, g in enumerate(cohort_genes)}
         missing = [g for g in self.genes if g not in index]
         if missing:
             raise InputError(ge_store, f"{len(missing)} encoder gene(s) are not in the cohort h5ad, e.g. {missing[0]}")
         self.columns = np.array([index[g] for g in self.genes], dtype=np.int64)
-        self.encoder = load_encoder("cancerfoundation", params.get("impl", "smoke"),
-                                    weights=weights or params.get("weights"), allow_hub=bool(params.get("allow_hub")),
-                                    arch=params.get("arch") or {}, device=device, bf16=bool(params.get("bf16")),
-                                    seed=int(params.get("seed", 0)))
-        self.encoder.configure(gene_selection=params.get("gene_selection"), l2_normalize=params.get("l2_normalize"),
-                               binning=params.get("binning"))
-        self.encoder.genes = list(self.genes)
 
     def encode(self, counts: np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
         """Outputs for raw counts (n, all cohort genes) of spots `keys` (their binning streams)."""
@@ -428,6 +415,8 @@ def run_virtual_sample(args: argparse.Namespace) -> Path:
     reencoder = inputs.reencoder
     arms, control = build_arms(spec, inputs.cohort_genes, reencoder.genes, inputs.labels, reencoder.columns,
                                inputs.centroids)
+    check_trained_encoder(session.trained.ge_encoder, encoder_identity(reencoder.encoder.describe()),
+                          session.trained.path / "training.json", args.ge)
     conditions, deviation = experiment_conditions(args, spec, inputs, arms, session.config)
     session.open_codec()
     log.info("virtual experiment %s: %d spots x %d arms (%s) with %s in regime %s -> %s", spec.name, len(inputs.keys),
