@@ -144,7 +144,7 @@ def _loader_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spots", type=int, default=2048, help="spots in the synthetic stores (issue 18: 100000)")
     p.add_argument("--genes", type=int, default=PAPER_GENES_IN_SEQUENCE, help="GE bins per spot (paper: 1,199)")
     p.add_argument("--micro-batch", type=int, default=32)
-    p.add_argument("--batches", type=int, default=200, help="micro-batches timed per fusion")
+    p.add_argument("--batches", type=int, default=1000, help="micro-batches timed per fusion")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--prefetch", type=int, default=8)
     p.add_argument("--fusions", default=",".join(FUSIONS), help=f"comma-separated, of {', '.join(FUSIONS)}")
