@@ -233,7 +233,8 @@ def test_every_stmdit_process_writes_its_peak_rss_when_asked(tmp_path):
 
 
 SCALE_RULES = {"spots", "expression", "split", "features[uni2h]", "features[deepspot_fm]", "features[h0mini]",
-               "features[midnight]", "deepspot_train", "deepspot_predict", "eval_regressor[oracle]",
+               "features[midnight]", "features[sd3_vae]", "features[cancerfoundation]",
+               "features[cancerfoundation_ptpl]", "deepspot_train", "deepspot_predict", "eval_regressor[oracle]",
                "eval_regressor[midnight_mlp]", "noise_features[uni2h]", "noise_features[midnight]", "fid", "ood_fid",
                "auc", "perturbation", "tables"}
 
@@ -287,6 +288,12 @@ def test_bench_scale_measures_every_rule_at_two_sizes(tmp_path):
     cohort_rows = [r for r in rows if r["rule"] != "spots"]
     assert all(r["projected_peak_gb"] is not None and r["projected_peak_gb"] > 0 for r in cohort_rows)
     assert doc["projected_disk_gb_measured_rules"] > 0
+    # what is not run (sampling, training) is projected from the paper configuration's plan
+    not_run = doc["not_run_projected"]
+    assert not_run["tile_stores"] > 100 and not_run["tile_rows"] > 1_000_000 and not_run["trained_models"] > 20
+    assert 0 < not_run["tile_bytes_per_row"] <= 16 * 32 * 32 * 2 and not_run["checkpoints_kept_per_model"] == [1]
+    assert doc["projected_disk_gb_without_checkpoints"] == pytest.approx(
+        doc["projected_disk_gb_measured_rules"] + not_run["tile_stores_gb"], abs=0.11)
     markdown = (tmp_path / "scale.md").read_text()
     assert "| deepspot_train | scale |" in markdown and "Projected disk at the paper's counts" in markdown
     assert "copies of the real features of the test spots" in result.stdout

@@ -332,3 +332,38 @@ def test_cancerfoundation_input_errors(tmp_path, capsys):
     assert main(base) == 2
     assert "needs --expression" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_sampling_refuses_a_ge_store_written_by_other_weights_than_the_models_training(tmp_path):
+    from stmdit.ge_inputs import check_trained_encoder, encoder_identity, same_encoder
+
+    h5ad = tmp_path / "demo.h5ad"
+    write_expression(h5ad)
+    weights = {name: write_cf_checkpoint(tmp_path / name, randomize(tiny_cf_model(), seed=seed).state_dict())
+               for name, seed in (("a", 1), ("b", 2))}
+    out = tmp_path / "cf.zarr"
+    assert main(["features", "--encoder", "cancerfoundation", "--impl", "real", "--weights", str(weights["a"]),
+                 "--expression", str(h5ad), "--out", str(out), "--device", "cpu", "--gene-selection", "hvg_rank"]) == 0
+    source = GeTokenSource(out)
+    trained_with = {name: encoder_identity(load_encoder("cancerfoundation", "real", weights=str(path),
+                                                        device="cpu").describe()) for name, path in weights.items()}
+    source.check_model(trained_with["a"], tmp_path / "training.json")  # the same weights: nothing to say
+    source.check_model(None, tmp_path / "training.json")  # a model trained before the record was kept
+    with pytest.raises(InputError, match="the model was trained with CancerFoundation") as error:
+        source.check_model(trained_with["b"], tmp_path / "training.json")
+    assert "training.json" in str(error.value) and str(out) in str(error.value)
+    # a record of model.pth alone (stores written before args and vocab were hashed) still compares
+    older = {**trained_with["a"], "weights_sha256": {"model.pth": trained_with["a"]["weights_sha256"]["model.pth"]}}
+    assert same_encoder(older, source.identity)
+    older["weights_sha256"] = {"model.pth": trained_with["b"]["weights_sha256"]["model.pth"]}
+    assert not same_encoder(older, source.identity)
+    with pytest.raises(InputError):
+        check_trained_encoder(older, source.identity, tmp_path / "training.json", out)
+
+
+def test_a_ge_store_with_neither_bins_nor_tokens_says_how_to_rebuild_it(tmp_path):
+    keys = ["a:1", "a:2"]
+    write_feature_store(tmp_path / "cf.zarr", keys, [{"embedding": np.zeros((2, 8), np.float32)}], {"embedding": (8,)},
+                        {})
+    with pytest.raises(InputError, match="rebuild it with stmdit features --encoder cancerfoundation"):
+        GeTokenSource(tmp_path / "cf.zarr")

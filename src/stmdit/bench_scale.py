@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from stmdit.bench import REPO, benchmark
+from stmdit.disk_projection import describe as describe_projection
 
 PAPER_VISIUM_SPOTS = 114_688
 PAPER_HE_SPOTS = 89_576
@@ -38,10 +39,10 @@ PAPER_TEST_SPOTS = 11_776    # Visium test spots (paper-numbers.md); what fid an
 PAPER_OOD_SPOTS = 10_000     # the seeded subsample of the H&E-only cohort that ood_fid reads
 # rules whose jobs read only the test spots: their memory and time follow those, not the cohort
 TEST_SPOT_RULES = {"fid": "test", "auc": "test", "ood_fid": "ood"}
-GE_TOKEN_BYTES_PER_SPOT = 601 * 256 * 2   # CancerFoundation tokens, float16, uncompressed
 
 STAGES = ("spots", "expression", "split", "features", "deepspot", "regressors", "eval")
-IMAGE_ENCODERS = ["uni2h", "deepspot_fm", "h0mini", "midnight"]   # sd3_vae only feeds training (not run)
+IMAGE_ENCODERS = ["uni2h", "deepspot_fm", "h0mini", "midnight", "sd3_vae"]
+DISK_LIMIT_GB = 250  # the stores issue's bound on everything but the training checkpoints
 MODELS = {
     "PixCell-Flow-B": {"fusion": "none", "objective": "flow", "p": 0.1, "tables": [1, 2, 3, 4]},
     "PixCell-Flow-GE-B-p05": {"name": "PixCell-Flow-GE-B", "fusion": "adaln", "objective": "flow", "p": 0.5,
@@ -70,6 +71,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=int, default=512, help="TIFF tile side in px")
     p.add_argument("--tabulate", action="store_true",
                    help="only rebuild the table from the runs already under --out (nothing is written or run)")
+    p.add_argument("--paper-config", type=Path, default=REPO / "workflow" / "paper" / "config.yaml",
+                   help="the configuration whose tile stores and checkpoints are projected from its plan")
     p.add_argument("--n-boot", type=int, default=20,
                    help="bootstrap resamples and permutations of FID and AUC (a fixed cost per job, not per spot)")
 
@@ -105,8 +108,10 @@ def stage_targets(cohort, stages: set[str]) -> list[str]:
         targets += [f"results/splits/{c}.parquet" for c in (v, h)]
     if "features" in stages:
         targets += [f"results/features/{c}/{e}.zarr" for c in (v, h) for e in IMAGE_ENCODERS]
+        targets.append(f"results/features/{v}/cancerfoundation.zarr")
     if "deepspot" in stages:
-        targets += [f"results/ptpl/{v}_deepspot", f"results/ptpl/{h}.h5ad"]
+        targets += [f"results/ptpl/{v}_deepspot", f"results/ptpl/{h}.h5ad",
+                    f"results/features/{h}/cancerfoundation_ptpl.zarr"]
     if "regressors" in stages or "eval" in stages:
         targets += [f"results/eval/regressors/{v}/{r}.joblib" for r in ("oracle", "midnight_mlp")]
         targets += [f"results/controls/{v}/noise_{e}.zarr" for e in ("uni2h", "midnight")]
@@ -236,7 +241,9 @@ def rule_of(record: dict, cohorts: tuple[str, str]) -> tuple[str, str] | None:
         return "spots", cohort
     if command == "features":
         encoder = _option(argv, "--encoder")
-        return (f"features[{encoder}]", cohort) if encoder != "cancerfoundation" else None
+        if encoder == "cancerfoundation" and "_ptpl" in out:
+            encoder = "cancerfoundation_ptpl"
+        return f"features[{encoder}]", cohort
     if command == "eval-features":
         return (f"noise_features[{_option(argv, '--encoder')}]", cohort) if "--noise-tiles-for" in argv else None
     if command == "eval-regressor":
@@ -414,6 +421,24 @@ def markdown_table(table: list[dict], sizes: list[int]) -> str:
     return "\n".join(lines)
 
 
+def project_not_run(args: argparse.Namespace, run: dict) -> dict[str, Any] | None:
+    """Tile stores and checkpoints of `--paper-config` (stmdit.disk_projection), the tile bytes per row
+    measured on the larger run's SD3 latents of its test spots; None when that run has no latents."""
+    from stmdit.config import load_config
+    from stmdit.disk_projection import planned_outputs, projection, tile_bytes_per_row
+    from stmdit.split_table import split_keys
+
+    results = Path(run["work"]) / "results"
+    latents = results / "features" / run["visium_cohort"] / "sd3_vae.zarr"
+    split = results / "splits" / f"{run['visium_cohort']}.parquet"
+    if not latents.exists() or not split.exists():
+        return None
+    bytes_per_row = tile_bytes_per_row(latents, split_keys(split, "test"), Path(run["work"]).parent)
+    config = load_config(args.paper_config)
+    outputs = planned_outputs(args.paper_config, REPO)
+    return projection(config, outputs, bytes_per_row, PAPER_TEST_SPOTS, PAPER_OOD_SPOTS)
+
+
 def cohort_of_sheet(sheet: Path) -> SimpleNamespace:
     """The cohort names and slides of a run's samples.tsv (what `--tabulate` needs of a ScaleCohort)."""
     import pandas as pd
@@ -436,6 +461,7 @@ def measure_run(root: Path, size: int, phases: dict[str, float], cohort=None) ->
     config = yaml.safe_load((root / "bench.yaml").read_text())
     work = root / "work"
     return {"size": size, **{k: round(v, 1) for k, v in phases.items()}, "visium_cohort": cohort.visium_cohort,
+            "work": str(work),
             "spots": cohort_spots(work, cohort), "test_spots": test_spots(work, cohort, config["sampler"]["ood_max_spots"]),
             "cohort_files": cohort.files, "disk_bytes": _path_bytes(root),
             "rules": collect(root / "rusage", work, (cohort.visium_cohort, cohort.he_cohort), root / "snakemake.log")}
@@ -465,9 +491,8 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
           + f", {args.genes:,} genes, image encoders {', '.join(IMAGE_ENCODERS)} (smoke, real output widths)")
     print("  generated tiles: copies of the real features of the test spots, permuted among them (no diffusion model"
           " trained or sampled)")
-    print(f"  skipped: GE token stores (CancerFoundation 601 x 256 float16 per spot = {GE_TOKEN_BYTES_PER_SPOT:,} "
-          "bytes, uncompressed) and what needs them (train, tiles, perturbed-tiles, features_cancerfoundation[_ptpl]);"
-          " sd3_vae latents")
+    print("  not run: train, tiles, perturbed-tiles (their stores and checkpoints are projected from the plan of "
+          f"{args.paper_config.relative_to(REPO) if args.paper_config.is_relative_to(REPO) else args.paper_config})")
     measured = []
     for size in sizes:
         root = args.out / f"n{size}"
@@ -502,16 +527,21 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
         measured.append(entry)
     table = scale_table(measured, measured[-1]["visium_cohort"])
     projected_out = sum(r["projected_out_gb"] for r in table)
-    ge_tokens_gb = GE_TOKEN_BYTES_PER_SPOT * (PAPER_VISIUM_SPOTS + PAPER_HE_SPOTS) / 1e9
+    not_run = project_not_run(args, measured[-1])
+    total = projected_out + (not_run["tile_stores_gb"] if not_run else 0.0)
     result = {"benchmark": "scale", "sizes": sizes, "stages": sorted(stages), "cores": args.cores,
               "lowered": {f"{a}.{b}": v for (a, b), v in lowered.items()}, "table": table,
-              "projected_disk_gb_measured_rules": round(projected_out, 1),
-              "ge_token_stores_gb_by_shape_not_run": round(ge_tokens_gb, 1),
+              "projected_disk_gb_measured_rules": round(projected_out, 1), "not_run_projected": not_run,
+              "projected_disk_gb_without_checkpoints": round(total, 1),
               "runs": [{k: v for k, v in m.items() if k != "rules"} for m in measured]}
     markdown = markdown_table(table, sizes)
     footer = (f"\nProjected disk at the paper's counts ({PAPER_VISIUM_SPOTS:,} Visium spots, {PAPER_HE_SPOTS:,} "
-              f"H&E-only pseudo-spots): {projected_out:.1f} GB of the measured rules' outputs; GE token stores "
-              f"(not run) would add {ge_tokens_gb:.1f} GB uncompressed by shape.\n"
+              f"H&E-only pseudo-spots): {projected_out:.1f} GB of the measured rules' outputs.\n"
+              + (describe_projection(not_run, args.paper_config) + "\n" if not_run else "")
+              + f"Everything but the training checkpoints: {total:.1f} GB (limit {DISK_LIMIT_GB} GB)"
+              + (f"; the checkpoints {not_run['checkpoints_gb'] + not_run['ema_weights_gb']:.1f} GB.\n" if not_run
+                 else ".\n")
+              + 
               "RSS per spot above base: (peak at the larger size - peak at the smaller) / spot difference (0, and the "
               "larger peak as the base, when the larger size peaked lower: noise); spots "
               "rows are per slide job (projected to a paper slide); fid and auc rows per test spot (projected to the "
