@@ -230,7 +230,8 @@ def test_keep_and_reason_follow_the_thresholds(cmu_stage):
 def test_real_he_patches_are_stored_losslessly_in_at_most_120_kb(tmp_path):
     """At the pipeline's 256 px, every stored patch is the slide's crop, enlarged with INTER_CUBIC, bit
     for bit (read back from the store and through the encoders' reader), in at most 120 KB a patch
-    (110 KB measured; Blosc lz4 stored 189 KB of these 196,608 B patches)."""
+    (JPEG-LS: 68 KB measured; delta + zstd stored 97 KB, Blosc lz4 189 KB of these 196,608 B
+    patches). Tiles of the slide at its own resolution (no enlargement: the harder case) too."""
     import openslide
 
     from stmdit.image_stores import iter_kept_images, read_sample_patches
@@ -258,6 +259,34 @@ def test_real_he_patches_are_stored_losslessly_in_at_most_120_kb(tmp_path):
     images_dir = tmp_path / "patches" / "s1.zarr" / "images"
     chunks = [f for f in images_dir.rglob("*") if f.is_file() and f.name != "zarr.json"]
     assert chunks and sum(f.stat().st_size for f in chunks) / len(spots) <= 120_000
+    assert json.loads((images_dir / "zarr.json").read_text())["codecs"] == [{"name": "stmdit.jpegls"}]
+
+    # native 256 px tiles of the slide's tissue through the same codec: at most 120 KB a tile, exact
+    from stmdit.patch_codec import decode_patches, encode_patches
+
+    tiles = np.stack([whole[r:r + 256, c:c + 256] for r in range(0, whole.shape[0] - 256, 256)
+                      for c in range(0, whole.shape[1] - 256, 256)])
+    tiles = tiles[tiles.mean(axis=(1, 2, 3)) < 220]
+    encoded = encode_patches(tiles)
+    assert len(tiles) > 20 and len(encoded) / len(tiles) <= 120_000
+    assert np.array_equal(decode_patches(encoded, tiles.shape), tiles)
+
+
+def test_patches_stores_written_with_the_earlier_codecs_still_read(tmp_path):
+    """Stores of delta + zstd (and lz4 before it) read the same pixels through the encoders' reader."""
+    from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
+    from zarr.codecs.numcodecs import Delta
+
+    from stmdit.image_stores import open_image_store
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 256, 256, 3), dtype=np.uint8)
+    for name, codecs in {"delta": {"filters": [TransposeCodec(order=(0, 3, 2, 1)), Delta(dtype="|u1")],
+                                   "compressors": ZstdCodec(level=5)},
+                         "lz4": {"compressors": BloscCodec(cname="lz4")}}.items():
+        group = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w", zarr_format=3)
+        group.create_array("images", shape=images.shape, dtype="uint8", chunks=(4, 256, 256, 3), **codecs)[:] = images
+        group.create_array("spot_key", shape=(5,), dtype=str, chunks=(5,))[:] = np.array(list("abcde"), dtype=object)
+        assert np.array_equal(open_image_store(tmp_path / f"{name}.zarr").read_rows(np.arange(5)), images)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,6 @@ import warnings
 
 __version__ = "0.1.0"
 
-# The patches stores' delta filter is zarr-python's numcodecs.delta (stmdit.spots.patch_codecs);
-# zarr warns on every open that other zarr implementations may not read it (the README says so once).
+# Patches stores written before the JPEG-LS codec (stmdit.patch_codec) used zarr-python's
+# numcodecs.delta filter; zarr warns on every open of one that other zarr implementations may not read it.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
