@@ -347,10 +347,11 @@ def test_sampling_refuses_a_ge_store_written_by_other_weights_than_the_models_tr
     source = GeTokenSource(out)
     trained_with = {name: encoder_identity(load_encoder("cancerfoundation", "real", weights=str(path),
                                                         device="cpu").describe()) for name, path in weights.items()}
-    source.check_model(trained_with["a"], tmp_path / "training.json")  # the same weights: nothing to say
-    source.check_model(None, tmp_path / "training.json")  # a model trained before the record was kept
+    model_json = tmp_path / "training.json"
+    check_trained_encoder(trained_with["a"], source.identity, model_json, out)  # the same weights: nothing to say
+    check_trained_encoder(None, source.identity, model_json, out)  # a model trained before the record was kept
     with pytest.raises(InputError, match="the model was trained with CancerFoundation") as error:
-        source.check_model(trained_with["b"], tmp_path / "training.json")
+        check_trained_encoder(trained_with["b"], source.identity, model_json, out)
     assert "training.json" in str(error.value) and str(out) in str(error.value)
     # a record of model.pth alone (stores written before args and vocab were hashed) still compares
     older = {**trained_with["a"], "weights_sha256": {"model.pth": trained_with["a"]["weights_sha256"]["model.pth"]}}

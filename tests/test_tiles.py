@@ -400,3 +400,19 @@ def test_a_latents_only_store_needs_the_decoder_it_was_sampled_for(uni_ge_tiles,
     group.create_array("latent", data=np.zeros((2, *LATENT_SHAPE), np.float16))
     with pytest.raises(InputError, match="records no decoder"):
         open_image_store(stale, decoder=sampling.StoreDecoder(sampling.CodecSettings(), "cpu"))
+
+
+def test_a_model_trained_with_other_ge_weights_stops_sampling_in_one_line(cohort, models, tmp_path):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(models["xattn"], model)
+    training = json.loads((model / "training.json").read_text())
+    training["ge_encoder"] = {"name": "cancerfoundation", "impl": "real", "model": "CancerFoundation",
+                              "weights_sha256": {"model.pth": "ab" * 32}}
+    (model / "training.json").write_text(json.dumps(training))
+    out = tmp_path / "tiles.zarr"
+    with pytest.raises(InputError, match="the model was trained with CancerFoundation model.pth abababababab") as err:
+        cli(*tiles_args(cohort, model, out))
+    assert "training.json" in str(err.value) and "\n" not in str(err.value) and not out.exists()

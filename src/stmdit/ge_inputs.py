@@ -131,9 +131,6 @@ class GeTokenSource:
     def stores_tokens(self) -> bool:
         return self.encoder is None
 
-    def check_model(self, trained_with: Mapping[str, Any] | None, model_path: str | Path) -> None:
-        check_trained_encoder(trained_with, self.identity, model_path, self.path)
-
     def read_bins(self, rows: np.ndarray) -> np.ndarray:
         return read_array_rows(self.group["bins"], np.asarray(rows))
 

@@ -22,7 +22,7 @@ import pandas as pd
 import zarr
 
 from stmdit.errors import InputError
-from stmdit.patch_codec import CODEC_NAME as _PATCH_CODEC  # noqa: F401  (registers it with zarr)
+import stmdit.patch_codec  # noqa: F401  (registers the stmdit.jpegls codec of patches stores with zarr)
 from stmdit.spots_table import read_spots_table
 from stmdit.zarr_rows import read_array_rows, string_values
 

@@ -31,7 +31,7 @@ import torch
 from stmdit.cli import cli_params
 from stmdit.errors import InputError
 from stmdit.features import check_finite_rows, open_feature_store
-from stmdit.ge_inputs import GeTokenSource
+from stmdit.ge_inputs import GeTokenSource, check_trained_encoder, encoder_identity
 from stmdit.loader import GeBatch, store_rows
 from stmdit.metrics import choose_reference_spots, class_centroids, interpolate_ge
 from stmdit.model import GE, UNI_GE
@@ -252,10 +252,9 @@ def run_perturbed_tiles(args: argparse.Namespace) -> Path:
     if rows.empty:
         raise InputError(args.expression, f"no perturbation pair can be sampled: {skipped}")
     wanted = [*rows["target"].unique(), *(rows["source"].unique() if args.mode == CENTROID else [])]
-    tokens = None
-    if trained.config.uses_ge_tokens:
-        tokens = GeTokenSource(args.ge, session.device)
-        tokens.check_model(trained.ge_encoder, trained.path / "training.json")
+    check_trained_encoder(trained.ge_encoder, encoder_identity(open_feature_store(args.ge).attrs.get("encoder")),
+                          trained.path / "training.json", args.ge)
+    tokens = GeTokenSource(args.ge, session.device) if trained.config.uses_ge_tokens else None
     centroids = ge_centroids(args.ge, train_keys, train_labels, wanted, tokens)
     conditions = PerturbationConditions(rows, args.uni, args.ge, centroids, trained.config, args.uni_null, args.mode,
                                         tokens)

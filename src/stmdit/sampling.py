@@ -36,7 +36,7 @@ import torch
 from stmdit.cli import BF16_DEFAULT, add_bf16_option
 from stmdit.errors import InputError
 from stmdit.features import check_finite_rows, open_feature_store, parse_arch, staged_spot_store
-from stmdit.ge_inputs import GeTokenSource
+from stmdit.ge_inputs import GeTokenSource, check_trained_encoder, encoder_identity
 from stmdit.loader import GeBatch, store_rows
 from stmdit.model import GE, REGIMES, UNI_GE, STMDiT, guided_prediction, regime_spec
 from stmdit.model.dit import EMA_WEIGHTS_FILE
@@ -283,9 +283,9 @@ class StoreConditions:
             self.ge_cls = check_finite_rows(read_array_rows(group["embedding"], self.ge_rows), ge_store, "embedding",
                                             self.keys)
             check_width(ge_store, "GE embedding", self.ge_cls.shape[-1], config.ge_dim)
+            check_trained_encoder(trained_with, encoder_identity(group.attrs.get("encoder")), model_path, ge_store)
             if config.uses_ge_tokens:
                 self.ge_tokens = GeTokenSource(ge_store, device)
-                self.ge_tokens.check_model(trained_with, model_path)
 
     def __len__(self) -> int:
         return len(self.keys)
