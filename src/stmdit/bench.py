@@ -261,31 +261,38 @@ def longest_shell_command(dry_run_output: str) -> tuple[int, str]:
     return longest, rule
 
 
-@benchmark("dag", _dag_arguments)
-def bench_dag(args: argparse.Namespace) -> dict[str, Any]:
-    """Plan (snakemake -n -p) a configuration on a generated sheet; print the planning time, the job
-    count and the longest job command line (each job's shell command, as Snakemake formats it)."""
-    import re
+def plan_on_generated_sheet(configfile: Path, slides: int, donors: int, he_slides: int) -> tuple[str, float]:
+    """(output, seconds) of `snakemake all -n -p --forceall` for `configfile` on a generated sheet of
+    `slides` Visium slides (+ `he_slides` H&E-only), the first donor as the test donor."""
     import subprocess
     import sys
 
     import yaml
 
-    config = yaml.safe_load(args.configfile.read_text())
+    config = yaml.safe_load(Path(configfile).read_text())
     cohort, ood = config["train"]["cohort"], (config["train"].get("ood_cohorts") or ["OOD"])[0]
     with tempfile.TemporaryDirectory(prefix="stmdit-dag-") as tmp:
-        sheet = paper_sheet(Path(tmp), args.slides, args.donors, args.he_slides, cohort, ood)
+        sheet = paper_sheet(Path(tmp), slides, donors, he_slides, cohort, ood)
         # the generated sheet and its test donor, layered on the configuration (a second --configfile)
         overlay = Path(tmp) / "bench.yaml"
         overlay.write_text(yaml.safe_dump({"samples": str(sheet), "split": {"test_donors": {cohort: ["D0"]}}}))
         command = [str(Path(sys.executable).parent / "snakemake"), "all", "-n", "-p", "--forceall",
-                   "--cores", "1", "--configfile", str(args.configfile), str(overlay)]
+                   "--cores", "1", "--configfile", str(configfile), str(overlay)]
         started = time.perf_counter()
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         plan_s = time.perf_counter() - started
     if result.returncode != 0:
-        raise SystemExit(f"snakemake -n failed:\n{result.stderr[-4000:]}")
-    out = result.stdout + result.stderr
+        raise SystemExit(f"snakemake -n failed for {configfile}:\n{result.stderr[-4000:]}")
+    return result.stdout + result.stderr, plan_s
+
+
+@benchmark("dag", _dag_arguments)
+def bench_dag(args: argparse.Namespace) -> dict[str, Any]:
+    """Plan (snakemake -n -p) a configuration on a generated sheet; print the planning time, the job
+    count and the longest job command line (each job's shell command, as Snakemake formats it)."""
+    import re
+
+    out, plan_s = plan_on_generated_sheet(args.configfile, args.slides, args.donors, args.he_slides)
     stats = out[out.index("Job stats:"):] if "Job stats:" in out else out
     stats = stats[:stats.index("\n\n")] if "\n\n" in stats else stats
     total = re.search(r"^total\s+(\d+)", stats, re.MULTILINE)

@@ -435,7 +435,7 @@ def project_not_run(args: argparse.Namespace, run: dict) -> dict[str, Any] | Non
         return None
     bytes_per_row = tile_bytes_per_row(latents, split_keys(split, "test"), Path(run["work"]).parent)
     config = load_config(args.paper_config)
-    outputs = planned_outputs(args.paper_config, REPO)
+    outputs = planned_outputs(args.paper_config)
     return projection(config, outputs, bytes_per_row, PAPER_TEST_SPOTS, PAPER_OOD_SPOTS)
 
 

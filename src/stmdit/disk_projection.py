@@ -14,9 +14,6 @@ stores every sampling job writes, and the training checkpoints.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,25 +31,13 @@ class PlannedStore:
     rows: int
 
 
-def planned_outputs(configfile: Path, repo: Path, slides: int = 18, donors: int = 7, he_slides: int = 4) -> list[str]:
-    """Every output path `snakemake -n all` plans for `configfile` on a generated sheet."""
-    import yaml
+def planned_outputs(configfile: Path, slides: int = 18, donors: int = 7, he_slides: int = 4) -> list[str]:
+    """Every output path `snakemake -n all` plans for `configfile` on a generated sheet (`bench dag`'s)."""
+    from stmdit.bench import plan_on_generated_sheet
 
-    from stmdit.bench import paper_sheet
-
-    config = yaml.safe_load(Path(configfile).read_text())
-    cohort, ood = config["train"]["cohort"], (config["train"].get("ood_cohorts") or ["OOD"])[0]
-    with tempfile.TemporaryDirectory(prefix="stmdit-plan-") as tmp:
-        sheet = paper_sheet(Path(tmp), slides, donors, he_slides, cohort, ood)
-        overlay = Path(tmp) / "plan.yaml"
-        overlay.write_text(yaml.safe_dump({"samples": str(sheet), "split": {"test_donors": {cohort: ["D0"]}}}))
-        command = [str(Path(sys.executable).parent / "snakemake"), "all", "-n", "--forceall", "--cores", "1",
-                   "--configfile", str(configfile), str(overlay)]
-        result = subprocess.run(command, cwd=repo, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"snakemake -n failed for {configfile}:\n{result.stderr[-3000:]}")
+    out, _ = plan_on_generated_sheet(configfile, slides, donors, he_slides)
     outputs = []
-    for line in (result.stdout + result.stderr).splitlines():
+    for line in out.splitlines():
         if line.startswith("    output: "):
             outputs += [p.strip() for p in line[len("    output: "):].split(",")]
     return outputs

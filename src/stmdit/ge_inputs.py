@@ -75,9 +75,10 @@ def store_params(group: zarr.Group, path: str | Path) -> dict[str, Any]:
     return params
 
 
-def load_store_encoder(group: zarr.Group, path: str | Path, weights: str | None = None, device: str = "cpu"):
-    """The CancerFoundation that wrote the store, on `device`, with its gene list; InputError when the
-    weights found are not the ones the store records."""
+def load_store_encoder(group: zarr.Group, path: str | Path, weights: str | None = None, device: str = "cpu"
+                       ) -> tuple[Any, dict[str, Any]]:
+    """The CancerFoundation that wrote the store, on `device`, with its gene list, and its identity (the
+    weights hashed once); InputError when the weights found are not the ones the store records."""
     from stmdit.encoders import load_encoder
 
     params = store_params(group, path)
@@ -92,7 +93,7 @@ def load_store_encoder(group: zarr.Group, path: str | Path, weights: str | None 
     if not same_encoder(found, recorded):
         raise InputError(path, f"the CancerFoundation at {weights or params.get('weights')} ({short_digest(found)}) "
                                f"is not the one that wrote this store ({short_digest(recorded)})")
-    return encoder
+    return encoder, found
 
 
 def check_trained_encoder(trained_with: Mapping[str, Any] | None, identity: Mapping[str, Any], model_path: str | Path,
@@ -117,8 +118,7 @@ class GeTokenSource:
         self.identity = encoder_identity(self.group.attrs.get("encoder"))
         self.encoder = None
         if "bins" in self.group:
-            self.encoder = load_store_encoder(self.group, path, weights, str(self.device))
-            self.identity = encoder_identity(self.encoder.describe())
+            self.encoder, self.identity = load_store_encoder(self.group, path, weights, str(self.device))
             log.info("GE tokens: encoded from the stored bins on %s (%d genes, %s)", self.device,
                      len(self.encoder.genes), short_digest(self.identity))
         elif "tokens" in self.group and "token_mask" in self.group:

@@ -527,6 +527,7 @@ class CancerFoundationEncoder(ExpressionEncoder):
         self.network = model.eval().to(device)
         self.vocab = vocab
         self._device = device
+        self._gene_ids: tuple[tuple[str, ...], torch.Tensor | None] = ((), None)
         self.bf16 = bf16
         self.weights = weights
 
@@ -549,11 +550,18 @@ class CancerFoundationEncoder(ExpressionEncoder):
     def device(self) -> torch.device:
         return self._device
 
+    def gene_ids(self) -> torch.Tensor:
+        """Token ids of <cls> and the gene list on the device, built once per gene list (every
+        training step encodes a batch)."""
+        if self._gene_ids[0] != tuple(self.genes):
+            ids = [self.vocab["<cls>"]] + [self.vocab[g] for g in self.genes]
+            self._gene_ids = (tuple(self.genes), torch.tensor(ids, dtype=torch.long, device=self.device))
+        return self._gene_ids[1]
+
     def tokens_from_bins(self, bins: torch.Tensor) -> torch.Tensor:
         bins = self.check_bins(bins)
         batch = bins.shape[0]
-        gene_ids = torch.tensor([self.vocab["<cls>"]] + [self.vocab[g] for g in self.genes], dtype=torch.long,
-                                device=self.device)
+        gene_ids = self.gene_ids()
         genes = gene_ids.expand(batch, -1)
         values = torch.full((batch, gene_ids.numel()), self.network.args.pad_value, dtype=torch.float32,
                             device=self.device)

@@ -102,9 +102,10 @@ class SmokeCancerFoundation(ExpressionEncoder):
     def __init__(self, seed: int, dim: int = 256, n_bins: int = 51, max_seq_len: int = 1200,
                  device: torch.device | str = "cpu"):
         super().__init__(dim, n_bins, max_seq_len, seed)
-        self.value_vector = fixed_matrix("cancerfoundation-value", 1, dim)[0] / math.sqrt(dim)
-        self._gene_vectors: tuple[tuple[str, ...], torch.Tensor] = ((), torch.zeros((0, dim), dtype=torch.float64))
         self._device = torch.device(device)
+        self.value_vector = torch.as_tensor(fixed_matrix("cancerfoundation-value", 1, dim)[0] / math.sqrt(dim),
+                                            dtype=torch.float64, device=self._device)
+        self._gene_vectors: tuple[tuple[str, ...], torch.Tensor] = ((), torch.zeros((0, dim), dtype=torch.float64))
 
     @property
     def device(self) -> torch.device:
@@ -127,8 +128,7 @@ class SmokeCancerFoundation(ExpressionEncoder):
         # float64 arithmetic, float32 result: the same tokens on any device and batch size
         values = self.check_bins(bins).double() / (self.n_bins - 1)  # (B, G) in [0, 1]
         genes = self.gene_vectors()
-        value_vector = torch.as_tensor(self.value_vector, dtype=torch.float64, device=self.device)
-        gene_tokens = genes[None, :, :] + values[:, :, None] * value_vector[None, None, :]
+        gene_tokens = genes[None, :, :] + values[:, :, None] * self.value_vector[None, None, :]
         centred = values - values.mean(dim=1, keepdim=True)
         cls = centred @ genes * math.sqrt(self.dim / max(len(self.genes), 1))
         return torch.cat([cls[:, None, :], gene_tokens], dim=1).float()

@@ -33,7 +33,7 @@ import torch
 
 from stmdit.errors import InputError
 from stmdit.features import open_feature_store
-from stmdit.ge_inputs import check_trained_encoder, encoder_identity, load_store_encoder, store_params
+from stmdit.ge_inputs import check_trained_encoder, load_store_encoder, store_params
 from stmdit.loader import GeBatch, store_rows
 from stmdit.model import GE, UNI_GE
 from stmdit.split_table import TRAIN, read_split_table
@@ -186,7 +186,7 @@ class GeReencoder:
         self.path = Path(ge_store)
         group = open_feature_store(ge_store)
         self.params = store_params(group, ge_store)
-        self.encoder = load_store_encoder(group, ge_store, weights, device)
+        self.encoder, self.identity = load_store_encoder(group, ge_store, weights, device)
         self.genes = list(self.encoder.genes)
         index = {g: i for i, g in enumerate(cohort_genes)}
         missing = [g for g in self.genes if g not in index]
@@ -415,7 +415,7 @@ def run_virtual_sample(args: argparse.Namespace) -> Path:
     reencoder = inputs.reencoder
     arms, control = build_arms(spec, inputs.cohort_genes, reencoder.genes, inputs.labels, reencoder.columns,
                                inputs.centroids)
-    check_trained_encoder(session.trained.ge_encoder, encoder_identity(reencoder.encoder.describe()),
+    check_trained_encoder(session.trained.ge_encoder, reencoder.identity,
                           session.trained.path / "training.json", args.ge)
     conditions, deviation = experiment_conditions(args, spec, inputs, arms, session.config)
     session.open_codec()

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from stmdit.errors import InputError
-from stmdit.ge_inputs import check_trained_encoder, encoder_identity
+from stmdit.ge_inputs import check_trained_encoder
 from stmdit.model import GE, UNI_GE
 from stmdit.split_table import TRAIN, split_keys
 
@@ -125,7 +125,7 @@ def run_generate(args: argparse.Namespace) -> Path:
             train_labels = adata.obs["label"].astype(str).reindex(train).to_numpy()
             centroids = class_centroids_log1p(matrix[obs.get_indexer(train)].toarray(), train_labels, edit.labels)
         arms.append(Arm("edited", None, edit, edit.text()))
-    check_trained_encoder(session.trained.ge_encoder, encoder_identity(reencoder.encoder.describe()),
+    check_trained_encoder(session.trained.ge_encoder, reencoder.identity,
                           session.trained.path / "training.json", args.ge)
     uni = read_uni(args.uni, keys, config) if regime == UNI_GE else None
     conditions = VirtualConditions(keys, arms, counts, genes, reencoder, uni, centroids, config.uses_ge_tokens)
