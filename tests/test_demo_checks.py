@@ -9,11 +9,15 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from stmdit import eval_json, metrics
 from stmdit.demo_checks import learning_checks, run, stage_times
 from stmdit.palette import palette_report
+from stmdit.encoders.smoke import SmokeVae
+from stmdit.sampling import CodecSettings, StoreDecoder
+from stmdit.texture import TARGET, texture_report
 
 
 def interval(mean: float, half: float = 10.0) -> dict:
@@ -35,8 +39,13 @@ def palette_entry(r: float, carries: bool) -> dict:
             "null": {"point": 0.0, "lo": -0.05, "hi": 0.05}}
 
 
+def texture_entry(ratio: float) -> dict:
+    return {"ratio": ratio, "lo": ratio - 0.05, "hi": ratio + 0.05, "generated": 600 * ratio, "real_vae": 600.0,
+            "n": 50, "within_target": bool(TARGET[0] <= ratio <= TARGET[1])}
+
+
 def write_eval(results, model: str, fid: dict, oracle_uni_ge: dict | None = None, null: dict | None = None,
-               palette: dict | None = None):
+               palette: dict | None = None, texture: dict | None = None):
     folder = results / "eval" / model / "demo"
     folder.mkdir(parents=True)
     write_fid(folder, model, fid)
@@ -46,6 +55,8 @@ def write_eval(results, model: str, fid: dict, oracle_uni_ge: dict | None = None
                                          "generated": generated, "null": {"empirical": null, "noise_tiles": null}}})
     palette = palette or {r: palette_entry(0.8, True) for r in ("uni", "uni_ge") if r in fid}
     (folder / "palette.json").write_text(json.dumps({"regimes": palette}))
+    texture = texture or {r: texture_entry(1.0) for r in ("uni", "uni_ge") if r in fid}
+    (folder / "texture.json").write_text(json.dumps({"target": list(TARGET), "regimes": texture}))
     return folder
 
 
@@ -61,6 +72,22 @@ def test_a_learning_demo_passes_every_check(tmp_path):
     assert all(c.passed for c in checks), [c for c in checks if not c.passed]
     assert "GE: FID(uni_ge) below FID(uncond)" in by_name(checks)
     assert "a GE model's Oracle AUC of UNI+GE tiles above 0" in by_name(checks)
+    assert "GE: uni_ge tiles have the tissue's texture" in by_name(checks)
+
+
+def test_tiles_smoother_or_rougher_than_the_real_tiles_through_the_vae_fail_the_texture_check(tmp_path):
+    """Roughness ratios as measured on the demo before its codec change: flow's 8-px squares (1.6-1.8)
+    and flow_x0's smooth UNI-guided tiles (0.52-0.67); a missing texture.json fails too."""
+    fid = {"uni_ge": interval(140), "uni": interval(170), "uncond": interval(280)}
+    write_eval(tmp_path, "Squares", fid, texture={"uni": texture_entry(1.7), "uni_ge": texture_entry(1.0)})
+    write_eval(tmp_path, "Smooth", fid, texture={"uni": texture_entry(1.0), "uni_ge": texture_entry(0.55)})
+    (write_eval(tmp_path, "Unmeasured", fid) / "texture.json").unlink()
+    passed = by_name(learning_checks(tmp_path, "demo"))
+    assert not passed["Squares: uni tiles have the tissue's texture"]
+    assert passed["Squares: uni_ge tiles have the tissue's texture"]
+    assert not passed["Smooth: uni_ge tiles have the tissue's texture"]
+    assert passed["Smooth: uni tiles have the tissue's texture"]
+    assert not passed["Unmeasured: texture.json exists"]
 
 
 def test_no_conditioning_effect_and_a_biased_null_fail(tmp_path):
@@ -145,29 +172,32 @@ class TinyCohort:
     def expression(self, z):
         return np.log1p(np.exp(z @ self.to_genes + self.rng.normal(0, 0.5, size=(len(z), N_GENES))))
 
-    def tiles(self, z):
-        """64 px tiles in the palette of z, each with its own random layout of light and dark blocks."""
+    def tiles(self, z, shaded: bool = True):
+        """64 px tiles in the palette of z, each with its own random layout of light and dark blocks
+        (flat but for pixel noise when not `shaded`: what an untrained model's mean prediction gives)."""
         palette = np.array([180.0, 120.0, 170.0]) + z @ self.to_colour
         shade = np.kron(self.rng.uniform(0.7, 1.3, size=(len(z), 8, 8)), np.ones((8, 8)))[..., None]
+        shade = shade if shaded else np.ones_like(shade)
         tiles = palette[:, None, None, :] * shade + self.rng.normal(0, 10, size=(len(z), 64, 64, 3))
         return np.clip(tiles, 0, 255).astype(np.uint8)
 
 
-def image_store(path, keys, images):
+def image_store(path, keys, images, name: str = "images"):
     group = zarr.open_group(str(path), mode="w")
-    group.create_array("images", data=images, chunks=(16, *images.shape[1:]))
+    group.create_array(name, data=images, chunks=(16, *images.shape[1:]))
     group.create_array("spot_key", data=np.array(keys, dtype=str))
     return path
 
 
 def evaluate_generator(tmp_path, cohort: TinyCohort, generator: str) -> None:
-    """fid.json, auc.json and palette.json of one generator, from the metrics' own functions."""
+    """fid.json, auc.json, palette.json and texture.json of one generator, from the metrics' own functions."""
     keys = [f"s:{i}" for i in range(N_SPOTS)]
     folder = tmp_path / "eval" / generator / "demo"
     folder.mkdir(parents=True)
     z_real = cohort.z_test
     real_features = cohort.features(z_real)
-    patches = image_store(folder / "patches.zarr", keys, cohort.tiles(z_real))
+    real_tiles = cohort.tiles(z_real)
+    patches = image_store(folder / "patches.zarr", keys, real_tiles)
     conditions = {"working": z_real, "shuffled": z_real[np.roll(np.arange(N_SPOTS), 17)],
                   "untrained": np.zeros_like(z_real)}[generator]
     generated_z = {"uni_ge": conditions, "uni": conditions,
@@ -182,9 +212,15 @@ def evaluate_generator(tmp_path, cohort: TinyCohort, generator: str) -> None:
                                              {"uni_ge": features["uni_ge"]}, n_boot=100, seed=0, n_perm=100)
     write_auc(folder, generator, {"oracle": scored})
 
-    samples = {r: image_store(folder / f"{r}.zarr", keys, cohort.tiles(generated_z[r])) for r in ("uni_ge", "uni")}
+    codec = SmokeVae(torch.device("cpu"), latent_channels=4, input_size=64)  # a generator's tiles are decoded latents
+    samples = {r: image_store(folder / f"{r}.zarr", keys, codec.decode(codec.encode(
+        cohort.tiles(generated_z[r], shaded=generator != "untrained"))["latent"])) for r in ("uni_ge", "uni")}
     palette = palette_report([patches], samples, space="lab", n_boot=100, seed=0)
     (folder / "palette.json").write_text(json.dumps({"regimes": palette}))
+
+    latents = image_store(folder / "latents.zarr", keys, codec.encode(real_tiles)["latent"], name="latent")
+    texture = texture_report(latents, samples, StoreDecoder(CodecSettings(), "cpu", codec=codec), n_boot=100, seed=0)
+    (folder / "texture.json").write_text(json.dumps({"target": list(TARGET), "regimes": texture}))
 
 
 @pytest.fixture(scope="module")
@@ -200,20 +236,23 @@ def test_a_working_generator_passes_every_check(small_checks):
     working = {name: ok for name, ok in small_checks.items() if name.startswith("working:")}
     assert all(working.values()), working
     assert {"working: FID(uni_ge) below FID(uncond)", "working: oracle null (empirical) covers 0",
-            "working: uni tiles carry their spot's palette", "working: uni_ge tiles carry their spot's palette"} < set(working)
+            "working: uni tiles carry their spot's palette", "working: uni_ge tiles carry their spot's palette",
+            "working: uni tiles have the tissue's texture"} < set(working)
 
 
 def test_shuffled_conditions_fail_the_auc_and_palette_checks(small_checks):
     assert not small_checks["shuffled: uni tiles carry their spot's palette"]
     assert not small_checks["shuffled: uni_ge tiles carry their spot's palette"]
-    # FID compares distributions: shuffled conditions keep the distribution, so it cannot see them
+    # FID and texture compare distributions: shuffled conditions keep the distribution, so they cannot see them
     assert small_checks["shuffled: FID(uni) below FID(uncond)"]
+    assert small_checks["shuffled: uni tiles have the tissue's texture"]
 
 
-def test_an_untrained_generator_fails_fid_auc_and_palette(small_checks):
+def test_an_untrained_generator_fails_fid_auc_palette_and_texture(small_checks):
     for regime in ("uni", "uni_ge"):
         assert not small_checks[f"untrained: FID({regime}) below FID(uncond)"]
         assert not small_checks[f"untrained: {regime} tiles carry their spot's palette"]
+        assert not small_checks[f"untrained: {regime} tiles have the tissue's texture"]
 
 
 def test_the_oracle_auc_check_passes_only_for_the_working_generator(tmp_path):

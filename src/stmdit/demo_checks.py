@@ -4,7 +4,7 @@ and how long each stage took.
     stmdit demo-checks --results results --cohort demo [--strict]
 
 The checks read the evaluation JSONs the workflow wrote (`eval/{model}/{cohort}/fid.json`,
-`auc.json`, `palette.json`); each names the numbers it compared. FID intervals are the spot-level bootstrap's
+`auc.json`, `palette.json`, `texture.json`); each names the numbers it compared. FID intervals are the spot-level bootstrap's
 95% percentile intervals; "below" means the two intervals are disjoint. `--strict` exits 1 when a
 check fails. `layout.json` is printed as information, one line per model, and is no check: UNI2-h
 is a crop- and flip-invariant embedding, so a UNI-conditioned tile is expected to share its spot's
@@ -107,6 +107,25 @@ def palette_checks(palette_files: dict[str, Path], models: list[str]) -> list[Ch
     return checks
 
 
+def texture_checks(texture_files: dict[str, Path], models: list[str]) -> list[Check]:
+    """UNI-conditioned tiles have the tissue's texture: grey roughness within `texture.TARGET` times
+    that of the same spots' real latents through the VAE (the `real (VAE)` row)."""
+    checks = []
+    for model in models:
+        if model not in texture_files:
+            checks.append(Check(f"{model}: texture.json exists", False, "no texture.json beside its fid.json"))
+            continue
+        texture = load_eval_json(texture_files[model], "texture")
+        low, high = texture.get("target", (0.8, 1.25))
+        for regime in ("uni", "uni_ge"):
+            if regime in texture["regimes"]:
+                entry = texture["regimes"][regime]
+                checks.append(Check(f"{model}: {regime} tiles have the tissue's texture", entry["within_target"],
+                                    f"roughness {entry['ratio']:.3f} [{entry['lo']:.3f}, {entry['hi']:.3f}] x real (VAE),"
+                                    f" target {low:g}-{high:g}"))
+    return checks
+
+
 def layout_lines(layout_files: dict[str, Path]) -> list[Check]:
     """The layout agreement of the uni and uni_ge tiles, one information line per model."""
     lines = []
@@ -127,7 +146,8 @@ def learning_checks(results: Path, cohort: str) -> list[Check]:
     if not fid_files:
         return [Check("evaluation JSONs exist", False, f"no {results}/eval/*/{cohort}/fid.json")]
     return (fid_checks(fid_files) + auc_checks(files("auc.json"))
-            + palette_checks(files("palette.json"), sorted(fid_files)) + layout_lines(files("layout.json")))
+            + palette_checks(files("palette.json"), sorted(fid_files))
+            + texture_checks(files("texture.json"), sorted(fid_files)) + layout_lines(files("layout.json")))
 
 
 def stage_times(benchmarks: Path) -> pd.DataFrame:
