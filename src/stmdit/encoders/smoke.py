@@ -5,8 +5,11 @@ downstream move with the data:
 - image embeddings: a fixed seeded random projection of colour statistics of the normalised
   input (8x8 mean-pooled RGB, per-channel mean and standard deviation);
 - VAE: 8x8 mean pooling of the [-1, 1] image to 3x32x32, mapped to 16 channels by a fixed matrix
-  with orthonormal columns (then SD3's shift/scale); decoding applies the transpose (the
-  pseudo-inverse) and bilinear upsampling, so decode(encode(x)) is a blurred x;
+  with orthonormal columns, then shifted and scaled as SD3 does, with the stand-in's own factors
+  (SD3's 0.0609 / 1.5305 are for SD3's latents: on the demo's H&E they left these latents at std
+  0.32, so most of a flow's path was noise-dominated and the models' tiles came out as 8-px
+  squares); decoding applies the transpose (the pseudo-inverse) and bilinear upsampling, so
+  decode(encode(x)) is a blurred x;
 - CancerFoundation: the real per-spot binning, then fixed random gene vectors: token j is its
   gene's vector plus the bin value times a fixed value vector, the CLS a fixed random
   projection of the centred bin vector.
@@ -25,10 +28,13 @@ import torch.nn.functional as F
 
 from stmdit.encoders.base import ImageEncoder, ImagePreprocess, LoadOptions, SubtileImageEncoder, resolve_device, stable_seed
 from stmdit.encoders.cancerfoundation import ExpressionEncoder
-from stmdit.encoders.sd3_vae import SD3_SCALE, SD3_SHIFT, LatentCodec
+from stmdit.encoders.sd3_vae import LatentCodec
 
 SMOKE_INPUT_SIZE = 64
 POOL = 8
+# (z - shift) * scale has mean 0 and std 1 over the demo's 1,038 spots (z: mean -0.027, std 0.207),
+# as SD3's factors give its own latents
+SMOKE_VAE_SHIFT, SMOKE_VAE_SCALE = -0.027, 4.8
 
 
 def fixed_matrix(name: str, rows: int, cols: int) -> np.ndarray:
@@ -77,7 +83,7 @@ class SmokeVae(LatentCodec):
     def __init__(self, device: torch.device, latent_channels: int = 16, input_size: int = 256):
         q, _ = np.linalg.qr(fixed_matrix("sd3_vae", latent_channels, 3))
         super().__init__(
-            impl="smoke", device=device, shift=SD3_SHIFT, scale=SD3_SCALE, input_size=input_size,
+            impl="smoke", device=device, shift=SMOKE_VAE_SHIFT, scale=SMOKE_VAE_SCALE, input_size=input_size,
             latent_shape=(latent_channels, input_size // POOL, input_size // POOL), weights=None,
             model="smoke: 8x8 mean pooling lifted to 16 channels by a fixed orthonormal-column matrix; "
                   "decode = transpose + bilinear upsampling",
