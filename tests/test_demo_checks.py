@@ -16,7 +16,7 @@ from stmdit import eval_json, metrics
 from stmdit.demo_checks import learning_checks, run, stage_times
 from stmdit.palette import palette_report
 from stmdit.encoders.smoke import SmokeVae
-from stmdit.sampling import CodecSettings, StoreDecoder
+from stmdit.tile_decoder import CodecSettings, StoreDecoder
 from stmdit.texture import TARGET, texture_report
 
 

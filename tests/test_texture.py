@@ -13,7 +13,7 @@ import zarr
 
 from stmdit.encoders.smoke import SmokeVae
 from stmdit.errors import InputError
-from stmdit.sampling import CodecSettings, StoreDecoder
+from stmdit.tile_decoder import CodecSettings, StoreDecoder
 from stmdit.texture import TARGET, grey_roughness, texture_report
 
 SIZE = 64  # 8 x 8 latents of the smoke VAE

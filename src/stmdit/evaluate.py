@@ -832,7 +832,7 @@ def run_eval_features(args: argparse.Namespace) -> Path:
         out = extract_noise_features(args.noise_tiles_for, args.out, args.encoder, args.impl, split_name=args.split_name,
                                      tile_size=args.tile_size, seed=args.seed, **options)
     else:
-        from stmdit.sampling import StoreDecoder
+        from stmdit.tile_decoder import StoreDecoder
 
         out = extract_features(args.images, args.out, args.encoder, args.impl, decoder=StoreDecoder.from_args(args),
                                **options)
@@ -909,7 +909,7 @@ def _add_common(parser: argparse.ArgumentParser, n_boot: bool = True) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from stmdit.sampling import TILES_DECODER_HELP, add_vae_options
+    from stmdit.tile_decoder import TILES_DECODER_HELP, add_vae_options
 
     p = subparsers.add_parser("eval-features", help="encoder features of every tile of a samples/patches store")
     p.add_argument("--encoder", required=True, choices=EVAL_ENCODERS)

@@ -3,7 +3,7 @@
 `sampling.write_tile_store`). Both have `spot_key` (N,), unique, rows aligned with their pixels:
 `images` uint8 (N, H, W, 3), or, for tile stores sampled with `sampler.store_images: false` (the
 default), only `latent` float16 (N, C, h, w), which `ImageStore.read_rows` decodes on demand with
-the decoder the command was given (`sampling.StoreDecoder`: the `sd3_vae` options), checked
+the decoder the command was given (`tile_decoder.StoreDecoder`: the `sd3_vae` options), checked
 against the decoder the store records. Opening a store checks all of that and names the store
 when it fails.
 """
@@ -33,7 +33,7 @@ DECODER_IDENTITY_KEYS = ("impl", "weights_sha256", "shift_factor", "scaling_fact
 
 
 class Decoder(Protocol):
-    """What reading a latents-only tile store needs (`sampling.StoreDecoder`)."""
+    """What reading a latents-only tile store needs (`tile_decoder.StoreDecoder`)."""
 
     def decode(self, latents: np.ndarray) -> np.ndarray: ...  # float32 (B, C, h, w) -> uint8 (B, H, W, 3)
 

@@ -143,7 +143,7 @@ def layout_report(patches: Sequence[Path], tile_stores: Mapping[str, Path], cell
 
 def run_layout(args: argparse.Namespace) -> Path:
     tile_stores = parse_named_paths(args.tiles, "--tiles")
-    from stmdit.sampling import StoreDecoder
+    from stmdit.tile_decoder import StoreDecoder
 
     regimes = layout_report(args.patches, tile_stores, args.cells, args.n_boot, args.seed, StoreDecoder.from_args(args))
     result = {
@@ -293,7 +293,7 @@ def run_layout_probe(args: argparse.Namespace) -> Path:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from stmdit.sampling import TILES_DECODER_HELP, add_vae_options
+    from stmdit.tile_decoder import TILES_DECODER_HELP, add_vae_options
 
     probe = subparsers.add_parser("layout-probe", help="what a trained model's clean-latent estimate takes from UNI: "
                                                         "layout and brightness, on train and test spots")

@@ -111,7 +111,7 @@ def run_palette(args: argparse.Namespace) -> Path:
     if args.n_boot < 1:
         raise InputError(None, f"--n-boot must be at least 1, got {args.n_boot}")
     tile_stores = parse_named_paths(args.tiles, "--tiles")
-    from stmdit.sampling import StoreDecoder
+    from stmdit.tile_decoder import StoreDecoder
 
     regimes = palette_report(args.patches, tile_stores, args.space, args.n_boot, args.seed, StoreDecoder.from_args(args))
     result = {
@@ -128,7 +128,7 @@ def run_palette(args: argparse.Namespace) -> Path:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from stmdit.sampling import TILES_DECODER_HELP, add_vae_options
+    from stmdit.tile_decoder import TILES_DECODER_HELP, add_vae_options
 
     p = subparsers.add_parser("palette", help="mean-colour agreement of generated tiles with their real spots")
     p.add_argument("--patches", type=Path, nargs="+", required=True, help="patches stores of the cohort")

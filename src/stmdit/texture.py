@@ -27,7 +27,7 @@ from stmdit.image_stores import open_image_store
 from stmdit.layout import CHUNK_TILES, chunked_summaries
 from stmdit.loader import store_rows
 from stmdit.provenance import provenance
-from stmdit.sampling import StoreDecoder, add_vae_options
+from stmdit.tile_decoder import StoreDecoder, add_vae_options
 from stmdit.zarr_rows import read_array_rows
 
 log = logging.getLogger(__name__)

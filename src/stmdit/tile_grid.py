@@ -23,7 +23,7 @@ from stmdit.features import open_feature_store
 from stmdit.image_stores import open_image_store, read_image
 from stmdit.loader import store_rows
 from stmdit.provenance import atomic_path
-from stmdit.sampling import StoreDecoder, add_vae_options
+from stmdit.tile_decoder import StoreDecoder, add_vae_options
 from stmdit.spots_table import read_labelled_spots
 from stmdit.zarr_rows import read_array_rows, string_values
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -287,7 +286,7 @@ def run_virtual_report(args: argparse.Namespace) -> None:
     from stmdit.encoders import load_encoder
     from stmdit.tile_grid import write_png
 
-    from stmdit.sampling import StoreDecoder
+    from stmdit.tile_decoder import StoreDecoder
 
     store, rows = read_tiles(args.tiles, StoreDecoder.from_args(args))
     attrs = dict(store.group.attrs)
@@ -363,7 +362,7 @@ def run_virtual_report(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from stmdit.sampling import TILES_DECODER_HELP, add_vae_options
+    from stmdit.tile_decoder import TILES_DECODER_HELP, add_vae_options
 
     p = subparsers.add_parser("virtual-report", help="summary, mosaics and montage of a virtual tissue experiment")
     p.add_argument("--tiles", type=Path, required=True, help="the experiment's tiles store (stmdit virtual-tiles)")
