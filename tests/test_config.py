@@ -173,7 +173,9 @@ def test_models_table_names_the_configured_solver(repo_root):
     from stmdit.models_config import resolve_models
 
     config = load_config(repo_root / "config.yaml")
-    assert {m.sampler for m in resolve_models(config).values()} == {"euler"}  # the demo's flow models
+    assert {m.sampler for m in resolve_models(config).values()} == {"unipc"}  # the demo's flow models
+    config["sampler"]["solver"] = "default"
+    assert {m.sampler for m in resolve_models(config).values()} == {"euler"}
     config["sampler"]["solver"] = "heun"
     assert {m.sampler for m in resolve_models(config).values()} == {"heun"}
     for entry in config["models"].values():
