@@ -233,7 +233,7 @@ def small_checks(tmp_path_factory):
 
 
 def test_a_working_generator_passes_every_check(small_checks):
-    working = {name: ok for name, ok in small_checks.items() if name.startswith("working:")}
+    working = {name: ok for name, ok in small_checks.items() if name.startswith("working:") and ok is not None}
     assert all(working.values()), working
     assert {"working: FID(uni_ge) below FID(uncond)", "working: oracle null (empirical) covers 0",
             "working: uni tiles carry their spot's palette", "working: uni_ge tiles carry their spot's palette",
@@ -263,3 +263,15 @@ def test_the_oracle_auc_check_passes_only_for_the_working_generator(tmp_path):
         verdicts[generator] = by_name(learning_checks(tmp_path / generator, "demo"))[
             "a GE model's Oracle AUC of UNI+GE tiles above 0"]
     assert verdicts == {"working": True, "shuffled": False, "untrained": False}
+
+
+def test_a_model_without_fid_json_still_has_its_palette_and_texture_checked(tmp_path):
+    """PTPL models are scored by swap_fid and ood_fid, not fid.json, in the training cohort."""
+    write_eval(tmp_path, "Base", {"uni": interval(150), "uncond": interval(280)})
+    folder = tmp_path / "eval" / "Ptpl" / "demo"
+    folder.mkdir(parents=True)
+    (folder / "palette.json").write_text(json.dumps({"regimes": {"uni_ge": palette_entry(0.7, True)}}))
+    (folder / "texture.json").write_text(json.dumps({"target": list(TARGET), "regimes": {"uni_ge": texture_entry(1.6)}}))
+    passed = by_name(learning_checks(tmp_path, "demo"))
+    assert passed["Ptpl: uni_ge tiles carry their spot's palette"]
+    assert not passed["Ptpl: uni_ge tiles have the tissue's texture"]

@@ -14,7 +14,7 @@ import zarr
 from stmdit.encoders.smoke import SmokeVae
 from stmdit.errors import InputError
 from stmdit.tile_decoder import CodecSettings, StoreDecoder
-from stmdit.texture import TARGET, grey_roughness, texture_report
+from stmdit.texture import TARGET, cell_border_roughness, grey_roughness, texture_report
 
 SIZE = 64  # 8 x 8 latents of the smoke VAE
 
@@ -92,3 +92,34 @@ def test_texture_command_writes_its_report(tmp_path):
                     "--out", str(out)], check=True, capture_output=True)
     report = json.loads(out.read_text())
     assert report["regimes"]["uni"]["ratio"] == pytest.approx(1.0) and report["target"] == list(TARGET)
+
+
+def test_a_mosaic_of_token_squares_is_told_from_tissue_by_its_cell_borders(tmp_path):
+    """Tiles whose 32-px cells are each a flat colour plus fine noise (what a denoiser making each
+    patch token on its own draws) have about the roughness of tissue, but all of it on the cell
+    borders: the border / inner ratio is far above tissue's ~1. The report keeps both per cell size."""
+    rng = np.random.default_rng(3)
+    n, size = 12, 128
+    cells = np.kron(rng.uniform(90, 230, size=(n, size // 32, size // 32)), np.ones((32, 32)))
+    mosaic = np.clip(cells + rng.normal(0, 12, size=(n, size, size)), 0, 255).astype(np.uint8)
+    mosaic = np.repeat(mosaic[..., None], 3, axis=-1)
+    tissue = np.repeat(np.repeat(tissue_like(n, seed=4), 2, 1), 2, 2)
+    ratio = lambda tiles: np.nanmean(cell_border_roughness(tiles, 32), axis=0)  # noqa: E731
+    border, inner = ratio(mosaic)
+    assert border / inner > 20
+    border, inner = ratio(tissue)
+    assert 0.5 < border / inner < 2
+    assert np.isnan(cell_border_roughness(mosaic[:, :32, :32], 32)).all()  # one cell: no border
+    with pytest.raises(ValueError, match="multiple"):
+        cell_border_roughness(mosaic, 12)
+
+    codec = SmokeVae(torch.device("cpu"), latent_channels=4, input_size=size)
+    keys = [f"s:{i}" for i in range(n)]
+    latents = codec.encode(tissue)["latent"]
+    latent_store = write_store(tmp_path / "latents.zarr", keys, "latent", latents)
+    stores = {"uni": write_store(tmp_path / "mosaic.zarr", keys, "images", mosaic),
+              "uncond": write_store(tmp_path / "same.zarr", keys, "images", codec.decode(latents))}
+    report = texture_report(latent_store, stores, StoreDecoder(CodecSettings(), "cpu", codec=codec), n_boot=5, seed=0)
+    assert report["uni"]["cell_border"]["32"]["generated"] > 10 * report["uni"]["cell_border"]["32"]["real_vae"]
+    assert report["uncond"]["cell_border"]["32"]["generated"] == pytest.approx(report["uncond"]["cell_border"]["32"]["real_vae"])
+    assert set(report["uni"]["cell_border"]) == {"16", "32"}

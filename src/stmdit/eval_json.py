@@ -68,7 +68,7 @@ EVAL_LAYOUTS = {
     "ood_fid": ("model", "cohort", "n_subsample", "seed", "regimes", "features", "encoders", "provenance"),
     "swap_fid": ("model", "cohort", "regime", "conditions", "features", "encoders", "provenance"),
     "palette": ("regimes",),
-    "texture": ("regimes",),
+    "texture": ("regimes", "target"),
     "layout": ("regimes",),
 }
 DIAGNOSTIC_ENTRY_KEYS = {"palette": ("lo", "hi", "null", "carries_palette"),

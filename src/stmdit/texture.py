@@ -34,11 +34,12 @@ log = logging.getLogger(__name__)
 
 BLOCK_PX = 8  # one latent pixel of the SD3 VAE
 TARGET = (0.8, 1.25)  # generated / real (VAE) roughness that counts as the tissue's texture
+CELLS_PX = (16, 32)  # the token grids of a DiT on SD3 latents at patch size 2 (paper) and 4 (demo)
 
 
-def grey_roughness(images: np.ndarray, block: int = BLOCK_PX) -> np.ndarray:
-    """(N, H, W, 3) uint8 RGB tiles -> (N,) mean squared difference of neighbouring block means of the
-    grey tile (grey levels 0-255)."""
+def block_differences(images: np.ndarray, block: int = BLOCK_PX) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W, 3) uint8 RGB tiles -> squared differences of horizontally (N, H/b, W/b - 1) and
+    vertically (N, H/b - 1, W/b) neighbouring block means of the grey tile (grey levels 0-255)."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"tiles of shape {images.shape[1:]}, expected (H, W, 3)")
     n, height, width = images.shape[:3]
@@ -46,16 +47,62 @@ def grey_roughness(images: np.ndarray, block: int = BLOCK_PX) -> np.ndarray:
         raise ValueError(f"tiles of {height} x {width} px do not divide into at least 2 x 2 blocks of {block} px")
     grey = np.stack([cv2.cvtColor(tile, cv2.COLOR_RGB2GRAY) for tile in images]).astype(np.float64)
     means = grey.reshape(n, height // block, block, width // block, block).mean(axis=(2, 4))
-    across = np.diff(means, axis=2) ** 2
-    down = np.diff(means, axis=1) ** 2
+    return np.diff(means, axis=2) ** 2, np.diff(means, axis=1) ** 2
+
+
+def grey_roughness(images: np.ndarray, block: int = BLOCK_PX) -> np.ndarray:
+    """(N, H, W, 3) uint8 RGB tiles -> (N,) mean squared difference of neighbouring block means of the
+    grey tile (grey levels 0-255)."""
+    across, down = block_differences(images, block)
     return (across.sum(axis=(1, 2)) + down.sum(axis=(1, 2))) / (across[0].size + down[0].size)
 
 
-def decoded_roughness(codec, latents, rows: list[int]) -> np.ndarray:
-    """Roughness of the real latents `latents[rows]` decoded by `codec`, CHUNK_TILES at a time."""
-    parts = [grey_roughness(codec.decode(read_array_rows(latents, rows[start:start + CHUNK_TILES]).astype(np.float32)))
+def cell_border_roughness(images: np.ndarray, cell: int, block: int = BLOCK_PX) -> np.ndarray:
+    """(N, H, W, 3) tiles -> (N, 2): the grey roughness of the block pairs that straddle a border of
+    the `cell`-px grid, and of the pairs inside a cell. A denoiser that makes each of its patch
+    tokens on its own draws a mosaic of `cell`-px squares (cell = patch size x 8 px): its border
+    pairs differ far more than its inner pairs, while tissue has no such grid."""
+    if cell % block or cell <= block:
+        raise ValueError(f"cells of {cell} px are not a multiple (> 1) of {block}-px blocks")
+    across, down = block_differences(images, block)
+    per_cell = cell // block
+    if across.shape[2] < per_cell or down.shape[1] < per_cell:  # smaller than two cells: no border
+        return np.full((len(images), 2), np.nan)
+    border_cols = (np.arange(across.shape[2]) + 1) % per_cell == 0
+    border_rows = (np.arange(down.shape[1]) + 1) % per_cell == 0
+    border = np.concatenate([across[:, :, border_cols].reshape(len(images), -1),
+                             down[:, border_rows, :].reshape(len(images), -1)], axis=1)
+    inner = np.concatenate([across[:, :, ~border_cols].reshape(len(images), -1),
+                            down[:, ~border_rows, :].reshape(len(images), -1)], axis=1)
+    return np.stack([border.mean(axis=1), inner.mean(axis=1)], axis=1)
+
+
+def texture_summary(tiles: np.ndarray) -> np.ndarray:
+    """(N, 1 + 2 x len(CELLS_PX)): the grey roughness, then the border and inner roughness of each cell grid."""
+    return np.concatenate([grey_roughness(tiles)[:, None]] + [cell_border_roughness(tiles, cell) for cell in CELLS_PX],
+                          axis=1)
+
+
+SUMMARY_WIDTH = 1 + 2 * len(CELLS_PX)
+
+
+def decoded_summaries(codec, latents, rows: list[int]) -> np.ndarray:
+    """`texture_summary` of the real latents `latents[rows]` decoded by `codec`, CHUNK_TILES at a time."""
+    parts = [texture_summary(codec.decode(read_array_rows(latents, rows[start:start + CHUNK_TILES]).astype(np.float32)))
              for start in range(0, len(rows), CHUNK_TILES)]
-    return np.concatenate(parts) if parts else np.zeros(0)
+    return np.concatenate(parts) if parts else np.zeros((0, SUMMARY_WIDTH))
+
+
+def cell_grids(generated: np.ndarray, real: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per cell size, the border / inner roughness of the generated and of the real (VAE) tiles."""
+    grids = {}
+    for i, cell in enumerate(CELLS_PX):
+        border, inner = 1 + 2 * i, 2 + 2 * i
+        if np.isnan(generated[:, border]).any():
+            continue  # tiles smaller than two cells
+        grids[str(cell)] = {"generated": float(generated[:, border].mean() / max(generated[:, inner].mean(), 1e-12)),
+                            "real_vae": float(real[:, border].mean() / max(real[:, inner].mean(), 1e-12))}
+    return grids
 
 
 def ratio_interval(generated: np.ndarray, real: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
@@ -76,7 +123,7 @@ def texture_report(latent_path: Path, tile_stores: dict[str, Path], decoder: Sto
     latent_group = open_feature_store(latent_path)
     if "latent" not in latent_group or "spot_key" not in latent_group:
         raise InputError(latent_path, "not a latent store (needs arrays latent and spot_key)")
-    real_cache: dict[str, float] = {}
+    real_cache: dict[str, np.ndarray] = {}
     regimes = {}
     for regime, path in tile_stores.items():
         tiles = open_image_store(path, min_spots=2, decoder=decoder)  # the ratio's bootstrap resamples spots
@@ -84,19 +131,22 @@ def texture_report(latent_path: Path, tile_stores: dict[str, Path], decoder: Sto
         wanted = [k for k in keys if k not in real_cache]
         if wanted:
             rows = store_rows(latent_group, wanted, latent_path)
-            real_cache.update(zip(wanted, decoded_roughness(codec, latent_group["latent"], rows)))
-        real = np.array([real_cache[k] for k in keys])
+            real_cache.update(zip(wanted, decoded_summaries(codec, latent_group["latent"], rows)))
+        real_summaries = np.stack([real_cache[k] for k in keys])
         try:
-            generated = chunked_summaries(tiles, range(len(keys)),
-                                          lambda tiles: grey_roughness(tiles)[:, None], 1)[:, 0]
+            summaries = chunked_summaries(tiles, range(len(keys)), texture_summary, SUMMARY_WIDTH)
         except ValueError as exc:
             raise InputError(path, str(exc)) from None
+        generated, real = summaries[:, 0], real_summaries[:, 0]
         ratio = float(generated.mean() / max(real.mean(), 1e-12))
         lo, hi = ratio_interval(generated, real, n_boot, seed)
+        grids = cell_grids(summaries, real_summaries)
         regimes[regime] = {"generated": float(generated.mean()), "real_vae": float(real.mean()), "ratio": ratio,
-                           "lo": lo, "hi": hi, "n": len(keys), "within_target": bool(TARGET[0] <= ratio <= TARGET[1])}
-        log.info("%s: grey roughness %.1f, real (VAE) %.1f, ratio %.3f [%.3f, %.3f] over %d spots", regime,
-                 generated.mean(), real.mean(), ratio, lo, hi, len(keys))
+                           "lo": lo, "hi": hi, "n": len(keys), "within_target": bool(TARGET[0] <= ratio <= TARGET[1]),
+                           "cell_border": grids}
+        log.info("%s: grey roughness %.1f, real (VAE) %.1f, ratio %.3f [%.3f, %.3f] over %d spots; border / inner "
+                 "roughness %s", regime, generated.mean(), real.mean(), ratio, lo, hi, len(keys),
+                 ", ".join(f"{c} px {g['generated']:.2f} (real (VAE) {g['real_vae']:.2f})" for c, g in grids.items()))
     return regimes
 
 
@@ -112,6 +162,8 @@ def run_texture(args: argparse.Namespace) -> Path:
                    "of the grey tile, averaged over spots",
         "reference": "the same spots' real latents decoded by the same VAE (real (VAE))",
         "target": list(TARGET), "interval": f"95% spot bootstrap of the ratio ({args.n_boot} replicates)",
+        "cell_border": "per cell size (px), the roughness of block pairs across a cell border over that of pairs "
+                       "inside a cell: near 1 for tissue, far above 1 for a mosaic of the denoiser's patch tokens",
         "regimes": regimes,
         "provenance": provenance("texture", cli_params(args), inputs=[args.latents, *tile_stores.values()]),
     }
