@@ -237,6 +237,7 @@ def base_config(tmp_path: Path, encoders: dict, models: dict | None = None, allo
     config["features"]["allow_hub"] = allow_hub
     if models:
         config["models"].update(models)
+        config["sampler"]["solver"] = "default"  # the demo's unipc samples flow models only; these add ddpm ones
     return validate_config(config)
 
 
