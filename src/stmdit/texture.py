@@ -50,21 +50,28 @@ def block_differences(images: np.ndarray, block: int = BLOCK_PX) -> tuple[np.nda
     return np.diff(means, axis=2) ** 2, np.diff(means, axis=1) ** 2
 
 
-def grey_roughness(images: np.ndarray, block: int = BLOCK_PX) -> np.ndarray:
-    """(N, H, W, 3) uint8 RGB tiles -> (N,) mean squared difference of neighbouring block means of the
-    grey tile (grey levels 0-255)."""
-    across, down = block_differences(images, block)
+def roughness_of(differences: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(N,) mean of `block_differences` over every neighbouring pair."""
+    across, down = differences
     return (across.sum(axis=(1, 2)) + down.sum(axis=(1, 2))) / (across[0].size + down[0].size)
 
 
-def cell_border_roughness(images: np.ndarray, cell: int, block: int = BLOCK_PX) -> np.ndarray:
+def grey_roughness(images: np.ndarray, block: int = BLOCK_PX) -> np.ndarray:
+    """(N, H, W, 3) uint8 RGB tiles -> (N,) mean squared difference of neighbouring block means of the
+    grey tile (grey levels 0-255)."""
+    return roughness_of(block_differences(images, block))
+
+
+def cell_border_roughness(images: np.ndarray, cell: int, block: int = BLOCK_PX,
+                          differences: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(N, H, W, 3) tiles -> (N, 2): the grey roughness of the block pairs that straddle a border of
     the `cell`-px grid, and of the pairs inside a cell. A denoiser that makes each of its patch
     tokens on its own draws a mosaic of `cell`-px squares (cell = patch size x 8 px): its border
-    pairs differ far more than its inner pairs, while tissue has no such grid."""
+    pairs differ far more than its inner pairs, while tissue has no such grid. `differences`: the
+    tiles' `block_differences`, when already computed."""
     if cell % block or cell <= block:
         raise ValueError(f"cells of {cell} px are not a multiple (> 1) of {block}-px blocks")
-    across, down = block_differences(images, block)
+    across, down = differences if differences is not None else block_differences(images, block)
     per_cell = cell // block
     if across.shape[2] < per_cell or down.shape[1] < per_cell:  # smaller than two cells: no border
         return np.full((len(images), 2), np.nan)
@@ -79,8 +86,9 @@ def cell_border_roughness(images: np.ndarray, cell: int, block: int = BLOCK_PX) 
 
 def texture_summary(tiles: np.ndarray) -> np.ndarray:
     """(N, 1 + 2 x len(CELLS_PX)): the grey roughness, then the border and inner roughness of each cell grid."""
-    return np.concatenate([grey_roughness(tiles)[:, None]] + [cell_border_roughness(tiles, cell) for cell in CELLS_PX],
-                          axis=1)
+    differences = block_differences(tiles)  # the grey conversion and block means, once for every measure
+    return np.concatenate([roughness_of(differences)[:, None]]
+                          + [cell_border_roughness(tiles, cell, differences=differences) for cell in CELLS_PX], axis=1)
 
 
 SUMMARY_WIDTH = 1 + 2 * len(CELLS_PX)
