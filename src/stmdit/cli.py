@@ -38,6 +38,7 @@ COMMANDS = {
     "tile-grid": "stmdit.tile_grid",
     "matched-spots": "stmdit.matched",
     "layout": "stmdit.layout",
+    "attention-probe": "stmdit.attention_probe",
     "palette": "stmdit.palette",
     "texture": "stmdit.texture",
     "eval-features": "stmdit.evaluate",

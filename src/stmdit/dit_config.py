@@ -72,6 +72,9 @@ class DiTConfig:
     # output (2 x in_channels, PixArt's IDDPM head) of which the first in_channels are epsilon
     interpolation_scale: float = 1.0
     learned_sigma: bool = False
+    # a learned bias on the self-attention logits per head and token offset, initialised local (see
+    # dit.LocalAttentionBias); not in PixArt or PixCell, so the paper's sizes leave it off
+    local_attention_bias: bool = False
     allow_bottleneck: bool = False  # accept hidden_size < patch_size^2 x in_channels (see bottleneck_error)
 
     def __post_init__(self):
