@@ -134,3 +134,44 @@ def test_the_bias_learns_under_bf16_autocast_and_round_trips_strictly(tmp_path):
     (tmp_path / "plain" / EMA_WEIGHTS_FILE).write_bytes((tmp_path / "local" / EMA_WEIGHTS_FILE).read_bytes())
     with pytest.raises(InputError, match="do not match the config"):
         STMDiT.from_pretrained(tmp_path / "plain", EMA_WEIGHTS_FILE)
+
+
+def test_the_command_writes_its_json_and_refuses_latents_of_another_shape(tmp_path):
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from stmdit.cli import main
+    from stmdit.features import write_feature_store
+    from stmdit.provenance import provenance, write_json
+
+    rng = np.random.default_rng(0)
+    keys = [f"s0:bc{i:03d}" for i in range(10)]
+    write_feature_store(tmp_path / "uni2h.zarr", keys, [{"embedding": rng.standard_normal((10, 24)).astype(np.float32)}],
+                        {"embedding": (24,)}, {})
+    shape = (4, 2 * SIDE, 2 * SIDE)
+    write_feature_store(tmp_path / "sd3_vae.zarr", keys, [{"latent": rng.standard_normal((10, *shape)).astype(np.float32)}],
+                        {"latent": shape}, {})
+    write_feature_store(tmp_path / "wrong.zarr", keys, [{"latent": np.zeros((10, 4, 8, 8), np.float32)}],
+                        {"latent": (4, 8, 8)}, {})
+    pd.DataFrame({"key": keys, "split": ["train"] * 4 + ["test"] * 6}).to_parquet(tmp_path / "split.parquet")
+    folder = tmp_path / "model"
+    model(True).save_pretrained(folder, EMA_WEIGHTS_FILE)
+    settings = {"arch": config(True).to_dict(), "objective": "flow", "p_drop": 0.1}
+    write_json(folder / "training.json", {"settings": settings, "provenance": provenance("train", settings)})
+
+    def probe(latents: str, out: str) -> int:
+        return main(["attention-probe", "--model-dir", str(folder), "--split", str(tmp_path / "split.parquet"),
+                     "--latents", str(tmp_path / latents), "--uni", str(tmp_path / "uni2h.zarr"),
+                     "--noise-levels", "0.8", "0.3", "--batch-size", "4", "--device", "cpu",
+                     "--out", str(tmp_path / out)])
+
+    assert probe("sd3_vae.zarr", "probe.json") == 0
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert result["n"] == 6 and result["tokens"] == SIDE * SIDE and set(result["noise_levels"]) == {"0.8", "0.3"}
+    for blocks in result["noise_levels"].values():
+        assert len(blocks) == 2 and all(len(block["neighbours"]) == 4 for block in blocks)
+        assert all(block["neighbours"][0] > 4 for block in blocks)  # an untrained bias model: local first heads
+    assert probe("wrong.zarr", "refused.json") != 0
+    assert not (tmp_path / "refused.json").exists()

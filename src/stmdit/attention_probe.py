@@ -23,6 +23,7 @@ import torch
 
 from stmdit.cli import cli_params
 from stmdit.errors import InputError
+from stmdit.probe_inputs import add_probe_inputs, open_latent_store
 from stmdit.provenance import atomic_path, provenance
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,6 @@ def probe_attention(model, objective, latents: torch.Tensor, uni: torch.Tensor, 
 
 
 def run_attention_probe(args: argparse.Namespace) -> Path:
-    from stmdit.features import open_feature_store
     from stmdit.loader import store_rows
     from stmdit.metrics import subsample_keys
     from stmdit.model import get_objective
@@ -103,13 +103,8 @@ def run_attention_probe(args: argparse.Namespace) -> Path:
     device = resolve_device(args.device)
     trained = load_trained_model(args.model_dir, device)
     model, objective = trained.model.eval(), get_objective(trained.objective)
-    latent_group = open_feature_store(args.latents)
-    if "latent" not in latent_group:
-        raise InputError(args.latents, "not a latent store (needs the array latent)")
+    latent_group = open_latent_store(args.latents, trained.config)
     shape = tuple(latent_group["latent"].shape[1:])
-    expected = (trained.config.in_channels, trained.config.latent_size, trained.config.latent_size)
-    if shape != expected:
-        raise InputError(args.latents, f"latents of shape {shape}; the model takes {expected}")
     keys = subsample_keys(split_keys(args.split, args.split_name), args.max_spots, args.seed)
     latents = torch.from_numpy(read_array_rows(latent_group["latent"], store_rows(latent_group, keys, args.latents))
                                .astype(np.float32))
@@ -148,11 +143,8 @@ def run_attention_probe(args: argparse.Namespace) -> Path:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("attention-probe", help="where a trained denoiser's self-attention looks: weight on "
                                                       "neighbouring tokens against uniform attention, per block and head")
-    p.add_argument("--model-dir", type=Path, required=True, help="finished model folder")
-    p.add_argument("--split", type=Path, required=True, help="split table (key, split)")
+    add_probe_inputs(p)
     p.add_argument("--split-name", default="test", help="which split's spots to probe")
-    p.add_argument("--latents", type=Path, required=True, help="sd3_vae feature store (the real latents)")
-    p.add_argument("--uni", type=Path, required=True, help="uni2h feature store")
     p.add_argument("--noise-levels", type=float, nargs="+", default=list(DEFAULT_NOISE_LEVELS),
                    help="fractions of the way to pure noise, each in (0, 1)")
     p.add_argument("--max-spots", type=int, default=128, help="seeded subsample of the split")

@@ -37,6 +37,7 @@ from stmdit.cli import cli_params, parse_named_paths
 from stmdit.errors import InputError
 from stmdit.eval_json import write_eval_json
 from stmdit.image_stores import Decoder, ImageStore, open_image_store
+from stmdit.probe_inputs import add_probe_inputs, open_latent_store
 from stmdit.provenance import atomic_path, provenance
 from stmdit.zarr_rows import read_array_rows
 
@@ -232,7 +233,6 @@ def _probe_split(model, objective, latents, uni, noise, decode, noise_level, bat
 
 
 def run_layout_probe(args: argparse.Namespace) -> Path:
-    from stmdit.features import open_feature_store
     from stmdit.loader import store_rows
     from stmdit.split_table import split_keys
     from stmdit.metrics import subsample_keys
@@ -249,13 +249,8 @@ def run_layout_probe(args: argparse.Namespace) -> Path:
     trained, device = session.trained, session.device
     objective = get_objective(trained.objective)
     codec = session.open_codec()
-    latent_group = open_feature_store(args.latents)
-    if "latent" not in latent_group:
-        raise InputError(args.latents, "not a latent store (needs the array latent)")
+    latent_group = open_latent_store(args.latents, trained.config)
     shape = tuple(latent_group["latent"].shape[1:])
-    expected = (trained.config.in_channels, trained.config.latent_size, trained.config.latent_size)
-    if shape != expected:
-        raise InputError(args.latents, f"latents of shape {shape}; the model takes {expected}")
 
     def decode(latents) -> np.ndarray:
         return codec.decode(latents.to(device))
@@ -297,11 +292,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     probe = subparsers.add_parser("layout-probe", help="what a trained model's clean-latent estimate takes from UNI: "
                                                         "layout and brightness, on train and test spots")
-    probe.add_argument("--model-dir", type=Path, required=True, help="finished model folder")
-    probe.add_argument("--split", type=Path, required=True, help="split table (key, split)")
+    add_probe_inputs(probe)
     probe.add_argument("--splits", nargs="+", default=["train", "test"], help="split names to probe")
-    probe.add_argument("--latents", type=Path, required=True, help="sd3_vae feature store (the real latents)")
-    probe.add_argument("--uni", type=Path, required=True, help="uni2h feature store")
     add_vae_options(probe)
     probe.add_argument("--noise-level", type=float, default=0.98, help="fraction of the way to pure noise (0, 1)")
     probe.add_argument("--max-spots", type=int, default=200, help="seeded subsample of each split")
