@@ -148,11 +148,11 @@ def test_the_command_writes_its_json_and_refuses_latents_of_another_shape(tmp_pa
 
     rng = np.random.default_rng(0)
     keys = [f"s0:bc{i:03d}" for i in range(10)]
-    write_feature_store(tmp_path / "uni2h.zarr", keys, [{"embedding": rng.standard_normal((10, 24)).astype(np.float32)}],
-                        {"embedding": (24,)}, {})
+    uni = rng.standard_normal((10, 24)).astype(np.float32)
+    write_feature_store(tmp_path / "uni2h.zarr", keys, [{"embedding": uni}], {"embedding": (24,)}, {})
     shape = (4, 2 * SIDE, 2 * SIDE)
-    write_feature_store(tmp_path / "sd3_vae.zarr", keys, [{"latent": rng.standard_normal((10, *shape)).astype(np.float32)}],
-                        {"latent": shape}, {})
+    latents = rng.standard_normal((10, *shape)).astype(np.float32)
+    write_feature_store(tmp_path / "sd3_vae.zarr", keys, [{"latent": latents}], {"latent": shape}, {})
     write_feature_store(tmp_path / "wrong.zarr", keys, [{"latent": np.zeros((10, 4, 8, 8), np.float32)}],
                         {"latent": (4, 8, 8)}, {})
     pd.DataFrame({"key": keys, "split": ["train"] * 4 + ["test"] * 6}).to_parquet(tmp_path / "split.parquet")

@@ -67,8 +67,8 @@ def locality(weights: torch.Tensor, side: int) -> dict[str, np.ndarray]:
 @torch.inference_mode()
 def probe_attention(model, objective, latents: torch.Tensor, uni: torch.Tensor, noise: torch.Tensor,
                     noise_level: float) -> list[dict[str, np.ndarray]]:
-    """Per block, the heads' locality (summed over spots) of `model` on `latents` noised to `noise_level` with `noise`,
-    conditioned on each spot's UNI (GE dropped)."""
+    """Per block, the heads' locality (summed over spots) of `model` on `latents` noised to
+    `noise_level` with `noise`, conditioned on each spot's UNI (GE dropped)."""
     captured: list[tuple] = []
 
     def capture(module, args, kwargs):
@@ -141,8 +141,8 @@ def run_attention_probe(args: argparse.Namespace) -> Path:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("attention-probe", help="where a trained denoiser's self-attention looks: weight on "
-                                                      "neighbouring tokens against uniform attention, per block and head")
+    p = subparsers.add_parser("attention-probe", help="where a trained denoiser's self-attention looks: weight "
+                                                      "on neighbouring tokens against uniform, per block and head")
     add_probe_inputs(p)
     p.add_argument("--split-name", default="test", help="which split's spots to probe")
     p.add_argument("--noise-levels", type=float, nargs="+", default=list(DEFAULT_NOISE_LEVELS),
