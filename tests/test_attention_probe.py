@@ -53,22 +53,22 @@ def test_probe_weights_are_the_weights_the_attention_applies():
             p.add_(torch.randn_like(p) * 0.2)
     captured = []
     handle = net.blocks[1].attn.register_forward_hook(
-        lambda module, args, kwargs, out: captured.append((args[0], kwargs["attention_mask"], out)), with_kwargs=True)
+        lambda module, args, kwargs, out: captured.append((args[0], out)), with_kwargs=True)
     x, _, uni = inputs()
     with torch.no_grad():
         net(x, torch.full((len(x),), 500.0), uni)
     handle.remove()
-    hidden, mask, out = captured[0]
+    hidden, out = captured[0]
     attention = net.blocks[1].attn
-    weights = attention_weights(attention, hidden, mask)
+    weights = attention_weights(attention, hidden)
     value = attention.to_v(hidden).view(len(x), SIDE * SIDE, 4, -1).transpose(1, 2)
     mixed = (weights @ value).transpose(1, 2).reshape(len(x), SIDE * SIDE, -1)
     assert torch.allclose(attention.to_out[0](mixed), out, atol=1e-5)
 
 
 def test_a_spot_denoised_in_a_batch_gets_the_same_bias_as_alone():
-    """The bias is laid out batch-major, heads minor, as the attention mask diffusers expects: a
-    head-major layout would hand spot 0 the wrong heads' biases when the batch holds several spots."""
+    """The bias is broadcast over the batch: every spot gets each head's own bias, whatever the
+    batch holds."""
     net = model(True)
     with torch.no_grad():
         for block in net.blocks:

@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 DEFAULT_NOISE_LEVELS = (0.9, 0.7, 0.5, 0.2)
 
 
-def attention_weights(attention, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attention_weights(attention, hidden: torch.Tensor) -> torch.Tensor:
     """(B, heads, N, N) softmax weights of a diffusers self-`Attention` on `hidden` (B, N, C), with
-    the additive `mask` (B x heads, N, N) it was called with."""
+    the local bias its processor adds, if any."""
     batch, tokens, _ = hidden.shape
     heads = attention.heads
     query = attention.to_q(hidden).view(batch, tokens, heads, -1).transpose(1, 2)
@@ -41,8 +41,9 @@ def attention_weights(attention, hidden: torch.Tensor, mask: torch.Tensor | None
     if attention.norm_q is not None:
         query, key = attention.norm_q(query), attention.norm_k(key)
     logits = (query @ key.transpose(-1, -2)) * attention.scale
-    if mask is not None:
-        logits = logits + mask.view(batch, heads, tokens, tokens)
+    bias = getattr(attention.processor, "bias", None)
+    if bias is not None:
+        logits = logits + bias(logits.dtype)[None]
     return logits.float().softmax(dim=-1)
 
 
@@ -72,7 +73,7 @@ def probe_attention(model, objective, latents: torch.Tensor, uni: torch.Tensor, 
     captured: list[tuple] = []
 
     def capture(module, args, kwargs):
-        captured.append((module, args[0] if args else kwargs["hidden_states"], kwargs.get("attention_mask")))
+        captured.append((module, args[0] if args else kwargs["hidden_states"]))
 
     handles = [block.attn.register_forward_pre_hook(capture, with_kwargs=True) for block in model.blocks]
     try:
@@ -84,7 +85,7 @@ def probe_attention(model, objective, latents: torch.Tensor, uni: torch.Tensor, 
         for handle in handles:
             handle.remove()
     side = model.config.latent_size // model.config.patch_size
-    return [locality(attention_weights(module, hidden, mask), side) for module, hidden, mask in captured]
+    return [locality(attention_weights(module, hidden), side) for module, hidden in captured]
 
 
 def run_attention_probe(args: argparse.Namespace) -> Path:

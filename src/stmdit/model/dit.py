@@ -70,10 +70,31 @@ class LocalAttentionBias(nn.Module):
         self.register_buffer("row_offset", row[:, None] - row[None, :] + side - 1, persistent=False)
         self.register_buffer("col_offset", col[:, None] - col[None, :] + side - 1, persistent=False)
 
-    def forward(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
-        """(batch_size x heads, tokens, tokens): the additive mask diffusers' Attention takes."""
-        bias = self.table[:, self.row_offset, self.col_offset].to(dtype)
-        return bias.repeat(batch_size, 1, 1)
+    def forward(self, dtype: torch.dtype) -> torch.Tensor:
+        """(heads, tokens, tokens): the bias of every query-key pair, the same for every spot."""
+        return self.table[:, self.row_offset, self.col_offset].to(dtype)
+
+
+class LocalBiasAttnProcessor:
+    """diffusers' scaled-dot-product self-attention (AttnProcessor2_0's path for a 3-d input without
+    group or spatial norm) with a `LocalAttentionBias` added to the logits, broadcast over the batch.
+    diffusers' processors take a mask per spot and head, which would copy the bias batch-size times
+    in every block."""
+
+    def __init__(self, bias: LocalAttentionBias):
+        self.bias = bias
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("LocalBiasAttnProcessor serves self-attention without a mask")
+        batch, tokens, _ = hidden_states.shape
+        query, key, value = (projection(hidden_states).view(batch, tokens, attn.heads, -1).transpose(1, 2)
+                             for projection in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        mixed = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=self.bias(query.dtype)[None])
+        return attn.to_out[1](attn.to_out[0](mixed.transpose(1, 2).reshape(batch, tokens, -1)))
 
 
 class DiTBlock(nn.Module):
@@ -92,15 +113,16 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(hidden, inner_dim=int(hidden * config.mlp_ratio), activation_fn="gelu-approximate")
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden) / hidden**0.5)
-        self.local_bias = (LocalAttentionBias(config.latent_size // config.patch_size, heads)
-                           if config.local_attention_bias else None)
+        self.local_bias = None
+        if config.local_attention_bias:
+            self.local_bias = LocalAttentionBias(config.latent_size // config.patch_size, heads)
+            self.attn.set_processor(LocalBiasAttnProcessor(self.local_bias))
 
     def forward(self, x, modulation, uni_tokens, ge_tokens=None, ge_mask=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None].to(modulation.dtype) + modulation.reshape(x.shape[0], 6, -1)
         ).chunk(6, dim=1)
-        bias = None if self.local_bias is None else self.local_bias(x.shape[0], x.dtype)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attention_mask=bias)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + self.uni_attn(x, encoder_hidden_states=uni_tokens)
         if self.ge_attn is not None:
             x = x + self.ge_attn(x, encoder_hidden_states=ge_tokens, attention_mask=attention_bias_mask(ge_mask))
