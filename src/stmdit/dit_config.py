@@ -75,6 +75,9 @@ class DiTConfig:
     # a learned bias on the self-attention logits per head and token offset, initialised local (see
     # dit.LocalAttentionBias); not in PixArt or PixCell, so the paper's sizes leave it off
     local_attention_bias: bool = False
+    # channels of a convolutional head after the unpatchify (dit.ConvRefiner; 0 = none, as in PixArt
+    # and PixCell): a latent pixel's prediction then sees its neighbours across token borders
+    conv_refiner_channels: int = 0
     allow_bottleneck: bool = False  # accept hidden_size < patch_size^2 x in_channels (see bottleneck_error)
 
     def __post_init__(self):
@@ -83,6 +86,8 @@ class DiTConfig:
             raise ValueError(problem)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.conv_refiner_channels < 0:
+            raise ValueError(f"conv_refiner_channels must be 0 (none) or positive, got {self.conv_refiner_channels}")
         if self.latent_size % self.patch_size:
             raise ValueError(f"latent_size {self.latent_size} is not divisible by patch_size {self.patch_size}")
         if self.ge_dim % self.ge_source_heads:

@@ -97,6 +97,32 @@ class LocalBiasAttnProcessor:
         return attn.to_out[1](attn.to_out[0](mixed.transpose(1, 2).reshape(batch, tokens, -1)))
 
 
+class ConvRefiner(nn.Module):
+    """A small convolutional head at latent resolution after the transformer's unpatchify. It reads
+    the transformer's prediction next to the noisy latent, is told the timestep, and adds a residual,
+    so a latent pixel's prediction sees its neighbours across patch-token borders (receptive field
+    7 x 7 latent pixels). U-ViT's final 3 x 3 convolution (Bao et al., 2023) grown to three layers.
+    The last convolution starts at zero, so a new network computes what PixArt's does.
+
+    Why it exists: at the demo's size, neighbouring tokens are denoised nearly independently and the
+    tiles come out as a mosaic of token squares (README, "The demo")."""
+
+    def __init__(self, in_channels: int, out_channels: int, channels: int, hidden: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(out_channels + in_channels, channels, 3, padding=1)
+        self.time = nn.Linear(hidden, channels)
+        self.conv_mid = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, prediction: torch.Tensor, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(torch.cat([prediction, x.to(prediction.dtype)], dim=1))
+        h = nn.functional.silu(h + self.time(t_emb).to(h.dtype)[:, :, None, None])
+        h = h + nn.functional.silu(self.conv_mid(h))
+        return prediction + self.conv_out(h)
+
+
 class DiTBlock(nn.Module):
     """PixArt block: AdaLN-modulated self-attention, cross-attention to the UNI token, optional
     cross-attention to GE tokens, AdaLN-modulated MLP. The modulation is the shared one plus this
@@ -155,6 +181,9 @@ class STMDiT(nn.Module):
         self.out_channels = config.in_channels * (2 if config.learned_sigma else 1)
         self.proj_out = nn.Linear(hidden, config.patch_size**2 * self.out_channels)
         self._init_weights()
+        self.refiner = None  # built after PixArt's initialisation, which would overwrite its own
+        if config.conv_refiner_channels:
+            self.refiner = ConvRefiner(config.in_channels, self.out_channels, config.conv_refiner_channels, hidden)
 
     def _init_weights(self) -> None:
         """PixArt-alpha's initialisation: xavier linears, N(0, 0.02) for the timestep MLP, the
@@ -218,8 +247,10 @@ class STMDiT(nn.Module):
             else:
                 h = block(h, modulation, uni_tokens, ge_tokens, ge_mask)
         shift, scale = (self.out_scale_shift_table[None].to(t_emb.dtype) + t_emb[:, None]).chunk(2, dim=1)
-        h = self.proj_out(modulate(self.norm_out(h), shift, scale))
-        return self._unpatchify(h)[:, : self.config.in_channels]
+        prediction = self._unpatchify(self.proj_out(modulate(self.norm_out(h), shift, scale)))
+        if self.refiner is not None:
+            prediction = self.refiner(prediction, x, t_emb)
+        return prediction[:, : self.config.in_channels]
 
     def encode_conditions(self, uni: torch.Tensor | None, ge: GeBatch | None, drop_uni: torch.Tensor | None,
                           drop_ge: torch.Tensor | None, batch_size: int) -> EncodedConditions:
