@@ -13,7 +13,7 @@ import torch
 import zarr
 
 from stmdit import eval_json, metrics
-from stmdit.demo_checks import learning_checks, run, stage_times
+from stmdit.demo_checks import fid_checks, learning_checks, run, stage_times
 from stmdit.palette import palette_report
 from stmdit.encoders.smoke import SmokeVae
 from stmdit.tile_decoder import CodecSettings, StoreDecoder
@@ -204,7 +204,11 @@ def evaluate_generator(tmp_path, cohort: TinyCohort, generator: str) -> None:
                    # without a condition a working model draws from a narrower, shifted distribution
                    "uncond": conditions if generator == "untrained" else 0.3 * cohort.rng.normal(size=z_real.shape) + 1}
     features = {r: cohort.features(z) for r, z in generated_z.items()}
-    fid = {r: metrics.fid_bootstrap(real_features, f, n_boot=100, seed=0) for r, f in features.items()}
+    fid = {r: metrics.fid_bootstrap(real_features, f, n_boot=100, seed=0, keep_replicates=True)
+           for r, f in features.items()}
+    replicates = {r: entry.pop("replicates") for r, entry in fid.items()}
+    for regime, difference in metrics.differences_from(replicates, "uncond").items():  # as `stmdit fid` writes it
+        fid[regime]["minus_uncond"] = difference
     write_fid(folder, generator, fid)
 
     oracle = metrics.fit_oracle(cohort.features(cohort.z_train), cohort.expression(cohort.z_train), ks=(5, 10, 20))
@@ -275,3 +279,26 @@ def test_a_model_without_fid_json_still_has_its_palette_and_texture_checked(tmp_
     passed = by_name(learning_checks(tmp_path, "demo"))
     assert passed["Ptpl: uni_ge tiles carry their spot's palette"]
     assert not passed["Ptpl: uni_ge tiles have the tissue's texture"]
+
+
+def fid_entry(mean: float, half_width: float, minus_uncond: tuple[float, float] | None = None) -> dict:
+    entry = {"point": mean, "mean": mean, "lo": mean - half_width, "hi": mean + half_width, "n_boot": 100,
+             "n_real": 50, "n_gen": 50}
+    if minus_uncond is not None:
+        lo, hi = minus_uncond
+        entry["minus_uncond"] = {"mean": (lo + hi) / 2, "lo": lo, "hi": hi, "n_boot": 100, "alpha": 0.05}
+    return entry
+
+
+@pytest.mark.parametrize("minus_uncond, passes", [
+    (None, False),  # fid.json without the paired difference: overlapping intervals fail
+    ((-25.0, -3.0), True),  # the paired difference lies below 0
+    ((-25.0, 1.0), False),  # ... or does not
+])
+def test_the_ge_check_reads_the_paired_difference_from_uncond(tmp_path, minus_uncond, passes):
+    regimes = {"ge": fid_entry(210.0, 20.0, minus_uncond), "uncond": fid_entry(224.0, 25.0)}
+    write_fid(tmp_path, "GE", regimes)
+    verdict = {check.name: check for check in fid_checks({"GE": tmp_path / "fid.json"})}["a GE model's FID(ge) below its FID(uncond)"]
+    assert verdict.passed is passes
+    assert ("paired difference" in verdict.detail) is (minus_uncond is not None)
+

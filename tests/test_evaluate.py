@@ -194,6 +194,20 @@ def test_fid_json_equals_an_independent_recomputation_and_renders_table_1(cohort
     assert table.attrs["smoke"]
 
 
+def test_fid_json_carries_each_regimes_paired_difference_from_uncond(cohort, tmp_path):
+    out = tmp_path / "fid.json"
+    ge_store = cohort["generated"]["ge", "h0mini"][0]
+    args = fid_args(cohort, "fid", out, ["uni", "ge"])
+    args.insert(args.index("--split"), f"uncond={ge_store}")  # uncond's tiles are ge's: FID(ge) - FID(uncond) = 0
+    run_cli(*args)
+    regimes = eval_json.load_eval_json(out)["regimes"]
+    assert "minus_uncond" not in regimes["uncond"]
+    assert regimes["ge"]["minus_uncond"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "n_boot": 20, "alpha": 0.05}
+    uni = regimes["uni"]["minus_uncond"]  # uni's features are 3x closer to the real ones than ge's
+    assert uni["lo"] <= uni["mean"] <= uni["hi"] < 0
+    assert uni["mean"] == pytest.approx(regimes["uni"]["mean"] - regimes["uncond"]["mean"], rel=1e-9)
+
+
 def test_ood_and_swap_jsons_render_tables_3_and_6(cohort, tmp_path):
     run_cli(*fid_args(cohort, "ood", tmp_path / "ood_fid.json", ["uni_ge", "uni"]))
     run_cli(*fid_args(cohort, "swap", tmp_path / "swap_fid.json", ["deepspot", "visium"]))

@@ -104,6 +104,28 @@ def test_fid_bootstrap_mean_lies_in_its_interval_where_the_point_does_not():
     assert metrics.fid_bootstrap(real, gen, n_boot=0)["mean"] is None
 
 
+def test_the_paired_difference_sees_a_gap_the_marginal_intervals_do_not_and_none_where_there_is_none():
+    # The real spots' resampling moves both FIDs together; differencing per replicate cancels it.
+    rng = np.random.default_rng(9)
+    real = correlated_features(rng, 120, 8)
+    closer, farther = real + rng.normal(0, 0.6, real.shape), real + rng.normal(0, 0.6, real.shape) + 0.15
+    boot = {name: metrics.fid_bootstrap(real, gen, n_boot=200, seed=3, keep_replicates=True)
+            for name, gen in {"closer": closer, "farther": farther, "same": closer.copy(),
+                              "twin": real + rng.normal(0, 0.6, real.shape)}.items()}
+    assert boot["closer"]["hi"] > boot["farther"]["lo"]  # the marginal intervals overlap ...
+    gap = metrics.replicate_difference(boot["closer"]["replicates"], boot["farther"]["replicates"])
+    assert gap["hi"] < 0  # ... the paired difference lies below 0
+    assert gap["lo"] <= gap["mean"] <= gap["hi"]
+    replicates = {name: entry["replicates"] for name, entry in boot.items()}
+    differences = metrics.differences_from(replicates, "closer")
+    assert set(differences) == {"farther", "same", "twin"}
+    assert differences["same"]["lo"] == differences["same"]["hi"] == 0.0  # identical tiles: no difference
+    assert differences["twin"]["lo"] < 0 < differences["twin"]["hi"]  # another draw of the same kind
+    assert metrics.differences_from(replicates, "uncond") == {}
+    with pytest.raises(ValueError, match="equally long"):
+        metrics.replicate_difference(np.ones(3), np.ones(4))
+
+
 def test_fid_bootstrap_paired_needs_aligned_rows():
     with pytest.raises(InputError, match="paired"):
         metrics.fid_bootstrap(np.zeros((10, 2)), np.ones((9, 2)), n_boot=2)

@@ -372,7 +372,8 @@ def fid_document(
     scores, per_tissue = {}, {}
     for name in stores:  # one generated store held at a time
         embedding = stores[name]
-        scores[name] = metrics.fid_bootstrap(real_set.embedding, embedding, n_boot=n_boot, seed=seed, threads=threads)
+        scores[name] = metrics.fid_bootstrap(real_set.embedding, embedding, n_boot=n_boot, seed=seed, threads=threads,
+                                             keep_replicates=True)
         log.info("%s FID %s: bootstrap mean %s [%s, %s], point %.3f, on %d spots", kind, name, scores[name]["mean"],
                  scores[name]["lo"], scores[name]["hi"], scores[name]["point"], len(keys))
         if spot_labels is not None:
@@ -381,6 +382,10 @@ def fid_document(
                                                      threads=threads)
         del embedding
 
+    replicates = {name: score.pop("replicates") for name, score in scores.items()}
+    if kind == "fid" and n_boot > 0:  # FID(regime) - FID(uncond) over the same spot resamples (demo-checks reads it)
+        for name, difference in metrics.differences_from(replicates, "uncond").items():
+            scores[name]["minus_uncond"] = difference
     features = {"real": str(real), "generated": {name: str(path) for name, path in generated.items()}}
     encoders = merge_impls(real_set.impls, *stores.impls.values())
     params = {"kind": kind, "split_name": split_name, "n_boot": n_boot, "seed": seed, "alpha": 0.05,

@@ -231,6 +231,7 @@ def fid_bootstrap(
     alpha: float = 0.05,
     paired: bool = True,
     threads: int = 1,
+    keep_replicates: bool = False,
 ) -> dict[str, Any]:
     """FID with a (1 - alpha) percentile bootstrap CI over spots.
 
@@ -248,6 +249,7 @@ def fid_bootstrap(
     FID, a squared distance, grows with that noise: `mean` and the interval sit above `point`
     (with few spots the point can lie below `lo`), while `mean` lies inside the interval unless
     the replicates are extremely skewed. With n_boot=0, mean, lo and hi are None.
+    keep_replicates: also return the replicate FIDs under "replicates" (for `replicate_difference`).
 
     A replicate is exactly `fid(real[real_rows], gen[gen_rows])`, computed without the gathered
     copy when there are more spots than dimensions (`_replicate_fid`). `threads` replicates run at
@@ -270,7 +272,7 @@ def fid_bootstrap(
             values = pool.map(lambda rows: _replicate_fid(real, gen, *rows), draws)
             replicates[start : start + len(draws)] = list(values)
     lo, hi = percentile_interval(replicates, alpha) if n_boot > 0 else (None, None)
-    return {
+    result = {
         "point": fid(real, gen),
         "mean": float(replicates.mean()) if n_boot > 0 else None,
         "lo": lo,
@@ -283,6 +285,31 @@ def fid_bootstrap(
         "n_real": int(len(real)),
         "n_gen": int(len(gen)),
     }
+    if keep_replicates:
+        result["replicates"] = replicates
+    return result
+
+
+def replicate_difference(a: np.ndarray, b: np.ndarray, alpha: float = 0.05) -> dict[str, Any]:
+    """FID(a) - FID(b) per bootstrap replicate, from the "replicates" of two paired
+    `fid_bootstrap(..., keep_replicates=True)` runs over the same real spots with the same seed:
+    replicate i then resamples the same spots for both, so the real spots' sampling noise, shared by
+    the two FIDs, cancels. Returns dict(mean, lo, hi, n_boot, alpha): the mean difference and its
+    (1 - alpha) percentile interval; hi < 0 says a lies below b on these spots."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"replicate_difference needs two equally long replicate series, got {a.shape} and {b.shape}")
+    difference = a - b
+    lo, hi = percentile_interval(difference, alpha)
+    return {"mean": float(difference.mean()), "lo": lo, "hi": hi, "n_boot": int(len(difference)), "alpha": float(alpha)}
+
+
+def differences_from(replicates: dict[str, np.ndarray], reference: str, alpha: float = 0.05) -> dict[str, dict]:
+    """`replicate_difference` of every named replicate series against `reference`'s ({} without it)."""
+    if reference not in replicates:
+        return {}
+    return {name: replicate_difference(series, replicates[reference], alpha)
+            for name, series in replicates.items() if name != reference}
 
 
 def fid_per_label(
