@@ -20,7 +20,9 @@ rule eval_features:
         "results/eval/{model}/{cohort}/{store}_{encoder}.log",
     benchmark:
         "results/benchmarks/eval_features/{model}/{cohort}/{store}_{encoder}.tsv"
-    threads: 2
+    # one: on 2 cores two of these few-second jobs (mostly start-up) run at once; the SLURM profile
+    # gives each 4 (set-threads)
+    threads: 1
     resources:
         gpu=1,
         mem_mb=job_mem_mb("eval_features"),
