@@ -281,9 +281,7 @@ def test_a_model_without_fid_json_still_has_its_palette_and_texture_checked(tmp_
     assert not passed["Ptpl: uni_ge tiles have the tissue's texture"]
 
 
-def fid_entry(mean: float, half_width: float, minus_uncond: tuple[float, float] | None = None) -> dict:
-    entry = {"point": mean, "mean": mean, "lo": mean - half_width, "hi": mean + half_width, "n_boot": 100,
-             "n_real": 50, "n_gen": 50}
+def with_paired_difference(entry: dict, minus_uncond: tuple[float, float] | None) -> dict:
     if minus_uncond is not None:
         lo, hi = minus_uncond
         entry["minus_uncond"] = {"mean": (lo + hi) / 2, "lo": lo, "hi": hi, "n_boot": 100, "alpha": 0.05}
@@ -296,7 +294,7 @@ def fid_entry(mean: float, half_width: float, minus_uncond: tuple[float, float] 
     ((-25.0, 1.0), False),  # ... or does not
 ])
 def test_the_ge_check_reads_the_paired_difference_from_uncond(tmp_path, minus_uncond, passes):
-    regimes = {"ge": fid_entry(210.0, 20.0, minus_uncond), "uncond": fid_entry(224.0, 25.0)}
+    regimes = {"ge": with_paired_difference(interval(210.0, 20.0), minus_uncond), "uncond": interval(224.0, 25.0)}
     write_fid(tmp_path, "GE", regimes)
     verdict = {check.name: check for check in fid_checks({"GE": tmp_path / "fid.json"})}["a GE model's FID(ge) below its FID(uncond)"]
     assert verdict.passed is passes
