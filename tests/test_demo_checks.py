@@ -290,8 +290,10 @@ def with_paired_difference(entry: dict, minus_uncond: tuple[float, float] | None
 
 @pytest.mark.parametrize("minus_uncond, passes", [
     (None, False),  # fid.json without the paired difference: overlapping intervals fail
-    ((-25.0, -3.0), True),  # the paired difference lies below 0
-    ((-25.0, 1.0), False),  # ... or does not
+    ((-25.0, -6.0), True),  # the paired difference lies below -2% of FID(uncond) (-4.48)
+    ((-25.0, 1.0), False),  # ... or covers 0
+    ((-25.0, -4.0), False),  # ... or excludes 0 by less than 2% of FID(uncond)
+    ((-0.19, -0.001), False),  # tiles that are uncond's, on a tight interval (stop 32's XAttn-PMA-Flow)
 ])
 def test_the_ge_check_reads_the_paired_difference_from_uncond(tmp_path, minus_uncond, passes):
     regimes = {"ge": with_paired_difference(interval(210.0, 20.0), minus_uncond), "uncond": interval(224.0, 25.0)}
