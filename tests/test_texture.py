@@ -123,3 +123,35 @@ def test_a_mosaic_of_token_squares_is_told_from_tissue_by_its_cell_borders(tmp_p
     assert report["uni"]["cell_border"]["32"]["generated"] > 10 * report["uni"]["cell_border"]["32"]["real_vae"]
     assert report["uncond"]["cell_border"]["32"]["generated"] == pytest.approx(report["uncond"]["cell_border"]["32"]["real_vae"])
     assert set(report["uni"]["cell_border"]) == {"16", "32"}
+
+
+def test_tiles_without_large_structures_are_told_from_tissue_by_the_larger_blocks(tmp_path):
+    """The real tiles are half white space, half tissue (a large structure). Shuffling each tile's
+    8-px blocks keeps its palette and its 8-px detail but removes the structure: the roughness with
+    64-px blocks then falls far below real (VAE)'s, while the real tiles themselves score 1 at every
+    block size. The 8-px entry is the report's roughness ratio."""
+    rng = np.random.default_rng(5)
+    n, size = 16, 128
+    tissue = np.repeat(np.repeat(tissue_like(n, seed=6), 2, 1), 2, 2)
+    for tile in tissue:
+        edge = rng.integers(40, 88)
+        tile[:, edge:] = 245  # white space beside tissue, at a different place in each tile
+    blocks = tissue.reshape(n, size // 8, 8, size // 8, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, -1, 8, 8, 3)
+    shuffled = np.stack([b[rng.permutation(len(b))] for b in blocks])
+    shuffled = shuffled.reshape(n, size // 8, size // 8, 8, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, size, size, 3)
+
+    codec = SmokeVae(torch.device("cpu"), latent_channels=4, input_size=size)
+    keys = [f"s:{i}" for i in range(n)]
+    latents = codec.encode(tissue)["latent"]
+    latent_store = write_store(tmp_path / "latents.zarr", keys, "latent", latents)
+    stores = {"uni": write_store(tmp_path / "shuffled.zarr", keys, "images", codec.decode(codec.encode(shuffled)["latent"])),
+              "uncond": write_store(tmp_path / "same.zarr", keys, "images", codec.decode(latents))}
+    report = texture_report(latent_store, stores, StoreDecoder(CodecSettings(), "cpu", codec=codec), n_boot=5, seed=0)
+    same, noise = report["uncond"]["scales"], report["uni"]["scales"]
+    assert set(same) == {"8", "16", "32", "64"}
+    assert all(entry["ratio"] == pytest.approx(1.0) for entry in same.values())
+    assert noise["8"]["ratio"] == pytest.approx(report["uni"]["ratio"])
+    assert noise["8"]["ratio"] > 0.8  # the fine detail is kept ...
+    assert noise["64"]["ratio"] < 0.3  # ... the large structure is not
+    assert set(texture_report(latent_store, {"uni": write_store(tmp_path / "small.zarr", keys, "images", tissue[:, :64, :64])},
+                              StoreDecoder(CodecSettings(), "cpu", codec=codec), n_boot=5, seed=0)["uni"]["scales"]) == {"8", "16", "32"}

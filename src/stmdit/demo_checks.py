@@ -159,6 +159,20 @@ def mosaic_lines(texture_files: dict[str, Path]) -> list[Check]:
     return lines
 
 
+def scale_lines(texture_files: dict[str, Path]) -> list[Check]:
+    """Generated over real (VAE) grey roughness per block size (`texture.json` scales), one
+    information line per model: below 1 at 64 px for tiles without the tissue's large structures."""
+    lines = []
+    for model, path in sorted(texture_files.items()):
+        regimes = load_eval_json(path, "texture")["regimes"]
+        parts = [f"{regime} " + ", ".join(f"{size} px {entry['ratio']:.2f}" for size, entry in regimes[regime]["scales"].items())
+                 for regime in ("uni", "uni_ge") if regimes.get(regime, {}).get("scales")]
+        if parts:
+            lines.append(Check(f"{model}: roughness by block size, generated / real (VAE) (diagnostic, not a check)",
+                               None, "; ".join(parts)))
+    return lines
+
+
 def layout_lines(layout_files: dict[str, Path]) -> list[Check]:
     """The layout agreement of the uni and uni_ge tiles, one information line per model."""
     lines = []
@@ -181,7 +195,8 @@ def learning_checks(results: Path, cohort: str) -> list[Check]:
     palette_files, texture_files = files("palette.json"), files("texture.json")
     models = sorted(set(fid_files) | set(palette_files) | set(texture_files))  # PTPL models have no fid.json here
     return (fid_checks(fid_files) + auc_checks(files("auc.json")) + palette_checks(palette_files, models)
-            + texture_checks(texture_files, models) + mosaic_lines(texture_files) + layout_lines(files("layout.json")))
+            + texture_checks(texture_files, models) + mosaic_lines(texture_files) + scale_lines(texture_files)
+            + layout_lines(files("layout.json")))
 
 
 def stage_times(benchmarks: Path) -> pd.DataFrame:

@@ -8,6 +8,12 @@ large, a tile of flat colour makes it 0, and squares of a latent pixel's size (8
 tissue. The reference is the same spots' real latents decoded by the same VAE (`real (VAE)` in the
 grids), the most detail a generated tile can show. Per regime the report gives both means over the
 spots, their ratio with a 95% spot-bootstrap interval, and whether the ratio lies within TARGET.
+
+Two diagnostics come with it. `cell_border`: how much of the roughness sits on the borders of the
+denoiser's token grid (a mosaic of token squares). `scales`: the same roughness with blocks of
+8-64 px, generated over real (VAE) per block size. Tiles of filtered noise in the tissue's palette
+can match tissue at 8 px and still lack its large structures (white space, fibre bundles, nests of
+cells), which only the larger blocks see.
 """
 
 from __future__ import annotations
@@ -35,19 +41,39 @@ log = logging.getLogger(__name__)
 BLOCK_PX = 8  # one latent pixel of the SD3 VAE
 TARGET = (0.8, 1.25)  # generated / real (VAE) roughness that counts as the tissue's texture
 CELLS_PX = (16, 32)  # the token grids of a DiT on SD3 latents at patch size 2 (paper) and 4 (demo)
+SCALES_PX = (8, 16, 32, 64)  # block sizes of the roughness by scale: a latent pixel to a quarter of a 256-px tile
 
 
-def block_differences(images: np.ndarray, block: int = BLOCK_PX) -> tuple[np.ndarray, np.ndarray]:
-    """(N, H, W, 3) uint8 RGB tiles -> squared differences of horizontally (N, H/b, W/b - 1) and
-    vertically (N, H/b - 1, W/b) neighbouring block means of the grey tile (grey levels 0-255)."""
+def grey_block_means(images: np.ndarray, block: int = BLOCK_PX) -> np.ndarray:
+    """(N, H, W, 3) uint8 RGB tiles -> (N, H/b, W/b) means of the grey tile's b x b blocks (grey levels 0-255)."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"tiles of shape {images.shape[1:]}, expected (H, W, 3)")
     n, height, width = images.shape[:3]
     if height % block or width % block or height < 2 * block:
         raise ValueError(f"tiles of {height} x {width} px do not divide into at least 2 x 2 blocks of {block} px")
     grey = np.stack([cv2.cvtColor(tile, cv2.COLOR_RGB2GRAY) for tile in images]).astype(np.float64)
-    means = grey.reshape(n, height // block, block, width // block, block).mean(axis=(2, 4))
+    return grey.reshape(n, height // block, block, width // block, block).mean(axis=(2, 4))
+
+
+def neighbour_differences(means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, h, w) block means -> squared differences of horizontally (N, h, w - 1) and vertically
+    (N, h - 1, w) neighbouring blocks."""
     return np.diff(means, axis=2) ** 2, np.diff(means, axis=1) ** 2
+
+
+def block_differences(images: np.ndarray, block: int = BLOCK_PX) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W, 3) uint8 RGB tiles -> `neighbour_differences` of their grey `block`-px block means."""
+    return neighbour_differences(grey_block_means(images, block))
+
+
+def coarse_roughness(means: np.ndarray, factor: int) -> np.ndarray:
+    """(N, h, w) block means -> (N,) grey roughness of blocks `factor` times as large (NaN when the
+    tile does not divide into at least 2 x 2 of them)."""
+    n, height, width = means.shape
+    if height % factor or width % factor or height < 2 * factor or width < 2 * factor:
+        return np.full(n, np.nan)
+    coarse = means.reshape(n, height // factor, factor, width // factor, factor).mean(axis=(2, 4))
+    return roughness_of(neighbour_differences(coarse))
 
 
 def roughness_of(differences: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -85,13 +111,17 @@ def cell_border_roughness(images: np.ndarray, cell: int, block: int = BLOCK_PX,
 
 
 def texture_summary(tiles: np.ndarray) -> np.ndarray:
-    """(N, 1 + 2 x len(CELLS_PX)): the grey roughness, then the border and inner roughness of each cell grid."""
-    differences = block_differences(tiles)  # the grey conversion and block means, once for every measure
+    """(N, SUMMARY_WIDTH): the grey roughness, the border and inner roughness of each cell grid, then
+    the roughness with each larger block of SCALES_PX."""
+    means = grey_block_means(tiles)  # the grey conversion and block means, once for every measure
+    differences = neighbour_differences(means)
     return np.concatenate([roughness_of(differences)[:, None]]
-                          + [cell_border_roughness(tiles, cell, differences=differences) for cell in CELLS_PX], axis=1)
+                          + [cell_border_roughness(tiles, cell, differences=differences) for cell in CELLS_PX]
+                          + [coarse_roughness(means, scale // BLOCK_PX)[:, None] for scale in SCALES_PX[1:]], axis=1)
 
 
-SUMMARY_WIDTH = 1 + 2 * len(CELLS_PX)
+SUMMARY_WIDTH = 1 + 2 * len(CELLS_PX) + len(SCALES_PX) - 1
+SCALE_COLUMNS = dict(zip(SCALES_PX, [0, *range(1 + 2 * len(CELLS_PX), SUMMARY_WIDTH)]))
 
 
 def decoded_summaries(codec, latents, rows: list[int]) -> np.ndarray:
@@ -111,6 +141,19 @@ def cell_grids(generated: np.ndarray, real: np.ndarray) -> dict[str, dict[str, f
         grids[str(cell)] = {"generated": float(generated[:, border].mean() / max(generated[:, inner].mean(), 1e-12)),
                             "real_vae": float(real[:, border].mean() / max(real[:, inner].mean(), 1e-12))}
     return grids
+
+
+def scale_ratios(generated: np.ndarray, real: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per block size of SCALES_PX, the mean grey roughness of the generated and of the real (VAE)
+    tiles and their ratio (sizes the tiles are too small for are left out)."""
+    scales = {}
+    for scale, column in SCALE_COLUMNS.items():
+        if np.isnan(generated[:, column]).any():
+            continue
+        mean_generated, mean_real = float(generated[:, column].mean()), float(real[:, column].mean())
+        scales[str(scale)] = {"generated": mean_generated, "real_vae": mean_real,
+                              "ratio": mean_generated / max(mean_real, 1e-12)}
+    return scales
 
 
 def ratio_interval(generated: np.ndarray, real: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
@@ -149,12 +192,14 @@ def texture_report(latent_path: Path, tile_stores: dict[str, Path], decoder: Sto
         ratio = float(generated.mean() / max(real.mean(), 1e-12))
         lo, hi = ratio_interval(generated, real, n_boot, seed)
         grids = cell_grids(summaries, real_summaries)
+        scales = scale_ratios(summaries, real_summaries)
         regimes[regime] = {"generated": float(generated.mean()), "real_vae": float(real.mean()), "ratio": ratio,
                            "lo": lo, "hi": hi, "n": len(keys), "within_target": bool(TARGET[0] <= ratio <= TARGET[1]),
-                           "cell_border": grids}
+                           "cell_border": grids, "scales": scales}
         log.info("%s: grey roughness %.1f, real (VAE) %.1f, ratio %.3f [%.3f, %.3f] over %d spots; border / inner "
-                 "roughness %s", regime, generated.mean(), real.mean(), ratio, lo, hi, len(keys),
-                 ", ".join(f"{c} px {g['generated']:.2f} (real (VAE) {g['real_vae']:.2f})" for c, g in grids.items()))
+                 "roughness %s; ratio by block size %s", regime, generated.mean(), real.mean(), ratio, lo, hi, len(keys),
+                 ", ".join(f"{c} px {g['generated']:.2f} (real (VAE) {g['real_vae']:.2f})" for c, g in grids.items()),
+                 ", ".join(f"{b} px {v['ratio']:.2f}" for b, v in scales.items()))
     return regimes
 
 
@@ -172,6 +217,9 @@ def run_texture(args: argparse.Namespace) -> Path:
         "target": list(TARGET), "interval": f"95% spot bootstrap of the ratio ({args.n_boot} replicates)",
         "cell_border": "per cell size (px), the roughness of block pairs across a cell border over that of pairs "
                        "inside a cell: near 1 for tissue, far above 1 for a mosaic of the denoiser's patch tokens",
+        "scales": "per block size (px), the grey roughness of the generated and real (VAE) tiles with blocks of "
+                  "that size and their ratio: below 1 at the larger blocks for tiles without the tissue's "
+                  "large structures",
         "regimes": regimes,
         "provenance": provenance("texture", cli_params(args), inputs=[args.latents, *tile_stores.values()]),
     }
