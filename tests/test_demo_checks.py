@@ -146,6 +146,23 @@ def test_layout_is_a_diagnostic_line_not_a_check(tmp_path, capsys):
     assert f"{len(checks) - 1} of {len(checks) - 1} checks pass" in out
 
 
+def test_each_model_s_loss_against_the_gaussian_is_a_diagnostic_line(tmp_path, capsys):
+    write_eval(tmp_path, "Base", {"uni": interval(150), "uncond": interval(280)})
+    for model, val_loss in (("Base", 0.419), ("Long", 0.259)):
+        (tmp_path / "models" / model).mkdir(parents=True)
+        check = {"trivial_loss": 1.828, "gaussian_loss": 0.285, "final_train_loss": 0.37, "final_val_loss": val_loss,
+                 "above_gaussian": val_loss > 0.285}
+        (tmp_path / "models" / model / "training.json").write_text(json.dumps({"loss_check": check}))
+    (tmp_path / "models" / "Old").mkdir()
+    (tmp_path / "models" / "Old" / "training.json").write_text(json.dumps({"loss_check": {"trivial_loss": 1.0}}))
+    lines = {c.name.split(":")[0]: c for c in learning_checks(tmp_path, "demo") if "Gaussian" in c.name}
+    assert set(lines) == {"Base", "Long"} and all(c.passed is None for c in lines.values())
+    assert lines["Base"].detail == "0.419 vs 0.285 (above: no shapes yet; trivial 1.828)"
+    assert lines["Long"].detail.startswith("0.259 vs 0.285 (below")
+    assert run(argparse.Namespace(results=str(tmp_path), cohort="demo", strict=True)) == 0
+    assert "[INFO] Base: final loss against a Gaussian" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------
 # Each check computed by the metrics from small inputs: a working generator passes, a generator with
 # shuffled conditions or an untrained one fails.

@@ -20,7 +20,8 @@ from stmdit.errors import InputError
 from stmdit.model import DiTConfig, GaussianConfig, GaussianDenoiser, get_objective
 from stmdit.models_config import resolve_models
 from stmdit.report import plot_loss_curve
-from stmdit.train import STALL_FRACTION, loss_check, moment_loss, trivial_loss
+from stmdit.loss_floors import gaussian_loss, moment_loss, trivial_loss
+from stmdit.train import STALL_FRACTION, loss_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,3 +153,50 @@ def test_loss_curve_figure(tmp_path):
     with pytest.raises(InputError, match=r"bad\.csv.*no column\(s\) loss, val_loss"):
         plot_loss_curve(bad, tmp_path / "bad.png", "x")
     assert not (tmp_path / "bad.png").exists()
+
+
+def stationary_latents(n: int, mixing: np.ndarray, spectrum: np.ndarray, seed: int) -> np.ndarray:
+    """(n, C, H, W) Gaussian fields, stationary on the torus: every channel's white noise filtered to
+    `spectrum` (orthonormal Fourier coefficients of variance spectrum[f]), then channels mixed.
+    Their covariance has the eigenvalues spectrum[f] x eig(mixing mixing^T), exactly."""
+    white = np.random.default_rng(seed).standard_normal((n, mixing.shape[1], *spectrum.shape))
+    fields = np.fft.ifft2(np.fft.fft2(white, norm="ortho") * np.sqrt(spectrum), norm="ortho").real
+    return np.einsum("cd,bdhw->bchw", mixing, fields) + 0.3
+
+
+def test_gaussian_loss_is_the_loss_of_the_gaussian_with_the_latents_spectrum():
+    """On fields with a known channel covariance and spatial spectrum, gaussian_loss matches the
+    posterior loss over their exact covariance eigenvalues for every objective; it lies well below
+    moment_loss, which ignores the correlations, and equals it for white, independent elements."""
+    from stmdit.loss_floors import gaussian_posterior_loss
+
+    frequencies = np.fft.fftfreq(8)
+    spectrum = 1 / (0.02 + frequencies[:, None] ** 2 + frequencies[None] ** 2)
+    spectrum /= spectrum.mean()
+    mixing = np.array([[1.0, 0.0, 0.0], [0.9, 0.3, 0.0], [0.6, 0.5, 0.1], [2.0, 0.0, 0.0]])  # rank 3, 4 channels
+    latents = stationary_latents(3000, mixing, spectrum, seed=0)
+    eigenvalues = np.outer(spectrum.ravel(), np.linalg.eigvalsh(mixing @ mixing.T)).ravel()
+    for objective in ("ddpm", "flow", "flow_x0"):
+        exact = gaussian_posterior_loss(objective, eigenvalues)
+        assert gaussian_loss(objective, latents) == pytest.approx(exact, rel=0.03)
+        assert gaussian_loss(objective, latents) < 0.8 * moment_loss(objective, latents)
+    white = stationary_latents(3000, np.diag([0.3, 1.0, 2.0]), np.ones((8, 8)), seed=1)
+    for objective in ("ddpm", "flow", "flow_x0"):
+        assert gaussian_loss(objective, white) == pytest.approx(moment_loss(objective, white), rel=0.03)
+    subset = gaussian_loss("flow", latents, max_spots=1000)
+    assert subset == gaussian_loss("flow", latents, max_spots=1000)  # a seeded subset
+    assert subset == pytest.approx(gaussian_loss("flow", latents), rel=0.05) and subset != gaussian_loss("flow", latents)
+
+
+def test_loss_check_says_whether_the_model_went_below_the_gaussian(tmp_path, caplog):
+    latents = stationary_latents(400, np.eye(4), np.ones((4, 4)), seed=2)
+    config = DiTConfig(hidden_size=64, num_heads=4, patch_size=2, in_channels=4)
+    gaussian = gaussian_loss("flow", latents)
+    for final, above in ((1.2 * gaussian, True), (0.8 * gaussian, False)):
+        log_path = write_log(tmp_path / f"{above}.csv", np.full(40, final / 1.1))  # write_log's val loss is 1.1 x
+        with caplog.at_level(logging.INFO, logger="stmdit.train"):
+            check = loss_check(log_path, "flow", latents, config)
+        assert check["gaussian_loss"] == pytest.approx(gaussian) and check["above_gaussian"] is above
+        assert check["final_val_loss"] == pytest.approx(final)
+        assert ("filtered noise" in caplog.text) is above
+        caplog.clear()

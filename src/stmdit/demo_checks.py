@@ -16,6 +16,7 @@ palette and texture, not its layout. Stage times are the sums of the jobs' wall-
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections import defaultdict
@@ -173,6 +174,23 @@ def scale_lines(texture_files: dict[str, Path]) -> list[Check]:
     return lines
 
 
+def gaussian_lines(results: Path) -> list[Check]:
+    """Each trained model's final validation loss against the loss of the exact denoiser of a
+    Gaussian with its latents' spectrum (`training.json` loss_check), one information line per model:
+    above it, the model's tiles are filtered noise in the tissue's colours."""
+    lines = []
+    for path in sorted(results.glob("models/*/training.json")):
+        check = json.loads(path.read_text()).get("loss_check") or {}
+        if check.get("gaussian_loss") is None:
+            continue  # trained before the reference existed
+        reached = check["final_val_loss"] if check.get("final_val_loss") is not None else check["final_train_loss"]
+        verdict = "above: no shapes yet" if check["above_gaussian"] else "below"
+        lines.append(Check(f"{path.parent.name}: final loss against a Gaussian with the latents' spectrum "
+                           "(diagnostic, not a check)", None,
+                           f"{reached:.3f} vs {check['gaussian_loss']:.3f} ({verdict}; trivial {check['trivial_loss']:.3f})"))
+    return lines
+
+
 def layout_lines(layout_files: dict[str, Path]) -> list[Check]:
     """The layout agreement of the uni and uni_ge tiles, one information line per model."""
     lines = []
@@ -196,7 +214,7 @@ def learning_checks(results: Path, cohort: str) -> list[Check]:
     models = sorted(set(fid_files) | set(palette_files) | set(texture_files))  # PTPL models have no fid.json here
     return (fid_checks(fid_files) + auc_checks(files("auc.json")) + palette_checks(palette_files, models)
             + texture_checks(texture_files, models) + mosaic_lines(texture_files) + scale_lines(texture_files)
-            + layout_lines(files("layout.json")))
+            + gaussian_lines(results) + layout_lines(files("layout.json")))
 
 
 def stage_times(benchmarks: Path) -> pd.DataFrame:

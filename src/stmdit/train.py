@@ -50,6 +50,7 @@ from stmdit.errors import InputError
 from stmdit.features import open_feature_store
 from stmdit.ge_inputs import GeTokenSource, encoder_identity
 from stmdit.loader import SpotFeatures
+from stmdit.loss_floors import gaussian_loss, moment_loss, trivial_loss
 from stmdit.model import DiTConfig, STMDiT, draw_spot_randomness, get_objective
 from stmdit.model.dit import EMA_WEIGHTS_FILE
 from stmdit.provenance import atomic_path, params_hash, provenance, write_json
@@ -508,55 +509,15 @@ def train(settings: TrainSettings, split: Path, latents: Path, uni: Path, ge: Pa
             dist.destroy_process_group()
 
 
-def trivial_loss(objective: str, latents: np.ndarray) -> float:
-    """The loss of predicting the target's mean whatever the input (the floor a model that learned
-    nothing sits at): ddpm E[eps^2] = 1; flow E|v - E v|^2 with v = noise - x0, = 1 + the mean
-    per-element variance of the training latents; flow_x0 that variance alone."""
-    if objective == "ddpm":
-        return 1.0
-    variance = float(element_variance(latents).mean())
-    return variance if objective == "flow_x0" else 1.0 + variance
-
-
-def element_variance(latents: np.ndarray, block: int = 1024) -> np.ndarray:
-    """Per-element variance over the spots (axis 0), accumulated in float64 blocks of rows (the
-    latents of a full cohort stay float16 in memory)."""
-    n = len(latents)
-    total = np.zeros(latents.shape[1:], np.float64)
-    squares = np.zeros(latents.shape[1:], np.float64)
-    for start in range(0, n, block):
-        rows = np.asarray(latents[start:start + block], dtype=np.float64)
-        total += rows.sum(0)
-        squares += (rows**2).sum(0)
-    mean = total / max(n, 1)
-    return np.maximum(squares / max(n, 1) - mean**2, 0.0)
-
-
-def moment_loss(objective: str, latents: np.ndarray) -> float:
-    """The expected loss (timesteps drawn as in training) of the best predictor that knows only each
-    latent element's mean and variance s2: the exact predictor for Gaussian data, ddpm
-    mean_t a^2 s2 / (a^2 s2 + 1 - a^2), flow mean_t s2 / (t^2 + (1 - t)^2 s2) and flow_x0 (whose
-    error is the flow's times t^2) mean_t t^2 s2 / (t^2 + (1 - t)^2 s2). A model that learns the
-    spots' structure goes below it. It can sit well below the trivial loss (ddpm 0.12 for variance
-    0.1, 0.28 for 1) or close to it (flow: 0.45 and 0.79 of it): a fixed fraction of the trivial
-    loss would not tell a stalled flow model from a learning one."""
-    variance = np.maximum(element_variance(latents).ravel(), 1e-12)
-    if objective == "ddpm":
-        t = get_objective("ddpm").scheduler.alphas_cumprod.double().numpy()[:, None]  # alpha_bar
-        loss = lambda v: t * v / (t * v + 1 - t)  # noqa: E731
-    else:
-        t = ((np.arange(1000) + 0.5) / 1000)[:, None]
-        weight = t**2 if objective == "flow_x0" else 1.0
-        loss = lambda v: weight * v / (t**2 + (1 - t) ** 2 * v)  # noqa: E731
-    return float(sum(loss(variance[i:i + 1024]).sum() for i in range(0, len(variance), 1024)) / (len(t) * len(variance)))
-
-
 def loss_check(log_path: Path, objective: str, latents: np.ndarray, config: DiTConfig) -> dict:
     """Whether the finished run's loss stalled near the trivial floor: the mean training loss of the
     last quarter of the logged steps is still above the midpoint between the trivial loss
     (predicting the mean) and the per-element-moment loss (`moment_loss`), i.e. the model has not
     gone half the way to what per-element statistics alone give. A bottlenecked size stalls at
-    ~1 - hidden / (p^2 C) of the epsilon loss, reported too."""
+    ~1 - hidden / (p^2 C) of the epsilon loss, reported too. Also the loss of the exact denoiser of
+    a Gaussian with the latents' channel covariance and spatial spectrum (`gaussian_loss`), and
+    whether the final validation loss (training loss without validation) is still above it: then
+    the model's samples are filtered noise in the data's colours, without shapes."""
     with open(log_path) as fh:
         rows = list(csv.DictReader(fh))
     losses = [float(r["loss"]) for r in rows if r.get("loss") not in (None, "")]
@@ -565,15 +526,19 @@ def loss_check(log_path: Path, objective: str, latents: np.ndarray, config: DiTC
     final = float(np.mean(recent)) if recent else float("nan")
     trivial, moments = trivial_loss(objective, latents), moment_loss(objective, latents)
     threshold = moments + STALL_FRACTION * (trivial - moments)
+    gaussian = gaussian_loss(objective, latents)
+    reached = val[-1] if val else final
     per_token = config.patch_size**2 * config.in_channels
     check = {
         "trivial_loss": trivial,
         "moment_loss": moments,
+        "gaussian_loss": gaussian,
         "stall_threshold": threshold,
         "final_train_loss": final,
         "final_val_loss": val[-1] if val else None,
         "ratio": final / trivial,
         "stalled": bool(final > threshold),
+        "above_gaussian": bool(reached > gaussian),
         "bottleneck_floor": (1 - config.hidden_size / per_token) if config.hidden_size < per_token else None,
     }
     if check["stalled"]:
@@ -586,6 +551,15 @@ def loss_check(log_path: Path, objective: str, latents: np.ndarray, config: DiTC
     else:
         log.info("final training loss %.4f = %.0f%% of the trivial loss %.4f (stall threshold %.4f)", final,
                  100 * check["ratio"], trivial, threshold)
+    which = "validation" if val else "training"
+    if check["above_gaussian"]:
+        log.info("the final %s loss %.4f is above %.4f, the loss of the exact denoiser of a Gaussian with the "
+                 "latents' channel covariance and spatial spectrum: the model has not yet learned the data's "
+                 "second-order structure, and its samples will be filtered noise in the data's colours, without "
+                 "shapes (train longer)", which, reached, gaussian)
+    else:
+        log.info("the final %s loss %.4f is below %.4f, the loss of the exact denoiser of a Gaussian with the "
+                 "latents' channel covariance and spatial spectrum", which, reached, gaussian)
     return check
 
 
