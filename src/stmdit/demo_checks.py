@@ -7,9 +7,12 @@ The checks read the evaluation JSONs the workflow wrote (`eval/{model}/{cohort}/
 `auc.json`, `palette.json`, `texture.json`); each names the numbers it compared. FID intervals are
 the spot-level bootstrap's 95% percentile intervals. "Below FID(uncond)" means the paired bootstrap
 difference from uncond lies below -2% of FID(uncond) (for fid.json files without it: the two
-intervals are disjoint). `--strict` exits 1 when a check fails. `layout.json` is printed as information, one line per model, and is no check: UNI2-h
-is a crop- and flip-invariant embedding, so a UNI-conditioned tile is expected to share its spot's
-palette and texture, not its layout. Stage times are the sums of the jobs' wall-clock seconds from
+intervals are disjoint). `--strict` exits 1 when a check fails. Lines marked INFO are diagnostics,
+neither passes nor failures: the token mosaic and the roughness by block size (`texture.json`), each
+model's final loss against a Gaussian with its latents' spectrum (`models/*/training.json`), and the
+layout agreement (`layout.json`), which is no check because UNI2-h is a crop- and flip-invariant
+embedding: a UNI-conditioned tile is expected to share its spot's palette and texture, not its
+layout. Stage times are the sums of the jobs' wall-clock seconds from
 `benchmarks/` (jobs may have run side by side, so they add up to more than the run took).
 """
 
