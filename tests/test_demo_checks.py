@@ -146,6 +146,16 @@ def test_layout_is_a_diagnostic_line_not_a_check(tmp_path, capsys):
     assert f"{len(checks) - 1} of {len(checks) - 1} checks pass" in out
 
 
+def test_roughness_by_block_size_is_a_diagnostic_line_in_size_order(tmp_path):
+    folder = write_eval(tmp_path, "Base", {"uni": interval(150), "uncond": interval(280)})
+    scales = {str(size): {"generated": 1.0, "real_vae": 1.0, "ratio": ratio}
+              for size, ratio in ((8, 1.05), (16, 0.96), (32, 0.92), (64, 0.61))}
+    entry = {"ratio": 1.05, "lo": 1.0, "hi": 1.1, "within_target": True, "cell_border": {}, "scales": scales}
+    (folder / "texture.json").write_text(json.dumps({"target": list(TARGET), "regimes": {"uni": entry}}, sort_keys=True))
+    line = [c for c in learning_checks(tmp_path, "demo") if "block size" in c.name]
+    assert [(c.passed, c.detail) for c in line] == [(None, "uni 8 px 1.05, 16 px 0.96, 32 px 0.92, 64 px 0.61")]
+
+
 def test_each_model_s_loss_against_the_gaussian_is_a_diagnostic_line(tmp_path, capsys):
     write_eval(tmp_path, "Base", {"uni": interval(150), "uncond": interval(280)})
     for model, val_loss in (("Base", 0.419), ("Long", 0.259)):

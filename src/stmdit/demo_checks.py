@@ -169,7 +169,8 @@ def scale_lines(texture_files: dict[str, Path]) -> list[Check]:
     lines = []
     for model, path in sorted(texture_files.items()):
         regimes = load_eval_json(path, "texture")["regimes"]
-        parts = [f"{regime} " + ", ".join(f"{size} px {entry['ratio']:.2f}" for size, entry in regimes[regime]["scales"].items())
+        parts = [f"{regime} " + ", ".join(f"{size} px {entry['ratio']:.2f}"
+                                     for size, entry in sorted(regimes[regime]["scales"].items(), key=lambda s: int(s[0])))
                  for regime in ("uni", "uni_ge") if regimes.get(regime, {}).get("scales")]
         if parts:
             lines.append(Check(f"{model}: roughness by block size, generated / real (VAE) (diagnostic, not a check)",
