@@ -202,25 +202,3 @@ def test_unipc_is_a_flow_solver_in_config(repo_root):
     raw["sampler"]["solver"] = "unipc2"
     with pytest.raises(InputError, match="unipc2"):
         validate_config(raw, repo_root / "config.yaml")
-
-
-def test_long_demo_layers_only_the_training_budget_and_guidance_on_the_demo(repo_root):
-    """`make demo-long` layers workflow/demo/long.yaml on config.yaml as Snakemake does: every model
-    trains 6,000 steps (PTPL-AdaLN-Flow's own 800 included) and samples at s_uni 1.0; everything else
-    is the demo's."""
-    from snakemake.utils import update_config
-
-    from stmdit.models_config import resolve_models
-
-    demo_raw = yaml.safe_load((repo_root / "config.yaml").read_text())
-    layered_raw = yaml.safe_load((repo_root / "config.yaml").read_text())
-    update_config(layered_raw, yaml.safe_load((repo_root / "workflow" / "demo" / "long.yaml").read_text()))
-    demo, layered = validate_config(demo_raw), validate_config(layered_raw, "long.yaml")
-    demo_models, long_models = resolve_models(demo), resolve_models(layered)
-    assert sorted(long_models) == sorted(demo_models)
-    assert {m: r.settings["steps"] for m, r in long_models.items()} == dict.fromkeys(demo_models, 6000)
-    for model, resolved in long_models.items():
-        assert {**resolved.settings, "steps": None} == {**demo_models[model].settings, "steps": None}
-    assert layered["sampler"] == {**demo["sampler"], "s_uni": 1.0}
-    assert {k: v for k, v in layered.items() if k not in ("train", "models", "sampler")} == \
-        {k: v for k, v in demo.items() if k not in ("train", "models", "sampler")}
